@@ -1,0 +1,14 @@
+"""raytp: elastic tensor-parallel LLM serving on Ray."""
+from raytp.sampling import SamplingParams
+from raytp.outputs import CompletionOutput, RequestOutput
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str):
+    # LLM pulls in Ray and the engine; import it only when asked for.
+    if name == "LLM":
+        from raytp.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

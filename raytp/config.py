@@ -1,0 +1,94 @@
+"""Typed, validated configuration.
+
+`EngineConfig` is what one replica (one TP group plus its engine) needs. It is
+the `args` of the Serve application (`raytp.serve.app:build_app`), the options
+of `raytp serve` and the keyword arguments of `LLM(...)`. A bad value raises a
+`ConfigError` that names the field and the value.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and value."""
+
+
+def format_validation_error(err: ValidationError, what: str) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        value = e.get("input")
+        parts.append(f"{field}={value!r}: {e['msg']}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+class EngineConfig(BaseModel):
+    """One replica: a model served by one tensor-parallel group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Local Hugging Face checkpoint directory, or 'tiny' for the built-in demo model.")
+    served_model_name: str | None = Field(
+        default=None, description="Name clients use in the `model` field; defaults to 'tiny' or the directory's name."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="Number of TP ranks (one worker each).")
+    min_tensor_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="Smallest TP degree the group may shrink to when the old size cannot be placed."
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="cpu (gloo), cuda (NCCL) or auto.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights and activations dtype; auto is float32 on CPU and bfloat16 on CUDA."
+    )
+    max_num_seqs: int = Field(default=32, ge=1, le=4096, description="Most sequences in one batch.")
+    max_model_len: int | None = Field(
+        default=None, ge=2, description="Longest prompt plus output; defaults to the checkpoint's max_position_embeddings."
+    )
+    max_num_batched_tokens: int = Field(default=4096, ge=16, description="Most tokens computed in one step.")
+    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    num_kv_blocks: int | None = Field(
+        default=None, ge=1, description="KV-cache blocks per rank; default sized from max_num_seqs and max_model_len (CPU) or free memory (CUDA)."
+    )
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0, description="Fraction of GPU memory to use.")
+    seed: int = Field(default=0, description="Seed for unseeded sampling.")
+    placement_timeout_s: float = Field(default=30.0, gt=0, description="How long to wait for the placement group.")
+    step_timeout_s: float = Field(default=60.0, gt=0, description="A step slower than this marks the group as failed (watchdog).")
+    init_timeout_s: float = Field(default=120.0, gt=0, description="How long workers may take to start, connect and load weights.")
+    require_nvlink: bool = Field(default=False, description="Refuse (instead of warn) when the GPUs are not all NVLink-connected.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.min_tensor_parallel_size > self.tensor_parallel_size:
+            raise ValueError(
+                f"min_tensor_parallel_size={self.min_tensor_parallel_size} is larger than "
+                f"tensor_parallel_size={self.tensor_parallel_size}"
+            )
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> "EngineConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, "raytp config")) from None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device() == "cuda" else "float32"
+
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        import os
+
+        return os.path.basename(os.path.normpath(self.model))
