@@ -1,0 +1,185 @@
+"""Communicators: the collectives that tensor-parallel ranks use.
+
+One interface, three implementations chosen by device and world size:
+- `SingleRank`: TP=1, no collective at all.
+- `GlooCommunicator`: CPU, a torch.distributed gloo process group of its own
+  (never the global default group), rendezvous over a TCPStore on a free port.
+- `NcclCommunicator`: GPU, cupy.cuda.nccl on torch's current stream. Rank 0
+  makes the unique id; the caller hands it to the other ranks through Ray.
+
+Every collective is synchronous from the caller's point of view and works in
+place where it can, returning the result tensor.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+class Communicator(ABC):
+    rank: int
+    world_size: int
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place."""
+
+    @abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's tensor (same shape on all ranks) along dim."""
+
+    @abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Copy src's tensor into every rank's tensor, in place."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Return once every rank has called it."""
+
+    def close(self) -> None:
+        pass
+
+
+class SingleRank(Communicator):
+    """TP=1: every collective is the identity."""
+
+    rank, world_size = 0, 1
+
+    def all_reduce(self, tensor):
+        return tensor
+
+    def all_gather(self, tensor, dim=-1):
+        return tensor
+
+    def broadcast(self, tensor, src=0):
+        return tensor
+
+    def barrier(self):
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class GlooRendezvous:
+    """Where the ranks meet: rank 0's host and a free port on it (picked by rank 0)."""
+
+    host: str
+    port: int
+
+
+class GlooCommunicator(Communicator):
+    def __init__(self, rendezvous: GlooRendezvous, rank: int, world_size: int, timeout_s: float = 60.0):
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.world_size = rank, world_size
+        # Rank 0 hosts the store; the others connect and wait up to the timeout.
+        self._store = dist.TCPStore(rendezvous.host, rendezvous.port, world_size, rank == 0, timeout=timeout)
+        self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
+
+    def all_reduce(self, tensor):
+        self._pg.allreduce([tensor]).wait()
+        return tensor
+
+    def all_gather(self, tensor, dim=-1):
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._pg.allgather([parts], [tensor]).wait()
+        return torch.cat(parts, dim=dim)
+
+    def broadcast(self, tensor, src=0):
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self._pg.broadcast([tensor], opts).wait()
+        return tensor
+
+    def barrier(self):
+        self._pg.barrier().wait()
+
+    def close(self):
+        self._pg = None
+        self._store = None
+
+
+def nccl_unique_id() -> tuple:
+    """Made by rank 0 and handed to the other ranks (through Ray) before NcclCommunicator()."""
+    from cupy.cuda import nccl
+
+    return nccl.get_unique_id()
+
+
+_NCCL_DTYPES = {
+    torch.float32: "NCCL_FLOAT32",
+    torch.float16: "NCCL_FLOAT16",
+    torch.bfloat16: "NCCL_BFLOAT16",
+    torch.int32: "NCCL_INT32",
+    torch.int64: "NCCL_INT64",
+}
+
+
+class NcclCommunicator(Communicator):
+    def __init__(self, unique_id: tuple, rank: int, world_size: int):
+        import cupy
+        from cupy.cuda import nccl
+
+        self.rank, self.world_size = rank, world_size
+        self._nccl = nccl
+        self._device = torch.device("cuda", torch.cuda.current_device())
+        with cupy.cuda.Device(self._device.index):
+            # ncclCommInitRank blocks until every rank has joined; the timeout is
+            # enforced by the caller (TPGroup waits on the init calls with
+            # timeout_s and kills the workers when it passes).
+            self._comm = nccl.NcclCommunicator(world_size, unique_id, rank)
+
+    def _dtype(self, tensor: torch.Tensor) -> int:
+        try:
+            return getattr(self._nccl, _NCCL_DTYPES[tensor.dtype])
+        except KeyError:
+            raise TypeError(f"NCCL communicator does not support dtype {tensor.dtype}") from None
+
+    @staticmethod
+    def _stream() -> int:
+        # Collectives go on torch's current stream so they order with the compute around them.
+        return torch.cuda.current_stream().cuda_stream
+
+    def all_reduce(self, tensor):
+        assert tensor.is_contiguous()
+        self._comm.allReduce(
+            tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtype(tensor), self._nccl.NCCL_SUM, self._stream()
+        )
+        return tensor
+
+    def all_gather(self, tensor, dim=-1):
+        tensor = tensor.contiguous()
+        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        self._comm.allGather(tensor.data_ptr(), out.data_ptr(), tensor.numel(), self._dtype(tensor), self._stream())
+        # out: (world, *shape) -> concatenated along dim
+        return torch.cat(out.unbind(0), dim=dim)
+
+    def broadcast(self, tensor, src=0):
+        assert tensor.is_contiguous()
+        self._comm.broadcast(
+            tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtype(tensor), src, self._stream()
+        )
+        return tensor
+
+    def barrier(self):
+        one = torch.ones(1, device=self._device)
+        self.all_reduce(one)
+        torch.cuda.current_stream().synchronize()
+
+    def close(self):
+        if getattr(self, "_comm", None) is not None:
+            self._comm.destroy()
+            self._comm = None

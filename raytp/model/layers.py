@@ -1,0 +1,172 @@
+"""Tensor-parallel building blocks (Megatron-style).
+
+Every collective these layers need is called right here in `forward`, through
+the Communicator handed to the layer, never in a hook. Weights are created
+already sharded (each rank allocates only its part) and filled by the loader.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytp.comm import Communicator
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A with A split by columns, A = [A_0 | A_1 | ... | A_{p-1}].
+
+    Rank r holds A_r (out_features / p columns; stored as nn.Linear's
+    (out, in) weight rows) and computes Y_r = X A_r + b_r. No communication:
+    the output stays sharded along its last dimension, ready for a
+    RowParallelLinear.
+    """
+
+    def __init__(self, in_features: int, out_features_per_rank: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features_per_rank, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features_per_rank, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (T, in) -> (T, out / p)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A with A split by rows and X split by columns (as a column-parallel layer leaves it).
+
+    Rank r holds A_r (in_features / p rows of A) and computes the partial
+    product X_r A_r; Y = sum_r X_r A_r is one all-reduce. The bias is added
+    once, after the sum.
+    """
+
+    def __init__(self, in_features_per_rank: int, out_features: int, bias: bool, dtype: torch.dtype, comm: Communicator):
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(torch.empty(out_features, in_features_per_rank, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (T, in / p) -> partial (T, out) -> all-reduce -> (T, out)
+        y = F.linear(x, self.weight)
+        y = self.comm.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def padded_vocab_size(vocab_size: int, world_size: int) -> int:
+    """The vocabulary padded up to a multiple of the TP degree, so every rank holds the same number of rows."""
+    return math.ceil(vocab_size / world_size) * world_size
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows: rank r holds ids [r*V/p, (r+1)*V/p).
+
+    Each rank looks up the ids it owns (zeros for the others); one all-reduce
+    sums the partial embeddings into the full one on every rank.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, comm: Communicator):
+        super().__init__()
+        self.comm = comm
+        self.vocab_size = vocab_size
+        self.rows_per_rank = padded_vocab_size(vocab_size, comm.world_size) // comm.world_size
+        self.vocab_start = comm.rank * self.rows_per_rank
+        # Padding rows (past vocab_size) stay zero: no id ever selects them.
+        self.weight = nn.Parameter(torch.zeros(self.rows_per_rank, hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: (T,) -> (T, hidden)
+        if self.comm.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.rows_per_rank)
+        emb = F.embedding(local.masked_fill(outside, 0), self.weight)
+        emb = emb.masked_fill(outside.unsqueeze(-1), 0)
+        return self.comm.all_reduce(emb)
+
+
+class ParallelLMHead(nn.Module):
+    """Output projection split by vocabulary rows, like VocabParallelEmbedding.
+
+    Each rank computes the logits of its vocabulary slice; one all-gather
+    concatenates them (only rank 0 samples, but NCCL has no gather, so every
+    rank receives them). With tied embeddings the weight is the embedding's.
+    """
+
+    def __init__(self, embedding: VocabParallelEmbedding, tied: bool, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.comm = embedding.comm
+        self.vocab_size = embedding.vocab_size
+        if tied:
+            self.weight = embedding.weight
+        else:
+            self.weight = nn.Parameter(
+                torch.zeros(embedding.rows_per_rank, hidden_size, dtype=dtype), requires_grad=False
+            )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: (N, hidden) -> local logits (N, V_pad / p) -> gathered (N, V_pad) -> (N, V)
+        logits = F.linear(hidden, self.weight)
+        logits = self.comm.all_gather(logits, dim=-1)
+        return logits[:, : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 (as the reference does), scale in the model dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) for rope_type default, linear or llama3."""
+    theta = float(rope.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(rope["factor"])
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept,
+        # and the band in between interpolated smoothly.
+        factor = float(rope["factor"])
+        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        old_len = float(rope["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, rope: dict):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (T,) -> cos, sin: (T, 1, head_dim), computed in float32
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, H, D); rotate-half convention of Hugging Face Llama checkpoints."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

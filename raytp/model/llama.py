@@ -1,0 +1,293 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2), written once for any TP degree.
+
+Each rank builds the same module tree with shard-sized weights. Per decoder
+layer there are exactly two all-reduces: one in the attention's output
+projection and one in the MLP's down projection (both RowParallelLinear).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytp.comm import Communicator
+from raytp.model.attention import AttentionMetadata, paged_attention
+from raytp.model.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    apply_rotary,
+)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class ModelShapeError(ValueError):
+    """The checkpoint's shapes and the TP degree do not fit together."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: dict = field(hash=False)
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; raytp supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+        heads = cfg["num_attention_heads"]
+        # transformers >= 5 writes `rope_parameters`; older versions rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+        attention_bias = bool(cfg.get("attention_bias", False))
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        window = cfg.get("sliding_window")
+        if is_qwen2 and not cfg.get("use_sliding_window", False):
+            window = None
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope=rope,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=window,
+        )
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """Which heads and rows rank `rank` of `world` owns."""
+
+    rank: int
+    world: int
+    heads: int  # query heads on this rank
+    head_start: int
+    kv_heads: int  # KV heads on this rank
+    kv_head_start: int
+    intermediate: int  # MLP columns on this rank
+
+    @classmethod
+    def of(cls, args: ModelArgs, rank: int, world: int) -> "TPLayout":
+        check_tp_degree(args, world)
+        heads = args.num_heads // world
+        if world <= args.num_kv_heads:
+            kv_heads, kv_start = args.num_kv_heads // world, rank * (args.num_kv_heads // world)
+        else:
+            # More ranks than KV heads: each rank keeps the one KV head its query heads use.
+            kv_heads, kv_start = 1, rank // (world // args.num_kv_heads)
+        inter = args.intermediate_size // world
+        return cls(rank, world, heads, rank * heads, kv_heads, kv_start, inter)
+
+
+def check_tp_degree(args: ModelArgs, world: int) -> None:
+    """Raise ModelShapeError naming the numbers when `world` cannot shard this model."""
+    problems = []
+    if args.num_heads % world:
+        problems.append(f"num_attention_heads={args.num_heads} is not divisible by tensor_parallel_size={world}")
+    kv = args.num_kv_heads
+    if world <= kv and kv % world:
+        problems.append(f"num_key_value_heads={kv} is not divisible by tensor_parallel_size={world}")
+    if world > kv and world % kv:
+        problems.append(f"tensor_parallel_size={world} is not a multiple of num_key_value_heads={kv}")
+    if args.intermediate_size % world:
+        problems.append(f"intermediate_size={args.intermediate_size} is not divisible by tensor_parallel_size={world}")
+    if problems:
+        raise ModelShapeError("cannot shard the model: " + "; ".join(problems))
+
+
+def valid_tp_degrees(args: ModelArgs, up_to: int) -> list[int]:
+    out = []
+    for world in range(1, up_to + 1):
+        try:
+            check_tp_degree(args, world)
+            out.append(world)
+        except ModelShapeError:
+            pass
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, args.head_dim
+        self.scale = args.head_dim**-0.5
+        qkv_out = (layout.heads + 2 * layout.kv_heads) * args.head_dim
+        self.qkv_proj = ColumnParallelLinear(args.hidden_size, qkv_out, args.qkv_bias, dtype)
+        self.o_proj = RowParallelLinear(layout.heads * args.head_dim, args.hidden_size, args.o_bias, dtype, comm)
+
+    def forward(self, x, cos, sin, cache, meta: AttentionMetadata):
+        # x: (T, hidden)
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) D) on this rank's heads
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(T, -1, self.head_dim), cos, sin)  # (T, H, D)
+        k = apply_rotary(k.view(T, -1, self.head_dim), cos, sin)  # (T, Hkv, D)
+        v = v.view(T, -1, self.head_dim)  # (T, Hkv, D)
+        out = paged_attention(q, k, v, cache, meta, self.scale)  # (T, H * D)
+        return self.o_proj(out)  # all-reduce inside: (T, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(args.hidden_size, 2 * layout.intermediate, args.mlp_bias, dtype)
+        self.down_proj = RowParallelLinear(layout.intermediate, args.hidden_size, args.mlp_bias, dtype, comm)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I / p) each
+        return self.down_proj(F.silu(gate) * up)  # all-reduce inside: (T, hidden)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.self_attn = Attention(args, layout, comm, dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.mlp = MLP(args, layout, comm, dtype)
+
+    def forward(self, x, cos, sin, cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype: torch.dtype):
+        super().__init__()
+        self.args, self.comm, self.dtype = args, comm, dtype
+        self.layout = TPLayout.of(args, comm.rank, comm.world_size)
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype, comm)
+        self.layers = nn.ModuleList(DecoderLayer(args, self.layout, comm, dtype) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.lm_head = ParallelLMHead(self.embed_tokens, args.tie_word_embeddings, args.hidden_size, dtype)
+        self.rotary = RotaryEmbedding(args.head_dim, args.rope)
+
+    def kv_cache_shape(self, num_slots: int) -> tuple[int, ...]:
+        """One tensor for all layers: (layers, 2, slots, kv_heads on this rank, head_dim)."""
+        return (self.args.num_layers, 2, num_slots, self.layout.kv_heads, self.args.head_dim)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """input_ids: (T,) -> hidden states (T, hidden) after the final norm."""
+        x = self.embed_tokens(input_ids)  # (T, hidden), all-reduce inside
+        cos, sin = self.rotary(meta.positions, x.dtype)  # (T, 1, D)
+        for layer, cache in zip(self.layers, kv_cache):
+            x = layer(x, cos, sin, cache, meta)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (N, hidden) -> logits (N, vocab) in float32, all-gathered."""
+        return self.lm_head(hidden).float()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows (dim 0) or columns (dim 1) [start, stop) of checkpoint tensor `name`, copied to offset `dst` of a parameter."""
+
+    name: str
+    dim: int
+    start: int
+    stop: int
+    dst: int = 0
+
+
+def weight_plan(args: ModelArgs, layout: TPLayout, vocab_rows_per_rank: int) -> dict[str, list[Piece]]:
+    """For each raytp parameter, the checkpoint slices that fill it on this rank."""
+    D, lo = args.head_dim, layout
+    plan: dict[str, list[Piece]] = {}
+    v_start = lo.rank * vocab_rows_per_rank
+    v_stop = min(v_start + vocab_rows_per_rank, args.vocab_size)
+    plan["embed_tokens.weight"] = [Piece("model.embed_tokens.weight", 0, v_start, v_stop)]
+    if not args.tie_word_embeddings:
+        plan["lm_head.weight"] = [Piece("lm_head.weight", 0, v_start, v_stop)]
+    plan["norm.weight"] = [Piece("model.norm.weight", 0, 0, args.hidden_size)]
+    q = (lo.head_start * D, (lo.head_start + lo.heads) * D)
+    kv = (lo.kv_head_start * D, (lo.kv_head_start + lo.kv_heads) * D)
+    inter = (lo.rank * lo.intermediate, (lo.rank + 1) * lo.intermediate)
+    for i in range(args.num_layers):
+        src, dst = f"model.layers.{i}", f"layers.{i}"
+        qkv_kinds = ["weight"] + (["bias"] if args.qkv_bias else [])
+        for kind in qkv_kinds:
+            plan[f"{dst}.self_attn.qkv_proj.{kind}"] = [
+                Piece(f"{src}.self_attn.q_proj.{kind}", 0, *q, dst=0),
+                Piece(f"{src}.self_attn.k_proj.{kind}", 0, *kv, dst=lo.heads * D),
+                Piece(f"{src}.self_attn.v_proj.{kind}", 0, *kv, dst=(lo.heads + lo.kv_heads) * D),
+            ]
+        plan[f"{dst}.self_attn.o_proj.weight"] = [Piece(f"{src}.self_attn.o_proj.weight", 1, *q)]
+        if args.o_bias:
+            plan[f"{dst}.self_attn.o_proj.bias"] = [Piece(f"{src}.self_attn.o_proj.bias", 0, 0, args.hidden_size)]
+        for kind in ["weight"] + (["bias"] if args.mlp_bias else []):
+            plan[f"{dst}.mlp.gate_up_proj.{kind}"] = [
+                Piece(f"{src}.mlp.gate_proj.{kind}", 0, *inter, dst=0),
+                Piece(f"{src}.mlp.up_proj.{kind}", 0, *inter, dst=lo.intermediate),
+            ]
+        plan[f"{dst}.mlp.down_proj.weight"] = [Piece(f"{src}.mlp.down_proj.weight", 1, *inter)]
+        if args.mlp_bias:
+            plan[f"{dst}.mlp.down_proj.bias"] = [Piece(f"{src}.mlp.down_proj.bias", 0, 0, args.hidden_size)]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            plan[f"{dst}.{norm}.weight"] = [Piece(f"{src}.{norm}.weight", 0, 0, args.hidden_size)]
+    return plan
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shape of every checkpoint tensor the config implies."""
+    h, D, I, V = args.hidden_size, args.head_dim, args.intermediate_size, args.vocab_size
+    shapes = {"model.embed_tokens.weight": (V, h), "model.norm.weight": (h,)}
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, h)
+    for i in range(args.num_layers):
+        p = f"model.layers.{i}"
+        for name, rows in (("q_proj", args.num_heads * D), ("k_proj", args.num_kv_heads * D), ("v_proj", args.num_kv_heads * D)):
+            shapes[f"{p}.self_attn.{name}.weight"] = (rows, h)
+            if args.qkv_bias:
+                shapes[f"{p}.self_attn.{name}.bias"] = (rows,)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (h, args.num_heads * D)
+        if args.o_bias:
+            shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (I, h)
+        shapes[f"{p}.mlp.up_proj.weight"] = (I, h)
+        shapes[f"{p}.mlp.down_proj.weight"] = (h, I)
+        if args.mlp_bias:
+            shapes[f"{p}.mlp.gate_proj.bias"] = (I,)
+            shapes[f"{p}.mlp.up_proj.bias"] = (I,)
+            shapes[f"{p}.mlp.down_proj.bias"] = (h,)
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+    return shapes

@@ -1,0 +1,112 @@
+"""Load a Hugging Face checkpoint directory onto one TP rank.
+
+Each rank opens the safetensors files and reads only the slices it owns
+(`safe_open(...).get_slice`), so its peak memory is about its shard, not the
+whole model. Only safetensors are read: never pickle.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import ExitStack
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from raytp.comm import Communicator
+from raytp.model.llama import LlamaModel, ModelArgs, check_tp_degree, expected_shapes, weight_plan
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """The directory is not a checkpoint raytp can load; the message says why."""
+
+
+def read_hf_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"model path {path!r} is not a directory (expected a Hugging Face checkpoint directory or 'tiny')")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{path!r} is not a Hugging Face checkpoint: it has no config.json")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def read_model_args(path: str) -> ModelArgs:
+    try:
+        return ModelArgs.from_hf_config(read_hf_config(path))
+    except (KeyError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}/config.json: {err}") from None
+
+
+def tensor_files(path: str) -> dict[str, str]:
+    """Checkpoint tensor name -> the safetensors file that holds it."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
+    hint = f" (found {', '.join(sorted(pickles))}: pickle checkpoints are not loaded, convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{path!r} has no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def load_model(path: str, comm: Communicator, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LlamaModel:
+    """Build this rank's shard of the model at `path` and fill it from the checkpoint."""
+    args = read_model_args(path)
+    try:
+        check_tp_degree(args, comm.world_size)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    files = tensor_files(path)
+    shapes = expected_shapes(args)
+    torch_dtype = DTYPES[dtype]
+    with torch.device(device):
+        model = LlamaModel(args, comm, torch_dtype)
+    plan = weight_plan(args, model.layout, model.embed_tokens.rows_per_rank)
+    params = dict(model.named_parameters())
+
+    with ExitStack() as stack, torch.no_grad():
+        handles = {}
+        bar = tqdm(plan.items(), desc=f"rank {comm.rank}: loading {os.path.basename(path)}", unit="tensor",
+                   disable=not progress or comm.rank != 0)
+        for param_name, pieces in bar:
+            param = params[param_name]
+            for piece in pieces:
+                file = files.get(piece.name)
+                if file is None:
+                    raise CheckpointError(f"{path}: tensor {piece.name!r} is missing from the checkpoint")
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                sl = handles[file].get_slice(piece.name)
+                shape = tuple(sl.get_shape())
+                if shape != shapes[piece.name]:
+                    raise CheckpointError(
+                        f"{path}: tensor {piece.name!r} has shape {list(shape)} but config.json implies {list(shapes[piece.name])}"
+                    )
+                part = sl[piece.start : piece.stop] if piece.dim == 0 else sl[:, piece.start : piece.stop]
+                param.data.narrow(piece.dim, piece.dst, piece.stop - piece.start).copy_(part.to(torch_dtype))
+    log.info("rank %d/%d loaded %s (%.1f MiB of weights, %s on %s)", comm.rank, comm.world_size, path,
+             weight_bytes(model) / 2**20, dtype, device)
+    return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights this rank holds (a tied tensor counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
