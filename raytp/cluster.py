@@ -1,0 +1,150 @@
+"""TPGroup: one tensor-parallel group on Ray.
+
+A STRICT_PACK placement group with one bundle per rank puts every rank on one
+node; one TPWorker actor per bundle; rank 0 makes the rendezvous (gloo
+address or NCCL unique id) and it reaches the other ranks as an argument of
+their init call. Every wait has a timeout: nothing here hangs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raytp.config import EngineConfig
+from raytp.executor import Executor, GroupFailure, choose_num_kv_blocks
+from raytp.topology import check_nvlink
+from raytp.worker import SeqStep, StepResult, TPWorker
+
+log = logging.getLogger(__name__)
+
+
+class PlacementError(RuntimeError):
+    """The placement group for the TP group could not be placed in time."""
+
+
+def _largest_node(resource: str) -> tuple[float, float]:
+    """(most of `resource` on one alive node, free in the whole cluster)."""
+    totals = [n["Resources"].get(resource, 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(totals, default=0.0), ray.available_resources().get(resource, 0.0)
+
+
+def _bundle(device: str) -> dict[str, float]:
+    return {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
+
+
+class TPGroup(Executor):
+    def __init__(self, config: EngineConfig, model_path: str, max_model_len: int):
+        self.config, self.model_path, self.max_model_len = config, model_path, max_model_len
+        self.device, self.dtype = config.resolved_device(), config.resolved_dtype()
+        self.pg = None
+        self.workers: list = []
+        self.tp_size, self.num_kv_blocks = 0, 0
+
+    # ---- building ----------------------------------------------------------------
+
+    def _place(self, tp_size: int) -> None:
+        bundles = [_bundle(self.device) for _ in range(tp_size)]
+        self.pg = placement_group(bundles, strategy="STRICT_PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            self.pg = None
+            resource = "GPU" if self.device == "cuda" else "CPU"
+            largest, free = _largest_node(resource)
+            raise PlacementError(
+                f"tensor_parallel_size={tp_size} needs {tp_size} {resource}s on one node (one per rank); "
+                f"the largest node has {largest:g} {resource}s in total and the cluster has {free:g} free "
+                f"(waited {self.config.placement_timeout_s:g}s)"
+            ) from None
+
+    def start(self, tp_size: int) -> None:
+        t0 = time.monotonic()
+        timeout = self.config.init_timeout_s
+        self._place(tp_size)
+        try:
+            actor = ray.remote(TPWorker)
+            self.workers = [
+                actor.options(
+                    num_cpus=1,
+                    num_gpus=1 if self.device == "cuda" else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+                ).remote(rank, tp_size, self.device, self.dtype, self.config.seed, 1 if self.device == "cpu" else None)
+                for rank in range(tp_size)
+            ]
+            infos = ray.get([w.node_info.remote() for w in self.workers], timeout=timeout)
+            for info in infos:
+                log.info("TP rank %d/%d: node %s (%s) pid %d gpu %s", info["rank"], tp_size, info["node_ip"],
+                         info["hostname"], info["pid"], ",".join(info["gpu_ids"]) or "-")
+            if self.device == "cuda" and tp_size > 1:
+                gpu_ids = [int(g) for info in infos for g in info["gpu_ids"]]
+                check_nvlink(gpu_ids, refuse=self.config.require_nvlink)
+            rendezvous = ray.get(self.workers[0].make_rendezvous.remote(), timeout=timeout)
+            backends = ray.get([w.init_communicator.remote(rendezvous, timeout) for w in self.workers], timeout=timeout)
+            log.info("TP group of %d ranks connected over %s", tp_size, backends[0])
+            ray.get([w.load.remote(self.model_path) for w in self.workers], timeout=timeout)
+            bs = self.config.block_size
+            capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization) for w in self.workers], timeout=timeout))
+            self.num_kv_blocks = choose_num_kv_blocks(self.config, self.max_model_len, capacity)
+            ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
+        except BaseException as err:
+            self.shutdown()
+            if isinstance(err, GetTimeoutError):
+                raise GroupFailure(f"TP group of {tp_size} did not start within {timeout:g}s") from err
+            raise
+        self.tp_size = tp_size
+        log.info("TP group ready: tp=%d, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.num_kv_blocks, bs,
+                 time.monotonic() - t0)
+
+    # ---- running -----------------------------------------------------------------
+
+    @staticmethod
+    def _merge(results: list[StepResult]) -> StepResult:
+        # The ranks wait for each other in every collective: the slowest rank's time is the step's.
+        return StepResult(results[0].token_ids, max(r.collective_seconds for r in results),
+                          max(r.step_seconds for r in results))
+
+    def execute(self, seqs: list[SeqStep]) -> StepResult:
+        refs = [w.execute.remote(seqs) for w in self.workers]
+        try:
+            return self._merge(ray.get(refs, timeout=self.config.step_timeout_s))
+        except GetTimeoutError:
+            raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s") from None
+        except RayError as err:
+            raise GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}") from err
+
+    async def execute_async(self, seqs: list[SeqStep]) -> StepResult:
+        refs = [w.execute.remote(seqs) for w in self.workers]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.step_timeout_s)
+            return self._merge(results)
+        except asyncio.TimeoutError:
+            raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s") from None
+        except RayError as err:
+            raise GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}") from err
+
+    def check_health(self) -> None:
+        if not self.workers:
+            raise GroupFailure("the TP group is not running")
+        try:
+            ray.get([w.ping.remote() for w in self.workers], timeout=10)
+        except (GetTimeoutError, RayError) as err:
+            raise GroupFailure(f"a TP worker does not answer: {type(err).__name__}") from err
+
+    def worker_pids(self) -> list[int]:
+        return [info["pid"] for info in ray.get([w.node_info.remote() for w in self.workers], timeout=10)]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        self.tp_size = 0

@@ -1,0 +1,377 @@
+"""The engine: requests in, tokens out, one step at a time.
+
+`EngineCore` is synchronous and reads as three calls per step: schedule, run
+(on the executor), postprocess. It owns every request's prompt and generated
+tokens, so when the TP group fails or is resized it rebuilds the group and
+every in-flight request resumes by re-prefilling what it already has.
+`AsyncEngine` drives a core from an asyncio loop for the server; `LLM`
+(llm.py) drives one synchronously.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from raytp.config import EngineConfig
+from raytp.executor import Executor, GroupFailure
+from raytp.model.llama import ModelShapeError, check_tp_degree
+from raytp.model.loader import CheckpointError, read_model_args
+from raytp.outputs import CompletionOutput, RequestOutput
+from raytp.sampling import SamplingParams
+from raytp.scheduler import BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
+from raytp.tiny import resolve_model_path
+from raytp.tokenizer import IncrementalDetokenizer, Tokenizer
+from raytp.worker import SeqStep, StepResult
+
+log = logging.getLogger(__name__)
+
+ExecutorFactory = Callable[[EngineConfig, str, int], Executor]
+
+
+def ray_executor(config: EngineConfig, model_path: str, max_model_len: int) -> Executor:
+    from raytp.cluster import TPGroup
+
+    return TPGroup(config, model_path, max_model_len)
+
+
+@dataclass
+class RequestState:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""  # all text so far, cut at a stop string
+    sent_text: int = 0  # characters of text already handed out
+    sent_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    stop_ids: set[int] = field(default_factory=set)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory = ray_executor, metrics=None):
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.args = read_model_args(self.model_path)
+        try:
+            check_tp_degree(self.args, config.tensor_parallel_size)
+        except ModelShapeError as err:
+            raise CheckpointError(f"{self.model_path}: {err}") from None
+        limit = self.args.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} is larger than the model's max_position_embeddings={limit}")
+        self.max_model_len = config.max_model_len or limit
+        self.tokenizer = Tokenizer.from_dir(self.model_path)
+        self.model_name = config.served_model_name or ("tiny" if config.model == "tiny" else config.model_name())
+        self.executor = executor_factory(config, self.model_path, self.max_model_len)
+        self.metrics = metrics
+        self.requests: dict[str, RequestState] = {}
+        self.scheduler: Scheduler | None = None
+        self.target_tp = config.tensor_parallel_size
+        self.restarts = 0
+
+    # ---- the group ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build the group at the target TP degree, or the largest smaller one that fits (degraded mode)."""
+        from raytp.cluster import PlacementError
+        from raytp.model.llama import valid_tp_degrees
+
+        sizes = [t for t in valid_tp_degrees(self.args, self.target_tp) if t >= self.config.min_tensor_parallel_size]
+        for tp in sorted(sizes, reverse=True):
+            try:
+                self.executor.start(tp)
+                break
+            except PlacementError as err:
+                if tp == min(sizes):
+                    raise
+                log.warning("%s; trying a smaller TP degree", err)
+        if self.executor.tp_size != self.target_tp:
+            log.warning("running degraded at tensor_parallel_size=%d (target %d)", self.executor.tp_size, self.target_tp)
+        blocks = BlockManager(self.executor.num_kv_blocks, self.config.block_size)
+        if self.scheduler is None:
+            budget = max(self.config.max_num_batched_tokens, self.max_model_len)
+            self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget)
+        else:
+            self.scheduler.reset_blocks(blocks)
+
+    def rebuild(self, reason: str) -> float:
+        """Tear the group down and build it again at target_tp; running requests are recomputed. Returns seconds taken."""
+        t0 = time.monotonic()
+        log.warning("rebuilding the TP group (%s)", reason)
+        self.scheduler.preempt_all()
+        self.executor.shutdown()
+        self.start()
+        self.restarts += 1
+        if self.metrics:
+            self.metrics.on_group(self.executor.tp_size, restarted=True)
+        took = time.monotonic() - t0
+        log.warning("TP group rebuilt at tensor_parallel_size=%d in %.1fs; %d requests resume", self.executor.tp_size,
+                    took, len(self.scheduler.waiting))
+        return took
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    # ---- requests --------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestState:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (no tokenizer.json): send the prompt as token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.args.vocab_size}); got {bad[:5]}")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
+                f"tokens and max_tokens is {params.max_tokens}"
+            )
+        seq = Sequence(request_id, ids, params, prompt=text)
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos and self.tokenizer is not None:
+            stop_ids |= set(self.tokenizer.eos_token_ids)
+        state = RequestState(seq, detok, stop_ids=stop_ids)
+        self.requests[request_id] = state
+        self.scheduler.add(seq)
+        if self.metrics:
+            self.metrics.on_admitted(len(ids))
+        return state
+
+    def abort(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is not None and state.seq.status is not SeqStatus.FINISHED:
+            self.scheduler.finish(state.seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step: schedule, run, postprocess -----------------------------------------
+
+    def schedule(self) -> list[ScheduledSeq]:
+        return self.scheduler.schedule()
+
+    @staticmethod
+    def to_steps(batch: list[ScheduledSeq]) -> list[SeqStep]:
+        return [SeqStep(s.token_ids, s.start, list(s.seq.block_table), s.seq.params, len(s.seq.output_token_ids))
+                for s in batch]
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.schedule()
+        if not batch:
+            return []
+        try:
+            result = self.executor.execute(self.to_steps(batch))
+        except GroupFailure as err:
+            self.rebuild(str(err))
+            return []
+        return self.postprocess(batch, result)
+
+    def postprocess(self, batch: list[ScheduledSeq], result: StepResult) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = []
+        for sched, token in zip(batch, result.token_ids):
+            seq = sched.seq
+            state = self.requests.get(seq.request_id)
+            if state is None or seq.status is SeqStatus.FINISHED:
+                continue  # aborted while the step ran
+            seq.num_computed = sched.start + len(sched.token_ids)
+            seq.output_token_ids.append(token)
+            self._record_token_time(state, now)
+            self._check_finish(state, token)
+            if state.finish_reason is not None:
+                self.scheduler.finish(seq)
+                self.requests.pop(seq.request_id, None)
+                if self.metrics:
+                    self.metrics.on_finished(state.finish_reason, now - seq.arrival_time)
+            outputs.append(self._output(state))
+        if self.metrics:
+            self.metrics.on_step(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.blocks.usage(),
+                                 result.collective_seconds)
+        return outputs
+
+    def _record_token_time(self, state: RequestState, now: float) -> None:
+        seq = state.seq
+        if state.first_token_time is None:
+            state.first_token_time = now
+            if self.metrics:
+                self.metrics.on_first_token(now - seq.arrival_time, seq.first_scheduled_time - seq.arrival_time)
+                self.metrics.on_tokens(1, None)
+        elif self.metrics:
+            self.metrics.on_tokens(1, now - state.last_token_time)
+        state.last_token_time = now
+
+    def _check_finish(self, state: RequestState, token: int) -> None:
+        seq, params = state.seq, state.seq.params
+        if state.detokenizer is not None:
+            state.text += state.detokenizer.add([token])
+        if token in state.stop_ids:
+            state.finish_reason = "stop"
+            state.stop_reason = token if token in params.stop_token_ids else None
+        elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
+            state.finish_reason = "length"
+        if params.stop and state.detokenizer is not None:
+            if state.finish_reason is not None:
+                state.text += state.detokenizer.flush()
+            # Only the tail can hold a stop string that this token completed.
+            longest = max(len(s) for s in params.stop)
+            search_from = max(0, state.sent_text - longest)
+            hits = [(state.text.find(s, search_from), s) for s in params.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                i, s = min(hits)
+                state.text = state.text[:i]
+                state.finish_reason, state.stop_reason = "stop", s
+        elif state.finish_reason is not None and state.detokenizer is not None:
+            state.text += state.detokenizer.flush()
+
+    def _output(self, state: RequestState) -> RequestOutput:
+        seq, params = state.seq, state.seq.params
+        finished = state.finish_reason is not None
+        # While running, hold back a tail that may be the start of a stop string,
+        # so streamed text never has to be taken back.
+        hold = 0 if finished or not params.stop else max(len(s) for s in params.stop) - 1
+        upto = max(state.sent_text, len(state.text) - hold)
+        delta_text = state.text[state.sent_text : upto]
+        delta_tokens = seq.output_token_ids[state.sent_tokens :]
+        state.sent_text, state.sent_tokens = upto, len(seq.output_token_ids)
+        completion = CompletionOutput(0, state.text if finished else state.text[:upto], list(seq.output_token_ids),
+                                      state.finish_reason, state.stop_reason)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], finished,
+                             delta_text, delta_tokens)
+
+
+class EngineNotReady(RuntimeError):
+    """The TP group is starting or recovering; the server answers 503."""
+
+
+class AsyncEngine:
+    """Runs an EngineCore in the background of an asyncio loop; requests stream their outputs."""
+
+    def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory = ray_executor, metrics=None):
+        self.core = EngineCore(config, executor_factory, metrics)
+        self.config = config
+        self.ready = False
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._pending_resize: int | None = None
+        self.last_recovery_s: float | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.core.model_name
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.core.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def tp_size(self) -> int:
+        return self.core.executor.tp_size
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.core.start)
+        if self.core.metrics:
+            self.core.metrics.on_group(self.core.executor.tp_size, restarted=False)
+        self.ready = True
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of one request; closing the iterator early aborts it."""
+        self.core.add_request(request_id, prompt, params)  # ValueError for bad input
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.core.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+
+    async def resize(self, tp_size: int) -> None:
+        """Reshard the live replica to tp_size at the next step boundary; requests carry on."""
+        check_tp_degree(self.core.args, tp_size)
+        if tp_size == self.core.target_tp and tp_size == self.tp_size:
+            return
+        self._pending_resize = tp_size
+        self._wake.set()
+
+    async def check_health(self) -> None:
+        if not self.ready:
+            raise EngineNotReady("the TP group is not ready")
+        try:
+            await asyncio.to_thread(self.core.executor.check_health)
+        except GroupFailure as err:
+            raise EngineNotReady(str(err)) from err
+
+    async def _rebuild(self, reason: str) -> None:
+        self.ready = False
+        try:
+            self.last_recovery_s = await asyncio.to_thread(self.core.rebuild, reason)
+        finally:
+            self.ready = self.core.executor.tp_size > 0
+
+    async def _run(self) -> None:
+        core = self.core
+        while True:
+            try:
+                if self._pending_resize is not None:
+                    core.target_tp, self._pending_resize = self._pending_resize, None
+                    await self._rebuild(f"resize to tensor_parallel_size={core.target_tp}")
+                if not core.has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch = core.schedule()
+                if not batch:
+                    await asyncio.sleep(0.005)
+                    continue
+                try:
+                    result = await core.executor.execute_async(core.to_steps(batch))
+                except GroupFailure as err:
+                    await self._rebuild(str(err))
+                    continue
+                for out in core.postprocess(batch, result):
+                    queue = self._queues.get(out.request_id)
+                    if queue is not None:
+                        queue.put_nowait(out)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a bug or an unrecoverable group: fail the requests, keep serving
+                log.exception("engine step failed")
+                for rid, queue in list(self._queues.items()):
+                    queue.put_nowait(RuntimeError(f"engine error: {err}"))
+                    core.abort(rid)
+                await asyncio.sleep(1.0)
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.ready = False
+        await asyncio.to_thread(self.core.shutdown)

@@ -1,0 +1,91 @@
+"""What the engine runs its steps on.
+
+`Executor` is the interface; `TPGroup` (cluster.py) is the Ray implementation
+with one worker actor per rank, and `LocalExecutor` runs a single rank in this
+process (benchmarks isolate Ray's and Serve's costs with it; GPU tests use it
+where Ray is not installed).
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from abc import ABC, abstractmethod
+
+from raytp.config import EngineConfig
+from raytp.worker import SeqStep, StepResult, TPWorker
+
+
+class GroupFailure(RuntimeError):
+    """The TP group cannot run steps any more (a worker died, hung or failed)."""
+
+
+def choose_num_kv_blocks(config: EngineConfig, max_model_len: int, rank_capacity: int) -> int:
+    """KV blocks per rank: the configured number, or enough for max_num_seqs full-length sequences, within capacity."""
+    needed_one = math.ceil(max_model_len / config.block_size)
+    if config.num_kv_blocks is not None:
+        blocks = config.num_kv_blocks
+    else:
+        blocks = min(needed_one * config.max_num_seqs, rank_capacity)
+    if blocks < needed_one:
+        raise ValueError(
+            f"KV cache of {blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
+            f"max_model_len={max_model_len}; lower max_model_len or raise num_kv_blocks"
+        )
+    if blocks > rank_capacity:
+        raise ValueError(f"num_kv_blocks={blocks} does not fit: a rank has room for {rank_capacity} blocks")
+    return blocks
+
+
+class Executor(ABC):
+    tp_size: int
+    num_kv_blocks: int
+
+    @abstractmethod
+    def start(self, tp_size: int) -> None:
+        """Build the group at this TP degree: workers, communicator, weights, KV cache."""
+
+    @abstractmethod
+    def execute(self, seqs: list[SeqStep]) -> StepResult:
+        """Run one step on every rank; rank 0's sampled tokens come back. Raises GroupFailure."""
+
+    async def execute_async(self, seqs: list[SeqStep]) -> StepResult:
+        return await asyncio.to_thread(self.execute, seqs)
+
+    @abstractmethod
+    def check_health(self) -> None:
+        """Raise GroupFailure unless every rank answers."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Release workers and resources (idempotent)."""
+
+
+class LocalExecutor(Executor):
+    """TP=1 in this process: no Ray, no collectives."""
+
+    def __init__(self, config: EngineConfig, model_path: str, max_model_len: int, num_threads: int | None = None):
+        self.config, self.model_path, self.max_model_len = config, model_path, max_model_len
+        self.num_threads = num_threads
+        self.worker: TPWorker | None = None
+        self.tp_size, self.num_kv_blocks = 1, 0
+
+    def start(self, tp_size: int) -> None:
+        if tp_size != 1:
+            raise ValueError(f"LocalExecutor runs one rank; tensor_parallel_size={tp_size} needs the Ray TPGroup")
+        cfg = self.config
+        w = TPWorker(0, 1, cfg.resolved_device(), cfg.resolved_dtype(), cfg.seed, self.num_threads)
+        w.init_communicator(None)
+        w.load(self.model_path)
+        self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization))
+        w.init_kv_cache(self.num_kv_blocks, cfg.block_size)
+        self.worker = w
+
+    def execute(self, seqs):
+        return self.worker.execute(seqs)
+
+    def check_health(self):
+        if self.worker is None:
+            raise GroupFailure("local worker is not running")
+
+    def shutdown(self):
+        self.worker = None

@@ -1,0 +1,67 @@
+"""The metric families of DESIGN.md, recorded through Ray's metrics API.
+
+Ray exports them on every node's metrics port with its `ray_` prefix, next to
+Ray Serve's own metrics. Each carries a `model_name` tag.
+"""
+from __future__ import annotations
+
+# Bucket boundaries (seconds) that fit LLM latencies: milliseconds to minutes.
+LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                   1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0]
+TOKEN_LATENCY_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                         0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 80.0]
+COLLECTIVE_BUCKETS = [0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]
+
+
+class EngineMetrics:
+    """Engine-side recorder; one per replica (the engine calls it at each event)."""
+
+    def __init__(self, model_name: str):
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"model_name": model_name}
+        keys = ("model_name",)
+
+        def hist(name, desc, buckets):
+            return Histogram(name, description=desc, boundaries=buckets, tag_keys=keys)
+
+        self.ttft = hist("raytp_time_to_first_token_seconds", "Time from arrival to the first generated token.", LATENCY_BUCKETS)
+        self.itl = hist("raytp_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.", TOKEN_LATENCY_BUCKETS)
+        self.e2e = hist("raytp_e2e_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
+        self.queue = hist("raytp_request_queue_time_seconds", "Time a request waited before its first step.", LATENCY_BUCKETS)
+        self.allreduce = hist("raytp_allreduce_seconds", "Time the ranks spent in TP collectives per step.", COLLECTIVE_BUCKETS)
+        self.running = Gauge("raytp_num_requests_running", description="Requests in the running batch.", tag_keys=keys)
+        self.waiting = Gauge("raytp_num_requests_waiting", description="Requests waiting to be scheduled.", tag_keys=keys)
+        self.kv_usage = Gauge("raytp_kv_cache_usage_perc", description="Fraction of KV-cache blocks in use (0-1).", tag_keys=keys)
+        self.tp_size = Gauge("raytp_tensor_parallel_size", description="Current TP degree of the replica's group.", tag_keys=keys)
+        self.prompt_tokens = Counter("raytp_prompt_tokens", description="Prompt tokens of admitted requests.", tag_keys=keys)
+        self.generation_tokens = Counter("raytp_generation_tokens", description="Tokens generated.", tag_keys=keys)
+        self.success = Counter("raytp_request_success", description="Finished requests by reason.", tag_keys=keys + ("finished_reason",))
+        self.restarts = Counter("raytp_tp_group_restarts", description="TP group rebuilds (failures and resizes).", tag_keys=keys)
+
+    def on_step(self, num_running: int, num_waiting: int, kv_usage: float, collective_seconds: float) -> None:
+        self.running.set(num_running, tags=self.tags)
+        self.waiting.set(num_waiting, tags=self.tags)
+        self.kv_usage.set(kv_usage, tags=self.tags)
+        self.allreduce.observe(collective_seconds, tags=self.tags)
+
+    def on_first_token(self, ttft: float, queue_time: float) -> None:
+        self.ttft.observe(ttft, tags=self.tags)
+        self.queue.observe(queue_time, tags=self.tags)
+
+    def on_tokens(self, n: int, inter_token: float | None) -> None:
+        self.generation_tokens.inc(n, tags=self.tags)
+        if inter_token is not None:
+            self.itl.observe(inter_token, tags=self.tags)
+
+    def on_admitted(self, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens, tags=self.tags)
+
+    def on_finished(self, reason: str, e2e: float) -> None:
+        self.success.inc(1, tags={**self.tags, "finished_reason": reason})
+        self.e2e.observe(e2e, tags=self.tags)
+
+    def on_group(self, tp_size: int, restarted: bool) -> None:
+        self.tp_size.set(tp_size, tags=self.tags)
+        if restarted:
+            self.restarts.inc(1, tags=self.tags)

@@ -1,0 +1,160 @@
+"""Continuous batching: which sequences run in the next step, and which KV blocks they use.
+
+The engine owns every sequence's tokens; the workers only hold the KV cache
+that the block manager hands out. A sequence short of blocks is preempted:
+its blocks are freed and it goes back to the front of the waiting queue, to be
+recomputed (re-prefilled from prompt plus generated tokens) later, never
+dropped. Recovery after a group failure uses the same path for every sequence.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from raytp.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+class BlockManager:
+    """Hands out KV-cache block ids; the cache itself lives on the workers."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks if self.num_blocks else 0.0
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, math.ceil(num_tokens / self.block_size) - len(seq.block_table))
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow seq's block table to hold num_tokens tokens; False (and no change) if blocks run out."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > self.num_free:
+            return False
+        seq.block_table.extend(self.free_blocks.popleft() for _ in range(need))
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        self.free_blocks.extend(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    token_ids: list[int]  # tokens to compute this step
+    start: int  # position of token_ids[0]
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """A finished or aborted sequence leaves the queues and frees its blocks at once."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        self.blocks.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def preempt_all(self) -> None:
+        """Send every running sequence back to be recomputed (the KV cache is gone or being replaced)."""
+        for seq in sorted(self.running, key=lambda s: s.arrival_time, reverse=True):
+            self._preempt(seq)
+        for seq in self.waiting:
+            seq.block_table, seq.num_computed = [], 0
+
+    def reset_blocks(self, block_manager: BlockManager) -> None:
+        """Use a new KV cache (after a rebuild); nothing may be running."""
+        assert not self.running
+        self.blocks = block_manager
+
+    def schedule(self) -> list[ScheduledSeq]:
+        batch: list[ScheduledSeq] = []
+        # 1. Decode: every running sequence computes its newest token. Out of
+        #    blocks, the latest arrival is preempted until the others fit.
+        for seq in sorted(self.running, key=lambda s: s.arrival_time):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted below in this loop
+            while not self.blocks.allocate(seq, len(seq)):
+                victim = max(self.running, key=lambda s: s.arrival_time)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                batch.append(ScheduledSeq(seq, seq.token_ids[seq.num_computed :], seq.num_computed))
+        # 2. Prefill: admit waiting sequences first come, first served, while the
+        #    step's token budget, the batch size and the free blocks allow.
+        budget = self.max_num_batched_tokens - sum(len(s.token_ids) for s in batch)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = len(seq)
+            # A prompt larger than the whole budget still runs, alone.
+            if n > budget and batch:
+                break
+            if not self.blocks.allocate(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, seq.token_ids, 0))
+            budget -= n
+        return batch

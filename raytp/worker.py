@@ -1,0 +1,172 @@
+"""TPWorker: one tensor-parallel rank.
+
+It owns the rank's communicator, model shard and KV cache, and runs one step
+when told to: build the attention metadata, run the shard (its all-reduces
+meet the other ranks'), and on rank 0 sample the next tokens. The class is
+plain Python: cluster.py runs it as a Ray actor (processes named
+`ray::TPWorker`); benchmarks and GPU tests run it in-process at TP=1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from raytp.comm import Communicator, GlooCommunicator, GlooRendezvous, NcclCommunicator, SingleRank, free_port
+from raytp.model.attention import SeqChunk, build_metadata
+from raytp.model.loader import load_model
+from raytp.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+# Default KV-cache budget per rank on CPU, where free memory is not a good guide.
+_CPU_KV_BUDGET_BYTES = 2 * 2**30
+
+
+@dataclass
+class SeqStep:
+    """One sequence's work in a step: compute `token_ids` at positions start.., then sample one token."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    params: SamplingParams
+    num_generated: int  # tokens the request already has; seeds its sampler
+
+
+@dataclass
+class StepResult:
+    token_ids: list[int] | None  # rank 0: one sampled token per sequence; other ranks: None
+    collective_seconds: float  # time this rank spent inside TP collectives during the step
+    step_seconds: float
+
+
+class TimedCommunicator(Communicator):
+    """Wraps a communicator and adds up the time spent in collectives (for raytp_allreduce_seconds)."""
+
+    def __init__(self, inner: Communicator):
+        self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
+        self.seconds = 0.0
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def all_reduce(self, tensor):
+        return self._timed(self.inner.all_reduce, tensor)
+
+    def all_gather(self, tensor, dim=-1):
+        return self._timed(self.inner.all_gather, tensor, dim)
+
+    def broadcast(self, tensor, src=0):
+        return self._timed(self.inner.broadcast, tensor, src)
+
+    def barrier(self):
+        self.inner.barrier()
+
+    def close(self):
+        self.inner.close()
+
+
+class TPWorker:
+    def __init__(self, rank: int, world_size: int, device: str, dtype: str, seed: int = 0, num_threads: int | None = None):
+        self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
+        if device == "cuda":
+            # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0 here.
+            torch.cuda.set_device(0)
+        elif num_threads:
+            torch.set_num_threads(num_threads)
+        self.comm: TimedCommunicator | None = None
+        self.model = None
+        self.kv_cache: torch.Tensor | None = None
+        self.block_size = 16
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # ---- placement and communicator set-up ----------------------------------
+
+    def node_info(self) -> dict:
+        info = {"rank": self.rank, "hostname": socket.gethostname(), "pid": os.getpid(), "device": self.device}
+        try:
+            import ray
+
+            info["node_ip"] = ray.util.get_node_ip_address()
+            info["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
+        except Exception:  # in-process use, without Ray
+            info["node_ip"], info["gpu_ids"] = "127.0.0.1", []
+        return info
+
+    def make_rendezvous(self):
+        """Rank 0 only: what the other ranks need to join (gloo address or NCCL unique id)."""
+        if self.device == "cuda":
+            from raytp.comm import nccl_unique_id
+
+            return nccl_unique_id()
+        host = self.node_info()["node_ip"]
+        return GlooRendezvous(host, free_port(host))
+
+    def init_communicator(self, rendezvous, timeout_s: float = 60.0) -> str:
+        if self.world_size == 1:
+            inner = SingleRank()
+        elif self.device == "cuda":
+            inner = NcclCommunicator(rendezvous, self.rank, self.world_size)
+        else:
+            inner = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
+        self.comm = TimedCommunicator(inner)
+        return type(inner).__name__
+
+    # ---- weights and KV cache -------------------------------------------------
+
+    def load(self, model_path: str) -> dict:
+        device = "cuda" if self.device == "cuda" else "cpu"
+        self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0)
+        from raytp.model.loader import weight_bytes
+
+        return {"rank": self.rank, "weight_bytes": weight_bytes(self.model)}
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        shape = self.model.kv_cache_shape(block_size)
+        return int(torch.Size(shape).numel()) * torch.empty((), dtype=self.model.dtype).element_size()
+
+    def max_kv_blocks(self, block_size: int, gpu_memory_utilization: float) -> int:
+        """How many blocks this rank can hold."""
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            budget = free - (1 - gpu_memory_utilization) * total
+        else:
+            budget = _CPU_KV_BUDGET_BYTES
+        return max(0, int(budget // self.kv_block_bytes(block_size)))
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.kv_cache = None  # free the old cache first
+        device = "cuda" if self.device == "cuda" else "cpu"
+        self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks * block_size), dtype=self.model.dtype, device=device)
+
+    # ---- the step ---------------------------------------------------------------
+
+    def ping(self) -> int:
+        return self.rank
+
+    def execute(self, seqs: list[SeqStep]) -> StepResult:
+        t0 = time.perf_counter()
+        self.comm.seconds = 0.0
+        device = self.kv_cache.device
+        chunks = [SeqChunk(s.start, len(s.token_ids), s.block_table) for s in seqs]
+        meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
+        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=device)  # (T,)
+        hidden = self.model(input_ids, meta, self.kv_cache)  # (T, hidden)
+        logits = self.model.compute_logits(hidden[meta.last_token_index])  # (B, vocab), all-gather inside
+        tokens = None
+        if self.rank == 0:
+            tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator)
+        return StepResult(tokens, self.comm.seconds, time.perf_counter() - t0)
+
+    def shutdown(self) -> None:
+        if self.comm is not None:
+            self.comm.close()

@@ -1,0 +1,39 @@
+"""One local Ray cluster per test session (CPU only), shared by every test that asks for it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    num_cpus: int
+    metrics_export_port: int
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from raytp.comm import free_port
+
+    # Logical CPUs, not cores: room for a TP=2 group, Serve's actors and a second replica.
+    num_cpus = 4
+    port = free_port()
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _metrics_export_port=port,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        log_to_driver=os.environ.get("RAYTP_TEST_RAY_LOGS") == "1",
+    )
+    yield RayCluster(num_cpus, port)
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
