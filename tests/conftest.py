@@ -1,7 +1,6 @@
 """One local Ray cluster per test session (CPU only), shared by every test that asks for it."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -27,7 +26,7 @@ def ray_cluster():
         include_dashboard=False,
         _metrics_export_port=port,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-        log_to_driver=os.environ.get("RAYTP_TEST_RAY_LOGS") == "1",
+        log_to_driver=False,
     )
     yield RayCluster(num_cpus, port)
     try:
