@@ -112,10 +112,17 @@ class TPGroup(Executor):
 
     def execute(self, seqs: list[SeqStep]) -> StepResult:
         refs = [w.execute.remote(seqs) for w in self.workers]
+        deadline = time.monotonic() + self.config.step_timeout_s
+        pending = list(refs)
         try:
-            return self._merge(ray.get(refs, timeout=self.config.step_timeout_s))
-        except GetTimeoutError:
-            raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s") from None
+            # Collect results as they come, so a dead rank is noticed at once even
+            # while the surviving ranks still wait for it inside a collective.
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s")
+                ray.get(done)
+            return self._merge(ray.get(refs))
         except RayError as err:
             raise GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}") from err
 
@@ -128,6 +135,17 @@ class TPGroup(Executor):
             raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s") from None
         except RayError as err:
             raise GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}") from err
+
+    def can_place(self, tp_size: int, wait_s: float = 1.0) -> bool:
+        """Whether a group of tp_size could be placed now (probes with a placement group that is removed again)."""
+        probe = placement_group([_bundle(self.device) for _ in range(tp_size)], strategy="STRICT_PACK")
+        try:
+            ray.get(probe.ready(), timeout=wait_s)
+            return True
+        except GetTimeoutError:
+            return False
+        finally:
+            remove_placement_group(probe)
 
     def check_health(self) -> None:
         if not self.workers:

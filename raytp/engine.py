@@ -100,9 +100,13 @@ class EngineCore:
 
     def rebuild(self, reason: str) -> float:
         """Tear the group down and build it again at target_tp; running requests are recomputed. Returns seconds taken."""
+        self.scheduler.preempt_all()
+        return self.rebuild_group(reason)
+
+    def rebuild_group(self, reason: str) -> float:
+        """The group part of rebuild(), once nothing is running; it leaves the request queues alone."""
         t0 = time.monotonic()
         log.warning("rebuilding the TP group (%s)", reason)
-        self.scheduler.preempt_all()
         self.executor.shutdown()
         self.start()
         self.restarts += 1
@@ -268,6 +272,8 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
         self._pending_resize: int | None = None
         self.last_recovery_s: float | None = None
+        self.grow_check_interval_s = 10.0
+        self._next_grow_check = 0.0
 
     @property
     def model_name(self) -> str:
@@ -330,12 +336,30 @@ class AsyncEngine:
         except GroupFailure as err:
             raise EngineNotReady(str(err)) from err
 
+    async def _should_grow(self) -> bool:
+        """Degraded (smaller than the target): every grow_check_interval_s, probe whether the missing ranks fit now."""
+        missing = self.core.target_tp - self.tp_size
+        if missing <= 0 or time.monotonic() < self._next_grow_check:
+            return False
+        self._next_grow_check = time.monotonic() + self.grow_check_interval_s
+        # The current group keeps its own resources until the rebuild, so probe for the missing ranks only.
+        return await asyncio.to_thread(self.core.executor.can_place, missing)
+
     async def _rebuild(self, reason: str) -> None:
+        """Rebuild the group off the event loop, which keeps taking requests; retry until it works."""
         self.ready = False
-        try:
-            self.last_recovery_s = await asyncio.to_thread(self.core.rebuild, reason)
-        finally:
-            self.ready = self.core.executor.tp_size > 0
+        # On the loop thread: the queues are only ever touched from here.
+        self.core.scheduler.preempt_all()
+        attempt = 0
+        while True:
+            try:
+                self.last_recovery_s = await asyncio.to_thread(self.core.rebuild_group, reason)
+                break
+            except Exception as err:
+                attempt += 1
+                log.error("rebuilding the TP group failed (attempt %d): %s; retrying", attempt, err)
+                await asyncio.sleep(min(30.0, 2.0**attempt))
+        self.ready = True
 
     async def _run(self) -> None:
         core = self.core
@@ -344,9 +368,14 @@ class AsyncEngine:
                 if self._pending_resize is not None:
                     core.target_tp, self._pending_resize = self._pending_resize, None
                     await self._rebuild(f"resize to tensor_parallel_size={core.target_tp}")
+                if await self._should_grow():
+                    await self._rebuild(f"resources are back: growing to tensor_parallel_size={core.target_tp}")
                 if not core.has_work():
                     self._wake.clear()
-                    await self._wake.wait()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=self.grow_check_interval_s)
+                    except asyncio.TimeoutError:
+                        pass
                     continue
                 batch = core.schedule()
                 if not batch:

@@ -51,6 +51,10 @@ class Executor(ABC):
     async def execute_async(self, seqs: list[SeqStep]) -> StepResult:
         return await asyncio.to_thread(self.execute, seqs)
 
+    def can_place(self, tp_size: int) -> bool:
+        """Whether a group of tp_size would fit right now (used to grow back after degrading)."""
+        return False
+
     @abstractmethod
     def check_health(self) -> None:
         """Raise GroupFailure unless every rank answers."""

@@ -1,0 +1,195 @@
+"""Elastic TP: a dead or hung worker, a live resize and a degraded group lose no request and change no token."""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+import ray
+
+from raytp.config import EngineConfig
+from raytp.engine import AsyncEngine
+from raytp.sampling import SamplingParams
+
+pytestmark = pytest.mark.timeout(240)
+
+NUM_STREAMS = 16
+MAX_TOKENS = 40
+
+
+def _prompts(n: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(3, 1000) for _ in range(rng.randrange(4, 40))] for _ in range(n)]
+
+
+def _greedy() -> SamplingParams:
+    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+async def _stream(engine: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams, seen: dict) -> list[int]:
+    """Collect a stream's tokens from its deltas (so a repeated or missing token would show)."""
+    tokens: list[int] = []
+    async for out in engine.generate(prompt, params, rid):
+        tokens.extend(out.delta_token_ids)
+        seen[rid] = (len(tokens), time.monotonic())
+    assert tokens == out.outputs[0].token_ids
+    return tokens
+
+
+async def _run_all(engine: AsyncEngine, tag: str, during=None, params=None) -> tuple[list[list[int]], dict]:
+    """Run NUM_STREAMS concurrent streams; `during(seen)` runs alongside once every stream has some tokens."""
+    seen: dict = {}
+    prompts = _prompts(NUM_STREAMS)
+    tasks = [asyncio.create_task(_stream(engine, f"{tag}-{i}", p, params or _greedy(), seen)) for i, p in enumerate(prompts)]
+    extra = None
+    if during is not None:
+        while len(seen) < NUM_STREAMS or min(n for n, _ in seen.values()) < 5:
+            await asyncio.sleep(0.01)
+        extra = await during(seen)
+    results = await asyncio.gather(*tasks)
+    return results, {"during": extra, "seen": seen}
+
+
+def _engine(**overrides) -> AsyncEngine:
+    cfg = dict(model="tiny", tensor_parallel_size=2, device="cpu", max_model_len=256, step_timeout_s=20.0)
+    cfg.update(overrides)
+    return AsyncEngine(EngineConfig.parse(cfg))
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster):
+    """Tokens of the streams in a run without faults (TP=2)."""
+
+    async def main():
+        engine = _engine()
+        await engine.start()
+        try:
+            return (await _run_all(engine, "ref"))[0]
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+async def _first_token_after(seen: dict, t0: float, counts: dict) -> float:
+    """Seconds from t0 until some stream gets a token past what it had at t0."""
+    while True:
+        for rid, (n, t) in seen.items():
+            if n > counts[rid] and t > t0:
+                return t - t0
+        await asyncio.sleep(0.005)
+
+
+def test_killed_worker_resumes_every_stream(ray_cluster, reference):
+    async def main():
+        engine = _engine()
+        await engine.start()
+
+        async def kill(seen):
+            pids = await asyncio.to_thread(engine.core.executor.worker_pids)
+            counts = {rid: n for rid, (n, _) in seen.items()}
+            t0 = time.monotonic()
+            os.kill(pids[1], signal.SIGKILL)
+            return await _first_token_after(seen, t0, counts)
+
+        try:
+            results, info = await _run_all(engine, "kill", during=kill)
+            return results, info["during"], engine.core.restarts, engine.tp_size
+        finally:
+            await engine.shutdown()
+
+    results, resume_s, restarts, tp = asyncio.run(main())
+    print(f"kill -> first resumed token: {resume_s:.2f}s")
+    assert results == reference
+    assert restarts == 1
+    assert tp == 2
+
+
+def test_hung_worker_is_caught_by_the_step_deadline(ray_cluster, reference):
+    async def main():
+        engine = _engine(step_timeout_s=3.0)
+        await engine.start()
+
+        async def hang(seen):
+            pids = await asyncio.to_thread(engine.core.executor.worker_pids)
+            os.kill(pids[0], signal.SIGSTOP)  # rank 0 stops answering; it is killed by the rebuild
+
+        try:
+            results, _ = await _run_all(engine, "hang", during=hang)
+            return results, engine.core.restarts
+        finally:
+            await engine.shutdown()
+
+    results, restarts = asyncio.run(main())
+    assert results == reference
+    assert restarts == 1
+
+
+def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
+    async def main():
+        engine = _engine()
+        await engine.start()
+        sizes = []
+
+        async def resize(seen):
+            await engine.resize(1)
+            while engine.tp_size != 1 or not engine.ready:
+                await asyncio.sleep(0.01)
+            sizes.append(engine.tp_size)
+            await asyncio.sleep(0.2)
+            await engine.resize(2)
+            while engine.tp_size != 2 or not engine.ready:
+                await asyncio.sleep(0.01)
+            sizes.append(engine.tp_size)
+
+        try:
+            results, _ = await _run_all(engine, "resize", during=resize)
+            return results, sizes, engine.core.restarts
+        finally:
+            await engine.shutdown()
+
+    results, sizes, restarts = asyncio.run(main())
+    assert sizes == [1, 2]
+    assert results == reference
+    assert restarts == 2
+
+
+@ray.remote(num_cpus=1)
+class _CpuHolder:
+    def ping(self):
+        return True
+
+
+def test_degraded_group_comes_back_smaller_then_grows(ray_cluster, reference):
+    # The session cluster has 4 CPUs; holding 3 leaves room for a TP=1 group only.
+    holders = [_CpuHolder.remote() for _ in range(ray_cluster.num_cpus - 1)]
+    ray.get([h.ping.remote() for h in holders])
+
+    async def main():
+        engine = _engine(placement_timeout_s=2.0)
+        await engine.start()
+        first_tp = engine.tp_size
+        engine.grow_check_interval_s = 0.5
+        results, _ = await _run_all(engine, "degraded")
+        for h in holders[:1]:
+            ray.kill(h)
+        deadline = time.monotonic() + 60
+        while engine.tp_size != 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        grown_tp = engine.tp_size
+        after, _ = await _run_all(engine, "grown")
+        await engine.shutdown()
+        return first_tp, results, grown_tp, after
+
+    try:
+        first_tp, results, grown_tp, after = asyncio.run(main())
+    finally:
+        for h in holders:
+            ray.kill(h)
+    assert first_tp == 1
+    assert results == reference  # TP=1 computes the same greedy tokens
+    assert grown_tp == 2
+    assert after == reference
