@@ -218,7 +218,8 @@ class EngineCore:
 
     def _check_finish(self, state: RequestState, token: int) -> None:
         seq, params = state.seq, state.seq.params
-        if state.detokenizer is not None:
+        # A stop token (eos or stop_token_ids) ends the output: its id is kept, its text is not (as in vLLM).
+        if state.detokenizer is not None and token not in state.stop_ids:
             state.text += state.detokenizer.add([token])
         if token in state.stop_ids:
             state.finish_reason = "stop"
@@ -274,6 +275,7 @@ class AsyncEngine:
         self.last_recovery_s: float | None = None
         self.grow_check_interval_s = 10.0
         self._next_grow_check = 0.0
+        self._grow_probe: asyncio.Task | None = None
 
     @property
     def model_name(self) -> str:
@@ -337,13 +339,17 @@ class AsyncEngine:
             raise EngineNotReady(str(err)) from err
 
     async def _should_grow(self) -> bool:
-        """Degraded (smaller than the target): every grow_check_interval_s, probe whether the missing ranks fit now."""
+        """Degraded (smaller than the target): probe in the background, every grow_check_interval_s, whether the missing ranks fit now."""
+        probe = self._grow_probe
+        if probe is not None and probe.done():
+            self._grow_probe = None
+            return not probe.cancelled() and probe.exception() is None and probe.result()
         missing = self.core.target_tp - self.tp_size
-        if missing <= 0 or time.monotonic() < self._next_grow_check:
-            return False
-        self._next_grow_check = time.monotonic() + self.grow_check_interval_s
-        # The current group keeps its own resources until the rebuild, so probe for the missing ranks only.
-        return await asyncio.to_thread(self.core.executor.can_place, missing)
+        if probe is None and missing > 0 and time.monotonic() >= self._next_grow_check:
+            self._next_grow_check = time.monotonic() + self.grow_check_interval_s
+            # The current group keeps its own resources until the rebuild, so probe for the missing ranks only.
+            self._grow_probe = asyncio.create_task(asyncio.to_thread(self.core.executor.can_place, missing))
+        return False
 
     async def _rebuild(self, reason: str) -> None:
         """Rebuild the group off the event loop, which keeps taking requests; retry until it works."""
