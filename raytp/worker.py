@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raytp.comm import Communicator, GlooCommunicator, GlooRendezvous, NcclCommunicator, SingleRank, free_port
+from raytp.comm import (
+    Communicator,
+    GlooCommunicator,
+    NcclCommunicator,
+    ShmCommunicator,
+    ShmRendezvous,
+    SingleRank,
+    create_shm_rendezvous,
+)
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.model.loader import load_model
 from raytp.sampling import SamplingParams, sample
@@ -107,14 +115,16 @@ class TPWorker:
             from raytp.comm import nccl_unique_id
 
             return nccl_unique_id()
-        host = self.node_info()["node_ip"]
-        return GlooRendezvous(host, free_port(host))
+        # A STRICT_PACK group is on one node: its CPU ranks share memory.
+        return create_shm_rendezvous(self.node_info()["node_ip"], self.world_size)
 
     def init_communicator(self, rendezvous, timeout_s: float = 60.0) -> str:
         if self.world_size == 1:
             inner = SingleRank()
         elif self.device == "cuda":
             inner = NcclCommunicator(rendezvous, self.rank, self.world_size)
+        elif isinstance(rendezvous, ShmRendezvous):
+            inner = ShmCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
         else:
             inner = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
         self.comm = TimedCommunicator(inner)
