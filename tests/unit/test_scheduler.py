@@ -1,0 +1,198 @@
+"""Scheduler and BlockManager on their own (no Ray, no model).
+
+`advance` plays the engine's postprocess: the scheduled tokens are now in the
+cache and each sequence got one new token.
+"""
+import pytest
+
+from raytp.sampling import SamplingParams
+from raytp.scheduler import BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
+
+pytestmark = pytest.mark.timeout(30)
+
+PARAMS = SamplingParams(max_tokens=64, temperature=0.0)
+
+
+def make_seq(name: str, prompt_len: int, arrival: float) -> Sequence:
+    return Sequence(name, list(range(1, prompt_len + 1)), PARAMS, arrival_time=arrival)
+
+
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=256) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens)
+
+
+def advance(batch: list[ScheduledSeq], token: int = 7) -> None:
+    for s in batch:
+        s.seq.num_computed = s.start + len(s.token_ids)
+        s.seq.output_token_ids.append(token)
+
+
+def names(batch) -> list[str]:
+    return [s.seq.request_id for s in batch]
+
+
+# ---- BlockManager --------------------------------------------------------------------
+
+
+def test_allocate_and_free_blocks():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    seq = make_seq("a", 5, 0.0)
+    assert bm.blocks_needed(seq, 5) == 2
+    assert bm.allocate(seq, 5) and len(seq.block_table) == 2 and bm.num_free == 2
+    assert bm.allocate(seq, 8) and len(seq.block_table) == 2  # still fits in 2 blocks
+    assert bm.usage() == pytest.approx(0.5)
+    # Short of blocks: False and nothing changes.
+    assert not bm.allocate(seq, 17)
+    assert len(seq.block_table) == 2 and bm.num_free == 2
+    seq.num_computed = 5
+    bm.free(seq)
+    assert bm.num_free == 4 and seq.block_table == [] and seq.num_computed == 0
+
+
+# ---- admission -------------------------------------------------------------------------
+
+
+def test_admission_respects_max_num_seqs():
+    sched = make_scheduler(max_num_seqs=3)
+    for i in range(5):
+        sched.add(make_seq(f"s{i}", 4, float(i)))
+    batch = sched.schedule()
+    assert names(batch) == ["s0", "s1", "s2"]
+    assert [s.start for s in batch] == [0, 0, 0] and all(len(s.token_ids) == 4 for s in batch)
+    assert [s.request_id for s in sched.waiting] == ["s3", "s4"]
+    advance(batch)
+    # Next step: three decodes and no admission while the batch is full.
+    batch = sched.schedule()
+    assert names(batch) == ["s0", "s1", "s2"] and all(len(s.token_ids) == 1 for s in batch)
+    assert len(sched.waiting) == 2
+    # One finishes: the first waiting one comes in.
+    advance(batch)
+    sched.finish(sched.running[0])
+    assert names(sched.schedule()) == ["s1", "s2", "s3"]
+
+
+def test_admission_respects_token_budget():
+    sched = make_scheduler(max_num_batched_tokens=20)
+    for i in range(3):
+        sched.add(make_seq(f"p{i}", 8, float(i)))
+    batch = sched.schedule()
+    assert names(batch) == ["p0", "p1"]  # 8 + 8; a third 8 would exceed 20
+    advance(batch)
+    batch = sched.schedule()
+    assert names(batch) == ["p0", "p1", "p2"]  # 1 + 1 decode tokens + 8
+    assert sum(len(s.token_ids) for s in batch) == 10
+
+
+def test_prompt_larger_than_budget_runs_alone():
+    sched = make_scheduler(max_num_batched_tokens=16)
+    sched.add(make_seq("big", 30, 0.0))
+    sched.add(make_seq("small", 2, 1.0))
+    batch = sched.schedule()
+    assert names(batch) == ["big"]
+    advance(batch)
+    assert names(sched.schedule()) == ["big", "small"]
+
+
+def test_admission_waits_for_blocks():
+    sched = make_scheduler(num_blocks=3, block_size=4)
+    sched.add(make_seq("a", 8, 0.0))  # 2 blocks
+    sched.add(make_seq("b", 8, 1.0))  # 2 more: only 1 left
+    assert names(sched.schedule()) == ["a"]
+    assert [s.request_id for s in sched.waiting] == ["b"] and sched.blocks.num_free == 1
+
+
+# ---- decode ------------------------------------------------------------------------------
+
+
+def test_decode_grows_block_table():
+    sched = make_scheduler(num_blocks=8, block_size=4)
+    seq = make_seq("a", 4, 0.0)
+    sched.add(seq)
+    batch = sched.schedule()
+    assert len(seq.block_table) == 1 and batch[0].token_ids == [1, 2, 3, 4]
+    for step in range(1, 6):
+        advance(batch, token=100 + step)
+        batch = sched.schedule()
+        # One new token at the next position; the table holds every position so far.
+        assert batch[0].token_ids == [100 + step] and batch[0].start == 3 + step
+        assert len(seq.block_table) == (4 + step + 3) // 4
+    assert len(set(seq.block_table)) == len(seq.block_table)
+    assert sched.blocks.num_free == 8 - len(seq.block_table)
+
+
+# ---- preemption ------------------------------------------------------------------------
+
+
+def test_preemption_picks_latest_arrival_and_requeues_it_first():
+    # Queue order differs from arrival order, so "latest arrival" is not "last admitted".
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    late, early = make_seq("late", 8, arrival=2.0), make_seq("early", 8, arrival=1.0)
+    sched.add(late)
+    sched.add(early)
+    batch = sched.schedule()
+    assert names(batch) == ["late", "early"] and sched.blocks.num_free == 0
+    behind = make_seq("behind", 2, arrival=3.0)
+    sched.add(behind)
+    advance(batch)
+    # Both now need a third block; none is free: the latest arrival gives its blocks up.
+    batch = sched.schedule()
+    assert names(batch) == ["early"] and batch[0].token_ids == [7] and batch[0].start == 8
+    assert late.status is SeqStatus.WAITING and late.num_preemptions == 1 and early.num_preemptions == 0
+    assert late.block_table == [] and late.num_computed == 0
+    assert [s.request_id for s in sched.waiting] == ["late", "behind"]
+    assert sched.running == [early] and len(early.block_table) == 3
+    # When room comes back, it is recomputed from scratch: prompt plus what it generated.
+    advance(batch)
+    sched.finish(early)
+    batch = sched.schedule()
+    assert names(batch) == ["late", "behind"]
+    assert batch[0].start == 0 and batch[0].token_ids == late.prompt_token_ids + [7]
+
+
+def test_preemption_of_the_sequence_itself():
+    # The latest arrival is the one short of a block: it steps aside, the others run.
+    sched = make_scheduler(num_blocks=3, block_size=4)
+    a, b = make_seq("a", 3, 0.0), make_seq("b", 8, 1.0)
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert names(batch) == ["a", "b"] and sched.blocks.num_free == 0
+    advance(batch)
+    batch = sched.schedule()  # a (4 tokens) still fits its block; b (9) needs a third
+    assert names(batch) == ["a"] and b.status is SeqStatus.WAITING and b.num_preemptions == 1
+    assert a.num_preemptions == 0 and list(sched.waiting) == [b] and sched.blocks.num_free == 2
+
+
+def test_preempt_all():
+    sched = make_scheduler(num_blocks=16, block_size=4, max_num_seqs=2)
+    seqs = [make_seq(f"s{i}", 5, float(i)) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    advance(sched.schedule())
+    assert sched.blocks.num_free < 16 and [s.request_id for s in sched.waiting] == ["s2"]
+    sched.preempt_all()
+    assert sched.running == [] and sched.blocks.num_free == 16
+    # Running ones go back in arrival order, ahead of those that were already waiting.
+    assert [s.request_id for s in sched.waiting] == ["s0", "s1", "s2"]
+    assert [s.num_preemptions for s in seqs] == [1, 1, 0]
+    assert all(s.block_table == [] and s.num_computed == 0 and s.status is SeqStatus.WAITING for s in seqs)
+    batch = sched.schedule()
+    assert names(batch) == ["s0", "s1"] and all(b.start == 0 and len(b.token_ids) == 6 for b in batch)
+
+
+# ---- finishing ---------------------------------------------------------------------------
+
+
+def test_finish_frees_blocks():
+    sched = make_scheduler(num_blocks=8, block_size=4, max_num_seqs=1)
+    a, b = make_seq("a", 6, 0.0), make_seq("b", 3, 1.0)
+    sched.add(a)
+    sched.add(b)
+    advance(sched.schedule())
+    assert sched.blocks.num_free == 6
+    sched.finish(a)
+    assert a.status is SeqStatus.FINISHED and a.block_table == [] and sched.running == []
+    assert sched.blocks.num_free == 8
+    # A waiting sequence can be finished (aborted) too.
+    sched.finish(b)
+    assert not sched.has_work() and sched.blocks.num_free == 8
