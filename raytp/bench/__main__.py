@@ -1,0 +1,5 @@
+import sys
+
+from raytp.bench.cli import main
+
+sys.exit(main())
