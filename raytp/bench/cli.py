@@ -15,6 +15,7 @@ from raytp.bench.loadgen import parse_int_list, parse_range, parse_rate
 from raytp.bench.runner import BenchOptions, bench_compare, bench_run
 
 MODES = ("run", "compare", "checkpoint")
+BENCH_HELP = "Benchmark an OpenAI-compatible server, and compare raytp with transformers and with its in-process engine."
 
 
 def _arg(parse, what: str):
@@ -29,7 +30,7 @@ def _arg(parse, what: str):
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n", 1)[1] if parser.description is None else parser.description
+    parser.epilog = "examples:\n" + __doc__.split("\n\n", 1)[1]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("mode", nargs="?", choices=MODES, default="run",
                         help="run: load generator over HTTP (default); compare: transformers, raytp in-process and "
@@ -101,6 +102,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raytp bench")
+    parser = argparse.ArgumentParser(prog="raytp bench", description=BENCH_HELP)
     add_bench_arguments(parser)
     return run_bench(parser.parse_args(argv))
