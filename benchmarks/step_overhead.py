@@ -5,7 +5,8 @@ prompt, then one token each per step) on
 
   (a) LocalExecutor: TP=1 in this process, no Ray;
   (b) TPGroup TP=1: one Ray actor (Ray dispatch overhead = b - a);
-  (c) TPGroup TP=2: two Ray actors over gloo (collective_seconds: time in all-reduce/all-gather).
+  (c) TPGroup TP=2: two Ray actors and the CPU communicator the group picks (shown in the
+      table; collective_seconds: time inside all-reduce/all-gather, waiting for the peer included).
 
 Every rank uses one intra-op thread (as TPGroup's CPU workers do), so the
 in-process run is configured the same way; the three take turns step by step,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -107,6 +109,18 @@ def time_decode(executors: dict[str, Executor], batch: int, steps: int, warmup: 
                    for k, key in enumerate(("step", "worker", "collective"))} for name in runs}
 
 
+class BackendName(logging.Handler):
+    """Catches the communicator TPGroup reports ("TP group of N ranks connected over X")."""
+
+    def __init__(self):
+        super().__init__()
+        self.name = "?"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "connected over" in record.msg:
+            self.name = str(record.args[-1]).replace("Communicator", "").lower()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="timed decode steps per batch size")
@@ -118,15 +132,20 @@ def main() -> None:
     from raytp.cluster import TPGroup
 
     path = ensure_checkpoint()
+    backend = BackendName()
+    logging.getLogger("raytp.cluster").addHandler(backend)
+    logging.getLogger("raytp.cluster").setLevel(logging.INFO)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
              log_to_driver=False)
-    names = ["(a) LocalExecutor, in-process", "(b) TPGroup TP=1, Ray", "(c) TPGroup TP=2, Ray + gloo"]
+    names = ["(a) LocalExecutor, in-process", "(b) TPGroup TP=1, Ray", "(c) TPGroup TP=2, Ray"]
     executors = dict(zip(names, [LocalExecutor(make_config(path, 1), path, MAX_MODEL_LEN, num_threads=1),
                                  TPGroup(make_config(path, 1), path, MAX_MODEL_LEN),
                                  TPGroup(make_config(path, 2), path, MAX_MODEL_LEN)]))
     try:
         for ex, tp in zip(executors.values(), (1, 1, 2)):
             ex.start(tp)
+        names[2] += f" + {backend.name}"
+        executors[names[2]] = executors.pop("(c) TPGroup TP=2, Ray")
         by_batch = {b: time_decode(executors, b, args.steps) for b in args.batches}
     finally:
         for ex in executors.values():

@@ -1,4 +1,4 @@
-"""The offline API and the engine on the session's local Ray cluster (CPU, gloo).
+"""The offline API and the engine on the session's local Ray cluster (CPU).
 
 Greedy tokens through `LLM` at TP=1 and TP=2 equal transformers'
 `generate(do_sample=False)`; the engine's continuous batching, KV block
