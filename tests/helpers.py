@@ -1,0 +1,202 @@
+"""Shared test helpers: random-weight Hugging Face checkpoints and a shard-only communicator.
+
+Every `write_*` function writes a real checkpoint directory with transformers'
+`save_pretrained` (safetensors) and returns its path. Defaults are tiny
+(hidden 64, 2 layers, 4 heads, 2 KV heads, intermediate 128, vocab 128,
+256 positions); any config field can be overridden by keyword. Weights are
+seeded, and the parameters transformers initializes to constants (norm
+weights, biases) are randomized too, so a test notices when one of them is
+dropped or misplaced.
+
+transformers is imported inside the functions only, so that processes spawned
+by tests (which import this module to find their target) start quickly.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from raytp.comm import Communicator
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
+
+
+def _unique_dir(tmp, name: str) -> str:
+    base = os.path.join(str(tmp), name)
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def write_checkpoint(
+    tmp,
+    config_cls,
+    model_cls,
+    *,
+    seed: int = 0,
+    name: str | None = None,
+    max_shard_size: str | int | None = None,
+    **overrides,
+) -> str:
+    """Write a random-weight checkpoint of `model_cls(config_cls(**SMALL, **overrides))` under `tmp`; return its path.
+
+    `name` is the directory name (default: the model type, made unique);
+    `max_shard_size` (e.g. "20KB") makes a sharded checkpoint with
+    model.safetensors.index.json.
+    """
+    config = config_cls(**{**SMALL, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif "norm" in pname:
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+    path = _unique_dir(tmp, name or config.model_type)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def write_llama(tmp, **overrides) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return write_checkpoint(tmp, LlamaConfig, LlamaForCausalLM, **overrides)
+
+
+def write_qwen2(tmp, **overrides) -> str:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return write_checkpoint(tmp, Qwen2Config, Qwen2ForCausalLM, **overrides)
+
+
+def write_mistral(tmp, **overrides) -> str:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return write_checkpoint(tmp, MistralConfig, MistralForCausalLM, **overrides)
+
+
+def load_reference(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The transformers model at `path`, in eval mode (the reference raytp is compared with)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+class ShardOnly(Communicator):
+    """Rank `rank` of `world` for building a shard in-process; any collective raises.
+
+    Loading a checkpoint never communicates, so this lets a test build every
+    rank's shard without starting processes.
+    """
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def _no(self, *args, **kwargs):
+        raise RuntimeError(f"ShardOnly(rank={self.rank}, world={self.world_size}) does not communicate")
+
+    all_reduce = all_gather = broadcast = barrier = _no
+
+
+def _rank_loop(rank: int, world: int, port: int, jobs, results, timeout_s: float) -> None:
+    """A spawned rank: join the gloo group, then run `fn(comm, **kwargs)` for each job until None."""
+    import traceback
+
+    from raytp.comm import GlooCommunicator, GlooRendezvous
+
+    torch.set_num_threads(1)  # ranks share few cores; one thread each avoids oversubscription
+    try:
+        comm = GlooCommunicator(GlooRendezvous("127.0.0.1", port), rank, world, timeout_s=timeout_s)
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+        return
+    while (job := jobs.get()) is not None:
+        fn, kwargs = job
+        try:
+            results.put((rank, True, fn(comm, **kwargs)))
+        except BaseException:
+            results.put((rank, False, traceback.format_exc()))
+            return  # peers may be stuck in a collective: this group is done
+    comm.close()
+
+
+class RankPool:
+    """`world` spawned processes joined in one gloo group, kept for many jobs.
+
+    `run(fn, **kwargs)` calls `fn(comm, **kwargs)` on every rank (fn must be a
+    module-level function, its result picklable: prefer lists or numpy arrays
+    to tensors) and returns the results by rank. A rank that raises fails the
+    call with its traceback, and the pool is closed: make a new one.
+    """
+
+    def __init__(self, world: int, timeout_s: float = 60.0):
+        import torch.multiprocessing as mp
+
+        from raytp.comm import free_port
+
+        ctx = mp.get_context("spawn")
+        self.world, self.timeout_s, self.closed = world, timeout_s, False
+        port = free_port()
+        self._jobs = [ctx.Queue() for _ in range(world)]
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_rank_loop, args=(r, world, port, self._jobs[r], self._results, timeout_s), daemon=True)
+            for r in range(world)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn, timeout_s: float = 120.0, **kwargs) -> list:
+        import queue
+        import time
+
+        assert not self.closed, "this RankPool was closed after a failure; make a new one"
+        for q in self._jobs:
+            q.put((fn, kwargs))
+        out, deadline = {}, time.monotonic() + timeout_s
+        while len(out) < self.world:
+            try:
+                rank, ok, value = self._results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                alive = [p.is_alive() for p in self._procs]
+                self.close()
+                raise TimeoutError(f"{fn.__name__} did not finish on all {self.world} ranks in {timeout_s}s (alive: {alive})")
+            if not ok:
+                self.close()
+                raise AssertionError(f"rank {rank}/{self.world} failed in {fn.__name__}:\n{value}")
+            out[rank] = value
+        return [out[r] for r in range(self.world)]
+
+    def stop(self) -> None:
+        """Ask the ranks to leave (without waiting for them: see join)."""
+        if not self.closed:
+            self.closed = True
+            for q in self._jobs:
+                q.put(None)
+
+    def close(self, grace_s: float = 1.0) -> None:
+        """Stop, wait up to `grace_s` for the ranks to exit, then terminate the ones still running."""
+        import time
+
+        self.stop()
+        deadline = time.monotonic() + grace_s
+        for p in self._procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
