@@ -49,6 +49,7 @@ class RequestResult:
     send_time: float = 0.0  # seconds since the run started
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
+    num_chunks: int = 0  # chunks that carried tokens (a server may send several tokens in one)
     e2e: float | None = None
     error: str | None = None
 
@@ -156,6 +157,7 @@ async def run_load(backend: Backend, specs: list[RequestSpec], arrivals: list[fl
             end = time.perf_counter()
         last_end = max(last_end, end)
         res.e2e = end - start
+        res.num_chunks = len(marks)
         if marks:
             res.ttft = marks[0] - start
             res.itl = [b - a for a, b in zip(marks, marks[1:])]

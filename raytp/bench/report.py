@@ -45,6 +45,7 @@ def summarize(run: RunResult) -> dict:
         "total_input_tokens": sum(r.prompt_len for r in ok),
         "total_output_tokens": out_tokens,
         "requested_output_tokens": sum(r.output_len for r in run.requests),
+        "token_chunks": sum(r.num_chunks for r in ok),
         "output_throughput": out_tokens / duration,
         "request_throughput": len(ok) / duration,
         "total_token_throughput": (out_tokens + sum(r.prompt_len for r in ok)) / duration,
@@ -54,6 +55,15 @@ def summarize(run: RunResult) -> dict:
         "e2e_ms": _stats_ms([r.e2e for r in ok if r.e2e is not None]),
         **run.extra,
     }
+
+
+def streaming_warning(s: dict) -> str | None:
+    """A note when the answers came in (nearly) one chunk each, so that TTFT and ITL say little."""
+    if s["completed"] and s["total_output_tokens"] > 2 * s["completed"] and s["token_chunks"] <= s["completed"]:
+        return (f"{s['backend']} c={s['concurrency']}: {s['total_output_tokens']} tokens came in {s['token_chunks']} "
+                "chunks: the server did not stream token by token, so TTFT ~ E2E and ITL is empty (raytp serve "
+                "only sends chunks with new text, and a checkpoint without a tokenizer has none)")
+    return None
 
 
 def machine_info() -> dict:
@@ -158,7 +168,9 @@ def plot_latency_throughput(summaries: list[dict], path: str, title: str = "") -
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (key, name) in zip(axes, (("ttft_ms", "TTFT"), ("itl_ms", "inter-token latency"), ("e2e_ms", "end-to-end latency"))):
         for i, (backend, points) in enumerate(sorted(backends.items())):
-            points = sorted(points, key=lambda s: s["output_throughput"])
+            points = sorted((p for p in points if p[key]["p50"] is not None), key=lambda s: s["output_throughput"])
+            if not points:  # e.g. no inter-token gaps: the server sent each answer in one chunk
+                continue
             x = [p["output_throughput"] for p in points]
             color = f"C{i}"
             ax.plot(x, [p[key]["p50"] for p in points], "o-", color=color, label=f"{backend} p50")
@@ -172,7 +184,10 @@ def plot_latency_throughput(summaries: list[dict], path: str, title: str = "") -
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(name)
-    axes[0].legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+            break
     if title:
         fig.suptitle(title)
     fig.tight_layout()

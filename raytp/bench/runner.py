@@ -74,6 +74,13 @@ def _loadavg() -> float:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
 
 
+def _warn_if_busy() -> None:
+    load, cpus = _loadavg(), os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        _say(f"warning: the 1-minute load average is {load} on {cpus} CPUs before this run: other processes compete "
+             "for the cores and the numbers will be noisy")
+
+
 def _workload(opts: BenchOptions, vocab: int) -> tuple[list[RequestSpec], list[float]]:
     specs = make_workload(opts.num_prompts, opts.prompt_len, opts.output_len, vocab, opts.seed)
     return specs, arrival_times(opts.num_prompts, opts.request_rate, opts.seed)
@@ -109,7 +116,10 @@ async def _http_sweep(url: str, opts: BenchOptions, specs, arrivals, vocab: int,
             run = await run_load(backend, specs, arrivals, c, opts.progress)
             run.extra.update({"url": url, "loadavg_1m_before": load})
             runs.append(run)
-            _say(f"{name} c={c}: {report.summarize(run)['output_throughput']:.1f} output tok/s")
+            summary = report.summarize(run)
+            _say(f"{name} c={c}: {summary['output_throughput']:.1f} output tok/s")
+            if report.streaming_warning(summary):
+                _say("warning: " + report.streaming_warning(summary))
         return runs
     finally:
         await backend.aclose()
@@ -191,6 +201,7 @@ def bench_run(opts: BenchOptions) -> dict:
     vocab = _vocab_size(opts, model_path)
     specs, arrivals = _workload(opts, vocab)
     meta = _meta(opts, model_path, vocab, specs)
+    _warn_if_busy()
     runs, server = run_http(opts, model_path, specs, arrivals, vocab, name="raytp-http" if not opts.url else "http")
     meta.update(server)
     summaries = [report.summarize(r) for r in runs]
@@ -254,6 +265,7 @@ def bench_compare(opts: BenchOptions) -> dict:
     _say(f"model {model_path}; {len(specs)} requests, {meta['workload']['prompt_tokens']} prompt tokens, "
          f"{meta['workload']['requested_output_tokens']} output tokens; request rate {meta['workload']['request_rate']}; "
          f"load average {_loadavg()}")
+    _warn_if_busy()
     runs: list[RunResult] = []
     if "transformers" in opts.backends:
         runs += run_transformers(opts, model_path, specs, arrivals, vocab)

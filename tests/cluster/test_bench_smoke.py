@@ -25,6 +25,7 @@ def _check_summary(s: dict, backend: str, specs) -> None:
     # ignore_eos: every request produces exactly what it asked for.
     assert s["total_output_tokens"] == s["requested_output_tokens"] == requested
     assert s["total_input_tokens"] == sum(len(spec.prompt_ids) for spec in specs)
+    assert N <= s["token_chunks"] <= requested
     assert s["duration_s"] > 0
     assert s["output_throughput"] == pytest.approx(requested / s["duration_s"])
     assert s["request_throughput"] == pytest.approx(N / s["duration_s"])
