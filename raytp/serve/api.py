@@ -163,40 +163,12 @@ async def _close_all(gens) -> None:
     await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
 
 
-async def collect(started) -> list[RequestOutput]:
-    """Run started requests to the end; returns each one's final output."""
-
-    async def last(gen, out):
-        try:
-            if not out.finished:
-                async for out in gen:
-                    pass
-            return out
-        finally:
-            await gen.aclose()
-
-    tasks = [asyncio.ensure_future(last(g, first)) for g, first in started]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the outputs of started requests as they come: (prompt index, output)."""
-    if len(started) == 1:  # the common case: no extra task
-        gen, first = started[0]
-        try:
-            yield 0, first
-            if not first.finished:
-                async for out in gen:
-                    yield 0, out
-        finally:
-            await gen.aclose()
-        return
+    """Interleave the outputs of started requests as they come: (prompt index, output).
 
+    Closing this generator (or cancelling its consumer) cancels the pumps,
+    which closes the engine's generators: their requests are aborted.
+    """
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -257,6 +229,15 @@ async def sse_events(request: Request, rid: str, started, render: Callable[[int,
     yield sse("[DONE]")
 
 
+async def collect(started) -> list[RequestOutput]:
+    """Run started requests to the end; returns each one's final output."""
+    finals = [first for _, first in started]
+    async with aclosing(merge(started)) as stream:
+        async for i, out in stream:
+            finals[i] = out
+    return finals
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -286,16 +267,12 @@ class OpenAIServing:
             raise not_ready("the tensor-parallel group is starting or recovering; retry shortly")
         return engine
 
-    async def models(self) -> dict:
-        engine = self.engine(require_ready=False)
+    async def models(self, name: str | None = None) -> dict:
+        """GET /v1/models (the list) or GET /v1/models/{name} (one card; 404 for another name)."""
+        engine = self.engine(name, require_ready=False)
         card = ModelCard(id=engine.model_name, created=now(), root=engine.config.model,
                          max_model_len=engine.max_model_len)
-        return ModelList(data=[card]).model_dump()
-
-    async def model(self, name: str) -> dict:
-        engine = self.engine(name, require_ready=False)
-        return ModelCard(id=engine.model_name, created=now(), root=engine.config.model,
-                         max_model_len=engine.max_model_len).model_dump()
+        return card.model_dump() if name is not None else ModelList(data=[card]).model_dump()
 
     async def health(self) -> Response:
         from raytp.engine import EngineNotReady
@@ -511,7 +488,7 @@ def build_api(get_engine: Callable[[], AsyncEngine | None]) -> FastAPI:
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str):
-        return await serving.model(model)
+        return await serving.models(model)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
