@@ -26,6 +26,8 @@ def ray_cluster():
         include_dashboard=False,
         _metrics_export_port=port,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        # Export metrics every second (default 10 s) so metric tests see them quickly.
+        _system_config={"metrics_report_interval_ms": 1000},
         log_to_driver=False,
     )
     yield RayCluster(num_cpus, port)

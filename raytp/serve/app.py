@@ -12,6 +12,7 @@ mostly waits on them.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -133,6 +134,7 @@ class RaytpServer:
             "finished": finished,
             "aborted": self.metrics.admitted - sum(finished.values()) - len(core.requests),
             "model": self.engine.model_name,
+            "pid": os.getpid(),
             "ready": self.engine.ready,
             "tp_size": self.engine.tp_size,
             "num_requests": len(core.requests),
