@@ -25,8 +25,12 @@ class LLM:
                 ray.init(log_to_driver=True)
                 self._started_ray = True
             executor_factory = ray_executor
-        self.engine = EngineCore(self.config, executor_factory)
-        self.engine.start()
+        try:
+            self.engine = EngineCore(self.config, executor_factory)
+            self.engine.start()
+        except BaseException:
+            self._stop_ray()
+            raise
         self._ids = itertools.count()
 
     @property
@@ -60,6 +64,9 @@ class LLM:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        self._stop_ray()
+
+    def _stop_ray(self) -> None:
         if self._started_ray:
             import ray
 
