@@ -6,9 +6,10 @@ being built), so the same app can run under Serve (raytp.serve.app) or any
 ASGI server around an engine.
 
 Errors always use OpenAI's body `{"error": {"message", "type", "param",
-"code"}}`: 400 for bad input (request bodies are parsed here, not by FastAPI,
-so that bodies that are not UTF-8 or not JSON get the same answer), 404 for
-an unknown model or path, 503 while the engine is not ready, 500 for a bug.
+"code"}}`: 400 for bad input (bodies are parsed by protocol.parse_body, not
+by FastAPI, so that bodies that are not UTF-8 or not JSON get the same
+answer), 404 for an unknown model or path, 503 while the engine is not
+ready, 500 for a bug.
 """
 from __future__ import annotations
 
@@ -16,18 +17,18 @@ import asyncio
 import json
 import logging
 from contextlib import aclosing
-from typing import TYPE_CHECKING, AsyncIterator, Callable, TypeVar
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytp.outputs import RequestOutput
 from raytp.sampling import SamplingParams
 from raytp.serve.protocol import (
+    APIError,
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -39,13 +40,15 @@ from raytp.serve.protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
-    ErrorInfo,
-    ErrorResponse,
     ModelCard,
     ModelList,
     UsageInfo,
+    bad_request,
+    not_ready,
     now,
+    parse_body,
     random_id,
+    validation_error,
 )
 
 if TYPE_CHECKING:
@@ -53,70 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
-                                             code=self.code)).model_dump()
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", param, code)
-
-
-def not_ready(message: str) -> APIError:
-    return APIError(503, message, "server_error", None, "engine_not_ready")
-
-
-# ---- parsing -------------------------------------------------------------------------
-
-
-def _loc(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or None
-
-
-def validation_error(errors: list[dict]) -> APIError:
-    """pydantic errors -> one 400 whose param names the (first) bad field."""
-    parts, param = [], None
-    for e in errors:
-        field = _loc(tuple(e.get("loc", ())))
-        param = param or field
-        got = e.get("input")
-        shown = f" (got {got!r})" if field and isinstance(got, (str, int, float, bool)) and len(repr(got)) <= 80 else ""
-        parts.append(f"{field or 'body'}: {e.get('msg')}{shown}")
-    return bad_request("invalid request: " + "; ".join(parts), param)
-
-
-async def parse_body(request: Request, model: type[M]) -> M:
-    raw = await request.body()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise bad_request(f"the request body is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise bad_request(f"the request body is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise validation_error(err.errors(include_url=False)) from None
 
 
 def sampling_params(req, max_tokens: int) -> SamplingParams:
@@ -202,7 +142,7 @@ async def merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
 
 
 async def sse_events(request: Request, rid: str, started, render: Callable[[int, RequestOutput], str],
-                     usage: Callable[[int], str | None], head: str | None = None) -> AsyncIterator[str]:
+                     tail: Callable[[int], str | None], head: str | None = None) -> AsyncIterator[str]:
     """The SSE body of a streamed answer: chunks as outputs arrive, the usage chunk, then [DONE].
 
     A client that goes away aborts its requests: Starlette cancels this
@@ -221,9 +161,9 @@ async def sse_events(request: Request, rid: str, started, render: Callable[[int,
                 if await request.is_disconnected():
                     log.info("client went away: aborting %s", rid)
                     return
-        tail = usage(sum(generated))
-        if tail is not None:
-            yield tail
+        last = tail(sum(generated))  # the usage chunk, if asked for
+        if last is not None:
+            yield last
     except Exception as err:
         yield _stream_error(err)
     yield sse("[DONE]")
@@ -344,49 +284,16 @@ class OpenAIServing:
         return out
 
     async def completions(self, request: Request) -> Response:
-        req = await parse_body(request, CompletionRequest)
+        req = parse_body(await request.body(), CompletionRequest)
         engine = self.engine(req.model)
         self._check_supported(req)
         prompts = self._completion_prompts(engine, req.prompt)
-        max_tokens = self._max_tokens(engine, [len(p) for p in prompts], req.max_tokens, "prompt")
-        params = sampling_params(req, max_tokens)
-        rid, created, model = random_id("cmpl"), now(), engine.model_name
-        started = await self._start(engine, prompts, params, rid, "prompt")
-        prompt_tokens = sum(len(p) for p in prompts)
-
-        if not req.stream:
-            finals = await collect(started)
-            choices = [CompletionChoice(index=i, text=o.outputs[0].text, finish_reason=o.outputs[0].finish_reason,
-                                        stop_reason=o.outputs[0].stop_reason) for i, o in enumerate(finals)]
-            completion_tokens = sum(len(o.outputs[0].token_ids) for o in finals)
-            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens)
-            return JSONResponse(CompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                                   usage=usage).model_dump())
-
-        include_usage = req.include_usage
-
-        def chunk(choices, usage=None) -> str:
-            body = CompletionStreamResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
-            return sse(body.model_dump(exclude={"usage"} if not include_usage else None))
-
-        def render(i: int, out: RequestOutput) -> str:
-            c = out.outputs[0]
-            return chunk([CompletionChoice(index=i, text=out.delta_text, finish_reason=c.finish_reason,
-                                           stop_reason=c.stop_reason)])
-
-        def usage(generated: int) -> str | None:
-            if not include_usage:
-                return None
-            return chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated,
-                                       total_tokens=prompt_tokens + generated))
-
-        return StreamingResponse(sse_events(request, rid, started, render, usage), media_type="text/event-stream")
+        return await self._generate(request, req, engine, prompts, req.max_tokens, "prompt", chat=False)
 
     # -- POST /v1/chat/completions
 
     async def chat_completions(self, request: Request) -> Response:
-        req = await parse_body(request, ChatCompletionRequest)
+        req = parse_body(await request.body(), ChatCompletionRequest)
         engine = self.engine(req.model)
         self._check_supported(req)
         if engine.tokenizer is None:
@@ -398,48 +305,67 @@ class OpenAIServing:
         except (ValueError, jinja2.TemplateError) as err:  # unknown role, no template, the template's own checks
             raise bad_request(f"the chat template rejected the messages: {err}", "messages") from None
         ids = engine.tokenizer.encode(text, add_special_tokens=False)  # the template emits BOS itself
-        max_tokens = self._max_tokens(engine, [len(ids)], req.requested_max_tokens, "messages")
+        return await self._generate(request, req, engine, [ids], req.requested_max_tokens, "messages", chat=True)
+
+    # -- both: run the prompts, answer in one body or as server-sent events
+
+    async def _generate(self, request: Request, req, engine: AsyncEngine, prompts: list[list[int]],
+                        requested_max_tokens: int | None, prompt_param: str, chat: bool) -> Response:
+        max_tokens = self._max_tokens(engine, [len(p) for p in prompts], requested_max_tokens, prompt_param)
         params = sampling_params(req, max_tokens)
-        rid, created, model = random_id("chatcmpl"), now(), engine.model_name
-        started = await self._start(engine, [ids], params, rid, "messages")
-        prompt_tokens = len(ids)
+        rid, created, model = random_id("chatcmpl" if chat else "cmpl"), now(), engine.model_name
+        started = await self._start(engine, prompts, params, rid, prompt_param)
+        prompt_tokens = sum(len(p) for p in prompts)
+
+        def usage(generated: int) -> UsageInfo:
+            return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated,
+                             total_tokens=prompt_tokens + generated)
 
         if not req.stream:
-            (final,) = await collect(started)
-            c = final.outputs[0]
-            usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=len(c.token_ids),
-                              total_tokens=prompt_tokens + len(c.token_ids))
-            choice = ChatChoice(index=0, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason)
-            return JSONResponse(ChatCompletionResponse(id=rid, created=created, model=model, choices=[choice],
-                                                       usage=usage).model_dump())
+            finals = [out.outputs[0] for out in await collect(started)]
+            if chat:
+                choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                                      stop_reason=c.stop_reason) for i, c in enumerate(finals)]
+            else:
+                choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                                            stop_reason=c.stop_reason) for i, c in enumerate(finals)]
+            body_cls = ChatCompletionResponse if chat else CompletionResponse
+            body = body_cls(id=rid, created=created, model=model, choices=choices,
+                            usage=usage(sum(len(c.token_ids) for c in finals)))
+            return JSONResponse(body.model_dump())
 
         include_usage = req.include_usage
+        chunk_cls = ChatCompletionStreamResponse if chat else CompletionStreamResponse
 
-        def chunk(choices, usage=None) -> str:
-            body = ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
-            data = body.model_dump(exclude={"usage"} if not include_usage else None)
-            for ch in data["choices"]:  # deltas carry only what changed (OpenAI's shape)
-                ch["delta"] = {k: v for k, v in ch["delta"].items() if v is not None}
+        def chunk(choices: list, usage_info: UsageInfo | None = None) -> str:
+            data = chunk_cls(id=rid, created=created, model=model, choices=choices, usage=usage_info).model_dump(
+                exclude=None if include_usage else {"usage"})  # OpenAI: a usage field only with include_usage
+            for ch in data["choices"]:
+                if "delta" in ch:  # chat deltas carry only what changed
+                    ch["delta"] = {k: v for k, v in ch["delta"].items() if v is not None}
             return sse(data)
 
         def render(i: int, out: RequestOutput) -> str:
             c = out.outputs[0]
-            delta = DeltaMessage(content=out.delta_text or None)
-            return chunk([ChatStreamChoice(index=i, delta=delta, finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+            if chat:
+                return chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=out.delta_text or None),
+                                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+            return chunk([CompletionChoice(index=i, text=out.delta_text, finish_reason=c.finish_reason,
+                                           stop_reason=c.stop_reason)])
 
-        def usage(generated: int) -> str | None:
-            if not include_usage:
-                return None
-            return chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated,
-                                       total_tokens=prompt_tokens + generated))
+        def tail(generated: int) -> str | None:
+            return chunk([], usage(generated)) if include_usage else None
 
-        # OpenAI's first chunk carries the role.
-        head = chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
-        return StreamingResponse(sse_events(request, rid, started, render, usage, head), media_type="text/event-stream")
+        # OpenAI's first chat chunk carries the role.
+        head = chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))]) if chat else None
+        return StreamingResponse(sse_events(request, rid, started, render, tail, head), media_type="text/event-stream")
 
 
 # ---- the app -------------------------------------------------------------------------
+
+
+def _respond(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -449,26 +375,26 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, err: APIError):
         if err.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, err.status, err.message)
-        return err.response()
+        return _respond(err)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError):
-        return validation_error(list(err.errors())).response()
+        return _respond(validation_error(list(err.errors())))
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json(request: Request, err: json.JSONDecodeError):
-        return bad_request(f"the request body is not valid JSON: {err.msg}").response()
+        return _respond(bad_request(f"the request body is not valid JSON: {err.msg}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
         kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return APIError(err.status_code, str(err.detail), kind, None, code).response()
+        return _respond(APIError(err.status_code, str(err.detail), kind, None, code))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, err: Exception):
         log.exception("%s %s failed", request.method, request.url.path)
-        return APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error").response()
+        return _respond(APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error"))
 
 
 def build_api(get_engine: Callable[[], AsyncEngine | None]) -> FastAPI:

@@ -6,14 +6,21 @@ including vLLM's sampling extensions `top_k` and `ignore_eos`. Request
 models ignore unknown fields (as vLLM does), so newer clients keep working;
 fields we accept but cannot honour are rejected by `unsupported()` with a
 400 that names them, instead of being silently dropped.
+
+Errors are `APIError`s carrying OpenAI's error body; `parse_body` turns raw
+request bytes into a request model, so that a body that is not UTF-8, not
+JSON or not valid is a 400 whose `param` names the field.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 # ---- errors ------------------------------------------------------------------------
 
@@ -29,6 +36,62 @@ class ErrorResponse(BaseModel):
     """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
 
     error: ErrorInfo
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def not_ready(message: str) -> APIError:
+    return APIError(503, message, "server_error", None, "engine_not_ready")
+
+
+def _loc(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """pydantic errors -> one 400 whose param names the (first) bad field."""
+    parts, param = [], None
+    for e in errors:
+        field = _loc(tuple(e.get("loc", ())))
+        param = param or field
+        got = e.get("input")
+        shown = f" (got {got!r})" if field and isinstance(got, (str, int, float, bool)) and len(repr(got)) <= 80 else ""
+        parts.append(f"{field or 'body'}: {e.get('msg')}{shown}")
+    return bad_request("invalid request: " + "; ".join(parts), param)
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    """A request body -> `model`; anything wrong (not UTF-8, not JSON, not valid) is a 400 APIError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise bad_request(f"the request body is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise bad_request(f"the request body is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err.errors(include_url=False)) from None
 
 
 # ---- requests ----------------------------------------------------------------------

@@ -389,3 +389,35 @@ def test_503_while_not_ready(engine):
             assert err["type"] == "server_error" and err["code"] == "engine_not_ready" and err["message"]
         if engine is not None:  # the model list does not need a ready group
             assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
+
+
+class _FailingEngine(_NotReadyEngine):
+    """Ready; its requests produce one output, then the engine fails (or fails at once for "fail-now")."""
+
+    ready = True
+
+    async def generate(self, prompt, params, request_id):
+        from raytp.outputs import CompletionOutput, RequestOutput
+
+        if prompt == [9]:
+            raise RuntimeError("boom")
+        yield RequestOutput(request_id, None, list(prompt), [CompletionOutput(0, "a", [5])], False, "a", [5])
+        raise RuntimeError("engine error: the TP group failed")
+
+
+def test_engine_failures_answer_500_or_an_sse_error_event():
+    from fastapi.testclient import TestClient
+
+    from raytp.serve.api import build_api
+
+    with TestClient(build_api(lambda: _FailingEngine()), raise_server_exceptions=False) as http:
+        r = http.post("/v1/completions", json={**GOOD, "prompt": [9]})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        r = http.post("/v1/completions", json={**GOOD, "prompt": [1, 2]})
+        assert r.status_code == 500 and "TP group failed" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", json={**GOOD, "prompt": [1, 2], "stream": True})
+        events = r.text.split("\n\n")
+        assert r.status_code == 200 and events[-2:] == ["data: [DONE]", ""]
+        assert json.loads(events[0][6:])["choices"][0]["text"] == "a"
+        err = json.loads(events[1][6:])["error"]
+        assert err["type"] == "server_error" and "TP group failed" in err["message"]
