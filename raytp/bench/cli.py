@@ -60,7 +60,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                       help="subset of transformers,inprocess,http (default: all)")
     cmp_.add_argument("--hf-batch-sizes", type=_arg(parse_int_list, "hf-batch-sizes"), default=[1, 4, 8, 16, 32],
                       help="transformers static batch sizes; 1 is one request at a time (default: 1,4,8,16,32)")
-    cmp_.add_argument("--hf-threads", type=int, default=None, help="torch threads for transformers (default: all cores)")
+    cmp_.add_argument("--hf-threads", type=_arg(parse_int_list, "hf-threads"), default=None,
+                      help="torch threads for transformers; a comma list tries each, and the best run is its "
+                           "baseline (default: all cores)")
     cmp_.add_argument("--engine-threads", type=int, default=1,
                       help="torch threads of the in-process engine (default: 1, what raytp gives a CPU TP rank on Ray)")
     out = parser.add_argument_group("output")

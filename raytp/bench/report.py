@@ -107,17 +107,18 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def runs_table(summaries: list[dict]) -> str:
-    header = ["backend", "conc", "rate", "done", "out tok/s", "req/s"]
+    header = ["backend", "conc", "thr", "rate", "done", "out tok/s", "req/s"]
     for metric in ("TTFT", "ITL", "E2E"):
         header += [f"{metric} p{p}" for p in PERCENTILES]
     rows = []
     for s in summaries:
-        row = [s["backend"], str(s["concurrency"]), str(s["request_rate"]), f"{s['completed']}/{s['num_requests']}",
+        row = [s["backend"], str(s["concurrency"]), _fmt(s.get("threads")), str(s["request_rate"]), f"{s['completed']}/{s['num_requests']}",
                _fmt(s["output_throughput"]), _fmt(s["request_throughput"], 2)]
         for key in ("ttft_ms", "itl_ms", "e2e_ms"):
             row += [_fmt(s[key][f"p{p}"]) for p in PERCENTILES]
         rows.append(row)
-    return _table(header, rows) + "\n(latencies in ms; out tok/s counts each request's own output tokens)"
+    return _table(header, rows) + ("\n(latencies in ms; out tok/s counts each request's own output tokens; conc is the "
+                                   "batch size for transformers; thr: torch threads where known)")
 
 
 def compare_table(compare: dict) -> str:
@@ -163,7 +164,8 @@ def plot_latency_throughput(summaries: list[dict], path: str, title: str = "") -
     backends: dict[str, list[dict]] = {}  # one line per series: transformers' batch sizes form one
     for s in summaries:
         if s["completed"]:
-            series = "transformers static (bs)" if "batch_size" in s else f"{s['backend']} (concurrency)"
+            series = (f"transformers static, {s['threads']} thr (bs)" if "batch_size" in s
+                      else f"{s['backend']} (concurrency)")
             backends.setdefault(series, []).append(s)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (key, name) in zip(axes, (("ttft_ms", "TTFT"), ("itl_ms", "inter-token latency"), ("e2e_ms", "end-to-end latency"))):

@@ -41,7 +41,7 @@ class BenchOptions:
     seed: int = 0
     backends: list[str] = field(default_factory=lambda: ["transformers", "inprocess", "http"])  # compare only
     hf_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
-    hf_threads: int | None = None  # torch threads for transformers; default: all cores
+    hf_threads: list[int] | None = None  # torch threads for transformers (each is tried); default: all cores
     engine_threads: int | None = 1  # torch threads of the in-process engine; 1 = what a CPU TP rank gets on Ray
     server_args: list[str] = field(default_factory=list)  # extra `raytp serve` options
     out_json: str | None = None
@@ -166,17 +166,19 @@ def run_transformers(opts: BenchOptions, model_path: str, specs, arrivals, vocab
     from raytp.bench.baselines import load_transformers_model, run_transformers_static, warm_up_transformers
 
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(opts.hf_threads or os.cpu_count() or 1)
+    runs = []
     try:
         model = load_transformers_model(model_path)
-        warm_up_transformers(model, vocab)
-        runs = []
-        for bs in opts.hf_batch_sizes:
-            load = _loadavg()
-            run = run_transformers_static(model, specs, arrivals, bs, opts.progress)
-            run.extra["loadavg_1m_before"] = load
-            runs.append(run)
-            _say(f"{run.backend} bs={bs}: {report.summarize(run)['output_throughput']:.1f} output tok/s")
+        for threads in opts.hf_threads or [os.cpu_count() or 1]:
+            torch.set_num_threads(threads)
+            warm_up_transformers(model, vocab)
+            for bs in opts.hf_batch_sizes:
+                load = _loadavg()
+                run = run_transformers_static(model, specs, arrivals, bs, opts.progress)
+                run.extra["loadavg_1m_before"] = load
+                runs.append(run)
+                _say(f"{run.backend} bs={bs} threads={threads}: {report.summarize(run)['output_throughput']:.1f} "
+                     "output tok/s")
         del model
         gc.collect()
         return runs
@@ -216,11 +218,12 @@ def compare_summary(summaries: list[dict]) -> dict:
     hf = [s for s in summaries if s["backend"].startswith("transformers")]
     best = max(hf, key=lambda s: s["output_throughput"], default=None)
     rows = []
-    seq = next((s for s in hf if s.get("batch_size") == 1), None)
+    seq = max((s for s in hf if s.get("batch_size") == 1), key=lambda s: s["output_throughput"], default=None)
     if seq is not None:
-        rows.append({"label": "transformers", "setting": "one at a time", "summary": seq})
+        rows.append({"label": "transformers", "setting": f"one at a time, {seq['threads']} thr", "summary": seq})
     if best is not None:
-        rows.append({"label": "transformers", "setting": f"best static bs={best['batch_size']}", "summary": best})
+        rows.append({"label": "transformers", "setting": f"best static bs={best['batch_size']}, {best['threads']} thr",
+                     "summary": best})
     per_c = []
     concs = sorted({s["concurrency"] for s in summaries if s["backend"].startswith(("raytp", "http"))})
     for c in concs:
@@ -240,6 +243,7 @@ def compare_summary(summaries: list[dict]) -> dict:
         "rows": rows,
         "transformers_best_static_tok_s": best["output_throughput"] if best else None,
         "transformers_best_batch_size": best["batch_size"] if best else None,
+        "transformers_best_threads": best["threads"] if best else None,
         "per_concurrency": per_c,
         "targets": {"http_vs_hf_static_min": HTTP_VS_HF_TARGET, "serving_overhead_max": OVERHEAD_TARGET},
         "headline": {
