@@ -338,6 +338,13 @@ class AsyncEngine:
         except GroupFailure as err:
             raise EngineNotReady(str(err)) from err
 
+    def _refresh_gauges(self) -> None:
+        """While idle: gauges not set for a while drop out of Ray's export, so set them again."""
+        metrics, sched = self.core.metrics, self.core.scheduler
+        if metrics:
+            metrics.set_load(len(sched.running), len(sched.waiting), sched.blocks.usage())
+            metrics.on_group(self.tp_size, restarted=False)
+
     async def _should_grow(self) -> bool:
         """Degraded (smaller than the target): probe in the background, every grow_check_interval_s, whether the missing ranks fit now."""
         probe = self._grow_probe
@@ -377,6 +384,7 @@ class AsyncEngine:
                 if await self._should_grow():
                     await self._rebuild(f"resources are back: growing to tensor_parallel_size={core.target_tp}")
                 if not core.has_work():
+                    self._refresh_gauges()
                     self._wake.clear()
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout=self.grow_check_interval_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from abc import ABC, abstractmethod
 
 from raytp.config import EngineConfig
@@ -56,6 +57,10 @@ class Executor(ABC):
         return False
 
     @abstractmethod
+    def worker_pids(self) -> list[int]:
+        """Process id of each rank, in rank order."""
+
+    @abstractmethod
     def check_health(self) -> None:
         """Raise GroupFailure unless every rank answers."""
 
@@ -86,6 +91,9 @@ class LocalExecutor(Executor):
 
     def execute(self, seqs):
         return self.worker.execute(seqs)
+
+    def worker_pids(self) -> list[int]:
+        return [os.getpid()]
 
     def check_health(self):
         if self.worker is None:

@@ -40,10 +40,13 @@ class EngineMetrics:
         self.restarts = Counter("raytp_tp_group_restarts", description="TP group rebuilds (failures and resizes).", tag_keys=keys)
 
     def on_step(self, num_running: int, num_waiting: int, kv_usage: float, collective_seconds: float) -> None:
+        self.set_load(num_running, num_waiting, kv_usage)
+        self.allreduce.observe(collective_seconds, tags=self.tags)
+
+    def set_load(self, num_running: int, num_waiting: int, kv_usage: float) -> None:
         self.running.set(num_running, tags=self.tags)
         self.waiting.set(num_waiting, tags=self.tags)
         self.kv_usage.set(kv_usage, tags=self.tags)
-        self.allreduce.observe(collective_seconds, tags=self.tags)
 
     def on_first_token(self, ttft: float, queue_time: float) -> None:
         self.ttft.observe(ttft, tags=self.tags)

@@ -135,6 +135,7 @@ class RaytpServer:
             "aborted": self.metrics.admitted - sum(finished.values()) - len(core.requests),
             "model": self.engine.model_name,
             "pid": os.getpid(),
+            "worker_pids": self.engine.core.executor.worker_pids(),
             "ready": self.engine.ready,
             "tp_size": self.engine.tp_size,
             "num_requests": len(core.requests),

@@ -193,3 +193,68 @@ def test_degraded_group_comes_back_smaller_then_grows(ray_cluster, reference):
     assert results == reference  # TP=1 computes the same greedy tokens
     assert grown_tp == 2
     assert after == reference
+
+
+def test_served_replica_answers_503_while_recovering_and_streams_carry_on(ray_cluster):
+    """Over HTTP: kill a TP worker of a served TP=2 replica; /health and new requests get 503 until the group is
+    back, while the streams that were running finish with the tokens of a fault-free run."""
+    import concurrent.futures
+    import json
+
+    import httpx
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from raytp.comm import free_port
+    from raytp.serve.app import build_app
+
+    app = "raytp-elastic-http"
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    base = f"http://127.0.0.1:{_get_global_client().http_config.port}"
+    serve.run(build_app({"model": "tiny", "tensor_parallel_size": 2, "device": "cpu", "max_model_len": 256}),
+              name=app, route_prefix="/")
+    handle = serve.get_deployment_handle("RaytpServer", app_name=app)
+
+    def stream(prompt: list[int], progress: list) -> str:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 60, "temperature": 0.0, "ignore_eos": True,
+                "stream": True}
+        text = ""
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    text += "".join(c["text"] for c in chunk["choices"])
+                    progress.append(1)
+        return text
+
+    prompts = _prompts(4)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            reference = list(pool.map(lambda p: stream(p, []), prompts))
+            progress: list = []
+            running = [pool.submit(stream, p, progress) for p in prompts]
+            while len(progress) < 8:
+                time.sleep(0.01)
+            pids = handle.engine_stats.remote().result(timeout_s=30)["worker_pids"]
+            os.kill(pids[1], signal.SIGKILL)
+            statuses = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                health = httpx.get(f"{base}/health", timeout=10)
+                statuses.append(health.status_code)
+                if health.status_code == 503:
+                    new = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 2},
+                                     timeout=30)
+                    if new.status_code == 503:
+                        assert new.json()["error"]["code"] == "engine_not_ready"
+                if 503 in statuses and health.status_code == 200:
+                    break
+                time.sleep(0.02)
+            results = [f.result(timeout=120) for f in running]
+        assert 503 in statuses and statuses[-1] == 200, statuses[-5:]
+        assert results == reference
+        assert handle.engine_stats.remote().result(timeout_s=30)["tp_size"] == 2
+    finally:
+        serve.delete(app)

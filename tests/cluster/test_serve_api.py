@@ -359,42 +359,17 @@ def test_disconnect_mid_stream_aborts(server, handle, reference, path):
     assert greedy(server.client()).choices[0].text == reference.choices[0].text
 
 
-# ---- 503 while the engine is not ready (the API alone, around a stand-in engine) -------------
+# ---- engine failures (the API alone, around an engine that fails on purpose) -----------------
+# (503 while a real group recovers is tested in test_elastic.py.)
 
 
-class _NotReadyEngine:
-    model_name, ready, tokenizer, max_model_len = MODEL, False, None, MAX_MODEL_LEN
+class _FailingEngine:
+    """Ready; its requests produce one output, then the engine fails (or fails at once for prompt [9])."""
+
+    model_name, ready, tokenizer, max_model_len = MODEL, True, None, MAX_MODEL_LEN
 
     class config:
         model = MODEL
-
-    async def check_health(self):
-        from raytp.engine import EngineNotReady
-
-        raise EngineNotReady("the TP group is recovering")
-
-
-@pytest.mark.parametrize("engine", [None, _NotReadyEngine()], ids=["building", "recovering"])
-def test_503_while_not_ready(engine):
-    from fastapi.testclient import TestClient
-
-    from raytp.serve.api import build_api
-
-    with TestClient(build_api(lambda: engine)) as http:
-        for method, path, body in [("POST", "/v1/completions", GOOD), ("POST", "/v1/chat/completions", CHAT),
-                                   ("GET", "/health", None)]:
-            r = http.request(method, path, json=body)
-            assert r.status_code == 503, (path, r.text)
-            err = r.json()["error"]
-            assert err["type"] == "server_error" and err["code"] == "engine_not_ready" and err["message"]
-        if engine is not None:  # the model list does not need a ready group
-            assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
-
-
-class _FailingEngine(_NotReadyEngine):
-    """Ready; its requests produce one output, then the engine fails (or fails at once for "fail-now")."""
-
-    ready = True
 
     async def generate(self, prompt, params, request_id):
         from raytp.outputs import CompletionOutput, RequestOutput
