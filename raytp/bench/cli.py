@@ -54,6 +54,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--concurrency", type=_arg(parse_int_list, "concurrency"), default=[1, 4, 16, 32],
                       help="most requests in flight; a comma list is a sweep (default: 1,4,16,32)")
     load.add_argument("--seed", type=int, default=0, help="workload seed (prompts, lengths, arrivals)")
+    load.add_argument("--repeat", type=int, default=1,
+                      help="runs per point, keeping the fastest (for a machine shared with other work; default: 1)")
     cmp_ = parser.add_argument_group("compare")
     cmp_.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b],
                       default=["transformers", "inprocess", "http"],
@@ -78,7 +80,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         request_rate=args.request_rate, concurrency=args.concurrency, seed=args.seed, backends=args.backends,
         hf_batch_sizes=args.hf_batch_sizes, hf_threads=args.hf_threads, engine_threads=args.engine_threads,
         server_args=list(args.server_arg), out_json=args.out_json, out_png=args.out_png,
-        progress=not args.no_progress,
+        progress=not args.no_progress, repeat=args.repeat,
     )
 
 
@@ -88,8 +90,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         print(ensure_bench_checkpoint())
         return 0
-    if args.num_prompts < 1:
-        print("raytp bench: error: --num-prompts must be >= 1", file=sys.stderr)
+    if args.num_prompts < 1 or args.repeat < 1:
+        print("raytp bench: error: --num-prompts and --repeat must be >= 1", file=sys.stderr)
         return 2
     opts = options_from_args(args)
     try:
