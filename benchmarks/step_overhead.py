@@ -5,23 +5,22 @@ prompt, then one token each per step) on
 
   (a) LocalExecutor: TP=1 in this process, no Ray;
   (b) TPGroup TP=1: one Ray actor (Ray dispatch overhead = b - a);
-  (c) TPGroup TP=2: two Ray actors and the CPU communicator the group picks (shown in the
-      table; collective_seconds: time inside all-reduce/all-gather, waiting for the peer included).
+  (c) TPGroup TP=2 with gloo collectives over loopback (before the shared-memory path);
+  (d) TPGroup TP=2 with shared-memory all-reduce/all-gather (the default on CPU).
+  collective ms: time inside all-reduce/all-gather per step, waiting for the peer included.
 
 Every rank uses one intra-op thread (as TPGroup's CPU workers do), so the
 in-process run is configured the same way; the three take turns step by step,
 so other load on the machine hits them alike. The model is the 58M-parameter
 bench checkpoint (Llama: hidden 512, 8 layers, 8 heads, 4 KV heads,
-intermediate 1536, vocab 32000, fp32, random weights from a fixed seed),
-written once with transformers' save_pretrained.
+intermediate 1536, vocab 32000, fp32, random weights from a fixed seed) that
+`raytp bench checkpoint` writes (raytp/bench/checkpoint.py).
 
     python benchmarks/step_overhead.py [--steps 30] [--batches 1 16]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import statistics
 import time
@@ -31,46 +30,16 @@ import torch
 from raytp.config import EngineConfig
 from raytp.executor import Executor, LocalExecutor
 from raytp.sampling import SamplingParams
-from raytp.tiny import default_cache_dir
+from raytp.bench.checkpoint import ensure_bench_checkpoint
 from raytp.worker import SeqStep
 
-CHECKPOINT_NAME = "bench-58m-hf"  # not "bench-58m": raytp/bench/checkpoint.py owns that directory
-SEED = 58
-BENCH_SHAPES = dict(
-    hidden_size=512,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    intermediate_size=1536,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
 PROMPT_LEN, BLOCK_SIZE, MAX_MODEL_LEN = 32, 16, 256
 GREEDY = SamplingParams(max_tokens=MAX_MODEL_LEN - PROMPT_LEN, temperature=0.0, ignore_eos=True)
 
 
-def ensure_checkpoint() -> str:
-    """<cache>/bench-58m-hf, written with transformers on first use (random weights, seed 58)."""
-    path = os.path.join(default_cache_dir(), CHECKPOINT_NAME)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
-        if all(cfg.get(k) == v for k, v in BENCH_SHAPES.items()):
-            return path
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    print(f"writing {path} ...", flush=True)
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(LlamaConfig(**BENCH_SHAPES, dtype="float32")).eval()
-    print(f"  {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
-    model.save_pretrained(path)
-    return path
-
-
-def make_config(path: str, tp: int) -> EngineConfig:
+def make_config(path: str, tp: int, cpu_collectives: str = "shm") -> EngineConfig:
     return EngineConfig(model=path, tensor_parallel_size=tp, device="cpu", dtype="float32", block_size=BLOCK_SIZE,
-                        max_model_len=MAX_MODEL_LEN, max_num_seqs=16)
+                        max_model_len=MAX_MODEL_LEN, max_num_seqs=16, cpu_collectives=cpu_collectives)
 
 
 class DecodeRun:
@@ -109,18 +78,6 @@ def time_decode(executors: dict[str, Executor], batch: int, steps: int, warmup: 
                    for k, key in enumerate(("step", "worker", "collective"))} for name in runs}
 
 
-class BackendName(logging.Handler):
-    """Catches the communicator TPGroup reports ("TP group of N ranks connected over X")."""
-
-    def __init__(self):
-        super().__init__()
-        self.name = "?"
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "connected over" in record.msg:
-            self.name = str(record.args[-1]).replace("Communicator", "").lower()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="timed decode steps per batch size")
@@ -131,24 +88,23 @@ def main() -> None:
 
     from raytp.cluster import TPGroup
 
-    path = ensure_checkpoint()
-    backend = BackendName()
-    logging.getLogger("raytp.cluster").addHandler(backend)
-    logging.getLogger("raytp.cluster").setLevel(logging.INFO)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    path = ensure_bench_checkpoint()
+    # Logical CPUs: every group gets its own bundles; they take turns, so they never compete for the cores.
+    ray.init(num_cpus=5, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
              log_to_driver=False)
-    names = ["(a) LocalExecutor, in-process", "(b) TPGroup TP=1, Ray", "(c) TPGroup TP=2, Ray"]
-    executors = dict(zip(names, [LocalExecutor(make_config(path, 1), path, MAX_MODEL_LEN, num_threads=1),
-                                 TPGroup(make_config(path, 1), path, MAX_MODEL_LEN),
-                                 TPGroup(make_config(path, 2), path, MAX_MODEL_LEN)]))
+    executors = {
+        "(a) LocalExecutor, in-process": (LocalExecutor(make_config(path, 1), path, MAX_MODEL_LEN, num_threads=1), 1),
+        "(b) TPGroup TP=1, Ray": (TPGroup(make_config(path, 1), path, MAX_MODEL_LEN), 1),
+        "(c) TPGroup TP=2, gloo": (TPGroup(make_config(path, 2, "gloo"), path, MAX_MODEL_LEN), 2),
+        "(d) TPGroup TP=2, shm": (TPGroup(make_config(path, 2, "shm"), path, MAX_MODEL_LEN), 2),
+    }
+    names = list(executors)
     try:
-        for ex, tp in zip(executors.values(), (1, 1, 2)):
+        for ex, tp in executors.values():
             ex.start(tp)
-        names[2] += f" + {backend.name}"
-        executors[names[2]] = executors.pop("(c) TPGroup TP=2, Ray")
-        by_batch = {b: time_decode(executors, b, args.steps) for b in args.batches}
+        by_batch = {b: time_decode({n: ex for n, (ex, _) in executors.items()}, b, args.steps) for b in args.batches}
     finally:
-        for ex in executors.values():
+        for ex, _ in executors.values():
             ex.shutdown()
         ray.shutdown()
     rows = {name: {b: by_batch[b][name] for b in args.batches} for name in names}

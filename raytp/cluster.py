@@ -85,7 +85,7 @@ class TPGroup(Executor):
             if self.device == "cuda" and tp_size > 1:
                 gpu_ids = [int(g) for info in infos for g in info["gpu_ids"]]
                 check_nvlink(gpu_ids, refuse=self.config.require_nvlink)
-            rendezvous = ray.get(self.workers[0].make_rendezvous.remote(), timeout=timeout)
+            rendezvous = ray.get(self.workers[0].make_rendezvous.remote(self.config.cpu_collectives), timeout=timeout)
             backends = ray.get([w.init_communicator.remote(rendezvous, timeout) for w in self.workers], timeout=timeout)
             log.info("TP group of %d ranks connected over %s", tp_size, backends[0])
             ray.get([w.load.remote(self.model_path) for w in self.workers], timeout=timeout)

@@ -12,18 +12,20 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from raytp.comm import (
     Communicator,
     GlooCommunicator,
+    GlooRendezvous,
     NcclCommunicator,
     ShmCommunicator,
     ShmRendezvous,
     SingleRank,
     create_shm_rendezvous,
+    free_port,
 )
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.model.loader import load_model
@@ -109,14 +111,17 @@ class TPWorker:
             info["node_ip"], info["gpu_ids"] = "127.0.0.1", []
         return info
 
-    def make_rendezvous(self):
-        """Rank 0 only: what the other ranks need to join (gloo address or NCCL unique id)."""
+    def make_rendezvous(self, cpu_collectives: str = "shm"):
+        """Rank 0 only: what the other ranks need to join (NCCL unique id, shared-memory segment or gloo address)."""
         if self.device == "cuda":
             from raytp.comm import nccl_unique_id
 
             return nccl_unique_id()
-        # A STRICT_PACK group is on one node: its CPU ranks share memory.
-        return create_shm_rendezvous(self.node_info()["node_ip"], self.world_size)
+        host = self.node_info()["node_ip"]
+        if cpu_collectives == "shm":
+            # A STRICT_PACK group is on one node: its CPU ranks share memory.
+            return create_shm_rendezvous(host, self.world_size)
+        return GlooRendezvous(host, free_port(host))
 
     def init_communicator(self, rendezvous, timeout_s: float = 60.0) -> str:
         if self.world_size == 1:

@@ -49,6 +49,7 @@ APP_CONFIG_KEYS = frozenset(
         "step_timeout_s",
         "init_timeout_s",
         "require_nvlink",
+        "cpu_collectives",
     }
 )
 # What `user_config` may carry (reconfigure of a live replica).
