@@ -139,11 +139,13 @@ def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
             while engine.tp_size != 1 or not engine.ready:
                 await asyncio.sleep(0.01)
             sizes.append(engine.tp_size)
+            print(f"resize 2 -> 1: group rebuilt in {engine.last_recovery_s:.2f}s")
             await asyncio.sleep(0.2)
             await engine.resize(2)
             while engine.tp_size != 2 or not engine.ready:
                 await asyncio.sleep(0.01)
             sizes.append(engine.tp_size)
+            print(f"resize 1 -> 2: group rebuilt in {engine.last_recovery_s:.2f}s")
 
         try:
             results, _ = await _run_all(engine, "resize", during=resize)
