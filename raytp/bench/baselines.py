@@ -95,7 +95,7 @@ def run_transformers_static(model, specs: list[RequestSpec], arrivals: list[floa
                 res, arrived = results[i], t0 + arrivals[i]
                 own = steps[: specs[i].output_len]  # only this request's tokens are useful output
                 res.send_time = start - t0
-                res.output_tokens = len(own)
+                res.output_tokens = res.num_chunks = len(own)
                 res.ttft = own[0] - arrived
                 res.itl = [b - a for a, b in zip(own, own[1:])]
                 res.e2e = end - arrived

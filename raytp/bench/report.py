@@ -132,15 +132,27 @@ def compare_table(compare: dict) -> str:
                      _fmt(s["ttft_ms"]["p50"]), _fmt(s["itl_ms"]["p50"]), _fmt(s["e2e_ms"]["p50"]),
                      _fmt(s["e2e_ms"]["p99"])])
     lines = [_table(header, rows)]
+    targets = compare.get("targets", {})
     for c in compare.get("per_concurrency", []):
-        if c.get("http_vs_hf_static") is None and c.get("serving_overhead") is None:
-            continue
-        parts = [f"concurrency {c['concurrency']}:"]
+        parts = []
         if c.get("http_vs_hf_static") is not None:
-            parts.append(f"raytp-HTTP / transformers-best-static = {c['http_vs_hf_static']:.2f}x")
+            goal = targets.get("http_vs_hf_static_min")
+            parts.append(f"raytp HTTP / transformers best static = {c['http_vs_hf_static']:.2f}x"
+                         + (f" (target >= {goal:g}x)" if goal else ""))
         if c.get("serving_overhead") is not None:
-            parts.append(f"serving overhead = 1 - HTTP/in-process = {100 * c['serving_overhead']:.1f}%")
-        lines.append("  ".join(parts))
+            goal = targets.get("serving_overhead_max")
+            parts.append(f"serving overhead = 1 - HTTP/in-process = {100 * c['serving_overhead']:.1f}%"
+                         + (f" (target < {100 * goal:g}%)" if goal else ""))
+        if not parts:
+            continue
+        lines.append(f"concurrency {c['concurrency']}: " + "; ".join(parts))
+        same = c.get("hf_same_threads")
+        if same and same["output_throughput"] != base:
+            ratios = [f"in-process {c['inprocess_vs_hf_static_same_threads']:.2f}x"]
+            if c.get("http_vs_hf_static_same_threads") is not None:
+                ratios.append(f"HTTP {c['http_vs_hf_static_same_threads']:.2f}x")
+            lines.append(f"    vs transformers with {same['threads']} thread(s) like a raytp rank "
+                         f"(best bs={same['batch_size']}, {same['output_throughput']:.1f} tok/s): " + ", ".join(ratios))
     return "\n".join(lines)
 
 

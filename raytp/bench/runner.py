@@ -243,9 +243,19 @@ def compare_summary(summaries: list[dict]) -> dict:
         for label, s in (("raytp in-process", inproc), ("raytp HTTP", http)):
             if s is not None:
                 rows.append({"label": label, "setting": f"concurrency {c}", "summary": s})
-        entry = {"concurrency": c, "http_vs_hf_static": None, "serving_overhead": None}
+        entry = {"concurrency": c, "http_vs_hf_static": None, "serving_overhead": None,
+                 "http_vs_hf_static_same_threads": None, "inprocess_vs_hf_static_same_threads": None}
         if http is not None and best is not None and best["output_throughput"] > 0:
             entry["http_vs_hf_static"] = http["output_throughput"] / best["output_throughput"]
+        # transformers with as many threads as one raytp rank (the in-process run's), if it was tried
+        same = max((s for s in hf if inproc is not None and s["threads"] == inproc.get("threads")),
+                   key=lambda s: s["output_throughput"], default=None)
+        if same is not None:
+            entry["hf_same_threads"] = {"threads": same["threads"], "batch_size": same["batch_size"],
+                                        "output_throughput": same["output_throughput"]}
+            entry["inprocess_vs_hf_static_same_threads"] = inproc["output_throughput"] / same["output_throughput"]
+            if http is not None:
+                entry["http_vs_hf_static_same_threads"] = http["output_throughput"] / same["output_throughput"]
         if http is not None and inproc is not None and inproc["output_throughput"] > 0:
             entry["serving_overhead"] = 1.0 - http["output_throughput"] / inproc["output_throughput"]
         per_c.append(entry)
