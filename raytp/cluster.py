@@ -34,8 +34,8 @@ def _largest_node(resource: str) -> tuple[float, float]:
     return max(totals, default=0.0), ray.available_resources().get(resource, 0.0)
 
 
-def _bundle(device: str) -> dict[str, float]:
-    return {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
+def _bundle(device: str, cpus: int) -> dict[str, float]:
+    return {"GPU": 1, "CPU": cpus} if device == "cuda" else {"CPU": cpus}
 
 
 class TPGroup(Executor):
@@ -49,7 +49,7 @@ class TPGroup(Executor):
     # ---- building ----------------------------------------------------------------
 
     def _place(self, tp_size: int) -> None:
-        bundles = [_bundle(self.device) for _ in range(tp_size)]
+        bundles = [_bundle(self.device, self.config.cpus_per_rank) for _ in range(tp_size)]
         self.pg = placement_group(bundles, strategy="STRICT_PACK")
         try:
             ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
@@ -57,9 +57,11 @@ class TPGroup(Executor):
             remove_placement_group(self.pg)
             self.pg = None
             resource = "GPU" if self.device == "cuda" else "CPU"
+            per_rank = 1 if self.device == "cuda" else self.config.cpus_per_rank
             largest, free = _largest_node(resource)
             raise PlacementError(
-                f"tensor_parallel_size={tp_size} needs {tp_size} {resource}s on one node (one per rank); "
+                f"tensor_parallel_size={tp_size} needs {tp_size * per_rank} {resource}s on one node "
+                f"({per_rank} per rank); "
                 f"the largest node has {largest:g} {resource}s in total and the cluster has {free:g} free "
                 f"(waited {self.config.placement_timeout_s:g}s)"
             ) from None
@@ -72,10 +74,11 @@ class TPGroup(Executor):
             actor = ray.remote(TPWorker)
             self.workers = [
                 actor.options(
-                    num_cpus=1,
+                    num_cpus=self.config.cpus_per_rank,
                     num_gpus=1 if self.device == "cuda" else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-                ).remote(rank, tp_size, self.device, self.dtype, self.config.seed, 1 if self.device == "cpu" else None)
+                ).remote(rank, tp_size, self.device, self.dtype, self.config.seed,
+                         self.config.cpus_per_rank if self.device == "cpu" else None)
                 for rank in range(tp_size)
             ]
             infos = ray.get([w.node_info.remote() for w in self.workers], timeout=timeout)
@@ -138,7 +141,7 @@ class TPGroup(Executor):
 
     def can_place(self, tp_size: int, wait_s: float = 1.0) -> bool:
         """Whether a group of tp_size could be placed now (probes with a placement group that is removed again)."""
-        probe = placement_group([_bundle(self.device) for _ in range(tp_size)], strategy="STRICT_PACK")
+        probe = placement_group([_bundle(self.device, self.config.cpus_per_rank) for _ in range(tp_size)], strategy="STRICT_PACK")
         try:
             ray.get(probe.ready(), timeout=wait_s)
             return True

@@ -57,6 +57,9 @@ class EngineConfig(BaseModel):
     step_timeout_s: float = Field(default=60.0, gt=0, description="A step slower than this marks the group as failed (watchdog).")
     init_timeout_s: float = Field(default=120.0, gt=0, description="How long workers may take to start, connect and load weights.")
     require_nvlink: bool = Field(default=False, description="Refuse (instead of warn) when the GPUs are not all NVLink-connected.")
+    cpus_per_rank: int = Field(
+        default=1, ge=1, le=256, description="CPUs reserved for each rank's bundle; on CPU also its torch threads."
+    )
     cpu_collectives: Literal["shm", "gloo"] = Field(
         default="shm", description="CPU ranks: shared-memory all-reduce/all-gather (shm) or gloo over loopback for everything."
     )

@@ -50,6 +50,7 @@ APP_CONFIG_KEYS = frozenset(
         "init_timeout_s",
         "require_nvlink",
         "cpu_collectives",
+        "cpus_per_rank",
     }
 )
 # What `user_config` may carry (reconfigure of a live replica).
