@@ -65,8 +65,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     cmp_.add_argument("--hf-threads", type=_arg(parse_int_list, "hf-threads"), default=None,
                       help="torch threads for transformers; a comma list tries each, and the best run is its "
                            "baseline (default: all cores)")
-    cmp_.add_argument("--engine-threads", type=int, default=1,
-                      help="torch threads of the in-process engine (default: 1, what raytp gives a CPU TP rank on Ray)")
+    cmp_.add_argument("--cpus-per-rank", type=int, default=1,
+                      help="raytp's cpus_per_rank: torch threads of the in-process engine, and passed to the raytp "
+                           "serve it starts (default: 1)")
     out = parser.add_argument_group("output")
     out.add_argument("--out-json", help="write the report as JSON here")
     out.add_argument("--out-png", help="write the latency-vs-throughput plot here (PNG)")
@@ -78,7 +79,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         model=args.model, url=args.url, served_model_name=args.served_model_name, vocab_size=args.vocab_size,
         num_prompts=args.num_prompts, prompt_len=args.prompt_len, output_len=args.output_len,
         request_rate=args.request_rate, concurrency=args.concurrency, seed=args.seed, backends=args.backends,
-        hf_batch_sizes=args.hf_batch_sizes, hf_threads=args.hf_threads, engine_threads=args.engine_threads,
+        hf_batch_sizes=args.hf_batch_sizes, hf_threads=args.hf_threads, cpus_per_rank=args.cpus_per_rank,
         server_args=list(args.server_arg), out_json=args.out_json, out_png=args.out_png,
         progress=not args.no_progress, repeat=args.repeat,
     )
@@ -90,8 +91,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         print(ensure_bench_checkpoint())
         return 0
-    if args.num_prompts < 1 or args.repeat < 1:
-        print("raytp bench: error: --num-prompts and --repeat must be >= 1", file=sys.stderr)
+    if args.num_prompts < 1 or args.repeat < 1 or args.cpus_per_rank < 1:
+        print("raytp bench: error: --num-prompts, --repeat and --cpus-per-rank must be >= 1", file=sys.stderr)
         return 2
     opts = options_from_args(args)
     try:

@@ -42,7 +42,7 @@ class BenchOptions:
     backends: list[str] = field(default_factory=lambda: ["transformers", "inprocess", "http"])  # compare only
     hf_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
     hf_threads: list[int] | None = None  # torch threads for transformers (each is tried); default: all cores
-    engine_threads: int | None = 1  # torch threads of the in-process engine; 1 = what a CPU TP rank gets on Ray
+    cpus_per_rank: int = 1  # raytp's cpus_per_rank (CPU: torch threads per rank), in-process and for the server started
     server_args: list[str] = field(default_factory=list)  # extra `raytp serve` options
     out_json: str | None = None
     out_png: str | None = None
@@ -112,7 +112,8 @@ def _best(runs: list[RunResult]) -> RunResult:
 # ---- the phases ------------------------------------------------------------------------------
 
 
-async def _http_sweep(url: str, opts: BenchOptions, specs, arrivals, vocab: int, name: str) -> list[RunResult]:
+async def _http_sweep(url: str, opts: BenchOptions, specs, arrivals, vocab: int, name: str,
+                      threads: int | None = None) -> list[RunResult]:
     backend = OpenAIBackend(url, opts.served_model_name or "", max_connections=max(opts.concurrency) + 4, name=name)
     try:
         if not opts.served_model_name:
@@ -125,6 +126,8 @@ async def _http_sweep(url: str, opts: BenchOptions, specs, arrivals, vocab: int,
             load = _loadavg()
             run = _best([await run_load(backend, specs, arrivals, c, opts.progress) for _ in range(opts.repeat)])
             run.extra.update({"url": url, "loadavg_1m_before": load})
+            if threads is not None:
+                run.extra["threads"] = threads
             runs.append(run)
             summary = report.summarize(run)
             _say(f"{name} c={c}: {summary['output_throughput']:.1f} output tok/s")
@@ -143,9 +146,9 @@ def run_http(opts: BenchOptions, model_path: str | None, specs, arrivals, vocab:
         raise ValueError("give --url (a running server) or --model (raytp serve is started for it)")
     from raytp.bench.server import ServerProcess
 
-    server = ServerProcess(model_path, 1, "cpu", extra_args=opts.server_args)
+    server = ServerProcess(model_path, 1, "cpu", extra_args=["--cpus-per-rank", str(opts.cpus_per_rank), *opts.server_args])
     with server:
-        runs = asyncio.run(_http_sweep(server.url, opts, specs, arrivals, vocab, name))
+        runs = asyncio.run(_http_sweep(server.url, opts, specs, arrivals, vocab, name, threads=opts.cpus_per_rank))
     return runs, {"server_cmd": server.cmd, "server_log": server.log_path}
 
 
@@ -153,14 +156,14 @@ def run_inprocess(opts: BenchOptions, model_path: str, specs, arrivals, vocab: i
     from raytp.bench.baselines import EngineBackend
 
     async def go() -> list[RunResult]:
-        backend = await EngineBackend.start(model_path, opts.engine_threads)
+        backend = await EngineBackend.start(model_path, opts.cpus_per_rank)
         try:
             await warm_up(backend, vocab)
             runs = []
             for c in opts.concurrency:
                 load = _loadavg()
                 run = _best([await run_load(backend, specs, arrivals, c, opts.progress) for _ in range(opts.repeat)])
-                run.extra.update({"threads": opts.engine_threads, "loadavg_1m_before": load})
+                run.extra.update({"threads": opts.cpus_per_rank, "loadavg_1m_before": load})
                 runs.append(run)
                 _say(f"raytp-inprocess c={c}: {report.summarize(run)['output_throughput']:.1f} output tok/s")
             return runs
@@ -242,7 +245,8 @@ def compare_summary(summaries: list[dict]) -> dict:
         http = next((s for s in summaries if s["backend"] in ("raytp-http", "http") and s["concurrency"] == c), None)
         for label, s in (("raytp in-process", inproc), ("raytp HTTP", http)):
             if s is not None:
-                rows.append({"label": label, "setting": f"concurrency {c}", "summary": s})
+                thr = f", {s['threads']} thr" if s.get("threads") else ""
+                rows.append({"label": label, "setting": f"concurrency {c}{thr}", "summary": s})
         entry = {"concurrency": c, "http_vs_hf_static": None, "serving_overhead": None,
                  "http_vs_hf_static_same_threads": None, "inprocess_vs_hf_static_same_threads": None}
         if http is not None and best is not None and best["output_throughput"] > 0:
