@@ -156,7 +156,8 @@ async def sse_events(request: Request, rid: str, started, render: Callable[[int,
         async with aclosing(merge(started)) as stream:
             async for i, out in stream:
                 generated[i] = len(out.outputs[0].token_ids)
-                if out.delta_text or out.finished:
+                # A chunk per new token, even while its text is held back (or the model has no tokenizer).
+                if out.delta_text or out.delta_token_ids or out.finished:
                     yield render(i, out)
                 if await request.is_disconnected():
                     log.info("client went away: aborting %s", rid)
