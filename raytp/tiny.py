@@ -13,14 +13,11 @@ and tokenizers are used: transformers is not needed at run time.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from raytp.random_checkpoint import default_cache_dir, ensure_dir, llama_config, write_json, write_llama
 
 TINY_MODEL_NAME = "tiny"
 # Bump when anything below changes what gets written, so old caches are not reused.
@@ -35,7 +32,6 @@ INTERMEDIATE = 256
 LAYERS = 4
 HEADS = 4
 KV_HEADS = 2
-HEAD_DIM = HIDDEN // HEADS
 
 # Zephyr-style template: role markers are plain text, each turn ends with the
 # eos token, so a model trained on it stops by emitting </s>.
@@ -117,64 +113,13 @@ def _build_tokenizer() -> Tokenizer:
     return tok
 
 
-def _build_weights(vocab_size: int) -> dict[str, torch.Tensor]:
-    """Every standard HF Llama tensor, N(0, 0.02) from a seeded generator, norms ones.
-
-    Tensors are drawn in a fixed order so the bytes never depend on dict or
-    filesystem ordering.
-    """
-    g = torch.Generator().manual_seed(SEED)
-
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float32) * 0.02
-
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(vocab_size, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = normal(HEADS * HEAD_DIM, HIDDEN)
-        w[p + "self_attn.k_proj.weight"] = normal(KV_HEADS * HEAD_DIM, HIDDEN)
-        w[p + "self_attn.v_proj.weight"] = normal(KV_HEADS * HEAD_DIM, HIDDEN)
-        w[p + "self_attn.o_proj.weight"] = normal(HIDDEN, HEADS * HEAD_DIM)
-        w[p + "mlp.gate_proj.weight"] = normal(INTERMEDIATE, HIDDEN)
-        w[p + "mlp.up_proj.weight"] = normal(INTERMEDIATE, HIDDEN)
-        w[p + "mlp.down_proj.weight"] = normal(HIDDEN, INTERMEDIATE)
-        w[p + "input_layernorm.weight"] = torch.ones(HIDDEN)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(HIDDEN)
-    w["model.norm.weight"] = torch.ones(HIDDEN)
-    w["lm_head.weight"] = normal(vocab_size, HIDDEN)
-    return w
-
-
 def _write_checkpoint(out_dir: str) -> None:
     tok = _build_tokenizer()
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
-
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
-        "hidden_act": "silu",
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": 0.02,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-    }
-    generation_config = {"bos_token_id": bos_id, "eos_token_id": eos_id}
-    tokenizer_config = {
+    config = llama_config(hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS,
+                          vocab=tok.get_vocab_size(with_added_tokens=True), bos_id=tok.token_to_id(BOS),
+                          eos_id=tok.token_to_id(EOS))
+    write_llama(out_dir, config, SEED)
+    write_json(out_dir, "tokenizer_config.json", {
         # Pin the generic fast tokenizer: without this, transformers would pick
         # LlamaTokenizer from model_type and rebuild a sentencepiece-style pipeline.
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -184,51 +129,14 @@ def _write_checkpoint(out_dir: str) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 2048,
         "chat_template": CHAT_TEMPLATE,
-    }
-
-    def dump(name: str, obj: dict) -> None:
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    dump("config.json", config)
-    dump("generation_config.json", generation_config)
-    dump("tokenizer_config.json", tokenizer_config)
+    })
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    save_file(_build_weights(vocab_size), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-
-
-def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "raytp")
 
 
 def ensure_tiny_checkpoint(cache_dir: str | None = None) -> str:
-    """Return ``<cache_dir>/tiny-v1``, writing the checkpoint there first if missing.
-
-    Several processes (Ray workers on one node) may call this at once: each
-    writes into its own temp dir next to the target and renames it into place.
-    rename is atomic, so a reader sees either nothing or a complete checkpoint;
-    the losers of the race discard their copy.
-    """
-    parent = os.path.abspath(cache_dir or default_cache_dir())
-    final = os.path.join(parent, TINY_VERSION)
-    if os.path.isdir(final):
-        return final
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{TINY_VERSION}.tmp-", dir=parent)
-    try:
-        _write_checkpoint(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is shared like any model dir
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isdir(final):  # not a lost race: a real error
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """Return ``<cache_dir>/tiny-v1`` (default ~/.cache/raytp), writing the checkpoint there first if missing."""
+    final = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), TINY_VERSION)
+    return ensure_dir(final, _write_checkpoint, os.path.isdir)
 
 
 def resolve_model_path(model: str) -> str:

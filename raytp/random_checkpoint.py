@@ -1,0 +1,123 @@
+"""Write random-weight Llama checkpoints: the built-in `tiny` model and the `bench-58m` benchmark model.
+
+Both are real Hugging Face checkpoint directories (config.json,
+generation_config.json, model.safetensors, optionally a tokenizer), written
+with torch and safetensors only, so raytp loads them through the same loader
+as any other model and transformers loads the very same bytes. Weights are
+drawn from one seeded generator in a fixed order: two processes that write
+the same checkpoint get byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "raytp")
+
+
+def llama_config(*, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int,
+                 bos_id: int, eos_id: int, max_positions: int = 2048, **extra) -> dict:
+    """config.json of a plain Llama (no rope scaling, no biases, untied embeddings, fp32)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "hidden_act": "silu",
+        "vocab_size": vocab,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        **extra,
+    }
+
+
+def random_llama_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Every standard HF Llama tensor for `config`: N(0, 0.02) from one seeded generator in a fixed order; norms ones."""
+    g = torch.Generator().manual_seed(seed)
+    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q_rows = config["num_attention_heads"] * config["head_dim"]
+    kv_rows = config["num_key_value_heads"] * config["head_dim"]
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float32) * 0.02
+
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(vocab, h)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = normal(q_rows, h)
+        w[p + "self_attn.k_proj.weight"] = normal(kv_rows, h)
+        w[p + "self_attn.v_proj.weight"] = normal(kv_rows, h)
+        w[p + "self_attn.o_proj.weight"] = normal(h, q_rows)
+        w[p + "mlp.gate_proj.weight"] = normal(inter, h)
+        w[p + "mlp.up_proj.weight"] = normal(inter, h)
+        w[p + "mlp.down_proj.weight"] = normal(h, inter)
+        w[p + "input_layernorm.weight"] = torch.ones(h)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(h)
+    w["model.norm.weight"] = torch.ones(h)
+    w["lm_head.weight"] = normal(vocab, h)
+    return w
+
+
+def write_json(out_dir: str, name: str, obj: dict) -> None:
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_llama(out_dir: str, config: dict, seed: int) -> None:
+    """config.json, generation_config.json and model.safetensors with random weights."""
+    write_json(out_dir, "config.json", config)
+    write_json(out_dir, "generation_config.json", {"bos_token_id": config["bos_token_id"],
+                                                   "eos_token_id": config["eos_token_id"]})
+    save_file(random_llama_weights(config, seed), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+def ensure_dir(final: str, write: Callable[[str], None], is_current: Callable[[str], bool]) -> str:
+    """Return `final`, writing it first with write(tmp_dir) unless is_current(final).
+
+    Several processes (Ray workers on one node) may call this at once: each
+    writes into its own temp dir next to the target and renames it into place.
+    rename is atomic, so a reader sees either nothing or a complete
+    checkpoint; the losers of the race discard their copy.
+    """
+    if is_current(final):
+        return final
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is shared like any model dir
+        if os.path.isdir(final):  # a stale version
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not is_current(final):  # not a lost race: a real error
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
