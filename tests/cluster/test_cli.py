@@ -11,7 +11,6 @@ Ctrl-C (without stopping the cluster it joined).
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys

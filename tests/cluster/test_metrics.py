@@ -178,7 +178,7 @@ def test_real_prometheus_answers_the_dashboard_queries(ray_cluster, served, tmp_
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if _query(url, f'up{{job="ray"}}') and _query(url, f'up{{job="ray"}}')[0]["value"][1] == "1":
+                if _query(url, 'up{job="ray"}') and _query(url, 'up{job="ray"}')[0]["value"][1] == "1":
                     break
             except OSError:
                 pass

@@ -59,7 +59,7 @@ def test_collectives_match_known_values(tmp_path, world):
 
 def _lonely_rank(rendezvous, out):
     try:
-        comm = ShmCommunicator(rendezvous, 0, 2, timeout_s=2)
+        ShmCommunicator(rendezvous, 0, 2, timeout_s=2)
         out.put("connected")
     except Exception as err:  # the peer never joins the gloo rendezvous
         out.put(type(err).__name__)
