@@ -236,33 +236,37 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    text: str
     logprobs: None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM: the stop string or token id that ended it
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """What every completion object and chunk carries besides its `object` name and choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
     system_fingerprint: str | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
     usage: UsageInfo
 
 
-class CompletionStreamResponse(BaseModel):
+class CompletionStreamResponse(_Response):
     """One SSE chunk of a streamed completion (OpenAI uses the same object name as non-streaming)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    system_fingerprint: str | None = None
     usage: UsageInfo | None = None
 
 
@@ -272,21 +276,13 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    system_fingerprint: str | None = None
     usage: UsageInfo
 
 
@@ -295,21 +291,13 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
-class ChatStreamChoice(BaseModel):
-    index: int
+class ChatStreamChoice(_Choice):
     delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
-    id: str
+class ChatCompletionStreamResponse(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatStreamChoice]
-    system_fingerprint: str | None = None
     usage: UsageInfo | None = None
 
 
