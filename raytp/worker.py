@@ -113,6 +113,8 @@ class TPWorker:
 
     def make_rendezvous(self, cpu_collectives: str = "shm"):
         """Rank 0 only: what the other ranks need to join (NCCL unique id, shared-memory segment or gloo address)."""
+        if self.world_size == 1:
+            return None  # no collectives at all
         if self.device == "cuda":
             from raytp.comm import nccl_unique_id
 

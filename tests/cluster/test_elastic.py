@@ -260,3 +260,25 @@ def test_served_replica_answers_503_while_recovering_and_streams_carry_on(ray_cl
         assert handle.engine_stats.remote().result(timeout_s=30)["tp_size"] == 2
     finally:
         serve.delete(app)
+
+
+def test_groups_leave_no_shared_memory_behind(ray_cluster):
+    """TP=1 makes no segment; TP=2 unlinks its segment once both ranks have it mapped, rebuilds included."""
+    import glob
+
+    def segments() -> set[str]:
+        return set(glob.glob("/dev/shm/raytp-tp-*"))
+
+    before = segments()
+
+    async def main():
+        for tp in (1, 2):
+            engine = _engine(tensor_parallel_size=tp)
+            await engine.start()
+            await engine.resize(1 if tp == 2 else 2)
+            while engine.core.restarts < 1 or not engine.ready:
+                await asyncio.sleep(0.05)
+            await engine.shutdown()
+
+    asyncio.run(main())
+    assert segments() - before == set()
