@@ -17,15 +17,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, GroupFailure, choose_num_kv_blocks
+from raytp.executor import Executor, GroupFailure, PlacementError, choose_num_kv_blocks
 from raytp.topology import check_nvlink
 from raytp.worker import SeqStep, StepResult, TPWorker
 
 log = logging.getLogger(__name__)
-
-
-class PlacementError(RuntimeError):
-    """The placement group for the TP group could not be placed in time."""
 
 
 def _largest_node(resource: str) -> tuple[float, float]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, GroupFailure
+from raytp.executor import Executor, GroupFailure, PlacementError
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
 from raytp.outputs import CompletionOutput, RequestOutput
@@ -77,7 +77,6 @@ class EngineCore:
 
     def start(self) -> None:
         """Build the group at the target TP degree, or the largest smaller one that fits (degraded mode)."""
-        from raytp.cluster import PlacementError
         from raytp.model.llama import valid_tp_degrees
 
         sizes = [t for t in valid_tp_degrees(self.args, self.target_tp) if t >= self.config.min_tensor_parallel_size]
@@ -226,9 +225,9 @@ class EngineCore:
             state.stop_reason = token if token in params.stop_token_ids else None
         elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
             state.finish_reason = "length"
+        if state.finish_reason is not None and state.detokenizer is not None:
+            state.text += state.detokenizer.flush()
         if params.stop and state.detokenizer is not None:
-            if state.finish_reason is not None:
-                state.text += state.detokenizer.flush()
             # Only the tail can hold a stop string that this token completed.
             longest = max(len(s) for s in params.stop)
             search_from = max(0, state.sent_text - longest)
@@ -238,8 +237,6 @@ class EngineCore:
                 i, s = min(hits)
                 state.text = state.text[:i]
                 state.finish_reason, state.stop_reason = "stop", s
-        elif state.finish_reason is not None and state.detokenizer is not None:
-            state.text += state.detokenizer.flush()
 
     def _output(self, state: RequestState) -> RequestOutput:
         seq, params = state.seq, state.seq.params

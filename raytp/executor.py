@@ -20,6 +20,10 @@ class GroupFailure(RuntimeError):
     """The TP group cannot run steps any more (a worker died, hung or failed)."""
 
 
+class PlacementError(RuntimeError):
+    """The ranks of a group of the asked size could not be placed in time (the engine then tries a smaller size)."""
+
+
 def choose_num_kv_blocks(config: EngineConfig, max_model_len: int, rank_capacity: int) -> int:
     """KV blocks per rank: the configured number, or enough for max_num_seqs full-length sequences, within capacity."""
     needed_one = math.ceil(max_model_len / config.block_size)
