@@ -125,8 +125,12 @@ class TPGroup(Executor):
         except RayError as err:
             raise GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}") from err
 
-    async def execute_async(self, seqs: list[SeqStep]) -> StepResult:
+    def submit(self, seqs: list[SeqStep]):
+        # The calls go out now; each actor runs its calls in the order they were sent.
         refs = [w.execute.remote(seqs) for w in self.workers]
+        return asyncio.ensure_future(self._gather(refs))
+
+    async def _gather(self, refs) -> StepResult:
         try:
             results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.step_timeout_s)
             return self._merge(results)

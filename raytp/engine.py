@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from raytp.config import EngineConfig
 from raytp.executor import Executor, GroupFailure, PlacementError
@@ -167,7 +167,7 @@ class EngineCore:
 
     @staticmethod
     def to_steps(batch: list[ScheduledSeq]) -> list[SeqStep]:
-        return [SeqStep(s.token_ids, s.start, list(s.seq.block_table), s.seq.params, len(s.seq.output_token_ids))
+        return [SeqStep(s.token_ids, s.start, list(s.seq.block_table), s.seq.params, s.num_generated, s.seq.request_id)
                 for s in batch]
 
     def step(self) -> list[RequestOutput]:
@@ -188,8 +188,8 @@ class EngineCore:
             seq = sched.seq
             state = self.requests.get(seq.request_id)
             if state is None or seq.status is SeqStatus.FINISHED:
-                continue  # aborted while the step ran
-            seq.num_computed = sched.start + len(sched.token_ids)
+                continue  # aborted or finished while the step ran
+            seq.num_pending -= 1
             seq.output_token_ids.append(token)
             self._record_token_time(state, now)
             self._check_finish(state, token)
@@ -273,6 +273,7 @@ class AsyncEngine:
         self.grow_check_interval_s = 10.0
         self._next_grow_check = 0.0
         self._grow_probe: asyncio.Task | None = None
+        self._grow_ready = False
 
     @property
     def model_name(self) -> str:
@@ -342,18 +343,26 @@ class AsyncEngine:
             metrics.set_load(len(sched.running), len(sched.waiting), sched.blocks.usage())
             metrics.on_group(self.tp_size, restarted=False)
 
-    async def _should_grow(self) -> bool:
-        """Degraded (smaller than the target): probe in the background, every grow_check_interval_s, whether the missing ranks fit now."""
+    def _wanted_rebuild(self) -> str | None:
+        """Why the group should be rebuilt at the next step boundary (a resize, or room to grow back), if at all.
+
+        Degraded (smaller than the target), it probes in the background, every
+        grow_check_interval_s, whether the missing ranks fit now.
+        """
+        if self._pending_resize is not None:
+            return f"resize to tensor_parallel_size={self._pending_resize}"
         probe = self._grow_probe
         if probe is not None and probe.done():
             self._grow_probe = None
-            return not probe.cancelled() and probe.exception() is None and probe.result()
+            self._grow_ready = not probe.cancelled() and probe.exception() is None and probe.result()
+        if self._grow_ready:
+            return f"resources are back: growing to tensor_parallel_size={self.core.target_tp}"
         missing = self.core.target_tp - self.tp_size
         if probe is None and missing > 0 and time.monotonic() >= self._next_grow_check:
             self._next_grow_check = time.monotonic() + self.grow_check_interval_s
             # The current group keeps its own resources until the rebuild, so probe for the missing ranks only.
             self._grow_probe = asyncio.create_task(asyncio.to_thread(self.core.executor.can_place, missing))
-        return False
+        return None
 
     async def _rebuild(self, reason: str) -> None:
         """Rebuild the group off the event loop, which keeps taking requests; retry until it works."""
@@ -372,39 +381,53 @@ class AsyncEngine:
         self.ready = True
 
     async def _run(self) -> None:
+        """The step loop. It sends step N+1 to the workers before it waits for step N's tokens (the workers then
+        go straight from one step to the next), and postprocesses and streams step N while N+1 runs."""
         core = self.core
+        in_flight: tuple[list[ScheduledSeq], Awaitable[StepResult]] | None = None
         while True:
             try:
-                if self._pending_resize is not None:
-                    core.target_tp, self._pending_resize = self._pending_resize, None
-                    await self._rebuild(f"resize to tensor_parallel_size={core.target_tp}")
-                if await self._should_grow():
-                    await self._rebuild(f"resources are back: growing to tensor_parallel_size={core.target_tp}")
-                if not core.has_work():
-                    self._refresh_gauges()
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=self.grow_check_interval_s)
-                    except asyncio.TimeoutError:
-                        pass
+                rebuild = self._wanted_rebuild()
+                if in_flight is None:  # a step boundary with nothing running
+                    if rebuild is not None:
+                        if self._pending_resize is not None:
+                            core.target_tp, self._pending_resize = self._pending_resize, None
+                        self._grow_ready = False
+                        await self._rebuild(rebuild)
+                        continue
+                    if not core.has_work():
+                        self._refresh_gauges()
+                        self._wake.clear()
+                        try:
+                            await asyncio.wait_for(self._wake.wait(), timeout=self.grow_check_interval_s)
+                        except asyncio.TimeoutError:
+                            pass
+                        continue
+                # While a rebuild waits, no new step starts: the one in flight drains.
+                batch = core.schedule() if rebuild is None else []
+                step = core.executor.submit(core.to_steps(batch)) if batch else None
+                previous, in_flight = in_flight, ((batch, step) if step is not None else None)
+                if previous is None:
+                    if step is None:
+                        await asyncio.sleep(0.005)  # nothing can run yet (e.g. waiting for free blocks)
                     continue
-                batch = core.schedule()
-                if not batch:
-                    await asyncio.sleep(0.005)
-                    continue
+                done_batch, done_step = previous
                 try:
-                    result = await core.executor.execute_async(core.to_steps(batch))
+                    result = await done_step
                 except GroupFailure as err:
+                    in_flight = _discard(in_flight)
                     await self._rebuild(str(err))
                     continue
-                for out in core.postprocess(batch, result):
+                for out in core.postprocess(done_batch, result):
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
             except asyncio.CancelledError:
+                _discard(in_flight)
                 raise
             except Exception as err:  # a bug or an unrecoverable group: fail the requests, keep serving
                 log.exception("engine step failed")
+                in_flight = _discard(in_flight)
                 for rid, queue in list(self._queues.items()):
                     queue.put_nowait(RuntimeError(f"engine error: {err}"))
                     core.abort(rid)
@@ -415,3 +438,12 @@ class AsyncEngine:
             self._loop_task.cancel()
         self.ready = False
         await asyncio.to_thread(self.core.shutdown)
+
+
+def _discard(in_flight) -> None:
+    """Drop a submitted step whose result is no longer wanted (its group failed); returns None."""
+    if in_flight is not None:
+        step = asyncio.ensure_future(in_flight[1])
+        step.cancel()
+        step.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "exception never retrieved"
+    return None

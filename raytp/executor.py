@@ -11,6 +11,8 @@ import asyncio
 import math
 import os
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from typing import Awaitable
 
 from raytp.config import EngineConfig
 from raytp.worker import SeqStep, StepResult, TPWorker
@@ -53,8 +55,10 @@ class Executor(ABC):
     def execute(self, seqs: list[SeqStep]) -> StepResult:
         """Run one step on every rank; rank 0's sampled tokens come back. Raises GroupFailure."""
 
-    async def execute_async(self, seqs: list[SeqStep]) -> StepResult:
-        return await asyncio.to_thread(self.execute, seqs)
+    @abstractmethod
+    def submit(self, seqs: list[SeqStep]) -> Awaitable[StepResult]:
+        """Start a step now and return its result to await (GroupFailure there). Steps run in the order they are
+        submitted, so the engine may submit the next one while this one runs."""
 
     def can_place(self, tp_size: int) -> bool:
         """Whether a group of tp_size would fit right now (used to grow back after degrading)."""
@@ -81,6 +85,8 @@ class LocalExecutor(Executor):
         self.num_threads = num_threads
         self.worker: TPWorker | None = None
         self.tp_size, self.num_kv_blocks = 1, 0
+        # One thread, so submitted steps run one after another, in order, off the event loop.
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raytp-local-rank")
 
     def start(self, tp_size: int) -> None:
         if tp_size != 1:
@@ -95,6 +101,9 @@ class LocalExecutor(Executor):
 
     def execute(self, seqs):
         return self.worker.execute(seqs)
+
+    def submit(self, seqs):
+        return asyncio.get_running_loop().run_in_executor(self._runner, self.execute, seqs)
 
     def worker_pids(self) -> list[int]:
         return [os.getpid()]

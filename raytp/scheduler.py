@@ -5,6 +5,11 @@ that the block manager hands out. A sequence short of blocks is preempted:
 its blocks are freed and it goes back to the front of the waiting queue, to be
 recomputed (re-prefilled from prompt plus generated tokens) later, never
 dropped. Recovery after a group failure uses the same path for every sequence.
+
+The engine may schedule step N+1 while step N still runs (so the workers never
+wait for the engine): a sequence's token sampled by a step in flight is
+"pending", and the next step computes it as PREVIOUS_TOKEN, which the workers
+replace with what they sampled for that sequence in their previous step.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from raytp.sampling import SamplingParams
+
+# In a step's token ids: "the token you sampled for this sequence in your previous step".
+PREVIOUS_TOKEN = -1
 
 
 class SeqStatus(enum.Enum):
@@ -32,7 +40,8 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_computed: int = 0  # tokens whose K/V are in the cache (or being computed by a step in flight)
+    num_pending: int = 0  # tokens sampled by steps in flight, not yet in output_token_ids
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
@@ -43,6 +52,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def total_len(self) -> int:
+        """Tokens including the pending ones."""
+        return len(self) + self.num_pending
 
 
 class BlockManager:
@@ -79,8 +93,9 @@ class BlockManager:
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    token_ids: list[int]  # tokens to compute this step
+    token_ids: list[int]  # tokens to compute this step (PREVIOUS_TOKEN for a pending one)
     start: int  # position of token_ids[0]
+    num_generated: int  # index in the output of the token this step samples (seeds the sampler)
 
 
 class Scheduler:
@@ -118,12 +133,21 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.arrival_time, reverse=True):
             self._preempt(seq)
         for seq in self.waiting:
-            seq.block_table, seq.num_computed = [], 0
+            # Steps in flight are lost with the group: their tokens are computed again.
+            seq.block_table, seq.num_computed, seq.num_pending = [], 0, 0
 
     def reset_blocks(self, block_manager: BlockManager) -> None:
         """Use a new KV cache (after a rebuild); nothing may be running."""
         assert not self.running
         self.blocks = block_manager
+
+    @staticmethod
+    def _scheduled(seq: Sequence, token_ids: list[int], start: int) -> ScheduledSeq:
+        """Mark the tokens as computed and the token this step samples as pending."""
+        sched = ScheduledSeq(seq, token_ids, start, len(seq.output_token_ids) + seq.num_pending)
+        seq.num_computed = start + len(token_ids)
+        seq.num_pending += 1
+        return sched
 
     def schedule(self) -> list[ScheduledSeq]:
         batch: list[ScheduledSeq] = []
@@ -132,18 +156,25 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.arrival_time):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted below in this loop
-            while not self.blocks.allocate(seq, len(seq)):
+            if len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens:
+                continue  # its last token is being sampled: nothing more to compute
+            while not self.blocks.allocate(seq, seq.total_len):
                 victim = max(self.running, key=lambda s: s.arrival_time)
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                batch.append(ScheduledSeq(seq, seq.token_ids[seq.num_computed :], seq.num_computed))
+                if seq.num_pending:  # the newest token is still on the workers
+                    batch.append(self._scheduled(seq, [PREVIOUS_TOKEN], seq.total_len - 1))
+                else:
+                    batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed :], seq.num_computed))
         # 2. Prefill: admit waiting sequences first come, first served, while the
         #    step's token budget, the batch size and the free blocks allow.
         budget = self.max_num_batched_tokens - sum(len(s.token_ids) for s in batch)
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted while a step in flight samples its token: recompute once it is known
             n = len(seq)
             # A prompt larger than the whole budget still runs, alone.
             if n > budget and batch:
@@ -155,6 +186,6 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            batch.append(ScheduledSeq(seq, seq.token_ids, 0))
+            batch.append(self._scheduled(seq, seq.token_ids, 0))
             budget -= n
         return batch

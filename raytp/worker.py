@@ -2,7 +2,10 @@
 
 It owns the rank's communicator, model shard and KV cache, and runs one step
 when told to: build the attention metadata, run the shard (its all-reduces
-meet the other ranks'), and on rank 0 sample the next tokens. The class is
+meet the other ranks'), and sample the next tokens. Every rank samples (the
+logits are all-gathered, so every rank gets the same tokens) and remembers
+them, because the engine may already have sent the next step with
+PREVIOUS_TOKEN in place of tokens it has not seen yet. The class is
 plain Python: cluster.py runs it as a Ray actor (processes named
 `ray::TPWorker`); benchmarks and GPU tests run it in-process at TP=1.
 """
@@ -30,6 +33,7 @@ from raytp.comm import (
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.model.loader import load_model
 from raytp.sampling import SamplingParams, sample
+from raytp.scheduler import PREVIOUS_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +45,17 @@ _CPU_KV_BUDGET_BYTES = 2 * 2**30
 class SeqStep:
     """One sequence's work in a step: compute `token_ids` at positions start.., then sample one token."""
 
-    token_ids: list[int]
+    token_ids: list[int]  # PREVIOUS_TOKEN: the token this rank sampled for request_id in its previous step
     start: int
     block_table: list[int]
     params: SamplingParams
-    num_generated: int  # tokens the request already has; seeds its sampler
+    num_generated: int  # index of the token being sampled in the request's output; seeds its sampler
+    request_id: str = ""
 
 
 @dataclass
 class StepResult:
-    token_ids: list[int] | None  # rank 0: one sampled token per sequence; other ranks: None
+    token_ids: list[int]  # one sampled token per sequence (the same on every rank)
     collective_seconds: float  # time this rank spent inside TP collectives during the step
     step_seconds: float
 
@@ -96,7 +101,8 @@ class TPWorker:
         self.model = None
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 16
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # the same seed on every rank: the same samples
+        self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
 
     # ---- placement and communicator set-up ----------------------------------
 
@@ -176,12 +182,12 @@ class TPWorker:
         device = self.kv_cache.device
         chunks = [SeqChunk(s.start, len(s.token_ids), s.block_table) for s in seqs]
         meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
-        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=device)  # (T,)
+        ids = [self.last_sampled[s.request_id] if t == PREVIOUS_TOKEN else t for s in seqs for t in s.token_ids]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # (T,)
         hidden = self.model(input_ids, meta, self.kv_cache)  # (T, hidden)
         logits = self.model.compute_logits(hidden[meta.last_token_index])  # (B, vocab), all-gather inside
-        tokens = None
-        if self.rank == 0:
-            tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator)
+        tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator)
+        self.last_sampled = {s.request_id: t for s, t in zip(seqs, tokens)}
         return StepResult(tokens, self.comm.seconds, time.perf_counter() - t0)
 
     def shutdown(self) -> None:

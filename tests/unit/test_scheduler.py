@@ -1,12 +1,12 @@
 """Scheduler and BlockManager on their own (no Ray, no model).
 
-`advance` plays the engine's postprocess: the scheduled tokens are now in the
-cache and each sequence got one new token.
+`advance` plays the engine's postprocess: each sequence's pending token (the
+one its step sampled) arrives.
 """
 import pytest
 
 from raytp.sampling import SamplingParams
-from raytp.scheduler import BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
+from raytp.scheduler import PREVIOUS_TOKEN, BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -23,7 +23,7 @@ def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_
 
 def advance(batch: list[ScheduledSeq], token: int = 7) -> None:
     for s in batch:
-        s.seq.num_computed = s.start + len(s.token_ids)
+        s.seq.num_pending -= 1
         s.seq.output_token_ids.append(token)
 
 
@@ -196,3 +196,49 @@ def test_finish_frees_blocks():
     # A waiting sequence can be finished (aborted) too.
     sched.finish(b)
     assert not sched.has_work() and sched.blocks.num_free == 8
+
+
+# ---- scheduling ahead (the next step sent while this one runs) ----------------------------
+
+
+def test_next_step_scheduled_before_the_tokens_arrive():
+    sched = make_scheduler(num_blocks=8, block_size=4)
+    seq = make_seq("a", 4, 0.0)
+    sched.add(seq)
+    first = sched.schedule()
+    assert first[0].token_ids == [1, 2, 3, 4] and first[0].num_generated == 0 and seq.num_pending == 1
+    # The prefill's token is still on the workers: the next step computes it as PREVIOUS_TOKEN.
+    second = sched.schedule()
+    assert second[0].token_ids == [PREVIOUS_TOKEN] and second[0].start == 4 and second[0].num_generated == 1
+    assert seq.num_pending == 2 and seq.num_computed == 5 and len(seq.block_table) == 2  # room for position 5
+    advance(first, token=50)
+    advance(second, token=51)
+    assert seq.output_token_ids == [50, 51] and seq.num_pending == 0
+    # With nothing in flight, the newest token is sent as itself.
+    third = sched.schedule()
+    assert third[0].token_ids == [51] and third[0].start == 5 and third[0].num_generated == 2
+
+
+def test_sequence_whose_last_token_is_pending_is_not_scheduled_again():
+    sched = make_scheduler()
+    seq = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))
+    sched.add(seq)
+    sched.schedule()
+    assert names(sched.schedule()) == ["a"]  # samples output token 2 of 2
+    assert sched.schedule() == [] and seq.num_pending == 2
+
+
+def test_preempted_sequence_waits_for_its_pending_token_before_recompute():
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    early, late = make_seq("early", 8, 1.0), make_seq("late", 8, 2.0)
+    sched.add(early)
+    sched.add(late)
+    in_flight = sched.schedule()  # both prefill; all 4 blocks used
+    # Scheduled ahead: both need a third block, so late is preempted while its first token is still pending.
+    ahead = sched.schedule()
+    assert names(ahead) == ["early"] and late.status is SeqStatus.WAITING and late.num_pending == 1
+    sched.finish(early)
+    assert sched.schedule() == []  # late's tokens are not all known yet: no recompute
+    advance(in_flight, token=9)  # its token arrives (early's is dropped by the engine: it finished)
+    batch = sched.schedule()
+    assert names(batch) == ["late"] and batch[0].token_ids == late.prompt_token_ids + [9] and batch[0].start == 0

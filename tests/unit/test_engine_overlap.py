@@ -1,0 +1,122 @@
+"""The AsyncEngine schedules step N+1 before step N's tokens are back (no Ray: one rank in this process).
+
+The workers then never wait for the engine. Tokens must still be exactly
+transformers' greedy tokens, including for requests that join mid-run, stop on
+a stop token a step earlier than the engine expected, or are aborted while two
+steps are in flight.
+"""
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from raytp.config import EngineConfig
+from raytp.engine import AsyncEngine
+from raytp.executor import LocalExecutor
+from raytp.sampling import SamplingParams
+from tests.helpers import load_reference, write_llama
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPTS = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 9, 30)]
+MAX_TOKENS = [12, 5, 20, 8]
+
+
+class CountingExecutor(LocalExecutor):
+    """A LocalExecutor that records how many steps were submitted and not yet finished at each submit."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unfinished, self.depths, self.lock = 0, [], threading.Lock()
+
+    def submit(self, seqs):
+        with self.lock:
+            self.unfinished += 1
+            self.depths.append(self.unfinished)
+        return super().submit(seqs)
+
+    def execute(self, seqs):
+        try:
+            return super().execute(seqs)
+        finally:
+            with self.lock:
+                self.unfinished -= 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = write_llama(tmp_path_factory.mktemp("overlap"))
+    model = load_reference(path)
+    model.generation_config.eos_token_id = None
+    refs = []
+    for prompt, n in zip(PROMPTS, MAX_TOKENS):
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        refs.append(out[0, len(prompt):].tolist())
+    return path, refs
+
+
+def run(path, coro_fn):
+    async def main():
+        executors = []
+
+        def factory(config, model_path, max_len):
+            executors.append(CountingExecutor(config, model_path, max_len, num_threads=1))
+            return executors[-1]
+
+        engine = AsyncEngine(EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, max_model_len=128),
+                             factory)
+        await engine.start()
+        try:
+            return await coro_fn(engine), executors[0], engine
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+async def tokens_of(engine, prompt, params, rid, delay=0.0):
+    await asyncio.sleep(delay)
+    final = None
+    async for out in engine.generate(prompt, params, rid):
+        final = out
+    return final.outputs[0].token_ids
+
+
+def test_pipelined_steps_give_transformers_tokens(checkpoint):
+    path, refs = checkpoint
+
+    async def go(engine):
+        # The later requests join while the first ones decode.
+        return await asyncio.gather(*(
+            tokens_of(engine, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), f"r{i}", delay=0.02 * i)
+            for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))))
+
+    outputs, executor, engine = run(path, go)
+    assert outputs == refs
+    assert max(executor.depths) == 2  # the next step was sent while one was running
+    assert engine.core.scheduler.blocks.num_free == engine.core.scheduler.blocks.num_blocks
+
+
+def test_stop_token_and_abort_while_steps_are_in_flight(checkpoint):
+    path, refs = checkpoint
+    stop_at = refs[2][6]  # request 2's 7th token
+    first_stop = refs[2].index(stop_at)
+
+    async def go(engine):
+        stopped = asyncio.create_task(tokens_of(
+            engine, PROMPTS[2], SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[stop_at]), "stop"))
+        full = asyncio.create_task(tokens_of(
+            engine, PROMPTS[0], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), "full"))
+        aborted = engine.generate(PROMPTS[3], SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True), "gone")
+        for _ in range(3):
+            await anext(aborted)
+        await aborted.aclose()  # aborts it with steps in flight
+        return await stopped, await full
+
+    (stopped, full), _, engine = run(path, go)
+    assert stopped == refs[2][: first_stop + 1]  # the stop token's id is kept, nothing after it
+    assert full == refs[0]
+    assert engine.core.requests == {}
+    assert engine.core.scheduler.blocks.num_free == engine.core.scheduler.blocks.num_blocks
