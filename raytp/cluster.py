@@ -105,8 +105,14 @@ class TPGroup(Executor):
 
     @staticmethod
     def _merge(results: list[StepResult]) -> StepResult:
+        # Each rank feeds its own samples back in as PREVIOUS_TOKEN, so ranks that disagree would
+        # silently compute different sequences: never expected (same logits, same seeds), so it is a bug.
+        tokens = results[0].token_ids
+        for rank, r in enumerate(results[1:], start=1):
+            if r.token_ids != tokens:
+                raise RuntimeError(f"TP rank {rank} sampled {r.token_ids} where rank 0 sampled {tokens}")
         # The ranks wait for each other in every collective: the slowest rank's time is the step's.
-        return StepResult(results[0].token_ids, max(r.collective_seconds for r in results),
+        return StepResult(tokens, max(r.collective_seconds for r in results),
                           max(r.step_seconds for r in results))
 
     def execute(self, seqs: list[SeqStep]) -> StepResult:

@@ -282,3 +282,24 @@ def test_groups_leave_no_shared_memory_behind(ray_cluster):
 
     asyncio.run(main())
     assert segments() - before == set()
+
+
+def test_unseeded_sampling_keeps_the_ranks_in_step(ray_cluster):
+    # Every rank samples and feeds its own token back in (the engine schedules ahead); with
+    # temperature, top-k and top-p and no seed the ranks still agree on every token (TPGroup checks
+    # each step), so every stream runs to its length without a restart or an error.
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)
+
+    async def main():
+        engine = _engine()
+        await engine.start()
+        try:
+            results, _ = await _run_all(engine, "sampled", params=params)
+            return results, engine.core.restarts
+        finally:
+            await engine.shutdown()
+
+    results, restarts = asyncio.run(main())
+    assert restarts == 0
+    assert [len(r) for r in results] == [MAX_TOKENS] * NUM_STREAMS
+    assert len({tuple(r) for r in results}) == NUM_STREAMS  # sampled, not one greedy answer
