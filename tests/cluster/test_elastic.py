@@ -59,19 +59,28 @@ def _engine(**overrides) -> AsyncEngine:
     return AsyncEngine(EngineConfig.parse(cfg))
 
 
-@pytest.fixture(scope="module")
-def reference(ray_cluster):
-    """Tokens of the streams in a run without faults (TP=2)."""
+def _with_engine(body, **overrides):
+    """Start an engine (TP=2 unless overridden), return `await body(engine)`, shut the engine down."""
 
     async def main():
-        engine = _engine()
+        engine = _engine(**overrides)
         await engine.start()
         try:
-            return (await _run_all(engine, "ref"))[0]
+            return await body(engine)
         finally:
             await engine.shutdown()
 
     return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster):
+    """Tokens of the streams in a run without faults (TP=2)."""
+
+    async def run(engine):
+        return (await _run_all(engine, "ref"))[0]
+
+    return _with_engine(run)
 
 
 async def _first_token_after(seen: dict, t0: float, counts: dict) -> float:
@@ -84,10 +93,7 @@ async def _first_token_after(seen: dict, t0: float, counts: dict) -> float:
 
 
 def test_killed_worker_resumes_every_stream(ray_cluster, reference):
-    async def main():
-        engine = _engine()
-        await engine.start()
-
+    async def run(engine):
         async def kill(seen):
             pids = await asyncio.to_thread(engine.core.executor.worker_pids)
             counts = {rid: n for rid, (n, _) in seen.items()}
@@ -95,13 +101,10 @@ def test_killed_worker_resumes_every_stream(ray_cluster, reference):
             os.kill(pids[1], signal.SIGKILL)
             return await _first_token_after(seen, t0, counts)
 
-        try:
-            results, info = await _run_all(engine, "kill", during=kill)
-            return results, info["during"], engine.core.restarts, engine.tp_size
-        finally:
-            await engine.shutdown()
+        results, info = await _run_all(engine, "kill", during=kill)
+        return results, info["during"], engine.core.restarts, engine.tp_size
 
-    results, resume_s, restarts, tp = asyncio.run(main())
+    results, resume_s, restarts, tp = _with_engine(run)
     print(f"kill -> first resumed token: {resume_s:.2f}s")
     assert results == reference
     assert restarts == 1
@@ -109,29 +112,21 @@ def test_killed_worker_resumes_every_stream(ray_cluster, reference):
 
 
 def test_hung_worker_is_caught_by_the_step_deadline(ray_cluster, reference):
-    async def main():
-        engine = _engine(step_timeout_s=3.0)
-        await engine.start()
-
+    async def run(engine):
         async def hang(seen):
             pids = await asyncio.to_thread(engine.core.executor.worker_pids)
             os.kill(pids[0], signal.SIGSTOP)  # rank 0 stops answering; it is killed by the rebuild
 
-        try:
-            results, _ = await _run_all(engine, "hang", during=hang)
-            return results, engine.core.restarts
-        finally:
-            await engine.shutdown()
+        results, _ = await _run_all(engine, "hang", during=hang)
+        return results, engine.core.restarts
 
-    results, restarts = asyncio.run(main())
+    results, restarts = _with_engine(run, step_timeout_s=3.0)
     assert results == reference
     assert restarts == 1
 
 
 def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
-    async def main():
-        engine = _engine()
-        await engine.start()
+    async def run(engine):
         sizes = []
 
         async def resize(seen):
@@ -147,13 +142,10 @@ def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
             sizes.append(engine.tp_size)
             print(f"resize 1 -> 2: group rebuilt in {engine.last_recovery_s:.2f}s")
 
-        try:
-            results, _ = await _run_all(engine, "resize", during=resize)
-            return results, sizes, engine.core.restarts
-        finally:
-            await engine.shutdown()
+        results, _ = await _run_all(engine, "resize", during=resize)
+        return results, sizes, engine.core.restarts
 
-    results, sizes, restarts = asyncio.run(main())
+    results, sizes, restarts = _with_engine(run)
     assert sizes == [1, 2]
     assert results == reference
     assert restarts == 2
@@ -290,16 +282,11 @@ def test_unseeded_sampling_keeps_the_ranks_in_step(ray_cluster):
     # each step), so every stream runs to its length without a restart or an error.
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)
 
-    async def main():
-        engine = _engine()
-        await engine.start()
-        try:
-            results, _ = await _run_all(engine, "sampled", params=params)
-            return results, engine.core.restarts
-        finally:
-            await engine.shutdown()
+    async def run(engine):
+        results, _ = await _run_all(engine, "sampled", params=params)
+        return results, engine.core.restarts
 
-    results, restarts = asyncio.run(main())
+    results, restarts = _with_engine(run)
     assert restarts == 0
     assert [len(r) for r in results] == [MAX_TOKENS] * NUM_STREAMS
     assert len({tuple(r) for r in results}) == NUM_STREAMS  # sampled, not one greedy answer
