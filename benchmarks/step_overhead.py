@@ -9,6 +9,11 @@ prompt, then one token each per step) on
   (d) TPGroup TP=2 with shared-memory all-reduce/all-gather (the default on CPU).
   collective ms: time inside all-reduce/all-gather per step, waiting for the peer included.
 
+Then (a) and (b) again with the next step sent before the previous one's
+tokens are back, as AsyncEngine does (PREVIOUS_TOKEN inputs, two steps in
+flight): the step time it shows is what a client sees per decode step, and
+(b) pipelined - (a) pipelined is what Ray still costs.
+
 Every rank uses one intra-op thread (as TPGroup's CPU workers do), so the
 in-process run is configured the same way; the three take turns step by step,
 so other load on the machine hits them alike. The model is the 58M-parameter
@@ -21,6 +26,7 @@ intermediate 1536, vocab 32000, fp32, random weights from a fixed seed) that
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import time
@@ -31,6 +37,7 @@ from raytp.config import EngineConfig
 from raytp.executor import Executor, LocalExecutor
 from raytp.sampling import SamplingParams
 from raytp.bench.checkpoint import ensure_bench_checkpoint
+from raytp.scheduler import PREVIOUS_TOKEN
 from raytp.worker import SeqStep
 
 PROMPT_LEN, BLOCK_SIZE, MAX_MODEL_LEN = 32, 16, 256
@@ -62,6 +69,29 @@ class DecodeRun:
         wall = time.perf_counter() - t0
         self.last, self.pos = result.token_ids, self.pos + 1
         return wall, result.step_seconds, result.collective_seconds
+
+
+def time_pipelined(executor: Executor, batch: int, steps: int, warmup: int = 3) -> float:
+    """Seconds per decode step with two steps in flight (each step's inputs are the previous step's samples)."""
+    run = DecodeRun(executor, batch)
+    rids = [f"seq-{i}" for i in range(batch)]
+    # The worker remembers its samples by request id: one more step with real tokens names them.
+    executor.execute([SeqStep([tok], run.pos, t, GREEDY, 1, rid) for tok, t, rid in zip(run.last, run.tables, rids)])
+
+    async def go() -> float:
+        in_flight, t0 = [], 0.0
+        for i in range(warmup + steps):
+            if i == warmup:
+                t0 = time.perf_counter()
+            pos = run.pos + 1 + i
+            in_flight.append(executor.submit([SeqStep([PREVIOUS_TOKEN], pos, t, GREEDY, pos - PROMPT_LEN + 1, rid)
+                                              for t, rid in zip(run.tables, rids)]))
+            if len(in_flight) == 2:
+                await in_flight.pop(0)
+        await in_flight.pop(0)
+        return (time.perf_counter() - t0) / steps
+
+    return asyncio.run(go())
 
 
 def time_decode(executors: dict[str, Executor], batch: int, steps: int, warmup: int = 3) -> dict[str, dict]:
@@ -103,6 +133,8 @@ def main() -> None:
         for ex, tp in executors.values():
             ex.start(tp)
         by_batch = {b: time_decode({n: ex for n, (ex, _) in executors.items()}, b, args.steps) for b in args.batches}
+        pipelined = {name: {b: time_pipelined(executors[name][0], b, args.steps) for b in args.batches}
+                     for name in names[:2]}
     finally:
         for ex, _ in executors.values():
             ex.shutdown()
@@ -123,6 +155,13 @@ def main() -> None:
     for b in args.batches:
         print(f"Ray dispatch overhead at batch {b:>2} (b - a): {(tp1[b]['step'] - local[b]['step']) * 1e3:6.2f} ms/step"
               f"   (b's step - b's worker time: {(tp1[b]['step'] - tp1[b]['worker']) * 1e3:.2f} ms)")
+    print("\nwith the next step sent ahead (two in flight, as AsyncEngine runs them):")
+    for name, by_batch in pipelined.items():
+        for b, sec in by_batch.items():
+            print(f"{name:32} {b:>5} {sec * 1e3:>9.2f} ms/step {b / sec:>9.1f} tokens/s")
+    for b in args.batches:
+        gap = pipelined[names[1]][b] - pipelined[names[0]][b]
+        print(f"Ray overhead left at batch {b:>2} (b - a, both sent ahead): {gap * 1e3:6.2f} ms/step")
 
 
 if __name__ == "__main__":
