@@ -79,12 +79,14 @@ def sample(
     token being sampled), used to seed its generator. `generator` serves the
     unseeded requests.
     """
-    logits = logits.float().cpu()  # (B, V)
-    out = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+    out = logits.argmax(dim=-1).tolist()  # greedy for every row, on the logits' device: only B ids reach the host
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return out
+    rows = logits[sampled].float().cpu()  # (S, V): only the rows that sample come to the host
+    for row, i in zip(rows, sampled):
+        p = params[i]
+        row = _filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)  # (V,)
         gen = generator if p.seed is None else _seeded_generator(p.seed, num_generated[i])
         out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
