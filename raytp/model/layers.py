@@ -93,8 +93,9 @@ class ParallelLMHead(nn.Module):
     """Output projection split by vocabulary rows, like VocabParallelEmbedding.
 
     Each rank computes the logits of its vocabulary slice; one all-gather
-    concatenates them (only rank 0 samples, but NCCL has no gather, so every
-    rank receives them). With tied embeddings the weight is the embedding's.
+    concatenates them on every rank, and every rank samples the same tokens
+    from them (each feeds its own samples into the next step). With tied
+    embeddings the weight is the embedding's.
     """
 
     def __init__(self, embedding: VocabParallelEmbedding, tied: bool, hidden_size: int, dtype: torch.dtype):
