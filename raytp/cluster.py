@@ -125,11 +125,11 @@ class TPGroup(Executor):
             while pending:
                 done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
                 if not done:
-                    raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s")
+                    raise self._too_slow()
                 ray.get(done)
             return self._merge(ray.get(refs))
         except RayError as err:
-            raise GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}") from err
+            raise _worker_failed(err) from err
 
     def submit(self, seqs: list[SeqStep]):
         # The calls go out now; each actor runs its calls in the order they were sent.
@@ -141,9 +141,12 @@ class TPGroup(Executor):
             results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.step_timeout_s)
             return self._merge(results)
         except asyncio.TimeoutError:
-            raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s") from None
+            raise self._too_slow() from None
         except RayError as err:
-            raise GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}") from err
+            raise _worker_failed(err) from err
+
+    def _too_slow(self) -> GroupFailure:
+        return GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s")
 
     def can_place(self, tp_size: int, wait_s: float = 1.0) -> bool:
         """Whether a group of tp_size could be placed now (probes with a placement group that is removed again)."""
@@ -175,3 +178,7 @@ class TPGroup(Executor):
             remove_placement_group(self.pg)
             self.pg = None
         self.tp_size = 0
+
+
+def _worker_failed(err: RayError) -> GroupFailure:
+    return GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}")
