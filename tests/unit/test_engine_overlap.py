@@ -57,7 +57,7 @@ def checkpoint(tmp_path_factory):
     return path, refs
 
 
-def run(path, coro_fn):
+def run(path, coro_fn, **config):
     async def main():
         executors = []
 
@@ -65,8 +65,8 @@ def run(path, coro_fn):
             executors.append(CountingExecutor(config, model_path, max_len, num_threads=1))
             return executors[-1]
 
-        engine = AsyncEngine(EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, max_model_len=128),
-                             factory)
+        settings = dict(model=path, device="cpu", dtype="float32", block_size=4, max_model_len=128)
+        engine = AsyncEngine(EngineConfig(**{**settings, **config}), factory)
         await engine.start()
         try:
             return await coro_fn(engine), executors[0], engine
@@ -120,3 +120,28 @@ def test_stop_token_and_abort_while_steps_are_in_flight(checkpoint):
     assert full == refs[0]
     assert engine.core.requests == {}
     assert engine.core.scheduler.blocks.num_free == engine.core.scheduler.blocks.num_blocks
+
+
+def test_preemption_with_steps_in_flight_keeps_the_tokens(checkpoint):
+    # 12 blocks of 4 tokens: the four requests (5+12, 17+5, 9+20 and 30+8 tokens at the end) do not fit
+    # together, so sequences are preempted, some while a step in flight still samples their token.
+    path, refs = checkpoint
+    preempted = []
+
+    async def go(engine):
+        sched = engine.core.scheduler
+        preempt = sched._preempt
+
+        def counting_preempt(seq):
+            preempted.append((seq.request_id, seq.num_pending))
+            preempt(seq)
+
+        sched._preempt = counting_preempt
+        return await asyncio.gather(*(
+            tokens_of(engine, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), f"p{i}")
+            for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))))
+
+    outputs, _, engine = run(path, go, num_kv_blocks=12, max_model_len=48)
+    assert outputs == refs
+    assert any(pending for _, pending in preempted), preempted  # preempted with its token still on the worker
+    assert engine.core.scheduler.blocks.num_free == 12
