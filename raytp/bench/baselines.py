@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from raytp.bench.loadgen import Mark, RequestResult, RequestSpec, RunResult
+from raytp.bench.loadgen import Mark, RequestResult, RequestSpec, RunResult, offered_rate
 
 
 # ---- transformers ---------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def run_transformers_static(model, specs: list[RequestSpec], arrivals: list[floa
             bar.update(len(batch))
     finally:
         bar.close()
-    run = RunResult(name, batch_size, float("inf"), end - t0, results,
+    run = RunResult(name, batch_size, offered_rate(arrivals), end - t0, results,
                     extra={"batch_size": batch_size, "threads": torch.get_num_threads()})
     return run
 

@@ -129,6 +129,13 @@ def arrival_times(num_requests: int, request_rate: float, seed: int = 0) -> list
     return out
 
 
+def offered_rate(arrivals: list[float]) -> float:
+    """Requests/s the arrival times offer: inf for a burst."""
+    if not arrivals or all(a == 0 for a in arrivals):
+        return math.inf
+    return len(arrivals) / max(arrivals[-1], 1e-9)
+
+
 async def run_load(backend: Backend, specs: list[RequestSpec], arrivals: list[float], concurrency: int,
                    progress: bool = True, desc: str | None = None) -> RunResult:
     """Send every request at its arrival time (at most `concurrency` in flight) and time it."""
@@ -169,8 +176,7 @@ async def run_load(backend: Backend, specs: list[RequestSpec], arrivals: list[fl
         await asyncio.gather(*(one(s, a, r) for s, a, r in zip(specs, arrivals, results)))
     finally:
         bar.close()
-    rate = math.inf if not arrivals or all(a == 0 for a in arrivals) else len(arrivals) / max(arrivals[-1], 1e-9)
-    return RunResult(backend.name, concurrency, rate, last_end - t0, results)
+    return RunResult(backend.name, concurrency, offered_rate(arrivals), last_end - t0, results)
 
 
 # ---- the OpenAI-API backend ------------------------------------------------------------

@@ -112,7 +112,7 @@ def runs_table(summaries: list[dict]) -> str:
         header += [f"{metric} p{p}" for p in PERCENTILES]
     rows = []
     for s in summaries:
-        row = [s["backend"], str(s["concurrency"]), _fmt(s.get("threads")), str(s["request_rate"]), f"{s['completed']}/{s['num_requests']}",
+        row = [s["backend"], str(s["concurrency"]), _fmt(s.get("threads")), _fmt(s["request_rate"]), f"{s['completed']}/{s['num_requests']}",
                _fmt(s["output_throughput"]), _fmt(s["request_throughput"], 2)]
         for key in ("ttft_ms", "itl_ms", "e2e_ms"):
             row += [_fmt(s[key][f"p{p}"]) for p in PERCENTILES]
