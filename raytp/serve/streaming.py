@@ -1,0 +1,135 @@
+"""Running a request's prompts on the engine and turning their outputs into an HTTP answer.
+
+`start_requests` admits every prompt of one HTTP request (all or nothing),
+`merge` interleaves their outputs as they come, `sse_events` renders them
+as an SSE body and `collect` waits for the final outputs. Closing any of
+these generators aborts the engine's requests, which frees their KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import aclosing
+from typing import TYPE_CHECKING, AsyncIterator, Callable
+
+from fastapi import Request
+
+from raytp.outputs import RequestOutput
+from raytp.sampling import SamplingParams
+from raytp.serve.protocol import APIError
+
+if TYPE_CHECKING:
+    from raytp.engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+
+async def start_requests(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
+                         base_id: str) -> list[tuple[AsyncIterator[RequestOutput], RequestOutput]]:
+    """Admit every prompt and wait for its first output; all-or-nothing.
+
+    The engine validates a request when its generator first runs, so bad
+    input raises here, before any response has been sent. Closing a
+    generator (or cancelling the task that iterates it) aborts its request.
+    """
+    gens = [engine.generate(ids, params, f"{base_id}-{i}") for i, ids in enumerate(prompts)]
+    try:
+        firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+    except BaseException:
+        await _close_all(gens)
+        raise
+    errors = [r for r in firsts if isinstance(r, BaseException)]
+    if errors:
+        await _close_all(gens)
+        raise errors[0]
+    return list(zip(gens, firsts))
+
+
+async def _close_all(gens) -> None:
+    await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+
+
+async def merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the outputs of started requests as they come: (prompt index, output).
+
+    Closing this generator (or cancelling its consumer) cancels the pumps,
+    which closes the engine's generators: their requests are aborted.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, gen, first):
+        try:
+            queue.put_nowait((i, first))
+            if not first.finished:
+                async for out in gen:
+                    queue.put_nowait((i, out))
+        except Exception as err:
+            queue.put_nowait((i, err))
+        finally:
+            await gen.aclose()
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, g, first)) for i, (g, first) in enumerate(started)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def sse_events(request: Request, rid: str, started, render: Callable[[int, RequestOutput], str],
+                     tail: Callable[[int], str | None], head: str | None = None) -> AsyncIterator[str]:
+    """The SSE body of a streamed answer: chunks as outputs arrive, the usage chunk, then [DONE].
+
+    A client that goes away aborts its requests: Starlette cancels this
+    generator (or the check between chunks sees it), and closing the merged
+    stream closes the engine's generators, which frees the KV blocks.
+    """
+    generated = [0] * len(started)
+    try:
+        if head is not None:
+            yield head
+        async with aclosing(merge(started)) as stream:
+            async for i, out in stream:
+                generated[i] = len(out.outputs[0].token_ids)
+                # A chunk per new token, even while its text is held back (or the model has no tokenizer).
+                if out.delta_text or out.delta_token_ids or out.finished:
+                    yield render(i, out)
+                if await request.is_disconnected():
+                    log.info("client went away: aborting %s", rid)
+                    return
+        last = tail(sum(generated))  # the usage chunk, if asked for
+        if last is not None:
+            yield last
+    except Exception as err:
+        yield _stream_error(err)
+    yield sse("[DONE]")
+
+
+async def collect(started) -> list[RequestOutput]:
+    """Run started requests to the end; returns each one's final output."""
+    finals = [first for _, first in started]
+    async with aclosing(merge(started)) as stream:
+        async for i, out in stream:
+            finals[i] = out
+    return finals
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _stream_error(err: BaseException) -> str:
+    log.exception("request failed while streaming", exc_info=err)
+    return sse(APIError(500, f"generation failed: {err}", "server_error").body())
