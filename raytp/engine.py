@@ -201,7 +201,7 @@ class EngineCore:
             outputs.append(self._output(state))
         if self.metrics:
             self.metrics.on_step(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.blocks.usage(),
-                                 result.collective_seconds)
+                                 result.collective_seconds, result.step_seconds)
         return outputs
 
     def _record_token_time(self, state: RequestState, now: float) -> None:

@@ -30,6 +30,8 @@ class EngineMetrics:
         self.e2e = hist("raytp_e2e_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
         self.queue = hist("raytp_request_queue_time_seconds", "Time a request waited before its first step.", LATENCY_BUCKETS)
         self.allreduce = hist("raytp_allreduce_seconds", "Time the ranks spent in TP collectives per step.", COLLECTIVE_BUCKETS)
+        # Its rate is the fraction of time the TP group computes: near 1 when the engine keeps the ranks busy.
+        self.step = hist("raytp_step_seconds", "Time the TP group spent running a step (slowest rank).", LATENCY_BUCKETS)
         self.running = Gauge("raytp_num_requests_running", description="Requests in the running batch.", tag_keys=keys)
         self.waiting = Gauge("raytp_num_requests_waiting", description="Requests waiting to be scheduled.", tag_keys=keys)
         self.kv_usage = Gauge("raytp_kv_cache_usage_perc", description="Fraction of KV-cache blocks in use (0-1).", tag_keys=keys)
@@ -39,9 +41,11 @@ class EngineMetrics:
         self.success = Counter("raytp_request_success", description="Finished requests by reason.", tag_keys=keys + ("finished_reason",))
         self.restarts = Counter("raytp_tp_group_restarts", description="TP group rebuilds (failures and resizes).", tag_keys=keys)
 
-    def on_step(self, num_running: int, num_waiting: int, kv_usage: float, collective_seconds: float) -> None:
+    def on_step(self, num_running: int, num_waiting: int, kv_usage: float, collective_seconds: float,
+                step_seconds: float) -> None:
         self.set_load(num_running, num_waiting, kv_usage)
         self.allreduce.observe(collective_seconds, tags=self.tags)
+        self.step.observe(step_seconds, tags=self.tags)
 
     def set_load(self, num_running: int, num_waiting: int, kv_usage: float) -> None:
         self.running.set(num_running, tags=self.tags)

@@ -70,6 +70,7 @@ RAYTP_HISTOGRAMS = frozenset(
         "raytp_e2e_request_latency_seconds",
         "raytp_request_queue_time_seconds",
         "raytp_allreduce_seconds",
+        "raytp_step_seconds",
     }
 )
 RAYTP_GAUGES = frozenset(

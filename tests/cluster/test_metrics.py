@@ -133,7 +133,11 @@ def test_scrape_has_every_family_with_the_right_values(ray_cluster, served):
         assert max(v for lab, v in buckets if lab["le"] == "+Inf") == n
     # One inter-token gap per token after the first.
     assert total(m, "ray_raytp_inter_token_latency_seconds_count", model_name=MODEL) == gen - n
-    assert total(m, "ray_raytp_allreduce_seconds_count", model_name=MODEL) > 0
+    steps = total(m, "ray_raytp_allreduce_seconds_count", model_name=MODEL)
+    assert steps > 0
+    # One step-time observation per step, next to its all-reduce time; steps take time.
+    assert total(m, "ray_raytp_step_seconds_count", model_name=MODEL) == steps
+    assert total(m, "ray_raytp_step_seconds_sum", model_name=MODEL) > 0
     kv = [v for lab, v in m["ray_raytp_kv_cache_usage_perc"] if lab.get("model_name") == MODEL]
     assert kv and all(0.0 <= v <= 1.0 for v in kv)
     # Every metric the dashboard queries exists in this scrape.

@@ -72,6 +72,7 @@ def test_required_panels_present():
     for q in ("0.5", "0.99"):
         for h in ("request_queue_time_seconds", "allreduce_seconds"):
             assert f"histogram_quantile({q}, sum by (le, model_name) (rate(ray_raytp_{h}_bucket" in exprs
+    assert "histogram_quantile(0.5, sum by (le, model_name) (rate(ray_raytp_step_seconds_bucket" in exprs
     used = sc.dashboard_metric_names(DASH)
     assert sc.exported_raytp_names() & used >= {
         "ray_raytp_prompt_tokens_total", "ray_raytp_generation_tokens_total",
