@@ -68,6 +68,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     cmp_.add_argument("--cpus-per-rank", type=int, default=1,
                       help="raytp's cpus_per_rank: torch threads of the in-process engine, and passed to the raytp "
                            "serve it starts (default: 1)")
+    cmp_.add_argument("--tensor-parallel-size", type=int, default=1,
+                      help="TP degree of the raytp serve started for the HTTP runs (default: 1; the in-process "
+                           "engine is always TP=1, so the serving overhead is only reported at 1)")
     out = parser.add_argument_group("output")
     out.add_argument("--out-json", help="write the report as JSON here")
     out.add_argument("--out-png", help="write the latency-vs-throughput plot here (PNG)")
@@ -80,6 +83,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         num_prompts=args.num_prompts, prompt_len=args.prompt_len, output_len=args.output_len,
         request_rate=args.request_rate, concurrency=args.concurrency, seed=args.seed, backends=args.backends,
         hf_batch_sizes=args.hf_batch_sizes, hf_threads=args.hf_threads, cpus_per_rank=args.cpus_per_rank,
+        tensor_parallel_size=args.tensor_parallel_size,
         server_args=list(args.server_arg), out_json=args.out_json, out_png=args.out_png,
         progress=not args.no_progress, repeat=args.repeat,
     )
@@ -91,8 +95,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
         print(ensure_bench_checkpoint())
         return 0
-    if args.num_prompts < 1 or args.repeat < 1 or args.cpus_per_rank < 1:
-        print("raytp bench: error: --num-prompts, --repeat and --cpus-per-rank must be >= 1", file=sys.stderr)
+    if min(args.num_prompts, args.repeat, args.cpus_per_rank, args.tensor_parallel_size) < 1:
+        print("raytp bench: error: --num-prompts, --repeat, --cpus-per-rank and --tensor-parallel-size must be >= 1",
+              file=sys.stderr)
         return 2
     opts = options_from_args(args)
     try:

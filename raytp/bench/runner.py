@@ -43,6 +43,7 @@ class BenchOptions:
     hf_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
     hf_threads: list[int] | None = None  # torch threads for transformers (each is tried); default: all cores
     cpus_per_rank: int = 1  # raytp's cpus_per_rank (CPU: torch threads per rank), in-process and for the server started
+    tensor_parallel_size: int = 1  # of the raytp serve started for the HTTP runs (in-process is always TP=1)
     server_args: list[str] = field(default_factory=list)  # extra `raytp serve` options
     out_json: str | None = None
     out_png: str | None = None
@@ -113,7 +114,7 @@ def _best(runs: list[RunResult]) -> RunResult:
 
 
 async def _http_sweep(url: str, opts: BenchOptions, specs, arrivals, vocab: int, name: str,
-                      threads: int | None = None) -> list[RunResult]:
+                      threads: int | None = None, tp: int | None = None) -> list[RunResult]:
     backend = OpenAIBackend(url, opts.served_model_name or "", max_connections=max(opts.concurrency) + 4, name=name)
     try:
         if not opts.served_model_name:
@@ -128,6 +129,8 @@ async def _http_sweep(url: str, opts: BenchOptions, specs, arrivals, vocab: int,
             run.extra.update({"url": url, "loadavg_1m_before": load})
             if threads is not None:
                 run.extra["threads"] = threads
+            if tp is not None:
+                run.extra["tensor_parallel_size"] = tp
             runs.append(run)
             summary = report.summarize(run)
             _say(f"{name} c={c}: {summary['output_throughput']:.1f} output tok/s")
@@ -146,9 +149,10 @@ def run_http(opts: BenchOptions, model_path: str | None, specs, arrivals, vocab:
         raise ValueError("give --url (a running server) or --model (raytp serve is started for it)")
     from raytp.bench.server import ServerProcess
 
-    server = ServerProcess(model_path, 1, "cpu", extra_args=["--cpus-per-rank", str(opts.cpus_per_rank), *opts.server_args])
+    tp = opts.tensor_parallel_size
+    server = ServerProcess(model_path, tp, "cpu", extra_args=["--cpus-per-rank", str(opts.cpus_per_rank), *opts.server_args])
     with server:
-        runs = asyncio.run(_http_sweep(server.url, opts, specs, arrivals, vocab, name, threads=opts.cpus_per_rank))
+        runs = asyncio.run(_http_sweep(server.url, opts, specs, arrivals, vocab, name, threads=opts.cpus_per_rank, tp=tp))
     return runs, {"server_cmd": server.cmd, "server_log": server.log_path}
 
 
@@ -245,8 +249,9 @@ def compare_summary(summaries: list[dict]) -> dict:
         http = next((s for s in summaries if s["backend"] in ("raytp-http", "http") and s["concurrency"] == c), None)
         for label, s in (("raytp in-process", inproc), ("raytp HTTP", http)):
             if s is not None:
+                tp = f", TP={s['tensor_parallel_size']}" if s.get("tensor_parallel_size", 1) > 1 else ""
                 thr = f", {s['threads']} thr" if s.get("threads") else ""
-                rows.append({"label": label, "setting": f"concurrency {c}{thr}", "summary": s})
+                rows.append({"label": label, "setting": f"concurrency {c}{tp}{thr}", "summary": s})
         entry = {"concurrency": c, "http_vs_hf_static": None, "serving_overhead": None,
                  "http_vs_hf_static_same_threads": None, "inprocess_vs_hf_static_same_threads": None}
         if http is not None and best is not None and best["output_throughput"] > 0:
@@ -260,7 +265,9 @@ def compare_summary(summaries: list[dict]) -> dict:
             entry["inprocess_vs_hf_static_same_threads"] = inproc["output_throughput"] / same["output_throughput"]
             if http is not None:
                 entry["http_vs_hf_static_same_threads"] = http["output_throughput"] / same["output_throughput"]
-        if http is not None and inproc is not None and inproc["output_throughput"] > 0:
+        # The cost of Ray + Serve + HTTP: only meaningful when both ran the same TP degree (in-process is TP=1).
+        if http is not None and inproc is not None and inproc["output_throughput"] > 0 \
+                and http.get("tensor_parallel_size", 1) == 1:
             entry["serving_overhead"] = 1.0 - http["output_throughput"] / inproc["output_throughput"]
         per_c.append(entry)
     headline = per_c[-1] if per_c else {}

@@ -115,6 +115,10 @@ def test_bench_inprocess_and_http(ray_cluster, tmp_path):
     assert [r["label"] for r in compare["rows"]] == ["raytp in-process", "raytp HTTP"]
     text = report.runs_table(summaries) + report.compare_table(compare)
     assert "raytp-http" in text and "serving overhead" in text
+    # An HTTP run at TP=2 is labelled so, and not compared with the TP=1 in-process engine for overhead.
+    tp2 = compare_summary([summaries[0], {**summaries[1], "tensor_parallel_size": 2}])
+    assert tp2["per_concurrency"][0]["serving_overhead"] is None
+    assert "TP=2" in tp2["rows"][1]["setting"]
 
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     report.write_json(str(out_json), {"runs": summaries, "compare": compare})
@@ -133,6 +137,8 @@ def test_bench_arguments():
     opts = options_from_args(args)
     assert args.mode == "compare"
     assert (opts.concurrency, opts.prompt_len, opts.output_len, opts.request_rate) == ([1, 4], (16, 128), (32, 32), 2.5)
+    assert opts.tensor_parallel_size == 1
+    assert options_from_args(parser.parse_args(["compare", "--tensor-parallel-size", "2"])).tensor_parallel_size == 2
     assert parser.parse_args([]).mode == "run" and math.isinf(parser.parse_args([]).request_rate)
     for bad in (["--prompt-len", "9:3"], ["--concurrency", "0"], ["--request-rate", "0"]):
         with pytest.raises(SystemExit):
