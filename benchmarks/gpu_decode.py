@@ -33,7 +33,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from raytp.random_checkpoint import default_cache_dir, ensure_dir, llama_config, write_json
+from raytp.random_checkpoint import default_cache_dir, ensure_dir, llama_config, llama_layer_weights, write_json
 
 SHAPES = {
     # Llama-3-8B: the real model's shapes and rope theta, random weights.
@@ -54,8 +54,7 @@ def _write_sharded(out_dir: str, config: dict, dtype: torch.dtype, device: str, 
     write_json(out_dir, "generation_config.json", {"bos_token_id": config["bos_token_id"],
                                                    "eos_token_id": config["eos_token_id"]})
     g = torch.Generator(device=device).manual_seed(seed)
-    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q_rows, kv_rows = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    h, vocab = config["hidden_size"], config["vocab_size"]
 
     def normal(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
@@ -65,14 +64,7 @@ def _write_sharded(out_dir: str, config: dict, dtype: torch.dtype, device: str, 
                                                 "model.norm.weight": torch.ones(h, dtype=dtype),
                                                 "lm_head.weight": normal(vocab, h)})]
     for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shards.append((f"model-layer-{i:03d}.safetensors", {
-            p + "self_attn.q_proj.weight": normal(q_rows, h), p + "self_attn.k_proj.weight": normal(kv_rows, h),
-            p + "self_attn.v_proj.weight": normal(kv_rows, h), p + "self_attn.o_proj.weight": normal(h, q_rows),
-            p + "mlp.gate_proj.weight": normal(inter, h), p + "mlp.up_proj.weight": normal(inter, h),
-            p + "mlp.down_proj.weight": normal(h, inter),
-            p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype)}))
+        shards.append((f"model-layer-{i:03d}.safetensors", llama_layer_weights(config, i, normal, dtype)))
     for name, tensors in shards:
         save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})

@@ -53,28 +53,37 @@ def llama_config(*, hidden: int, intermediate: int, layers: int, heads: int, kv_
     }
 
 
+def llama_layer_weights(config: dict, i: int, normal: Callable[..., torch.Tensor],
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Decoder layer i's standard HF Llama tensors: `normal(*shape)` draws each matrix (in a fixed order), norms are ones."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    q_rows = config["num_attention_heads"] * config["head_dim"]
+    kv_rows = config["num_key_value_heads"] * config["head_dim"]
+    p = f"model.layers.{i}."
+    return {
+        p + "self_attn.q_proj.weight": normal(q_rows, h),
+        p + "self_attn.k_proj.weight": normal(kv_rows, h),
+        p + "self_attn.v_proj.weight": normal(kv_rows, h),
+        p + "self_attn.o_proj.weight": normal(h, q_rows),
+        p + "mlp.gate_proj.weight": normal(inter, h),
+        p + "mlp.up_proj.weight": normal(inter, h),
+        p + "mlp.down_proj.weight": normal(h, inter),
+        p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
+        p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype),
+    }
+
+
 def random_llama_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     """Every standard HF Llama tensor for `config`: N(0, 0.02) from one seeded generator in a fixed order; norms ones."""
     g = torch.Generator().manual_seed(seed)
-    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q_rows = config["num_attention_heads"] * config["head_dim"]
-    kv_rows = config["num_key_value_heads"] * config["head_dim"]
+    h, vocab = config["hidden_size"], config["vocab_size"]
 
     def normal(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float32) * 0.02
 
     w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(vocab, h)}
     for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = normal(q_rows, h)
-        w[p + "self_attn.k_proj.weight"] = normal(kv_rows, h)
-        w[p + "self_attn.v_proj.weight"] = normal(kv_rows, h)
-        w[p + "self_attn.o_proj.weight"] = normal(h, q_rows)
-        w[p + "mlp.gate_proj.weight"] = normal(inter, h)
-        w[p + "mlp.up_proj.weight"] = normal(inter, h)
-        w[p + "mlp.down_proj.weight"] = normal(h, inter)
-        w[p + "input_layernorm.weight"] = torch.ones(h)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(h)
+        w.update(llama_layer_weights(config, i, normal))
     w["model.norm.weight"] = torch.ones(h)
     w["lm_head.weight"] = normal(vocab, h)
     return w
