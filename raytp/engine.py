@@ -415,7 +415,8 @@ class AsyncEngine:
                 try:
                     result = await done_step
                 except GroupFailure as err:
-                    in_flight = _discard(in_flight)
+                    _discard(in_flight)
+                    in_flight = None
                     await self._rebuild(str(err))
                     continue
                 for out in core.postprocess(done_batch, result):
@@ -427,7 +428,8 @@ class AsyncEngine:
                 raise
             except Exception as err:  # a bug or an unrecoverable group: fail the requests, keep serving
                 log.exception("engine step failed")
-                in_flight = _discard(in_flight)
+                _discard(in_flight)
+                in_flight = None
                 for rid, queue in list(self._queues.items()):
                     queue.put_nowait(RuntimeError(f"engine error: {err}"))
                     core.abort(rid)
@@ -441,7 +443,7 @@ class AsyncEngine:
 
 
 def _discard(in_flight) -> None:
-    """Drop a submitted step whose result is no longer wanted (its group failed); returns None."""
+    """Drop a submitted step whose result is no longer wanted (its group failed, or the loop stops)."""
     if in_flight is not None:
         step = asyncio.ensure_future(in_flight[1])
         step.cancel()
