@@ -87,7 +87,8 @@ class TPGroup(Executor):
             rendezvous = ray.get(self.workers[0].make_rendezvous.remote(self.config.cpu_collectives), timeout=timeout)
             backends = ray.get([w.init_communicator.remote(rendezvous, timeout) for w in self.workers], timeout=timeout)
             log.info("TP group of %d ranks connected over %s", tp_size, backends[0])
-            ray.get([w.load.remote(self.model_path) for w in self.workers], timeout=timeout)
+            ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights) for w in self.workers],
+                    timeout=timeout)
             bs = self.config.block_size
             capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization) for w in self.workers], timeout=timeout))
             self.num_kv_blocks = choose_num_kv_blocks(self.config, self.max_model_len, capacity)

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from raytp.config import EngineConfig
 from raytp.executor import Executor, GroupFailure, PlacementError
+from raytp.model.attention import prebuild as prebuild_attention
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
 from raytp.outputs import CompletionOutput, RequestOutput
@@ -66,6 +67,7 @@ class EngineCore:
         self.max_model_len = config.max_model_len or limit
         self.tokenizer = Tokenizer.from_dir(self.model_path)
         self.model_name = config.served_model_name or ("tiny" if config.model == "tiny" else config.model_name())
+        prebuild_attention(config.resolved_device(), config.attention_backend)
         self.executor = executor_factory(config, self.model_path, self.max_model_len)
         self.metrics = metrics
         self.requests: dict[str, RequestState] = {}

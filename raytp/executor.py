@@ -94,7 +94,7 @@ class LocalExecutor(Executor):
         cfg = self.config
         w = TPWorker(0, 1, cfg.resolved_device(), cfg.resolved_dtype(), cfg.seed, self.num_threads)
         w.init_communicator(None)
-        w.load(self.model_path)
+        w.load(self.model_path, cfg.attention_backend, cfg.pack_weights)
         self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization))
         w.init_kv_cache(self.num_kv_blocks, cfg.block_size)
         self.worker = w

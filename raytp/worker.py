@@ -30,7 +30,7 @@ from raytp.comm import (
     create_shm_rendezvous,
     free_port,
 )
-from raytp.model.attention import SeqChunk, build_metadata
+from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
 from raytp.sampling import SamplingParams, sample
 from raytp.scheduler import PREVIOUS_TOKEN
@@ -145,12 +145,14 @@ class TPWorker:
 
     # ---- weights and KV cache -------------------------------------------------
 
-    def load(self, model_path: str) -> dict:
+    def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True) -> dict:
         device = "cuda" if self.device == "cuda" else "cpu"
-        self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0)
+        attention = select_backend(device, attention_backend)
+        self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
+                                attention=attention, pack_weights=pack_weights)
         from raytp.model.loader import weight_bytes
 
-        return {"rank": self.rank, "weight_bytes": weight_bytes(self.model)}
+        return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.name}
 
     def kv_block_bytes(self, block_size: int) -> int:
         shape = self.model.kv_cache_shape(block_size)

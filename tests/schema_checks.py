@@ -51,6 +51,8 @@ APP_CONFIG_KEYS = frozenset(
         "require_nvlink",
         "cpu_collectives",
         "cpus_per_rank",
+        "attention_backend",
+        "pack_weights",
     }
 )
 # What `user_config` may carry (reconfigure of a live replica).

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytp.comm import Communicator
-from raytp.model.attention import AttentionMetadata, paged_attention
+from raytp.model.attention import AttentionBackend, AttentionMetadata
 from raytp.model.layers import (
     ColumnParallelLinear,
+    PackableLinear,
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
@@ -142,8 +143,10 @@ def valid_tp_degrees(args: ModelArgs, up_to: int) -> list[int]:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype,
+                 backend: AttentionBackend):
         super().__init__()
+        self.backend = backend
         self.heads, self.kv_heads, self.head_dim = layout.heads, layout.kv_heads, args.head_dim
         self.scale = args.head_dim**-0.5
         qkv_out = (layout.heads + 2 * layout.kv_heads) * args.head_dim
@@ -159,7 +162,7 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(T, -1, self.head_dim), cos, sin)  # (T, H, D)
         k = apply_rotary(k.view(T, -1, self.head_dim), cos, sin)  # (T, Hkv, D)
         v = v.view(T, -1, self.head_dim)  # (T, Hkv, D)
-        out = paged_attention(q, k, v, cache, meta, self.scale)  # (T, H * D)
+        out = self.backend.forward(q, k, v, cache, meta, self.scale)  # (T, H * D)
         return self.o_proj(out)  # all-reduce inside: (T, hidden)
 
 
@@ -175,10 +178,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype,
+                 backend: AttentionBackend):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.self_attn = Attention(args, layout, comm, dtype)
+        self.self_attn = Attention(args, layout, comm, dtype, backend)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = MLP(args, layout, comm, dtype)
 
@@ -188,15 +192,26 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs, comm: Communicator, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype: torch.dtype, attention: AttentionBackend | None = None):
         super().__init__()
-        self.args, self.comm, self.dtype = args, comm, dtype
+        if attention is None:
+            from raytp.model.attention.reference import ReferenceAttention
+
+            attention = ReferenceAttention()
+        self.args, self.comm, self.dtype, self.attention = args, comm, dtype, attention
         self.layout = TPLayout.of(args, comm.rank, comm.world_size)
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype, comm)
-        self.layers = nn.ModuleList(DecoderLayer(args, self.layout, comm, dtype) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, self.layout, comm, dtype, attention)
+                                    for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.lm_head = ParallelLMHead(self.embed_tokens, args.tie_word_embeddings, args.hidden_size, dtype)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope)
+
+    def pack_weights(self) -> None:
+        """Repack every linear weight for the fastest kernel on this device (after loading; see PackableLinear)."""
+        for module in self.modules():
+            if isinstance(module, PackableLinear):
+                module.pack()
 
     def kv_cache_shape(self, num_slots: int) -> tuple[int, ...]:
         """One tensor for all layers: (layers, 2, slots, kv_heads on this rank, head_dim)."""

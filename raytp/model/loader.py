@@ -16,6 +16,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from raytp.comm import Communicator
+from raytp.model.attention import AttentionBackend
 from raytp.model.llama import LlamaModel, ModelArgs, check_tp_degree, expected_shapes, weight_plan
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,13 @@ def tensor_files(path: str) -> dict[str, str]:
     raise CheckpointError(f"{path!r} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def load_model(path: str, comm: Communicator, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> LlamaModel:
-    """Build this rank's shard of the model at `path` and fill it from the checkpoint."""
+def load_model(path: str, comm: Communicator, dtype: str = "float32", device: str = "cpu", progress: bool = True,
+               attention: AttentionBackend | None = None, pack_weights: bool = True) -> LlamaModel:
+    """Build this rank's shard of the model at `path` and fill it from the checkpoint.
+
+    `attention` is the paged-attention backend (default: the reference);
+    `pack_weights` repacks the linear weights for the device's fastest kernel.
+    """
     args = read_model_args(path)
     try:
         check_tp_degree(args, comm.world_size)
@@ -73,7 +79,7 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
     shapes = expected_shapes(args)
     torch_dtype = DTYPES[dtype]
     with torch.device(device):
-        model = LlamaModel(args, comm, torch_dtype)
+        model = LlamaModel(args, comm, torch_dtype, attention)
     plan = weight_plan(args, model.layout, model.embed_tokens.rows_per_rank)
     params = dict(model.named_parameters())
 
@@ -97,6 +103,8 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
                     )
                 part = sl[piece.start : piece.stop] if piece.dim == 0 else sl[:, piece.start : piece.stop]
                 param.data.narrow(piece.dim, piece.dst, piece.stop - piece.start).copy_(part.to(torch_dtype))
+    if pack_weights:
+        model.pack_weights()
     log.info("rank %d/%d loaded %s (%.1f MiB of weights, %s on %s)", comm.rank, comm.world_size, path,
              weight_bytes(model) / 2**20, dtype, device)
     return model

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from raytp.comm import Communicator, SingleRank
-from raytp.model.attention import SeqChunk, build_metadata
+from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
 from tests.helpers import RankPool, load_reference, write_llama, write_mistral, write_qwen2
 
@@ -53,9 +53,10 @@ def shuffled_blocks(num_blocks: int, seed: int) -> list[int]:
 # ---- what every rank runs (module-level so spawned ranks can unpickle it) ----
 
 
-def prefill_and_greedy(comm: Communicator, path: str, prompt: list[int], new_tokens: int, block_table: list[int]):
+def prefill_and_greedy(comm: Communicator, path: str, prompt: list[int], new_tokens: int, block_table: list[int],
+                       attention: str = "reference"):
     """Prefill `prompt`, then decode greedily one token per step. Returns (prefill logits (T, V), tokens)."""
-    model = load_model(path, comm, progress=False)
+    model = load_model(path, comm, progress=False, attention=select_backend("cpu", attention))
     window = model.args.sliding_window
     cache = torch.zeros(model.kv_cache_shape(NUM_BLOCKS * BLOCK_SIZE))
 
@@ -181,18 +182,20 @@ def references(tmp_path_factory):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("attention", ["reference", "cpu"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_transformers(case, tp, references, pools):
+def test_matches_transformers(case, tp, attention, references, pools):
     path, prompt, ref_logits, ref_tokens = references(case)
     n_blocks = math.ceil((PROMPT_LEN + NEW_TOKENS) / BLOCK_SIZE)
     table = shuffled_blocks(NUM_BLOCKS, seed=tp)[:n_blocks]
     assert table != sorted(table)
-    logits, tokens = run_on(tp, pools, prefill_and_greedy, path=path, prompt=prompt, new_tokens=NEW_TOKENS, block_table=table)
+    logits, tokens = run_on(tp, pools, prefill_and_greedy, path=path, prompt=prompt, new_tokens=NEW_TOKENS, block_table=table,
+                            attention=attention)
     assert logits.shape == tuple(ref_logits.shape)
     err = rel_err(logits, ref_logits)
-    print(f"{case} tp={tp}: max relative error {err:.2e}")
-    assert err < RTOL, f"{case} at TP={tp}: relative error {err:.2e}"
+    print(f"{case} tp={tp} {attention}: max relative error {err:.2e}")
+    assert err < RTOL, f"{case} at TP={tp} with {attention} attention: relative error {err:.2e}"
     assert tokens == ref_tokens
 
 

@@ -1,0 +1,145 @@
+"""Paged attention over the block KV cache, for any mix of prefill and decode.
+
+A step computes T new tokens belonging to B sequences, laid out one sequence
+after another. Sequence b has `num_new` new tokens starting at position
+`start`; its earlier tokens are already in the cache. The cache of one layer
+is (2, num_slots, kv_heads, head_dim) with num_slots = num_blocks * block_size;
+a sequence's block table maps its positions to slots.
+
+`build_metadata` turns a step's chunks into variable-length metadata (query
+offsets, context lengths, block tables) that every backend reads. The
+backends, chosen once at start-up by `select_backend`:
+
+- `reference`: padded batches through SDPA with a dense mask (reference.py);
+  simple and obviously right, the one the others are tested against.
+- `cpu`: a small compiled C++ op that reads the cache in place (cpu.py).
+- `cuda`: torch's flash-attention varlen kernel with a block table (cuda.py).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("reference", "cpu", "cuda")
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's part of a step."""
+
+    start: int  # position of the first new token
+    num_new: int  # new tokens computed this step
+    block_table: list[int]  # cache blocks holding positions 0 .. start + num_new - 1
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # (T,) position of each new token
+    slot_mapping: torch.Tensor  # (T,) cache slot each new token's K/V goes to
+    query_start: torch.Tensor  # (B + 1,) int32: sequence b's new tokens are rows query_start[b] .. query_start[b+1]-1
+    seq_lens: torch.Tensor  # (B,) int32: tokens in the cache for sequence b once this step's are written
+    cu_seq_lens: torch.Tensor  # (B + 1,) int32: cumulative seq_lens
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0 past each sequence's blocks
+    last_token_index: torch.Tensor  # (B,) index into T of each sequence's last new token
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    sliding_window: int | None
+    padded: object = None  # the reference backend's padded batches, made at its first layer and kept for the rest
+
+
+def build_metadata(
+    chunks: list[SeqChunk], block_size: int, device: torch.device, sliding_window: int | None = None
+) -> AttentionMetadata:
+    """One step's metadata, computed on the host with numpy (no per-token Python) and copied to `device` once."""
+    num_new = np.fromiter((c.num_new for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
+    start = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
+    query_start = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum(num_new, out=query_start[1:])
+    T = int(query_start[-1])
+    seq_of_row = np.repeat(np.arange(len(chunks)), num_new)  # (T,)
+    positions = start[seq_of_row] + np.arange(T) - query_start[seq_of_row]  # (T,)
+    max_blocks = max(len(c.block_table) for c in chunks)
+    tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)  # (B, max_blocks)
+    for i, c in enumerate(chunks):
+        tables[i, : len(c.block_table)] = c.block_table
+    slots = tables[seq_of_row, positions // block_size] * block_size + positions % block_size  # (T,)
+    seq_lens = start + num_new
+    cu_seq_lens = np.zeros(len(chunks) + 1, dtype=np.int32)
+    np.cumsum(seq_lens, out=cu_seq_lens[1:])
+    meta = AttentionMetadata(
+        positions=torch.from_numpy(positions).to(device),
+        slot_mapping=torch.from_numpy(slots).to(device),
+        query_start=torch.from_numpy(query_start.astype(np.int32)).to(device),
+        seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
+        cu_seq_lens=torch.from_numpy(cu_seq_lens).to(device),
+        block_tables=torch.from_numpy(tables.astype(np.int32)).to(device),
+        last_token_index=torch.from_numpy(query_start[1:] - 1).to(device),
+        max_query_len=int(num_new.max()),
+        max_seq_len=int(seq_lens.max()),
+        block_size=block_size,
+        sliding_window=sliding_window,
+    )
+    return meta
+
+
+class AttentionBackend:
+    """Writes a layer's new K/V into the cache, then attends over each sequence's whole context."""
+
+    name = "base"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: (T, H, D), k/v: (T, Hkv, D), cache: (2, slots, Hkv, D) -> (T, H * D)."""
+        cache[0].index_copy_(0, meta.slot_mapping, k)
+        cache[1].index_copy_(0, meta.slot_mapping, v)
+        return self.attend(q, cache, meta, scale).reshape(q.shape[0], -1)
+
+    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def select_backend(device: str, name: str = "auto") -> AttentionBackend:
+    """The attention backend for this rank: `name`, or for "auto" the fastest one that works on `device`.
+
+    A fast backend that cannot be built here (no C++ compiler, a torch
+    without the varlen kernel) falls back to the reference, with a warning.
+    """
+    from raytp.model.attention.reference import ReferenceAttention
+
+    if name == "reference":
+        return ReferenceAttention()
+    wanted = name if name != "auto" else ("cuda" if device == "cuda" else "cpu")
+    try:
+        if wanted == "cpu":
+            from raytp.model.attention.cpu import CpuPagedAttention
+
+            return CpuPagedAttention()
+        if wanted == "cuda":
+            from raytp.model.attention.cuda import CudaVarlenAttention
+
+            return CudaVarlenAttention()
+    except Exception as err:  # noqa: BLE001 - any build or import failure means: use the reference
+        if name != "auto":
+            raise
+        log.warning("attention backend %r is not available here (%s); using the reference", wanted, err)
+        return ReferenceAttention()
+    raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+
+
+def prebuild(device: str, name: str = "auto") -> None:
+    """Build the CPU op in this process before the ranks start, so that its one-time compile (about a minute)
+    is not spent inside the ranks' start-up timeout; the ranks then load it from the disk cache."""
+    if device != "cpu" or name not in ("auto", "cpu"):
+        return
+    try:
+        from raytp.model.attention.cpu import load_op
+
+        load_op()
+    except Exception as err:  # noqa: BLE001 - the ranks fall back (auto) or fail with the same error (cpu)
+        log.warning("could not build the CPU paged-attention op here: %s", err)

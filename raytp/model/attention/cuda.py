@@ -1,0 +1,34 @@
+"""The CUDA attention backend: torch's flash-attention varlen kernel reading the paged cache through a block table.
+
+`torch.nn.attention.varlen.varlen_attn` (torch >= 2.10) takes the whole step
+(prefill chunks and decode rows) as one variable-length batch, with the cache
+as a pool of pages and a block table per sequence. It is checked against the
+reference on a small problem when the backend is built, so a kernel that does
+not run on this GPU (or a torch without it) falls back to the reference at
+start-up instead of failing the first step.
+"""
+from __future__ import annotations
+
+import torch
+
+from raytp.model.attention import AttentionBackend, AttentionMetadata
+
+
+class CudaVarlenAttention(AttentionBackend):
+    name = "cuda"
+
+    def __init__(self):
+        from torch.nn.attention.varlen import varlen_attn  # ImportError on an older torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        self.varlen_attn = varlen_attn
+
+    def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        Hkv, D = cache.shape[2], cache.shape[3]
+        pages = cache.view(2, -1, meta.block_size, Hkv, D)  # (2, pages, page_size, Hkv, D)
+        # The kernel's left window counts the keys before the query; ours counts the query too.
+        window = (meta.sliding_window - 1, 0) if meta.sliding_window else (-1, 0)
+        return self.varlen_attn(q, pages[0], pages[1], meta.query_start, meta.cu_seq_lens, meta.max_query_len,
+                                meta.max_seq_len, scale=scale, window_size=window, enable_gqa=True,
+                                seqused_k=meta.seq_lens, block_table=meta.block_tables)  # (T, H, D)

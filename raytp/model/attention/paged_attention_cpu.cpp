@@ -1,0 +1,134 @@
+// Variable-length paged attention on the CPU, reading the block KV cache in place.
+//
+// One call covers every sequence of a step, prefill chunks and decode rows
+// alike. Sequence b owns query rows [query_start[b], query_start[b+1]) and has
+// seq_lens[b] tokens in the cache, its new ones last, so its i-th new token
+// sits at position p = seq_lens[b] - num_new + i and attends to the keys at
+// positions max(0, p - window + 1) .. p (window <= 0: no sliding window).
+// Keys are found through the block table: position k is slot
+// block_tables[b][k / block_size] * block_size + k % block_size.
+//
+// Work items are (query row, KV head): the query heads that share a KV head
+// (GQA) are done together, so each key and value row is read once for all of
+// them. Scores are computed in one pass, then a softmax, then the weighted sum
+// of values (exact, no online rescaling). Inner loops run over head_dim, the
+// contiguous axis, so the compiler vectorises them.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t>
+void attend_row(const scalar_t* q,            // (G, D) query heads of this KV head
+                const scalar_t* k_cache,      // (slots, Hkv, D)
+                const scalar_t* v_cache,      // (slots, Hkv, D)
+                const int32_t* table, int64_t block_size, int64_t kv_head, int64_t num_kv_heads,
+                int64_t first_key, int64_t last_key, int64_t G, int64_t D, float scale,
+                std::vector<float>& scores,  // scratch (G * keys)
+                std::vector<float>& acc,     // scratch (G * D)
+                scalar_t* out,               // (G, D)
+                int64_t out_head_stride) {
+  const int64_t n = last_key - first_key + 1;
+  scores.resize(G * n);
+  acc.assign(G * D, 0.f);
+  std::vector<float> qf(G * D);
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
+
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = first_key + j;
+    const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+    const scalar_t* krow = k_cache + (slot * num_kv_heads + kv_head) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf.data() + g * D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<float>(krow[d]);
+      scores[g * n + j] = dot * scale;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores.data() + g * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = first_key + j;
+    const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+    const scalar_t* vrow = v_cache + (slot * num_kv_heads + kv_head) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * n + j];
+      float* a = acc.data() + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(vrow[d]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * out_head_stride + d] = static_cast<scalar_t>(acc[g * D + d]);
+}
+
+}  // namespace
+
+// q: (T, H, D); k_cache, v_cache: (slots, Hkv, D); block_tables: (B, max_blocks) int32;
+// query_start: (B + 1,) int32; seq_lens: (B,) int32. Returns (T, H, D).
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor query_start, torch::Tensor seq_lens,
+                              int64_t block_size, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q and caches must be 3-d");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && query_start.scalar_type() == torch::kInt32 &&
+                  seq_lens.scalar_type() == torch::kInt32, "block_tables, query_start and seq_lens must be int32");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1);
+  TORCH_CHECK(H % Hkv == 0 && k_cache.size(2) == D, "head shapes do not match");
+  const int64_t G = H / Hkv;
+  const int64_t B = seq_lens.size(0);
+  const int64_t max_blocks = block_tables.size(1);
+  auto out = torch::empty_like(q);
+
+  // Row -> sequence, so that work items can be split evenly across threads.
+  const int32_t* qs = query_start.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  std::vector<int32_t> row_seq(T);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = qs[b]; r < qs[b + 1]; ++r) row_seq[r] = static_cast<int32_t>(b);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    const int32_t* tables = block_tables.data_ptr<int32_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, acc;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t row = item / Hkv, kv_head = item % Hkv;
+        const int64_t b = row_seq[row];
+        const int64_t num_new = qs[b + 1] - qs[b];
+        const int64_t pos = lens[b] - num_new + (row - qs[b]);
+        const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+        const int64_t head0 = kv_head * G;
+        attend_row<scalar_t>(qp + (row * H + head0) * D, kp, vp, tables + b * max_blocks, block_size, kv_head, Hkv,
+                             first, pos, G, D, static_cast<float>(scale), scores, acc, op + (row * H + head0) * D, D);
+      }
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "varlen paged attention over a block KV cache (CPU)");
+}
