@@ -45,7 +45,7 @@ def load_op():
 
     name = f"raytp_paged_attention_cpu_{_cpu_signature()}"
     log.info("loading the CPU paged-attention op %s (built on first use, about a minute)", name)
-    return load(name, [_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    return load(name, [_SOURCE], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"], verbose=False)
 
 
 class CpuPagedAttention(AttentionBackend):

