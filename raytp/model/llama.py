@@ -158,9 +158,9 @@ class Attention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) D) on this rank's heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(T, -1, self.head_dim), cos, sin)  # (T, H, D)
-        k = apply_rotary(k.view(T, -1, self.head_dim), cos, sin)  # (T, Hkv, D)
+        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+        qk = apply_rotary(qk.view(T, -1, self.head_dim), cos, sin)  # (T, H + Hkv, D): q and k rotated together
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
         v = v.view(T, -1, self.head_dim)  # (T, Hkv, D)
         out = self.backend.forward(q, k, v, cache, meta, self.scale)  # (T, H * D)
         return self.o_proj(out)  # all-reduce inside: (T, hidden)

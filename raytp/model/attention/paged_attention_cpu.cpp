@@ -8,9 +8,9 @@
 // Keys are found through the block table: position k is slot
 // block_tables[b][k / block_size] * block_size + k % block_size.
 //
-// Work items are (query row, KV head): the query heads that share a KV head
-// (GQA) are done together, so each key and value row is read once for all of
-// them. Scores are computed in one pass, then a softmax, then the weighted sum
+// Work items are query rows, all heads at once: a cache slot holds every KV
+// head of its token contiguously, so each row reads the slots it needs once,
+// in order (GQA heads share their KV head's row). Scores are computed in one pass, then a softmax, then the weighted sum
 // of values (exact, no online rescaling). Inner loops run over head_dim, the
 // contiguous axis, so the compiler vectorises them. It is built with
 // -ffast-math (reassociated sums vectorise, exp comes from libmvec): safe here
@@ -24,37 +24,40 @@
 
 namespace {
 
+// One query row, all its heads. Each key's (and value's) slot holds all KV heads
+// contiguously, so a row reads every slot it needs once, front to back.
 template <typename scalar_t>
-void attend_row(const scalar_t* q,            // (G, D) query heads of this KV head
+void attend_row(const scalar_t* q,            // (H, D) this row's query heads
                 const scalar_t* k_cache,      // (slots, Hkv, D)
                 const scalar_t* v_cache,      // (slots, Hkv, D)
-                const int32_t* table, int64_t block_size, int64_t kv_head, int64_t num_kv_heads,
-                int64_t first_key, int64_t last_key, int64_t G, int64_t D, float scale,
-                std::vector<float>& scores,  // scratch (G * keys)
-                std::vector<float>& acc,     // scratch (G * D)
-                std::vector<float>& qf,      // scratch (G * D)
-                scalar_t* out,               // (G, D)
-                int64_t out_head_stride) {
+                const int32_t* table, int64_t block_size, int64_t first_key, int64_t last_key,
+                int64_t H, int64_t Hkv, int64_t D, float scale,
+                std::vector<float>& scores,  // scratch (H * keys)
+                std::vector<float>& acc,     // scratch (H * D)
+                std::vector<float>& qf,      // scratch (H * D)
+                scalar_t* out) {             // (H, D)
   const int64_t n = last_key - first_key + 1;  // >= 1: a query always sees itself
-  scores.resize(G * n);
-  acc.assign(G * D, 0.f);
-  qf.resize(G * D);
-  for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]);
+  const int64_t G = H / Hkv;                   // query heads per KV head (GQA)
+  scores.resize(H * n);
+  acc.assign(H * D, 0.f);
+  qf.resize(H * D);
+  for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(q[i]);
 
   for (int64_t j = 0; j < n; ++j) {
     const int64_t pos = first_key + j;
     const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
-    const scalar_t* krow = k_cache + (slot * num_kv_heads + kv_head) * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf.data() + g * D;
+    const scalar_t* kslot = k_cache + slot * Hkv * D;
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = qf.data() + h * D;
+      const scalar_t* krow = kslot + (h / G) * D;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<float>(krow[d]);
-      scores[g * n + j] = dot * scale;
+      for (int64_t d = 0; d < D; ++d) dot += qh[d] * static_cast<float>(krow[d]);
+      scores[h * n + j] = dot * scale;
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = scores.data() + g * n;
+  for (int64_t h = 0; h < H; ++h) {
+    float* s = scores.data() + h * n;
     float mx = s[0];
     for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
     float sum = 0.f;
@@ -69,16 +72,16 @@ void attend_row(const scalar_t* q,            // (G, D) query heads of this KV h
   for (int64_t j = 0; j < n; ++j) {
     const int64_t pos = first_key + j;
     const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
-    const scalar_t* vrow = v_cache + (slot * num_kv_heads + kv_head) * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * n + j];
-      float* a = acc.data() + g * D;
+    const scalar_t* vslot = v_cache + slot * Hkv * D;
+    for (int64_t h = 0; h < H; ++h) {
+      const float p = scores[h * n + j];
+      const scalar_t* vrow = vslot + (h / G) * D;
+      float* a = acc.data() + h * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(vrow[d]);
     }
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) out[g * out_head_stride + d] = static_cast<scalar_t>(acc[g * D + d]);
+  for (int64_t i = 0; i < H * D; ++i) out[i] = static_cast<scalar_t>(acc[i]);
 }
 
 }  // namespace
@@ -97,7 +100,6 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1);
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(2) == D, "head shapes do not match");
-  const int64_t G = H / Hkv;
   const int64_t B = seq_lens.size(0);
   const int64_t max_blocks = block_tables.size(1);
   auto out = torch::empty_like(q);
@@ -115,17 +117,15 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     const int32_t* tables = block_tables.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores, acc, qf;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t row = item / Hkv, kv_head = item % Hkv;
+      for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row_seq[row];
         const int64_t num_new = qs[b + 1] - qs[b];
         const int64_t pos = lens[b] - num_new + (row - qs[b]);
         const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-        const int64_t head0 = kv_head * G;
-        attend_row<scalar_t>(qp + (row * H + head0) * D, kp, vp, tables + b * max_blocks, block_size, kv_head, Hkv,
-                             first, pos, G, D, static_cast<float>(scale), scores, acc, qf, op + (row * H + head0) * D, D);
+        attend_row<scalar_t>(qp + row * H * D, kp, vp, tables + b * max_blocks, block_size, first, pos, H, Hkv, D,
+                             static_cast<float>(scale), scores, acc, qf, op + row * H * D);
       }
     });
   });
