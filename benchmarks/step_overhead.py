@@ -37,8 +37,7 @@ from raytp.config import EngineConfig
 from raytp.executor import Executor, LocalExecutor
 from raytp.sampling import SamplingParams
 from raytp.bench.checkpoint import ensure_bench_checkpoint
-from raytp.scheduler import PREVIOUS_TOKEN
-from raytp.worker import SeqStep
+from raytp.step import PREVIOUS_TOKEN, SeqStep
 
 PROMPT_LEN, BLOCK_SIZE, MAX_MODEL_LEN = 32, 16, 256
 GREEDY = SamplingParams(max_tokens=MAX_MODEL_LEN - PROMPT_LEN, temperature=0.0, ignore_eos=True)

@@ -19,7 +19,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raytp.config import EngineConfig
 from raytp.executor import Executor, GroupFailure, PlacementError, choose_num_kv_blocks
 from raytp.topology import check_nvlink
-from raytp.worker import SeqStep, StepResult, TPWorker
+from raytp.step import SeqStep, StepResult
+from raytp.worker import TPWorker
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 from raytp.config import EngineConfig
@@ -20,12 +19,13 @@ from raytp.executor import Executor, GroupFailure, PlacementError
 from raytp.model.attention import prebuild as prebuild_attention
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
-from raytp.outputs import CompletionOutput, RequestOutput
+from raytp.output_processor import OutputProcessor, RequestState
+from raytp.outputs import RequestOutput
 from raytp.sampling import SamplingParams
 from raytp.scheduler import BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
 from raytp.tiny import resolve_model_path
-from raytp.tokenizer import IncrementalDetokenizer, Tokenizer
-from raytp.worker import SeqStep, StepResult
+from raytp.tokenizer import Tokenizer
+from raytp.step import SeqStep, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,6 @@ def ray_executor(config: EngineConfig, model_path: str, max_model_len: int) -> E
     from raytp.cluster import TPGroup
 
     return TPGroup(config, model_path, max_model_len)
-
-
-@dataclass
-class RequestState:
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer | None
-    text: str = ""  # all text so far, cut at a stop string
-    sent_text: int = 0  # characters of text already handed out
-    sent_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    stop_ids: set[int] = field(default_factory=set)
 
 
 class EngineCore:
@@ -66,6 +52,7 @@ class EngineCore:
             raise ValueError(f"max_model_len={config.max_model_len} is larger than the model's max_position_embeddings={limit}")
         self.max_model_len = config.max_model_len or limit
         self.tokenizer = Tokenizer.from_dir(self.model_path)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.model_name = config.served_model_name or ("tiny" if config.model == "tiny" else config.model_name())
         prebuild_attention(config.resolved_device(), config.attention_backend)
         self.executor = executor_factory(config, self.model_path, self.max_model_len)
@@ -95,7 +82,7 @@ class EngineCore:
         blocks = BlockManager(self.executor.num_kv_blocks, self.config.block_size)
         if self.scheduler is None:
             budget = max(self.config.max_num_batched_tokens, self.max_model_len)
-            self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget)
+            self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len)
         else:
             self.scheduler.reset_blocks(blocks)
 
@@ -142,12 +129,11 @@ class EngineCore:
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
                 f"tokens and max_tokens is {params.max_tokens}"
             )
-        seq = Sequence(request_id, ids, params, prompt=text)
-        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.tokenizer is not None:
             stop_ids |= set(self.tokenizer.eos_token_ids)
-        state = RequestState(seq, detok, stop_ids=stop_ids)
+        seq = Sequence(request_id, ids, params, prompt=text, stop_token_ids=frozenset(stop_ids))
+        state = self.output_processor.new_request(seq)
         self.requests[request_id] = state
         self.scheduler.add(seq)
         if self.metrics:
@@ -157,7 +143,7 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None and state.seq.status is not SeqStatus.FINISHED:
-            self.scheduler.finish(state.seq)
+            self.scheduler.finish(state.seq, "abort")
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -184,23 +170,21 @@ class EngineCore:
         return self.postprocess(batch, result)
 
     def postprocess(self, batch: list[ScheduledSeq], result: StepResult) -> list[RequestOutput]:
+        """The step's tokens go to the scheduler (arrival, stop token, length), then through the output
+        processor (text, stop strings) to one output per request that took a token."""
         now = time.monotonic()
         outputs = []
-        for sched, token in zip(batch, result.token_ids):
-            seq = sched.seq
-            state = self.requests.get(seq.request_id)
-            if state is None or seq.status is SeqStatus.FINISHED:
-                continue  # aborted or finished while the step ran
-            seq.num_pending -= 1
-            seq.output_token_ids.append(token)
+        for seq, token in self.scheduler.update_from_output(batch, result.token_ids):
+            state = self.requests[seq.request_id]
             self._record_token_time(state, now)
-            self._check_finish(state, token)
-            if state.finish_reason is not None:
-                self.scheduler.finish(seq)
+            stop = self.output_processor.add_token(state, token)
+            if stop is not None:
+                self.scheduler.finish(seq, "stop", stop)
+            if seq.status is SeqStatus.FINISHED:
                 self.requests.pop(seq.request_id, None)
                 if self.metrics:
-                    self.metrics.on_finished(state.finish_reason, now - seq.arrival_time)
-            outputs.append(self._output(state))
+                    self.metrics.on_finished(seq.finish_reason, now - seq.arrival_time)
+            outputs.append(self.output_processor.output(state))
         if self.metrics:
             self.metrics.on_step(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.blocks.usage(),
                                  result.collective_seconds, result.step_seconds)
@@ -216,44 +200,6 @@ class EngineCore:
         elif self.metrics:
             self.metrics.on_tokens(1, now - state.last_token_time)
         state.last_token_time = now
-
-    def _check_finish(self, state: RequestState, token: int) -> None:
-        seq, params = state.seq, state.seq.params
-        # A stop token (eos or stop_token_ids) ends the output: its id is kept, its text is not (as in vLLM).
-        if state.detokenizer is not None and token not in state.stop_ids:
-            state.text += state.detokenizer.add([token])
-        if token in state.stop_ids:
-            state.finish_reason = "stop"
-            state.stop_reason = token if token in params.stop_token_ids else None
-        elif len(seq.output_token_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
-            state.finish_reason = "length"
-        if state.finish_reason is not None and state.detokenizer is not None:
-            state.text += state.detokenizer.flush()
-        if params.stop and state.detokenizer is not None:
-            # Only the tail can hold a stop string that this token completed.
-            longest = max(len(s) for s in params.stop)
-            search_from = max(0, state.sent_text - longest)
-            hits = [(state.text.find(s, search_from), s) for s in params.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                state.text = state.text[:i]
-                state.finish_reason, state.stop_reason = "stop", s
-
-    def _output(self, state: RequestState) -> RequestOutput:
-        seq, params = state.seq, state.seq.params
-        finished = state.finish_reason is not None
-        # While running, hold back a tail that may be the start of a stop string,
-        # so streamed text never has to be taken back.
-        hold = 0 if finished or not params.stop else max(len(s) for s in params.stop) - 1
-        upto = max(state.sent_text, len(state.text) - hold)
-        delta_text = state.text[state.sent_text : upto]
-        delta_tokens = seq.output_token_ids[state.sent_tokens :]
-        state.sent_text, state.sent_tokens = upto, len(seq.output_token_ids)
-        completion = CompletionOutput(0, state.text if finished else state.text[:upto], list(seq.output_token_ids),
-                                      state.finish_reason, state.stop_reason)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], finished,
-                             delta_text, delta_tokens)
 
 
 class EngineNotReady(RuntimeError):

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable
 
 from raytp.config import EngineConfig
-from raytp.worker import SeqStep, StepResult, TPWorker
+from raytp.step import SeqStep, StepResult
+from raytp.worker import TPWorker
 
 
 class GroupFailure(RuntimeError):

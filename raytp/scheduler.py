@@ -20,9 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from raytp.sampling import SamplingParams
-
-# In a step's token ids: "the token you sampled for this sequence in your previous step".
-PREVIOUS_TOKEN = -1
+from raytp.step import PREVIOUS_TOKEN
 
 
 class SeqStatus(enum.Enum):
@@ -45,6 +43,9 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    stop_token_ids: frozenset[int] = frozenset()  # eos (unless ignore_eos) and params.stop_token_ids
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    stop_reason: str | int | None = None  # the stop token id (from stop_token_ids) or stop string that ended it
 
     @property
     def token_ids(self) -> list[int]:
@@ -99,10 +100,12 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -112,14 +115,41 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence) -> None:
-        """A finished or aborted sequence leaves the queues and frees its blocks at once."""
-        if seq.status is SeqStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        seq.status = SeqStatus.FINISHED
-        self.blocks.free(seq)
+    def finish(self, seq: Sequence, reason: str = "abort", stop_reason: str | int | None = None) -> None:
+        """A finished or aborted sequence leaves the queues and frees its blocks at once.
+
+        Finishing a finished sequence again only updates its reason (a stop
+        string found in the text of a sequence that just hit its length).
+        """
+        if seq.status is not SeqStatus.FINISHED:
+            if seq.status is SeqStatus.RUNNING:
+                self.running.remove(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+            seq.status = SeqStatus.FINISHED
+            self.blocks.free(seq)
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+    def update_from_output(self, batch: list["ScheduledSeq"], token_ids: list[int]) -> list[tuple[Sequence, int]]:
+        """A step's sampled tokens arrive: each sequence gets its token and finishes on a stop token or at its
+        length (freeing its blocks). Returns (sequence, token) for each sequence that took a token; one
+        that finished or was aborted while the step ran takes none."""
+        taken = []
+        for sched, token in zip(batch, token_ids):
+            seq = sched.seq
+            if seq.status is SeqStatus.FINISHED:
+                continue
+            seq.num_pending -= 1
+            seq.output_token_ids.append(token)
+            if token in seq.stop_token_ids:
+                # Its id is kept, its text is not (as in vLLM); stop_reason only for an explicit stop_token_ids hit.
+                self.finish(seq, "stop", token if token in seq.params.stop_token_ids else None)
+            elif len(seq.output_token_ids) >= seq.params.max_tokens or (
+                self.max_model_len is not None and len(seq) >= self.max_model_len
+            ):
+                self.finish(seq, "length")
+            taken.append((seq, token))
+        return taken
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

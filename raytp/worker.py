@@ -15,8 +15,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
-
 import torch
 
 from raytp.comm import (
@@ -32,32 +30,13 @@ from raytp.comm import (
 )
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
-from raytp.sampling import SamplingParams, sample
-from raytp.scheduler import PREVIOUS_TOKEN
+from raytp.sampling import sample
+from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
 
 log = logging.getLogger(__name__)
 
 # Default KV-cache budget per rank on CPU, where free memory is not a good guide.
 _CPU_KV_BUDGET_BYTES = 2 * 2**30
-
-
-@dataclass
-class SeqStep:
-    """One sequence's work in a step: compute `token_ids` at positions start.., then sample one token."""
-
-    token_ids: list[int]  # PREVIOUS_TOKEN: the token this rank sampled for request_id in its previous step
-    start: int
-    block_table: list[int]
-    params: SamplingParams
-    num_generated: int  # index of the token being sampled in the request's output; seeds its sampler
-    request_id: str = ""
-
-
-@dataclass
-class StepResult:
-    token_ids: list[int]  # one sampled token per sequence (the same on every rank)
-    collective_seconds: float  # time this rank spent inside TP collectives during the step
-    step_seconds: float
 
 
 class TimedCommunicator(Communicator):

@@ -1,12 +1,13 @@
 """Scheduler and BlockManager on their own (no Ray, no model).
 
-`advance` plays the engine's postprocess: each sequence's pending token (the
-one its step sampled) arrives.
+`advance` hands the scheduler a step's output: each sequence's pending token
+(the one its step sampled) arrives.
 """
 import pytest
 
 from raytp.sampling import SamplingParams
-from raytp.scheduler import PREVIOUS_TOKEN, BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
+from raytp.scheduler import BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
+from raytp.step import PREVIOUS_TOKEN
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -21,10 +22,8 @@ def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_
     return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens)
 
 
-def advance(batch: list[ScheduledSeq], token: int = 7) -> None:
-    for s in batch:
-        s.seq.num_pending -= 1
-        s.seq.output_token_ids.append(token)
+def advance(sched: Scheduler, batch: list[ScheduledSeq], token: int = 7) -> None:
+    sched.update_from_output(batch, [token] * len(batch))
 
 
 def names(batch) -> list[str]:
@@ -60,13 +59,13 @@ def test_admission_respects_max_num_seqs():
     assert names(batch) == ["s0", "s1", "s2"]
     assert [s.start for s in batch] == [0, 0, 0] and all(len(s.token_ids) == 4 for s in batch)
     assert [s.request_id for s in sched.waiting] == ["s3", "s4"]
-    advance(batch)
+    advance(sched, batch)
     # Next step: three decodes and no admission while the batch is full.
     batch = sched.schedule()
     assert names(batch) == ["s0", "s1", "s2"] and all(len(s.token_ids) == 1 for s in batch)
     assert len(sched.waiting) == 2
     # One finishes: the first waiting one comes in.
-    advance(batch)
+    advance(sched, batch)
     sched.finish(sched.running[0])
     assert names(sched.schedule()) == ["s1", "s2", "s3"]
 
@@ -77,7 +76,7 @@ def test_admission_respects_token_budget():
         sched.add(make_seq(f"p{i}", 8, float(i)))
     batch = sched.schedule()
     assert names(batch) == ["p0", "p1"]  # 8 + 8; a third 8 would exceed 20
-    advance(batch)
+    advance(sched, batch)
     batch = sched.schedule()
     assert names(batch) == ["p0", "p1", "p2"]  # 1 + 1 decode tokens + 8
     assert sum(len(s.token_ids) for s in batch) == 10
@@ -89,7 +88,7 @@ def test_prompt_larger_than_budget_runs_alone():
     sched.add(make_seq("small", 2, 1.0))
     batch = sched.schedule()
     assert names(batch) == ["big"]
-    advance(batch)
+    advance(sched, batch)
     assert names(sched.schedule()) == ["big", "small"]
 
 
@@ -111,7 +110,7 @@ def test_decode_grows_block_table():
     batch = sched.schedule()
     assert len(seq.block_table) == 1 and batch[0].token_ids == [1, 2, 3, 4]
     for step in range(1, 6):
-        advance(batch, token=100 + step)
+        advance(sched, batch, token=100 + step)
         batch = sched.schedule()
         # One new token at the next position; the table holds every position so far.
         assert batch[0].token_ids == [100 + step] and batch[0].start == 3 + step
@@ -133,7 +132,7 @@ def test_preemption_picks_latest_arrival_and_requeues_it_first():
     assert names(batch) == ["late", "early"] and sched.blocks.num_free == 0
     behind = make_seq("behind", 2, arrival=3.0)
     sched.add(behind)
-    advance(batch)
+    advance(sched, batch)
     # Both now need a third block; none is free: the latest arrival gives its blocks up.
     batch = sched.schedule()
     assert names(batch) == ["early"] and batch[0].token_ids == [7] and batch[0].start == 8
@@ -142,7 +141,7 @@ def test_preemption_picks_latest_arrival_and_requeues_it_first():
     assert [s.request_id for s in sched.waiting] == ["late", "behind"]
     assert sched.running == [early] and len(early.block_table) == 3
     # When room comes back, it is recomputed from scratch: prompt plus what it generated.
-    advance(batch)
+    advance(sched, batch)
     sched.finish(early)
     batch = sched.schedule()
     assert names(batch) == ["late", "behind"]
@@ -157,7 +156,7 @@ def test_preemption_of_the_sequence_itself():
     sched.add(b)
     batch = sched.schedule()
     assert names(batch) == ["a", "b"] and sched.blocks.num_free == 0
-    advance(batch)
+    advance(sched, batch)
     batch = sched.schedule()  # a (4 tokens) still fits its block; b (9) needs a third
     assert names(batch) == ["a"] and b.status is SeqStatus.WAITING and b.num_preemptions == 1
     assert a.num_preemptions == 0 and list(sched.waiting) == [b] and sched.blocks.num_free == 2
@@ -168,7 +167,7 @@ def test_preempt_all():
     seqs = [make_seq(f"s{i}", 5, float(i)) for i in range(3)]
     for s in seqs:
         sched.add(s)
-    advance(sched.schedule())
+    advance(sched, sched.schedule())
     assert sched.blocks.num_free < 16 and [s.request_id for s in sched.waiting] == ["s2"]
     sched.preempt_all()
     assert sched.running == [] and sched.blocks.num_free == 16
@@ -188,7 +187,7 @@ def test_finish_frees_blocks():
     a, b = make_seq("a", 6, 0.0), make_seq("b", 3, 1.0)
     sched.add(a)
     sched.add(b)
-    advance(sched.schedule())
+    advance(sched, sched.schedule())
     assert sched.blocks.num_free == 6
     sched.finish(a)
     assert a.status is SeqStatus.FINISHED and a.block_table == [] and sched.running == []
@@ -211,8 +210,8 @@ def test_next_step_scheduled_before_the_tokens_arrive():
     second = sched.schedule()
     assert second[0].token_ids == [PREVIOUS_TOKEN] and second[0].start == 4 and second[0].num_generated == 1
     assert seq.num_pending == 2 and seq.num_computed == 5 and len(seq.block_table) == 2  # room for position 5
-    advance(first, token=50)
-    advance(second, token=51)
+    advance(sched, first, token=50)
+    advance(sched, second, token=51)
     assert seq.output_token_ids == [50, 51] and seq.num_pending == 0
     # With nothing in flight, the newest token is sent as itself.
     third = sched.schedule()
@@ -239,6 +238,48 @@ def test_preempted_sequence_waits_for_its_pending_token_before_recompute():
     assert names(ahead) == ["early"] and late.status is SeqStatus.WAITING and late.num_pending == 1
     sched.finish(early)
     assert sched.schedule() == []  # late's tokens are not all known yet: no recompute
-    advance(in_flight, token=9)  # its token arrives (early's is dropped by the engine: it finished)
+    advance(sched, in_flight, token=9)  # its token arrives (early finished: the scheduler drops its token)
     batch = sched.schedule()
     assert names(batch) == ["late"] and batch[0].token_ids == late.prompt_token_ids + [9] and batch[0].start == 0
+
+
+# ---- a step's output -----------------------------------------------------------------------
+
+
+def test_update_from_output_finishes_on_stop_token_and_length():
+    sched = make_scheduler(num_blocks=16, block_size=4)
+    by_stop = Sequence("stop", [1, 2], SamplingParams(max_tokens=8, stop_token_ids=[99]), stop_token_ids=frozenset({2, 99}))
+    by_eos = Sequence("eos", [1, 2], SamplingParams(max_tokens=8), stop_token_ids=frozenset({2}))
+    by_len = Sequence("len", [1, 2], SamplingParams(max_tokens=1), stop_token_ids=frozenset({2}))
+    going = make_seq("going", 2, 3.0)
+    for s in (by_stop, by_eos, by_len, going):
+        sched.add(s)
+    batch = sched.schedule()
+    taken = sched.update_from_output(batch, [99, 2, 5, 2])
+    assert [(s.request_id, t) for s, t in taken] == [("stop", 99), ("eos", 2), ("len", 5), ("going", 2)]
+    assert (by_stop.finish_reason, by_stop.stop_reason) == ("stop", 99)  # an explicit stop_token_ids hit
+    assert (by_eos.finish_reason, by_eos.stop_reason) == ("stop", None)  # eos
+    assert (by_len.finish_reason, by_len.stop_reason) == ("length", None)
+    assert going.status is SeqStatus.RUNNING and going.output_token_ids == [2]  # 2 is not its stop token
+    assert sched.running == [going] and sched.blocks.num_free == 16 - len(going.block_table)
+    assert all(s.output_token_ids == [t] for s, t in taken)
+
+
+def test_update_from_output_skips_a_sequence_finished_while_its_step_ran():
+    sched = make_scheduler()
+    a, b = make_seq("a", 3, 0.0), make_seq("b", 3, 1.0)
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    sched.finish(a, "abort")
+    taken = sched.update_from_output(batch, [5, 6])
+    assert [(s.request_id, t) for s, t in taken] == [("b", 6)]
+    assert a.output_token_ids == [] and a.finish_reason == "abort" and b.num_pending == 0
+
+
+def test_max_model_len_ends_a_sequence():
+    sched = Scheduler(BlockManager(16, 4), 4, 64, max_model_len=5)
+    seq = make_seq("a", 4, 0.0)
+    sched.add(seq)
+    sched.update_from_output(sched.schedule(), [9])
+    assert seq.finish_reason == "length" and len(seq) == 5 and not sched.has_work()
