@@ -148,6 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from raytp.cpu_binding import keep_off_rank_cores
     from raytp.serve.app import build_deployment
 
     started_ray = False
@@ -160,6 +161,11 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     else:
         _say("starting a local Ray")
+        if config.resolved_device() == "cpu" and config.cpu_binding:
+            # Ray's processes inherit this: the proxy, the replica and the daemons stay off the ranks' cores.
+            rest = keep_off_rank_cores(config.tensor_parallel_size * config.cpus_per_rank)
+            if rest:
+                _say(f"Ray's processes run on cores {rest}; the ranks get cores of their own")
         ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=args.dashboard,
                  _metrics_export_port=args.metrics_export_port, log_to_driver=True)
         started_ray = True

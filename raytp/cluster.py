@@ -75,7 +75,7 @@ class TPGroup(Executor):
                     num_gpus=1 if self.device == "cuda" else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
                 ).remote(rank, tp_size, self.device, self.dtype, self.config.seed,
-                         self.config.cpus_per_rank if self.device == "cpu" else None)
+                         self.config.cpus_per_rank if self.device == "cpu" else None, self.config.cpu_binding)
                 for rank in range(tp_size)
             ]
             infos = ray.get([w.node_info.remote() for w in self.workers], timeout=timeout)

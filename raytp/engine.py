@@ -81,7 +81,7 @@ class EngineCore:
             log.warning("running degraded at tensor_parallel_size=%d (target %d)", self.executor.tp_size, self.target_tp)
         blocks = BlockManager(self.executor.num_kv_blocks, self.config.block_size)
         if self.scheduler is None:
-            budget = max(self.config.max_num_batched_tokens, self.max_model_len)
+            budget = self.config.resolved_max_num_batched_tokens()
             self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len)
         else:
             self.scheduler.reset_blocks(blocks)

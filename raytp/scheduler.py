@@ -97,6 +97,7 @@ class ScheduledSeq:
     token_ids: list[int]  # tokens to compute this step (PREVIOUS_TOKEN for a pending one)
     start: int  # position of token_ids[0]
     num_generated: int  # index in the output of the token this step samples (seeds the sampler)
+    samples: bool = True  # False for a prompt chunk that is not the last: its sampled token is dropped
 
 
 class Scheduler:
@@ -137,7 +138,7 @@ class Scheduler:
         taken = []
         for sched, token in zip(batch, token_ids):
             seq = sched.seq
-            if seq.status is SeqStatus.FINISHED:
+            if seq.status is SeqStatus.FINISHED or not sched.samples:
                 continue
             seq.num_pending -= 1
             seq.output_token_ids.append(token)
@@ -173,19 +174,29 @@ class Scheduler:
 
     @staticmethod
     def _scheduled(seq: Sequence, token_ids: list[int], start: int) -> ScheduledSeq:
-        """Mark the tokens as computed and the token this step samples as pending."""
-        sched = ScheduledSeq(seq, token_ids, start, len(seq.output_token_ids) + seq.num_pending)
+        """Mark the tokens as computed; if they complete the sequence, the token this step samples is pending."""
         seq.num_computed = start + len(token_ids)
-        seq.num_pending += 1
+        samples = seq.num_computed == seq.total_len
+        sched = ScheduledSeq(seq, token_ids, start, len(seq.output_token_ids) + seq.num_pending, samples)
+        if samples:
+            seq.num_pending += 1
         return sched
 
     def schedule(self) -> list[ScheduledSeq]:
+        """The next step: decode rows first, then prompt chunks within the token budget.
+
+        A prompt (or a preempted sequence's recompute) longer than what is left
+        of `max_num_batched_tokens` is computed in chunks over several steps;
+        only its last chunk samples a token.
+        """
         batch: list[ScheduledSeq] = []
-        # 1. Decode: every running sequence computes its newest token. Out of
+        budget = self.max_num_batched_tokens
+        running = sorted(self.running, key=lambda s: s.arrival_time)
+        # 1. Decode: every running sequence whose prompt is in the cache computes its newest token. Out of
         #    blocks, the latest arrival is preempted until the others fit.
-        for seq in sorted(self.running, key=lambda s: s.arrival_time):
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted below in this loop
+        for seq in running:
+            if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed > 1:
+                continue  # preempted below in this loop, or still prefilling (step 2)
             if len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens:
                 continue  # its last token is being sampled: nothing more to compute
             while not self.blocks.allocate(seq, seq.total_len):
@@ -198,17 +209,23 @@ class Scheduler:
                     batch.append(self._scheduled(seq, [PREVIOUS_TOKEN], seq.total_len - 1))
                 else:
                     batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed :], seq.num_computed))
-        # 2. Prefill: admit waiting sequences first come, first served, while the
-        #    step's token budget, the batch size and the free blocks allow.
-        budget = self.max_num_batched_tokens - sum(len(s.token_ids) for s in batch)
-        while self.waiting and len(self.running) < self.max_num_seqs:
+                budget -= 1
+        # 2. Prompts being prefilled in chunks continue, in arrival order, while the budget and the blocks allow.
+        for seq in running:
+            if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed <= 1 or budget <= 0:
+                continue
+            n = min(len(seq) - seq.num_computed, budget)
+            if self.blocks.allocate(seq, seq.num_computed + n):
+                batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n],
+                                             seq.num_computed))
+                budget -= n
+        # 3. Admission: waiting sequences first come, first served, while the budget, the batch size and the
+        #    free blocks allow; the last one admitted may start with a chunk of its prompt.
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while a step in flight samples its token: recompute once it is known
-            n = len(seq)
-            # A prompt larger than the whole budget still runs, alone.
-            if n > budget and batch:
-                break
+            n = min(len(seq), budget)
             if not self.blocks.allocate(seq, n):
                 break
             self.waiting.popleft()
@@ -216,6 +233,6 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            batch.append(self._scheduled(seq, seq.token_ids, 0))
+            batch.append(self._scheduled(seq, seq.token_ids[:n], 0))
             budget -= n
         return batch

@@ -28,6 +28,7 @@ from raytp.comm import (
     create_shm_rendezvous,
     free_port,
 )
+from raytp.cpu_binding import bind_rank
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
 from raytp.sampling import sample
@@ -69,12 +70,15 @@ class TimedCommunicator(Communicator):
 
 
 class TPWorker:
-    def __init__(self, rank: int, world_size: int, device: str, dtype: str, seed: int = 0, num_threads: int | None = None):
+    def __init__(self, rank: int, world_size: int, device: str, dtype: str, seed: int = 0, num_threads: int | None = None,
+                 bind_cores: bool = False):
         self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
         if device == "cuda":
             # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0 here.
             torch.cuda.set_device(0)
         elif num_threads:
+            if bind_cores:  # before torch starts its thread pool, which inherits the binding
+                bind_rank(num_threads)
             torch.set_num_threads(num_threads)
         self.comm: TimedCommunicator | None = None
         self.model = None

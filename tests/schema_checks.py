@@ -53,6 +53,7 @@ APP_CONFIG_KEYS = frozenset(
         "cpus_per_rank",
         "attention_backend",
         "pack_weights",
+        "cpu_binding",
     }
 )
 # What `user_config` may carry (reconfigure of a live replica).

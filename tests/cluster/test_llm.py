@@ -151,7 +151,7 @@ def test_short_request_finishes_first(llms, checkpoints):
     # Admitted at once (no waiting for the long one): 4 tokens in steps 3, 4, 5, 6.
     assert finished_at == {"cb-short": 6, "cb-long": 64}
     assert len(short.seq.output_token_ids) == 4 and len(long.seq.output_token_ids) == 64
-    assert long.finish_reason == short.finish_reason == "length"
+    assert long.seq.finish_reason == short.seq.finish_reason == "length"
 
 
 def test_kv_blocks_all_free_after_finish_and_abort(llms, checkpoints):

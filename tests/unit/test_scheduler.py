@@ -75,21 +75,44 @@ def test_admission_respects_token_budget():
     for i in range(3):
         sched.add(make_seq(f"p{i}", 8, float(i)))
     batch = sched.schedule()
-    assert names(batch) == ["p0", "p1"]  # 8 + 8; a third 8 would exceed 20
+    # 8 + 8, then the first 4 of p2's 8 tokens: a chunk that samples nothing
+    assert names(batch) == ["p0", "p1", "p2"] and [len(s.token_ids) for s in batch] == [8, 8, 4]
+    assert [s.samples for s in batch] == [True, True, False] and batch[2].seq.num_pending == 0
     advance(sched, batch)
+    assert batch[2].seq.output_token_ids == []  # the chunk's sampled token was dropped
     batch = sched.schedule()
-    assert names(batch) == ["p0", "p1", "p2"]  # 1 + 1 decode tokens + 8
-    assert sum(len(s.token_ids) for s in batch) == 10
+    assert names(batch) == ["p0", "p1", "p2"]  # 1 + 1 decode tokens, then the rest of p2's prompt
+    assert [(s.start, len(s.token_ids), s.samples) for s in batch] == [(8, 1, True), (8, 1, True), (4, 4, True)]
 
 
-def test_prompt_larger_than_budget_runs_alone():
-    sched = make_scheduler(max_num_batched_tokens=16)
-    sched.add(make_seq("big", 30, 0.0))
-    sched.add(make_seq("small", 2, 1.0))
-    batch = sched.schedule()
-    assert names(batch) == ["big"]
-    advance(sched, batch)
-    assert names(sched.schedule()) == ["big", "small"]
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode():
+    sched = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=16)
+    short, long = make_seq("short", 3, 0.0), make_seq("long", 40, 1.0)
+    sched.add(short)
+    sched.add(long)
+    steps = []
+    while long.output_token_ids == []:
+        batch = sched.schedule()
+        assert sum(len(s.token_ids) for s in batch) <= 16
+        steps.append([(s.seq.request_id, s.start, len(s.token_ids), s.samples) for s in batch])
+        advance(sched, batch)
+    assert steps == [
+        [("short", 0, 3, True), ("long", 0, 13, False)],
+        [("short", 3, 1, True), ("long", 13, 15, False)],
+        [("short", 4, 1, True), ("long", 28, 12, True)],
+    ]
+    assert long.num_computed == 40 and len(long.block_table) == 10 and len(short.output_token_ids) == 3
+
+
+def test_chunk_is_scheduled_ahead_like_a_decode():
+    """Steps are sent ahead: a chunk's continuation needs no token from the step in flight."""
+    sched = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    seq = make_seq("a", 20, 0.0)
+    sched.add(seq)
+    first, second, third = sched.schedule(), sched.schedule(), sched.schedule()
+    assert [(b[0].start, len(b[0].token_ids), b[0].samples) for b in (first, second, third)] == [
+        (0, 8, False), (8, 8, False), (16, 4, True)]
+    assert sched.schedule()[0].token_ids == [PREVIOUS_TOKEN] and seq.num_pending == 2
 
 
 def test_admission_waits_for_blocks():
