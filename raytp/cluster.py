@@ -12,7 +12,7 @@ import logging
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, WorkerCrashedError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -98,7 +98,9 @@ class TPGroup(Executor):
             self.shutdown()
             if isinstance(err, GetTimeoutError):
                 raise GroupFailure(f"TP group of {tp_size} did not start within {timeout:g}s") from err
-            raise
+            if isinstance(err, (RayActorError, WorkerCrashedError)):  # a rank died while starting: worth a retry
+                raise GroupFailure(f"a rank of the TP group of {tp_size} died while starting: {err}") from err
+            raise  # anything a rank raised itself (a bad checkpoint, a KV cache too small) is permanent
         self.tp_size = tp_size
         log.info("TP group ready: tp=%d, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.num_kv_blocks, bs,
                  time.monotonic() - t0)

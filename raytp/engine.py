@@ -15,7 +15,7 @@ import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, GroupFailure, PlacementError
+from raytp.executor import Executor, GroupFailure
 from raytp.model.attention import prebuild as prebuild_attention
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
@@ -26,6 +26,7 @@ from raytp.scheduler import BlockManager, ScheduledSeq, Scheduler, Sequence, Seq
 from raytp.tiny import resolve_model_path
 from raytp.tokenizer import Tokenizer
 from raytp.step import SeqStep, StepResult
+from raytp.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +60,16 @@ class EngineCore:
         self.metrics = metrics
         self.requests: dict[str, RequestState] = {}
         self.scheduler: Scheduler | None = None
-        self.target_tp = config.tensor_parallel_size
-        self.restarts = 0
+        self.supervisor = Supervisor(config, self.args, self.executor, self._use_new_kv_cache, metrics)
 
-    # ---- the group ------------------------------------------------------------------
+    # ---- the group (its policy is the supervisor's) ---------------------------------------
 
     def start(self) -> None:
         """Build the group at the target TP degree, or the largest smaller one that fits (degraded mode)."""
-        from raytp.model.llama import valid_tp_degrees
+        self.supervisor.start()
 
-        sizes = [t for t in valid_tp_degrees(self.args, self.target_tp) if t >= self.config.min_tensor_parallel_size]
-        for tp in sorted(sizes, reverse=True):
-            try:
-                self.executor.start(tp)
-                break
-            except PlacementError as err:
-                if tp == min(sizes):
-                    raise
-                log.warning("%s; trying a smaller TP degree", err)
-        if self.executor.tp_size != self.target_tp:
-            log.warning("running degraded at tensor_parallel_size=%d (target %d)", self.executor.tp_size, self.target_tp)
-        blocks = BlockManager(self.executor.num_kv_blocks, self.config.block_size)
+    def _use_new_kv_cache(self, num_kv_blocks: int) -> None:
+        blocks = BlockManager(num_kv_blocks, self.config.block_size)
         if self.scheduler is None:
             budget = self.config.resolved_max_num_batched_tokens()
             self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len)
@@ -87,26 +77,14 @@ class EngineCore:
             self.scheduler.reset_blocks(blocks)
 
     def rebuild(self, reason: str) -> float:
-        """Tear the group down and build it again at target_tp; running requests are recomputed. Returns seconds taken."""
+        """Tear the group down and build it again; running requests are recomputed. Returns seconds taken."""
         self.scheduler.preempt_all()
-        return self.rebuild_group(reason)
-
-    def rebuild_group(self, reason: str) -> float:
-        """The group part of rebuild(), once nothing is running; it leaves the request queues alone."""
-        t0 = time.monotonic()
-        log.warning("rebuilding the TP group (%s)", reason)
-        self.executor.shutdown()
-        self.start()
-        self.restarts += 1
-        if self.metrics:
-            self.metrics.on_group(self.executor.tp_size, restarted=True)
-        took = time.monotonic() - t0
-        log.warning("TP group rebuilt at tensor_parallel_size=%d in %.1fs; %d requests resume", self.executor.tp_size,
-                    took, len(self.scheduler.waiting))
+        took = self.supervisor.rebuild(reason)
+        log.warning("%d requests resume", len(self.scheduler.waiting))
         return took
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.supervisor.shutdown()
 
     # ---- requests --------------------------------------------------------------------
 
@@ -206,6 +184,10 @@ class EngineNotReady(RuntimeError):
     """The TP group is starting or recovering; the server answers 503."""
 
 
+class _Failed(Exception):
+    """Ends the step loop: the group could not be rebuilt (AsyncEngine.failed says why)."""
+
+
 class AsyncEngine:
     """Runs an EngineCore in the background of an asyncio loop; requests stream their outputs."""
 
@@ -216,12 +198,7 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-        self._pending_resize: int | None = None
-        self.last_recovery_s: float | None = None
-        self.grow_check_interval_s = 10.0
-        self._next_grow_check = 0.0
-        self._grow_probe: asyncio.Task | None = None
-        self._grow_ready = False
+        self.failed: str | None = None  # why the group cannot be rebuilt (a permanent error), once that happened
 
     @property
     def model_name(self) -> str:
@@ -270,13 +247,12 @@ class AsyncEngine:
 
     async def resize(self, tp_size: int) -> None:
         """Reshard the live replica to tp_size at the next step boundary; requests carry on."""
-        check_tp_degree(self.core.args, tp_size)
-        if tp_size == self.core.target_tp and tp_size == self.tp_size:
-            return
-        self._pending_resize = tp_size
-        self._wake.set()
+        if self.core.supervisor.request_resize(tp_size):
+            self._wake.set()
 
     async def check_health(self) -> None:
+        if self.failed:
+            raise EngineNotReady(self.failed)
         if not self.ready:
             raise EngineNotReady("the TP group is not ready")
         try:
@@ -291,41 +267,22 @@ class AsyncEngine:
             metrics.set_load(len(sched.running), len(sched.waiting), sched.blocks.usage())
             metrics.on_group(self.tp_size, restarted=False)
 
-    def _wanted_rebuild(self) -> str | None:
-        """Why the group should be rebuilt at the next step boundary (a resize, or room to grow back), if at all.
-
-        Degraded (smaller than the target), it probes in the background, every
-        grow_check_interval_s, whether the missing ranks fit now.
-        """
-        if self._pending_resize is not None:
-            return f"resize to tensor_parallel_size={self._pending_resize}"
-        probe = self._grow_probe
-        if probe is not None and probe.done():
-            self._grow_probe = None
-            self._grow_ready = not probe.cancelled() and probe.exception() is None and probe.result()
-        if self._grow_ready:
-            return f"resources are back: growing to tensor_parallel_size={self.core.target_tp}"
-        missing = self.core.target_tp - self.tp_size
-        if probe is None and missing > 0 and time.monotonic() >= self._next_grow_check:
-            self._next_grow_check = time.monotonic() + self.grow_check_interval_s
-            # The current group keeps its own resources until the rebuild, so probe for the missing ranks only.
-            self._grow_probe = asyncio.create_task(asyncio.to_thread(self.core.executor.can_place, missing))
-        return None
-
     async def _rebuild(self, reason: str) -> None:
-        """Rebuild the group off the event loop, which keeps taking requests; retry until it works."""
+        """Rebuild the group off the event loop, which keeps taking requests, until it works; a permanent error
+        fails every request with its message and leaves the engine failed (Serve then replaces the replica)."""
         self.ready = False
         # On the loop thread: the queues are only ever touched from here.
         self.core.scheduler.preempt_all()
-        attempt = 0
-        while True:
-            try:
-                self.last_recovery_s = await asyncio.to_thread(self.core.rebuild_group, reason)
-                break
-            except Exception as err:
-                attempt += 1
-                log.error("rebuilding the TP group failed (attempt %d): %s; retrying", attempt, err)
-                await asyncio.sleep(min(30.0, 2.0**attempt))
+        try:
+            await self.core.supervisor.rebuild_until_done(reason)
+        except Exception as err:  # noqa: BLE001 - permanent: retrying cannot help
+            self.failed = f"the TP group cannot be rebuilt: {type(err).__name__}: {err}"
+            log.error("%s", self.failed)
+            for rid, queue in list(self._queues.items()):
+                queue.put_nowait(RuntimeError(self.failed))
+                self.core.abort(rid)
+            raise _Failed() from err
+        log.warning("%d requests resume", len(self.core.scheduler.waiting))
         self.ready = True
 
     async def _run(self) -> None:
@@ -335,19 +292,17 @@ class AsyncEngine:
         in_flight: tuple[list[ScheduledSeq], Awaitable[StepResult]] | None = None
         while True:
             try:
-                rebuild = self._wanted_rebuild()
+                rebuild = core.supervisor.wanted_rebuild()
                 if in_flight is None:  # a step boundary with nothing running
                     if rebuild is not None:
-                        if self._pending_resize is not None:
-                            core.target_tp, self._pending_resize = self._pending_resize, None
-                        self._grow_ready = False
+                        core.supervisor.take_rebuild()
                         await self._rebuild(rebuild)
                         continue
                     if not core.has_work():
                         self._refresh_gauges()
                         self._wake.clear()
                         try:
-                            await asyncio.wait_for(self._wake.wait(), timeout=self.grow_check_interval_s)
+                            await asyncio.wait_for(self._wake.wait(), timeout=core.supervisor.grow_check_interval_s)
                         except asyncio.TimeoutError:
                             pass
                         continue
@@ -374,6 +329,9 @@ class AsyncEngine:
             except asyncio.CancelledError:
                 _discard(in_flight)
                 raise
+            except _Failed:
+                _discard(in_flight)
+                return
             except Exception as err:  # a bug or an unrecoverable group: fail the requests, keep serving
                 log.exception("engine step failed")
                 _discard(in_flight)

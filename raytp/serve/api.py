@@ -90,6 +90,8 @@ class OpenAIServing:
         if model is not None and model != engine.model_name:
             raise APIError(404, f"The model `{model}` does not exist. This server serves `{engine.model_name}`.",
                            "invalid_request_error", "model", "model_not_found")
+        if require_ready and engine.failed:
+            raise not_ready(engine.failed)
         if require_ready and not engine.ready:
             raise not_ready("the tensor-parallel group is starting or recovering; retry shortly")
         return engine

@@ -110,6 +110,8 @@ class RaytpServer:
 
         if self.engine is None:
             raise RuntimeError("the engine was not built")
+        if self.engine.failed:
+            raise RuntimeError(self.engine.failed)  # permanent: Serve replaces the replica
         if not self.engine.ready:
             # Starting or rebuilding: give the engine its own recovery time before Serve steps in.
             self._not_ready_since = self._not_ready_since or time.monotonic()

@@ -102,7 +102,7 @@ def test_killed_worker_resumes_every_stream(ray_cluster, reference):
             return await _first_token_after(seen, t0, counts)
 
         results, info = await _run_all(engine, "kill", during=kill)
-        return results, info["during"], engine.core.restarts, engine.tp_size
+        return results, info["during"], engine.core.supervisor.restarts, engine.tp_size
 
     results, resume_s, restarts, tp = _with_engine(run)
     print(f"kill -> first resumed token: {resume_s:.2f}s")
@@ -118,7 +118,7 @@ def test_hung_worker_is_caught_by_the_step_deadline(ray_cluster, reference):
             os.kill(pids[0], signal.SIGSTOP)  # rank 0 stops answering; it is killed by the rebuild
 
         results, _ = await _run_all(engine, "hang", during=hang)
-        return results, engine.core.restarts
+        return results, engine.core.supervisor.restarts
 
     results, restarts = _with_engine(run, step_timeout_s=3.0)
     assert results == reference
@@ -134,16 +134,16 @@ def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
             while engine.tp_size != 1 or not engine.ready:
                 await asyncio.sleep(0.01)
             sizes.append(engine.tp_size)
-            print(f"resize 2 -> 1: group rebuilt in {engine.last_recovery_s:.2f}s")
+            print(f"resize 2 -> 1: group rebuilt in {engine.core.supervisor.last_recovery_s:.2f}s")
             await asyncio.sleep(0.2)
             await engine.resize(2)
             while engine.tp_size != 2 or not engine.ready:
                 await asyncio.sleep(0.01)
             sizes.append(engine.tp_size)
-            print(f"resize 1 -> 2: group rebuilt in {engine.last_recovery_s:.2f}s")
+            print(f"resize 1 -> 2: group rebuilt in {engine.core.supervisor.last_recovery_s:.2f}s")
 
         results, _ = await _run_all(engine, "resize", during=resize)
-        return results, sizes, engine.core.restarts
+        return results, sizes, engine.core.supervisor.restarts
 
     results, sizes, restarts = _with_engine(run)
     assert sizes == [1, 2]
@@ -166,7 +166,7 @@ def test_degraded_group_comes_back_smaller_then_grows(ray_cluster, reference):
         engine = _engine(placement_timeout_s=2.0)
         await engine.start()
         first_tp = engine.tp_size
-        engine.grow_check_interval_s = 0.5
+        engine.core.supervisor.grow_check_interval_s = 0.5
         results, _ = await _run_all(engine, "degraded")
         for h in holders[:1]:
             ray.kill(h)
@@ -268,7 +268,7 @@ def test_groups_leave_no_shared_memory_behind(ray_cluster):
             engine = _engine(tensor_parallel_size=tp)
             await engine.start()
             await engine.resize(1 if tp == 2 else 2)
-            while engine.core.restarts < 1 or not engine.ready:
+            while engine.core.supervisor.restarts < 1 or not engine.ready:
                 await asyncio.sleep(0.05)
             await engine.shutdown()
 
@@ -284,7 +284,7 @@ def test_unseeded_sampling_keeps_the_ranks_in_step(ray_cluster):
 
     async def run(engine):
         results, _ = await _run_all(engine, "sampled", params=params)
-        return results, engine.core.restarts
+        return results, engine.core.supervisor.restarts
 
     results, restarts = _with_engine(run)
     assert restarts == 0

@@ -145,3 +145,31 @@ def test_preemption_with_steps_in_flight_keeps_the_tokens(checkpoint):
     assert outputs == refs
     assert any(pending for _, pending in preempted), preempted  # preempted with its token still on the worker
     assert engine.core.scheduler.blocks.num_free == 12
+
+
+@pytest.mark.parametrize("attention", ["cpu", "reference"])
+def test_chunked_prefill_gives_transformers_tokens(checkpoint, attention):
+    """A 16-token step budget: every prompt but the shortest is computed in chunks over several steps, alongside
+    the other requests' decode rows, with steps sent ahead; the tokens are still transformers' greedy tokens."""
+    path, refs = checkpoint
+    steps = []
+
+    async def go(engine):
+        schedule = engine.core.scheduler.schedule
+
+        def recording_schedule():
+            batch = schedule()
+            steps.append([(s.seq.request_id, len(s.token_ids), s.samples) for s in batch])
+            return batch
+
+        engine.core.scheduler.schedule = recording_schedule
+        return await asyncio.gather(*(
+            tokens_of(engine, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), f"c{i}")
+            for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))))
+
+    outputs, _, engine = run(path, go, max_num_batched_tokens=16, attention_backend=attention)
+    assert outputs == refs
+    assert all(sum(n for _, n, _ in step) <= 16 for step in steps)
+    chunks = [(rid, n) for step in steps for rid, n, samples in step if not samples]
+    assert {rid for rid, _ in chunks} >= {"c1", "c3"}  # the 17- and 30-token prompts were chunked
+    assert engine.core.scheduler.blocks.num_free == engine.core.scheduler.blocks.num_blocks

@@ -1,0 +1,126 @@
+"""The elastic policy: build the TP group, rebuild it when it fails, degrade, grow back, resize.
+
+The supervisor owns the executor (the group) and decides when and at which
+TP degree it is (re)built; the engine calls it at step boundaries and never
+the other way round. What it retries and what it does not:
+
+- a group failure (a rank died or hung) and a placement timeout are
+  transient: the group is rebuilt, at a smaller degree if the old one no
+  longer fits (down to min_tensor_parallel_size), with backoff between tries;
+- anything else (a bad checkpoint, a refused topology, a KV cache too small
+  for one sequence) is permanent: it fails at once, with its message, instead
+  of being retried forever.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from raytp.config import EngineConfig
+from raytp.executor import Executor, GroupFailure, PlacementError
+from raytp.model.llama import ModelArgs, check_tp_degree, valid_tp_degrees
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (GroupFailure, PlacementError)
+
+
+class Supervisor:
+    def __init__(self, config: EngineConfig, args: ModelArgs, executor: Executor,
+                 on_new_group: Callable[[int], None], metrics=None):
+        """on_new_group(num_kv_blocks) is called after every (re)build: the engine takes the new, empty KV cache."""
+        self.config, self.args, self.executor = config, args, executor
+        self.on_new_group, self.metrics = on_new_group, metrics
+        self.target_tp = config.tensor_parallel_size
+        self.restarts = 0
+        self.last_recovery_s: float | None = None
+        self.pending_resize: int | None = None
+        self.grow_check_interval_s = 10.0
+        self._next_grow_check = 0.0
+        self._grow_probe: asyncio.Task | None = None
+        self._grow_ready = False
+
+    @property
+    def tp_size(self) -> int:
+        return self.executor.tp_size
+
+    def start(self) -> None:
+        """Build the group at the target TP degree, or the largest smaller one that fits (degraded mode)."""
+        sizes = [t for t in valid_tp_degrees(self.args, self.target_tp) if t >= self.config.min_tensor_parallel_size]
+        for tp in sorted(sizes, reverse=True):
+            try:
+                self.executor.start(tp)
+                break
+            except PlacementError as err:
+                if tp == min(sizes):
+                    raise
+                log.warning("%s; trying a smaller TP degree", err)
+        if self.executor.tp_size != self.target_tp:
+            log.warning("running degraded at tensor_parallel_size=%d (target %d)", self.executor.tp_size, self.target_tp)
+        self.on_new_group(self.executor.num_kv_blocks)
+
+    def rebuild(self, reason: str) -> float:
+        """Tear the group down and build it again at target_tp (nothing may be running). Returns seconds taken."""
+        t0 = time.monotonic()
+        log.warning("rebuilding the TP group (%s)", reason)
+        self.executor.shutdown()
+        self.start()
+        self.restarts += 1
+        if self.metrics:
+            self.metrics.on_group(self.executor.tp_size, restarted=True)
+        self.last_recovery_s = time.monotonic() - t0
+        log.warning("TP group rebuilt at tensor_parallel_size=%d in %.1fs", self.executor.tp_size, self.last_recovery_s)
+        return self.last_recovery_s
+
+    async def rebuild_until_done(self, reason: str) -> float:
+        """rebuild() off the event loop, retried with backoff while it fails transiently; a permanent error raises."""
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.to_thread(self.rebuild, reason)
+            except TRANSIENT as err:
+                attempt += 1
+                log.error("rebuilding the TP group failed (attempt %d): %s; retrying", attempt, err)
+                await asyncio.sleep(min(30.0, 2.0**attempt))
+
+    # ---- resize and grow back (decided at step boundaries) ---------------------------
+
+    def request_resize(self, tp_size: int) -> bool:
+        """Ask for a reshard to tp_size at the next step boundary; False if there is nothing to do."""
+        check_tp_degree(self.args, tp_size)
+        if tp_size == self.target_tp and tp_size == self.tp_size:
+            return False
+        self.pending_resize = tp_size
+        return True
+
+    def wanted_rebuild(self) -> str | None:
+        """Why the group should be rebuilt at the next step boundary (a resize, or room to grow back), if at all.
+
+        Degraded (smaller than the target), it probes in the background, every
+        grow_check_interval_s, whether the missing ranks fit now. Runs on the event loop.
+        """
+        if self.pending_resize is not None:
+            return f"resize to tensor_parallel_size={self.pending_resize}"
+        probe = self._grow_probe
+        if probe is not None and probe.done():
+            self._grow_probe = None
+            self._grow_ready = not probe.cancelled() and probe.exception() is None and probe.result()
+        if self._grow_ready:
+            return f"resources are back: growing to tensor_parallel_size={self.target_tp}"
+        missing = self.target_tp - self.tp_size
+        if probe is None and missing > 0 and time.monotonic() >= self._next_grow_check:
+            self._next_grow_check = time.monotonic() + self.grow_check_interval_s
+            # The current group keeps its own resources until the rebuild, so probe for the missing ranks only.
+            self._grow_probe = asyncio.create_task(asyncio.to_thread(self.executor.can_place, missing))
+        return None
+
+    def take_rebuild(self) -> None:
+        """The wanted rebuild is about to happen: a pending resize becomes the target."""
+        if self.pending_resize is not None:
+            self.target_tp, self.pending_resize = self.pending_resize, None
+        self._grow_ready = False
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
