@@ -98,6 +98,7 @@ class LocalExecutor(Executor):
         w.load(self.model_path, cfg.attention_backend, cfg.pack_weights)
         self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization))
         w.init_kv_cache(self.num_kv_blocks, cfg.block_size)
+        w.warm_up(cfg.resolved_max_num_batched_tokens())
         self.worker = w
 
     def execute(self, seqs):

@@ -31,7 +31,7 @@ from raytp.comm import (
 from raytp.cpu_binding import bind_rank
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
-from raytp.sampling import sample
+from raytp.sampling import SamplingParams, sample
 from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,28 @@ class TPWorker:
         self.kv_cache = None  # free the old cache first
         device = "cuda" if self.device == "cuda" else "cpu"
         self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks * block_size), dtype=self.model.dtype, device=device)
+
+    def warm_up(self, num_tokens: int) -> float:
+        """Run one throw-away step of `num_tokens` tokens (short sequences), as the largest prefill step will be.
+
+        The first step at a new size pays for memory first touched and GEMM
+        kernels built for its shapes (on CPU a first 512-token step took twice
+        as long as the next one); paying it here keeps it out of the first
+        requests' latency. Every rank runs it together (its collectives meet).
+        The K/V it writes land in blocks that are free: a block is always
+        written before it is read. Returns the seconds it took.
+        """
+        t0 = time.perf_counter()
+        num_blocks = self.kv_cache.shape[2] // self.block_size
+        per_seq = min(2, num_blocks)  # blocks per sequence: short ones, so attention stays cheap
+        seq_len = per_seq * self.block_size
+        num_seqs = max(1, min(num_tokens // seq_len, num_blocks // per_seq))
+        greedy = SamplingParams(max_tokens=1, temperature=0.0)
+        steps = [SeqStep([0] * seq_len, 0, list(range(i * per_seq, (i + 1) * per_seq)), greedy, 0, f"warm-up-{i}")
+                 for i in range(num_seqs)]
+        self.execute(steps)
+        self.last_sampled = {}
+        return time.perf_counter() - t0
 
     # ---- the step ---------------------------------------------------------------
 
