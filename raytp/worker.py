@@ -130,7 +130,9 @@ class TPWorker:
 
     def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True) -> dict:
         device = "cuda" if self.device == "cuda" else "cpu"
-        attention = select_backend(device, attention_backend)
+        from raytp.model.loader import DTYPES
+
+        attention = select_backend(device, attention_backend, DTYPES[self.dtype])
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
                                 attention=attention, pack_weights=pack_weights)
         from raytp.model.loader import weight_bytes

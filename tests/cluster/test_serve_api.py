@@ -366,7 +366,7 @@ def test_disconnect_mid_stream_aborts(server, handle, reference, path):
 class _FailingEngine:
     """Ready; its requests produce one output, then the engine fails (or fails at once for prompt [9])."""
 
-    model_name, ready, tokenizer, max_model_len = MODEL, True, None, MAX_MODEL_LEN
+    model_name, ready, failed, tokenizer, max_model_len = MODEL, True, None, None, MAX_MODEL_LEN
 
     class config:
         model = MODEL

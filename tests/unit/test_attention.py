@@ -7,33 +7,13 @@ heads are replicated across TP ranks) and sliding windows.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from raytp.model.attention import SeqChunk, build_metadata, select_backend
+from raytp.model.attention import SeqChunk, build_metadata, random_step, select_backend
 
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
-
-
-def random_step(chunks_spec, heads, kv_heads, head_dim, dtype, seed):
-    """chunks_spec: [(start, num_new)]. Returns chunks, q (T, H, D), k/v (T, Hkv, D) and a cache whose earlier
-    positions hold random keys and values."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks_needed = [math.ceil((s + n) / BLOCK_SIZE) for s, n in chunks_spec]
-    order = torch.randperm(sum(blocks_needed) + 3, generator=gen).tolist()
-    chunks, used = [], 0
-    for (start, num_new), nb in zip(chunks_spec, blocks_needed):
-        chunks.append(SeqChunk(start, num_new, order[used : used + nb]))
-        used += nb
-    T = sum(n for _, n in chunks_spec)
-    q = torch.randn(T, heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(T, kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(T, kv_heads, head_dim, generator=gen).to(dtype)
-    cache = torch.randn(2, len(order) * BLOCK_SIZE, kv_heads, head_dim, generator=gen).to(dtype)
-    return chunks, q, k, v, cache
 
 
 MIXED = [(0, 9), (5, 1), (13, 1), (8, 6), (0, 1), (30, 1), (3, 17)]  # prompts, decode rows, chunks after a prefix
@@ -48,7 +28,7 @@ MIXED = [(0, 9), (5, 1), (13, 1), (8, 6), (0, 1), (30, 1), (3, 17)]  # prompts, 
 def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype):
     reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
     assert fast.name == "cpu"
-    chunks, q, k, v, cache = random_step(MIXED, heads, kv_heads, 32, dtype, seed=heads * 10 + kv_heads)
+    chunks, q, k, v, cache = random_step(MIXED, heads, kv_heads, 32, BLOCK_SIZE, dtype, seed=heads * 10 + kv_heads)
     outs = []
     for backend in (reference, fast):
         meta = build_metadata(chunks, BLOCK_SIZE, CPU, window)
@@ -66,7 +46,7 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype):
 def test_window_and_prefix_change_the_result():
     """The cases above would pass trivially if the window or the cached prefix were ignored by both backends."""
     fast = select_backend("cpu", "cpu")
-    chunks, q, k, v, cache = random_step([(12, 3)], 4, 2, 16, torch.float32, seed=3)
+    chunks, q, k, v, cache = random_step([(12, 3)], 4, 2, 16, BLOCK_SIZE, torch.float32, seed=3)
 
     def run(window, c):
         return fast.forward(q, k, v, c, build_metadata(chunks, BLOCK_SIZE, CPU, window), 0.25)

@@ -104,11 +104,12 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def select_backend(device: str, name: str = "auto") -> AttentionBackend:
-    """The attention backend for this rank: `name`, or for "auto" the fastest one that works on `device`.
+def select_backend(device: str, name: str = "auto", dtype: torch.dtype = torch.float32) -> AttentionBackend:
+    """The attention backend for this rank: `name`, or for "auto" the fastest one that works on `device` in `dtype`.
 
-    A fast backend that cannot be built here (no C++ compiler, a torch
-    without the varlen kernel) falls back to the reference, with a warning.
+    A fast backend that cannot be built or run here (no C++ compiler, a torch
+    without the varlen kernel, flash attention in float32) falls back to the
+    reference, with a warning.
     """
     from raytp.model.attention.reference import ReferenceAttention
 
@@ -123,7 +124,7 @@ def select_backend(device: str, name: str = "auto") -> AttentionBackend:
         if wanted == "cuda":
             from raytp.model.attention.cuda import CudaVarlenAttention
 
-            return CudaVarlenAttention()
+            return CudaVarlenAttention(dtype)
     except Exception as err:  # noqa: BLE001 - any build or import failure means: use the reference
         if name != "auto":
             raise
@@ -143,3 +144,26 @@ def prebuild(device: str, name: str = "auto") -> None:
         load_op()
     except Exception as err:  # noqa: BLE001 - the ranks fall back (auto) or fail with the same error (cpu)
         log.warning("could not build the CPU paged-attention op here: %s", err)
+
+
+def random_step(chunks_spec: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, block_size: int,
+                dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """A step to test a backend with: chunks_spec is [(start, num_new)] per sequence, over shuffled blocks.
+
+    Returns (chunks, q (T, H, D), k, v (T, Hkv, D), cache (2, slots, Hkv, D)) with random values, the
+    cache's earlier positions included (as if computed by earlier steps).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-(start + n) // block_size) for start, n in chunks_spec]
+    order = torch.randperm(sum(blocks_needed) + 3, generator=gen).tolist()
+    chunks, used = [], 0
+    for (start, num_new), nb in zip(chunks_spec, blocks_needed):
+        chunks.append(SeqChunk(start, num_new, order[used : used + nb]))
+        used += nb
+    T = sum(n for _, n in chunks_spec)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    return (chunks, rand(T, heads, head_dim), rand(T, kv_heads, head_dim), rand(T, kv_heads, head_dim),
+            rand(2, len(order) * block_size, kv_heads, head_dim))

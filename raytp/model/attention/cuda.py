@@ -17,12 +17,29 @@ from raytp.model.attention import AttentionBackend, AttentionMetadata
 class CudaVarlenAttention(AttentionBackend):
     name = "cuda"
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
         from torch.nn.attention.varlen import varlen_attn  # ImportError on an older torch
 
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"flash attention runs in float16/bfloat16, not {dtype}")
         self.varlen_attn = varlen_attn
+        self._check_against_reference(dtype)
+
+    def _check_against_reference(self, dtype: torch.dtype) -> None:
+        """Prefill, a chunk after a cached prefix and decode rows, GQA: raises unless it matches the reference."""
+        from raytp.model.attention import build_metadata, random_step
+        from raytp.model.attention.reference import ReferenceAttention
+
+        chunks, q, k, v, cache = random_step([(0, 7), (9, 1), (5, 4)], 4, 2, 64, 16, dtype, "cuda", seed=1)
+        outs = []
+        for backend in (self, ReferenceAttention()):
+            meta = build_metadata(chunks, 16, torch.device("cuda"))
+            outs.append(backend.forward(q, k, v, cache.clone(), meta, 0.125).float())
+        err = (outs[0] - outs[1]).abs().max().item()
+        if not err < 3e-2:
+            raise RuntimeError(f"varlen attention differs from the reference by {err:.2e} on this GPU")
 
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         Hkv, D = cache.shape[2], cache.shape[3]
