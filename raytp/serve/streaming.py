@@ -50,8 +50,9 @@ async def _close_all(gens) -> None:
     await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
 
 
-async def merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the outputs of started requests as they come: (prompt index, output).
+async def merge(started) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+    """Interleave the outputs of started requests as they come: lists of (prompt index, output), each list
+    everything that is ready at that moment (one output, or several when the consumer fell behind).
 
     Closing this generator (or cancelling its consumer) cancels the pumps,
     which closes the engine's generators: their requests are aborted.
@@ -75,13 +76,21 @@ async def merge(started) -> AsyncIterator[tuple[int, RequestOutput]]:
     remaining = len(tasks)
     try:
         while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            ready, error = [], None
+            for i, item in items:
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    error = error or item
+                elif error is None:  # nothing after a failure goes out
+                    ready.append((i, item))
+            if ready:
+                yield ready
+            if error is not None:
+                raise error
     finally:
         for t in tasks:
             t.cancel()
@@ -92,8 +101,12 @@ async def sse_events(request: Request, rid: str, started, render: Callable[[int,
                      tail: Callable[[int], str | None], head: str | None = None) -> AsyncIterator[str]:
     """The SSE body of a streamed answer: chunks as outputs arrive, the usage chunk, then [DONE].
 
+    Outputs that are ready together go out as one body part (one message
+    through Serve's proxy instead of several): when the server falls behind
+    under load, that is what lets it catch up.
+
     A client that goes away aborts its requests: Starlette cancels this
-    generator (or the check between chunks sees it), and closing the merged
+    generator (or the check between parts sees it), and closing the merged
     stream closes the engine's generators, which frees the KV blocks.
     """
     generated = [0] * len(started)
@@ -101,11 +114,15 @@ async def sse_events(request: Request, rid: str, started, render: Callable[[int,
         if head is not None:
             yield head
         async with aclosing(merge(started)) as stream:
-            async for i, out in stream:
-                generated[i] = len(out.outputs[0].token_ids)
-                # A chunk per new token, even while its text is held back (or the model has no tokenizer).
-                if out.delta_text or out.delta_token_ids or out.finished:
-                    yield render(i, out)
+            async for ready in stream:
+                events = []
+                for i, out in ready:
+                    generated[i] = len(out.outputs[0].token_ids)
+                    # A chunk per new token, even while its text is held back (or the model has no tokenizer).
+                    if out.delta_text or out.delta_token_ids or out.finished:
+                        events.append(render(i, out))
+                if events:
+                    yield "".join(events)
                 if await request.is_disconnected():
                     log.info("client went away: aborting %s", rid)
                     return
@@ -121,8 +138,9 @@ async def collect(started) -> list[RequestOutput]:
     """Run started requests to the end; returns each one's final output."""
     finals = [first for _, first in started]
     async with aclosing(merge(started)) as stream:
-        async for i, out in stream:
-            finals[i] = out
+        async for ready in stream:
+            for i, out in ready:
+                finals[i] = out
     return finals
 
 
