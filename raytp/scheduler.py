@@ -210,12 +210,19 @@ class Scheduler:
                 else:
                     batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed :], seq.num_computed))
                 budget -= 1
-        # 2. Prompts being prefilled in chunks continue, in arrival order, while the budget and the blocks allow.
+        # 2. Prompts being prefilled in chunks continue, in arrival order, while the budget allows. Out of
+        #    blocks, the latest arrival is preempted (as for decodes): chunks holding blocks must not wait on
+        #    each other forever.
         for seq in running:
             if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed <= 1 or budget <= 0:
                 continue
             n = min(len(seq) - seq.num_computed, budget)
-            if self.blocks.allocate(seq, seq.num_computed + n):
+            while not self.blocks.allocate(seq, seq.num_computed + n):
+                victim = max(self.running, key=lambda s: s.arrival_time)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
                 batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n],
                                              seq.num_computed))
                 budget -= n

@@ -306,3 +306,22 @@ def test_max_model_len_ends_a_sequence():
     sched.add(seq)
     sched.update_from_output(sched.schedule(), [9])
     assert seq.finish_reason == "length" and len(seq) == 5 and not sched.has_work()
+
+
+def test_chunked_prompts_short_of_blocks_do_not_wait_on_each_other():
+    """Two long prompts admitted chunk by chunk into a cache that holds only one of them: the later one is
+    preempted (and recomputed later), so both finish, each block in use by one sequence at a time."""
+    sched = make_scheduler(num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=12)
+    a = Sequence("a", list(range(1, 31)), SamplingParams(max_tokens=3, temperature=0.0))
+    b = Sequence("b", list(range(1, 31)), SamplingParams(max_tokens=3, temperature=0.0))
+    sched.add(a)
+    sched.add(b)
+    for _ in range(40):
+        if not sched.has_work():
+            break
+        batch = sched.schedule()
+        owners = [blk for s in sched.running for blk in s.block_table]
+        assert len(owners) == len(set(owners)) and len(owners) + sched.blocks.num_free == 12
+        advance(sched, batch)
+    assert not sched.has_work()
+    assert a.finish_reason == b.finish_reason == "length" and b.num_preemptions >= 1
