@@ -132,3 +132,15 @@ def test_sampling_params_defaults_and_normalization():
     assert p.stop == ["###"] and p.stop_token_ids == [] and p.max_tokens == 16 and not p.greedy
     assert SamplingParams(temperature=0.0).greedy
     assert SamplingParams(top_k=0).top_k == 0 and SamplingParams(top_k=-1).top_k == -1
+
+
+def test_mixed_filters_in_one_batch():
+    """Rows with top-k, top-p, both and neither sampled together: each keeps its own head."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(400, 4)  # (400, 4)
+    kinds = [SamplingParams(top_k=2, seed=1), SamplingParams(top_p=0.7, seed=2),
+             SamplingParams(top_k=3, top_p=0.6, seed=3), SamplingParams(seed=4)]
+    params = [kinds[i % 4] for i in range(400)]
+    out = sample(logits, params, list(range(400)), gen())
+    assert set(out[0::4]) == {0, 1} and set(out[1::4]) == {0, 1}
+    assert set(out[2::4]) == {0, 1} and set(out[3::4]) == {0, 1, 2, 3}
