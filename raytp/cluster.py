@@ -17,7 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, GroupFailure, PlacementError, choose_num_kv_blocks
+from raytp.executor import Executor, GroupFailure, PlacementError, choose_num_kv_blocks, warm_up_tokens
 from raytp.topology import check_nvlink
 from raytp.step import SeqStep, StepResult
 from raytp.worker import TPWorker
@@ -94,10 +94,8 @@ class TPGroup(Executor):
             capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization) for w in self.workers], timeout=timeout))
             self.num_kv_blocks = choose_num_kv_blocks(self.config, self.max_model_len, capacity)
             ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
-            warm = ray.get([w.warm_up.remote(self.config.resolved_max_num_batched_tokens()) for w in self.workers],
-                           timeout=timeout)
-            log.info("TP group warmed up with one %d-token step in %.2fs", self.config.resolved_max_num_batched_tokens(),
-                     max(warm))
+            warm = ray.get([w.warm_up.remote(warm_up_tokens(self.config)) for w in self.workers], timeout=timeout)
+            log.info("TP group warmed up with one %d-token step in %.2fs", warm_up_tokens(self.config), max(warm))
         except BaseException as err:
             self.shutdown()
             if isinstance(err, GetTimeoutError):

@@ -44,6 +44,12 @@ def choose_num_kv_blocks(config: EngineConfig, max_model_len: int, rank_capacity
     return blocks
 
 
+def warm_up_tokens(config: EngineConfig) -> int:
+    """Tokens of the warm-up step a new group runs: the step budget, at most 512 (on CPU a 2048-token step
+    takes ~0.7 s, which every rebuild would add to the pause of in-flight requests)."""
+    return min(config.resolved_max_num_batched_tokens(), 512)
+
+
 class Executor(ABC):
     tp_size: int
     num_kv_blocks: int
@@ -98,7 +104,7 @@ class LocalExecutor(Executor):
         w.load(self.model_path, cfg.attention_backend, cfg.pack_weights)
         self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization))
         w.init_kv_cache(self.num_kv_blocks, cfg.block_size)
-        w.warm_up(cfg.resolved_max_num_batched_tokens())
+        w.warm_up(warm_up_tokens(cfg))
         self.worker = w
 
     def execute(self, seqs):

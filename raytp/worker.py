@@ -159,7 +159,7 @@ class TPWorker:
         self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks * block_size), dtype=self.model.dtype, device=device)
 
     def warm_up(self, num_tokens: int) -> float:
-        """Run one throw-away step of `num_tokens` tokens (short sequences), as the largest prefill step will be.
+        """Run one throw-away step of `num_tokens` tokens (short sequences), like a big prefill step.
 
         The first step at a new size pays for memory first touched and GEMM
         kernels built for its shapes (on CPU a first 512-token step took twice
