@@ -46,7 +46,8 @@ def choose_num_kv_blocks(config: EngineConfig, max_model_len: int, rank_capacity
 
 def warm_up_tokens(config: EngineConfig) -> int:
     """Tokens of the warm-up step a new group runs: the step budget, at most 512 (on CPU a 2048-token step
-    takes ~0.7 s, which every rebuild would add to the pause of in-flight requests)."""
+    takes ~0.7 s, which every rebuild would add to the pause of in-flight requests; a larger budget's first
+    full step pays its own first-touch cost)."""
     return min(config.resolved_max_num_batched_tokens(), 512)
 
 
