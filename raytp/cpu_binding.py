@@ -3,7 +3,7 @@
 A CPU rank runs its torch threads flat out; when the Serve proxy, the replica
 and Ray's daemons may run on the same cores, the scheduler keeps preempting it
 (measured on a 2-core machine: a burst of 32 over HTTP at TP=1 went from
-~390 to ~510 output tok/s once the rank had a core to itself). So:
+353-419 to 490-528 output tok/s once the rank, and nothing else, had a core). So:
 
 - each rank claims `cpus_per_rank` cores on its node, lowest free first, and
   pins its compute thread to them (`bind_rank`). Claims live in one small
