@@ -94,8 +94,9 @@ class TPGroup(Executor):
             capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization) for w in self.workers], timeout=timeout))
             self.num_kv_blocks = choose_num_kv_blocks(self.config, self.max_model_len, capacity)
             ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
-            warm = ray.get([w.warm_up.remote(warm_up_tokens(self.config)) for w in self.workers], timeout=timeout)
-            log.info("TP group warmed up with one %d-token step in %.2fs", warm_up_tokens(self.config), max(warm))
+            warm_tokens = warm_up_tokens(self.config)
+            warm = ray.get([w.warm_up.remote(warm_tokens) for w in self.workers], timeout=timeout)
+            log.info("TP group warmed up with one %d-token step in %.2fs", warm_tokens, max(warm))
         except BaseException as err:
             self.shutdown()
             if isinstance(err, GetTimeoutError):

@@ -172,6 +172,16 @@ class Scheduler:
         assert not self.running
         self.blocks = block_manager
 
+    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow seq's blocks to num_tokens, preempting the latest arrival until they fit; False if seq itself was
+        the one preempted."""
+        while not self.blocks.allocate(seq, num_tokens):
+            victim = max(self.running, key=lambda s: s.arrival_time)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
     @staticmethod
     def _scheduled(seq: Sequence, token_ids: list[int], start: int) -> ScheduledSeq:
         """Mark the tokens as computed; if they complete the sequence, the token this step samples is pending."""
@@ -199,12 +209,7 @@ class Scheduler:
                 continue  # preempted below in this loop, or still prefilling (step 2)
             if len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens:
                 continue  # its last token is being sampled: nothing more to compute
-            while not self.blocks.allocate(seq, seq.total_len):
-                victim = max(self.running, key=lambda s: s.arrival_time)
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is SeqStatus.RUNNING:
+            if self._allocate_or_preempt(seq, seq.total_len):
                 if seq.num_pending:  # the newest token is still on the workers
                     batch.append(self._scheduled(seq, [PREVIOUS_TOKEN], seq.total_len - 1))
                 else:
@@ -217,12 +222,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed <= 1 or budget <= 0:
                 continue
             n = min(len(seq) - seq.num_computed, budget)
-            while not self.blocks.allocate(seq, seq.num_computed + n):
-                victim = max(self.running, key=lambda s: s.arrival_time)
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is SeqStatus.RUNNING:
+            if self._allocate_or_preempt(seq, seq.num_computed + n):
                 batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n],
                                              seq.num_computed))
                 budget -= n

@@ -30,7 +30,7 @@ from raytp.comm import (
 )
 from raytp.cpu_binding import bind_rank
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
-from raytp.model.loader import load_model
+from raytp.model.loader import DTYPES, load_model
 from raytp.sampling import SamplingParams, sample
 from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
 
@@ -130,8 +130,6 @@ class TPWorker:
 
     def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True) -> dict:
         device = "cuda" if self.device == "cuda" else "cpu"
-        from raytp.model.loader import DTYPES
-
         attention = select_backend(device, attention_backend, DTYPES[self.dtype])
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
                                 attention=attention, pack_weights=pack_weights)

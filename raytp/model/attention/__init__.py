@@ -72,7 +72,7 @@ def build_metadata(
     seq_lens = start + num_new
     cu_seq_lens = np.zeros(len(chunks) + 1, dtype=np.int32)
     np.cumsum(seq_lens, out=cu_seq_lens[1:])
-    meta = AttentionMetadata(
+    return AttentionMetadata(
         positions=torch.from_numpy(positions).to(device),
         slot_mapping=torch.from_numpy(slots).to(device),
         query_start=torch.from_numpy(query_start.astype(np.int32)).to(device),
@@ -85,7 +85,6 @@ def build_metadata(
         block_size=block_size,
         sliding_window=sliding_window,
     )
-    return meta
 
 
 class AttentionBackend:
