@@ -52,6 +52,10 @@ class EngineConfig(BaseModel):
         "HTTP: the same throughput relative to vLLM, TTFT p50 0.97x vLLM's instead of 1.8x, p99 inter-token gap "
         "~0.2 s instead of ~0.1 s), 4096 on CUDA."
     )
+    enable_prefix_caching: bool = Field(
+        default=True, description="Share the KV blocks of a prompt prefix already computed (by any request, kept until "
+        "evicted least recently used) instead of computing it again."
+    )
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
     num_kv_blocks: int | None = Field(
         default=None, ge=1, description="KV-cache blocks per rank; default sized from max_num_seqs and max_model_len (CPU) or free memory (CUDA)."

@@ -22,7 +22,8 @@ from raytp.model.loader import CheckpointError, read_model_args
 from raytp.output_processor import OutputProcessor, RequestState
 from raytp.outputs import RequestOutput
 from raytp.sampling import SamplingParams
-from raytp.scheduler import BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
+from raytp.kv_cache import KVCacheManager
+from raytp.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
 from raytp.tiny import resolve_model_path
 from raytp.tokenizer import Tokenizer
 from raytp.step import SeqStep, StepResult
@@ -69,7 +70,8 @@ class EngineCore:
         self.supervisor.start()
 
     def _use_new_kv_cache(self, num_kv_blocks: int) -> None:
-        blocks = BlockManager(num_kv_blocks, self.config.block_size)
+        # A new cache is empty: a rebuilt group's requests find no cached prefix until they compute it again.
+        blocks = KVCacheManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         if self.scheduler is None:
             budget = self.config.resolved_max_num_batched_tokens()
             self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len)
@@ -129,7 +131,11 @@ class EngineCore:
     # ---- the step: schedule, run, postprocess -----------------------------------------
 
     def schedule(self) -> list[ScheduledSeq]:
-        return self.scheduler.schedule()
+        batch = self.scheduler.schedule()
+        if self.metrics:
+            stats = self.scheduler.take_prefix_stats()
+            self.metrics.on_prefix_cache(stats.queried_tokens, stats.hit_tokens)
+        return batch
 
     @staticmethod
     def to_steps(batch: list[ScheduledSeq]) -> list[SeqStep]:

@@ -39,6 +39,8 @@ class EngineMetrics:
         self.prompt_tokens = Counter("raytp_prompt_tokens", description="Prompt tokens of admitted requests.", tag_keys=keys)
         self.generation_tokens = Counter("raytp_generation_tokens", description="Tokens generated.", tag_keys=keys)
         self.success = Counter("raytp_request_success", description="Finished requests by reason.", tag_keys=keys + ("finished_reason",))
+        self.prefix_queries = Counter("raytp_prefix_cache_queries", description="Tokens of admitted sequences looked up in the prefix cache.", tag_keys=keys)
+        self.prefix_hits = Counter("raytp_prefix_cache_hits", description="Tokens of admitted sequences found in the prefix cache.", tag_keys=keys)
         self.restarts = Counter("raytp_tp_group_restarts", description="TP group rebuilds (failures and resizes).", tag_keys=keys)
 
     def on_step(self, num_running: int, num_waiting: int, kv_usage: float, collective_seconds: float,
@@ -63,6 +65,12 @@ class EngineMetrics:
 
     def on_admitted(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens, tags=self.tags)
+
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        if queried_tokens:
+            self.prefix_queries.inc(queried_tokens, tags=self.tags)
+            if hit_tokens:
+                self.prefix_hits.inc(hit_tokens, tags=self.tags)
 
     def on_finished(self, reason: str, e2e: float) -> None:
         self.success.inc(1, tags={**self.tags, "finished_reason": reason})

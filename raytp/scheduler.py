@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from raytp.kv_cache import BlockHash, KVCacheManager, hash_blocks
 from raytp.sampling import SamplingParams
 from raytp.step import PREVIOUS_TOKEN
 
@@ -38,6 +39,8 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks of block_table whose prefix is in the cache's index
+    block_hashes: list[BlockHash] = field(default_factory=list)  # of the full blocks of token_ids (a memo)
     num_computed: int = 0  # tokens whose K/V are in the cache (or being computed by a step in flight)
     num_pending: int = 0  # tokens sampled by steps in flight, not yet in output_token_ids
     arrival_time: float = field(default_factory=time.monotonic)
@@ -60,37 +63,6 @@ class Sequence:
         return len(self) + self.num_pending
 
 
-class BlockManager:
-    """Hands out KV-cache block ids; the cache itself lives on the workers."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free_blocks)
-
-    def usage(self) -> float:
-        return 1.0 - self.num_free / self.num_blocks if self.num_blocks else 0.0
-
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, math.ceil(num_tokens / self.block_size) - len(seq.block_table))
-
-    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow seq's block table to hold num_tokens tokens; False (and no change) if blocks run out."""
-        need = self.blocks_needed(seq, num_tokens)
-        if need > self.num_free:
-            return False
-        seq.block_table.extend(self.free_blocks.popleft() for _ in range(need))
-        return True
-
-    def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.block_table)
-        seq.block_table = []
-        seq.num_computed = 0
-
-
 @dataclass
 class ScheduledSeq:
     seq: Sequence
@@ -100,10 +72,17 @@ class ScheduledSeq:
     samples: bool = True  # False for a prompt chunk that is not the last: its sampled token is dropped
 
 
+@dataclass
+class PrefixCacheStats:
+    queried_tokens: int = 0  # prompt (or recompute) tokens of admitted sequences
+    hit_tokens: int = 0  # of those, tokens found in the cache (not computed again)
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, blocks: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int | None = None):
-        self.blocks = block_manager
+        self.blocks = blocks
+        self.prefix_stats = PrefixCacheStats()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -128,7 +107,7 @@ class Scheduler:
             elif seq in self.waiting:
                 self.waiting.remove(seq)
             seq.status = SeqStatus.FINISHED
-            self.blocks.free(seq)
+            self._free_blocks(seq)
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
     def update_from_output(self, batch: list["ScheduledSeq"], token_ids: list[int]) -> list[tuple[Sequence, int]]:
@@ -152,9 +131,56 @@ class Scheduler:
             taken.append((seq, token))
         return taken
 
+    def take_prefix_stats(self) -> PrefixCacheStats:
+        """The prefix-cache lookups since the last call."""
+        stats, self.prefix_stats = self.prefix_stats, PrefixCacheStats()
+        return stats
+
+    # ---- blocks of a sequence ----------------------------------------------------------------
+
+    def _grow_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow seq's block table to hold num_tokens tokens; False (and no change) if blocks run out."""
+        need = max(0, math.ceil(num_tokens / self.blocks.block_size) - len(seq.block_table))
+        new = self.blocks.allocate(need)
+        if new is None:
+            return False
+        seq.block_table.extend(new)
+        return True
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        self._cache_full_blocks(seq)  # its last full block may not be indexed yet
+        self.blocks.release(seq.block_table)
+        seq.block_table, seq.num_cached_blocks, seq.num_computed = [], 0, 0
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Index seq's full blocks whose tokens are known and computed (or being computed by a step in flight,
+        which the ranks finish before any later step reads them)."""
+        num_full = min(seq.num_computed, len(seq)) // self.blocks.block_size
+        if num_full <= seq.num_cached_blocks:
+            return
+        hashes = hash_blocks(seq.token_ids, self.blocks.block_size, seq.block_hashes)
+        for i in range(seq.num_cached_blocks, num_full):
+            self.blocks.cache_block(seq.block_table[i], hashes[i])
+        seq.num_cached_blocks = num_full
+
+    def _use_cached_prefix(self, seq: Sequence) -> None:
+        """Start a sequence being admitted from the longest prefix of its tokens already in the cache. At least
+        its last token is computed, whose logits sample the next one."""
+        if not self.blocks.enable_prefix_caching:
+            return
+        max_blocks = (len(seq) - 1) // self.blocks.block_size
+        hashes = hash_blocks(seq.token_ids, self.blocks.block_size, seq.block_hashes)[:max_blocks]
+        hit = self.blocks.lookup(hashes)
+        self.blocks.claim(hit)
+        seq.block_table = hit
+        seq.num_cached_blocks = len(hit)
+        seq.num_computed = len(hit) * self.blocks.block_size
+
+    # ---- scheduling --------------------------------------------------------------------
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self._free_blocks(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -165,27 +191,27 @@ class Scheduler:
             self._preempt(seq)
         for seq in self.waiting:
             # Steps in flight are lost with the group: their tokens are computed again.
-            seq.block_table, seq.num_computed, seq.num_pending = [], 0, 0
+            seq.block_table, seq.num_cached_blocks, seq.num_computed, seq.num_pending = [], 0, 0, 0
 
-    def reset_blocks(self, block_manager: BlockManager) -> None:
-        """Use a new KV cache (after a rebuild); nothing may be running."""
+    def reset_blocks(self, blocks: KVCacheManager) -> None:
+        """Use a new, empty KV cache (after a rebuild); nothing may be running."""
         assert not self.running
-        self.blocks = block_manager
+        self.blocks = blocks
 
     def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's blocks to num_tokens, preempting the latest arrival until they fit; False if seq itself was
         the one preempted."""
-        while not self.blocks.allocate(seq, num_tokens):
+        while not self._grow_blocks(seq, num_tokens):
             victim = max(self.running, key=lambda s: s.arrival_time)
             self._preempt(victim)
             if victim is seq:
                 return False
         return True
 
-    @staticmethod
-    def _scheduled(seq: Sequence, token_ids: list[int], start: int) -> ScheduledSeq:
+    def _scheduled(self, seq: Sequence, token_ids: list[int], start: int) -> ScheduledSeq:
         """Mark the tokens as computed; if they complete the sequence, the token this step samples is pending."""
         seq.num_computed = start + len(token_ids)
+        self._cache_full_blocks(seq)
         samples = seq.num_computed == seq.total_len
         sched = ScheduledSeq(seq, token_ids, start, len(seq.output_token_ids) + seq.num_pending, samples)
         if samples:
@@ -232,14 +258,18 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while a step in flight samples its token: recompute once it is known
-            n = min(len(seq), budget)
-            if not self.blocks.allocate(seq, n):
+            self._use_cached_prefix(seq)
+            n = min(len(seq) - seq.num_computed, budget)
+            if not self._grow_blocks(seq, seq.num_computed + n):
+                self._free_blocks(seq)  # the prefix it found stays cached
                 break
+            self.prefix_stats.queried_tokens += len(seq)
+            self.prefix_stats.hit_tokens += seq.num_computed
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            batch.append(self._scheduled(seq, seq.token_ids[:n], 0))
+            batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed))
             budget -= n
         return batch

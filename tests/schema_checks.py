@@ -41,6 +41,7 @@ APP_CONFIG_KEYS = frozenset(
         "max_num_seqs",
         "max_model_len",
         "max_num_batched_tokens",
+        "enable_prefix_caching",
         "block_size",
         "num_kv_blocks",
         "gpu_memory_utilization",
@@ -90,6 +91,8 @@ RAYTP_COUNTERS = frozenset(
         "raytp_generation_tokens",
         "raytp_request_success",
         "raytp_tp_group_restarts",
+        "raytp_prefix_cache_queries",
+        "raytp_prefix_cache_hits",
     }
 )
 # Ray Serve's own metrics as a Ray 2.60 metrics port exports them (names taken

@@ -134,6 +134,19 @@ def test_request_joining_a_running_batch_gets_its_alone_tokens(llms, checkpoints
     assert second.seq.output_token_ids == alone[1]
 
 
+def test_cached_prefix_gives_transformers_tokens_at_tp2(llms, checkpoints):
+    """A request that shares two full blocks with an earlier one starts from the cached blocks (the same block
+    ids on both ranks) and still gets transformers' tokens."""
+    llm = llama_tp2(llms, checkpoints)
+    base = PROMPTS[2] + PROMPTS[1]  # 40 tokens: two full 16-token blocks
+    prompts = [base + [5], base[:36] + [6, 7]]
+    expected = hf_greedy(checkpoints["llama"][0], prompts, NEW_TOKENS)
+    llm.engine.scheduler.take_prefix_stats()  # forget the earlier tests' lookups
+    assert [tokens(llm.generate(p, GREEDY))[0] for p in prompts] == expected
+    stats = llm.engine.scheduler.take_prefix_stats()
+    assert stats.hit_tokens >= 32
+
+
 def test_short_request_finishes_first(llms, checkpoints):
     core = llama_tp2(llms, checkpoints).engine
     long = core.add_request("cb-long", PROMPTS[1], SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.timeout(300)
 
 MODEL = "tiny-metrics"
 APP = "raytp-metrics-test"
-REQUESTS = [(5, 7), (9, 4), (3, 12), (17, 6)]  # (prompt length in tokens, max_tokens)
+# (prompt length in tokens, max_tokens); prompts are 10, 11, ...: the 20-token one finds the first 16-token block
+# of the 17-token one in the prefix cache.
+REQUESTS = [(5, 7), (9, 4), (3, 12), (17, 6), (20, 3)]
 
 
 def scrape(port: int) -> dict[str, list]:
@@ -122,6 +124,8 @@ def test_scrape_has_every_family_with_the_right_values(ray_cluster, served):
         time.sleep(0.5)
     assert total(m, "ray_raytp_generation_tokens_total", model_name=MODEL) == gen
     assert total(m, "ray_raytp_prompt_tokens_total", model_name=MODEL) == prompt
+    assert total(m, "ray_raytp_prefix_cache_queries_total", model_name=MODEL) == prompt
+    assert total(m, "ray_raytp_prefix_cache_hits_total", model_name=MODEL) == 16
     assert total(m, "ray_raytp_request_success_total", model_name=MODEL, finished_reason="length") == len(usages)
     assert total(m, "ray_raytp_tp_group_restarts_total", model_name=MODEL) == 1
     assert total(m, "ray_raytp_tensor_parallel_size", model_name=MODEL) == 1
@@ -178,6 +182,7 @@ def test_real_prometheus_answers_the_dashboard_queries(ray_cluster, served, tmp_
         exprs = dict((title, e) for title, e in dashboard_exprs() if "0.99" in e and "time_to_first_token" in e)
         ttft_p99 = _fill(next(iter(exprs.values())))
         tokens_s = _fill(next(e for t, e in dashboard_exprs() if "generation_tokens_total" in e))
+        hit_rate = _fill(next(e for t, e in dashboard_exprs() if "prefix_cache_hits_total" in e))
         # Wait for Prometheus to scrape, then keep traffic flowing so rates over the window are non-zero.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -200,6 +205,9 @@ def test_real_prometheus_answers_the_dashboard_queries(ray_cluster, served, tmp_
         assert results["ttft_p99"][0]["metric"]["model_name"] == MODEL
         assert 0 < float(results["ttft_p99"][0]["value"][1]) < 60
         assert float(results["tokens_s"][0]["value"][1]) > 0
+        # No hits in this window (8-token prompts): the hit rate reads 0, not "no data".
+        rate = _query(url, hit_rate)
+        assert rate and rate[0]["metric"]["model_name"] == MODEL and 0 <= float(rate[0]["value"][1]) <= 1, rate
     finally:
         prom.terminate()
         prom.wait(10)

@@ -173,3 +173,38 @@ def test_chunked_prefill_gives_transformers_tokens(checkpoint, attention):
     chunks = [(rid, n) for step in steps for rid, n, samples in step if not samples]
     assert {rid for rid, _ in chunks} >= {"c1", "c3"}  # the 17- and 30-token prompts were chunked
     assert engine.core.scheduler.blocks.num_free == engine.core.scheduler.blocks.num_blocks
+
+
+# Prompts that share the 30-token prompt's first 28 or 20 tokens (7 and 5 blocks of 4), and one repeated whole.
+SHARED_PREFIX = [PROMPTS[3][:28] + [7, 8], PROMPTS[3][:28] + [9], PROMPTS[3][:20] + [10, 11, 12], PROMPTS[3][:28] + [7, 8]]
+
+
+@pytest.fixture(scope="module")
+def shared_prefix_refs(checkpoint):
+    model = load_reference(checkpoint[0])
+    model.generation_config.eos_token_id = None
+    refs = []
+    for prompt in SHARED_PREFIX:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        refs.append(out[0, len(prompt):].tolist())
+    return refs
+
+
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix-caching", "no-caching"])
+def test_cached_prefixes_give_transformers_tokens(checkpoint, shared_prefix_refs, caching):
+    """Requests that share a prefix with a running or finished one skip the cached blocks (or, with caching off,
+    compute them again): the tokens are transformers' greedy tokens either way."""
+    async def go(engine):
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        first = await tokens_of(engine, SHARED_PREFIX[0], params, "first")  # computes and caches the prefix
+        rest = await asyncio.gather(*(tokens_of(engine, p, params, f"s{i}", delay=0.02 * i)
+                                      for i, p in enumerate(SHARED_PREFIX[1:])))
+        return [first, *rest]
+
+    outputs, _, engine = run(checkpoint[0], go, enable_prefix_caching=caching, max_num_batched_tokens=16)
+    assert outputs == shared_prefix_refs
+    stats = engine.core.scheduler.prefix_stats
+    assert stats.queried_tokens == sum(map(len, SHARED_PREFIX))
+    assert stats.hit_tokens == (28 + 20 + 28 if caching else 0)
+    assert engine.core.scheduler.blocks.num_free == engine.core.scheduler.blocks.num_blocks

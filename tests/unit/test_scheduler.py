@@ -1,12 +1,15 @@
-"""Scheduler and BlockManager on their own (no Ray, no model).
+"""The scheduler on its own (no Ray, no model).
 
 `advance` hands the scheduler a step's output: each sequence's pending token
-(the one its step sampled) arrives.
+(the one its step sampled) arrives. The sequences here share their prompts'
+first tokens, so the policy tests run without prefix caching; test_kv_cache.py
+covers it.
 """
 import pytest
 
 from raytp.sampling import SamplingParams
-from raytp.scheduler import BlockManager, ScheduledSeq, Scheduler, Sequence, SeqStatus
+from raytp.kv_cache import KVCacheManager
+from raytp.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
 from raytp.step import PREVIOUS_TOKEN
 
 pytestmark = pytest.mark.timeout(30)
@@ -18,8 +21,9 @@ def make_seq(name: str, prompt_len: int, arrival: float) -> Sequence:
     return Sequence(name, list(range(1, prompt_len + 1)), PARAMS, arrival_time=arrival)
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=256) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens)
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=256,
+                   prefix_caching=False) -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, block_size, prefix_caching), max_num_seqs, max_num_batched_tokens)
 
 
 def advance(sched: Scheduler, batch: list[ScheduledSeq], token: int = 7) -> None:
@@ -28,24 +32,6 @@ def advance(sched: Scheduler, batch: list[ScheduledSeq], token: int = 7) -> None
 
 def names(batch) -> list[str]:
     return [s.seq.request_id for s in batch]
-
-
-# ---- BlockManager --------------------------------------------------------------------
-
-
-def test_allocate_and_free_blocks():
-    bm = BlockManager(num_blocks=4, block_size=4)
-    seq = make_seq("a", 5, 0.0)
-    assert bm.blocks_needed(seq, 5) == 2
-    assert bm.allocate(seq, 5) and len(seq.block_table) == 2 and bm.num_free == 2
-    assert bm.allocate(seq, 8) and len(seq.block_table) == 2  # still fits in 2 blocks
-    assert bm.usage() == pytest.approx(0.5)
-    # Short of blocks: False and nothing changes.
-    assert not bm.allocate(seq, 17)
-    assert len(seq.block_table) == 2 and bm.num_free == 2
-    seq.num_computed = 5
-    bm.free(seq)
-    assert bm.num_free == 4 and seq.block_table == [] and seq.num_computed == 0
 
 
 # ---- admission -------------------------------------------------------------------------
@@ -301,7 +287,7 @@ def test_update_from_output_skips_a_sequence_finished_while_its_step_ran():
 
 
 def test_max_model_len_ends_a_sequence():
-    sched = Scheduler(BlockManager(16, 4), 4, 64, max_model_len=5)
+    sched = Scheduler(KVCacheManager(16, 4), 4, 64, max_model_len=5)
     seq = make_seq("a", 4, 0.0)
     sched.add(seq)
     sched.update_from_output(sched.schedule(), [9])
