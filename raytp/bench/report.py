@@ -22,9 +22,10 @@ def _stats_ms(values: list[float]) -> dict:
     import numpy as np
 
     if not values:
-        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}, "max": None}
     arr = np.asarray(values, dtype=float) * 1000.0
-    return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
+    return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES},
+            "max": float(arr.max())}
 
 
 def summarize(run: RunResult) -> dict:
@@ -53,8 +54,19 @@ def summarize(run: RunResult) -> dict:
         "itl_ms": _stats_ms([g for r in ok for g in r.itl]),
         "tpot_ms": _stats_ms(tpot),
         "e2e_ms": _stats_ms([r.e2e for r in ok if r.e2e is not None]),
+        **_join_summary(ok),
         **run.extra,
     }
+
+
+def _join_summary(ok: list) -> dict:
+    """With a joining long prompt: its TTFT, and the longest gap it caused in the other streams (ms)."""
+    joined = [r for r in ok if r.joins]
+    if not joined:
+        return {}
+    others = [g for r in ok if not r.joins for g in r.itl]
+    return {"join": {"prompt_len": joined[0].prompt_len, "ttft_ms": joined[0].ttft * 1000.0,
+                     "streams_max_itl_ms": max(others) * 1000.0 if others else None}}
 
 
 def streaming_warning(s: dict) -> str | None:

@@ -37,6 +37,9 @@ class BenchOptions:
     prompt_len: tuple[int, int] = (16, 128)
     output_len: tuple[int, int] = (16, 96)
     request_rate: float = math.inf
+    shared_prefix_len: int = 0  # tokens every prompt starts with (a system prompt / document)
+    join_prompt_len: int = 0  # one more request with a prompt this long, arriving at join_at s
+    join_at: float = 1.0
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     seed: int = 0
     backends: list[str] = field(default_factory=lambda: ["transformers", "inprocess", "http"])  # compare only
@@ -84,14 +87,18 @@ def _warn_if_busy() -> None:
 
 
 def _workload(opts: BenchOptions, vocab: int) -> tuple[list[RequestSpec], list[float]]:
-    specs = make_workload(opts.num_prompts, opts.prompt_len, opts.output_len, vocab, opts.seed)
-    return specs, arrival_times(opts.num_prompts, opts.request_rate, opts.seed)
+    specs = make_workload(opts.num_prompts, opts.prompt_len, opts.output_len, vocab, opts.seed,
+                          opts.shared_prefix_len, opts.join_prompt_len)
+    join_at = opts.join_at if opts.join_prompt_len else None
+    return specs, arrival_times(opts.num_prompts, opts.request_rate, opts.seed, join_at)
 
 
 def _meta(opts: BenchOptions, model_path: str | None, vocab: int, specs: list[RequestSpec]) -> dict:
     workload = {
         "num_prompts": opts.num_prompts, "prompt_len": list(opts.prompt_len), "output_len": list(opts.output_len),
         "request_rate": "inf" if math.isinf(opts.request_rate) else opts.request_rate, "seed": opts.seed,
+        "shared_prefix_len": opts.shared_prefix_len, "join_prompt_len": opts.join_prompt_len,
+        "join_at": opts.join_at if opts.join_prompt_len else None,
         "vocab_size": vocab, "requested_output_tokens": sum(s.output_len for s in specs),
         "prompt_tokens": sum(len(s.prompt_ids) for s in specs), "temperature": 0.0, "ignore_eos": True,
     }
