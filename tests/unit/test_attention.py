@@ -16,7 +16,8 @@ CPU = torch.device("cpu")
 BLOCK_SIZE = 4
 
 
-MIXED = [(0, 9), (5, 1), (13, 1), (8, 6), (0, 1), (30, 1), (3, 17)]  # prompts, decode rows, chunks after a prefix
+# Prompts, decode rows, chunks after a prefix.
+MIXED = [(0, 9), (5, 1), (13, 1), (8, 6), (0, 1), (30, 1), (3, 17), (0, 24), (21, 40)]
 
 
 @pytest.mark.parametrize(
@@ -25,9 +26,13 @@ MIXED = [(0, 9), (5, 1), (13, 1), (8, 6), (0, 1), (30, 1), (3, 17)]  # prompts, 
     ids=["mha", "gqa", "one_kv_head", "gqa_window5", "window1"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype):
+@pytest.mark.parametrize("gemm_min_rows", [17, 1, 1000], ids=["gemm-long", "gemm-all", "gemm-none"])
+def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_rows):
     reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
     assert fast.name == "cpu"
+    # Which sequences take the GEMM path instead of the row-by-row op: the 17-, 24- and 40-token chunks, all of
+    # them (decode rows too), or none.
+    fast.gemm_min_rows, fast.gemm_min_pairs = gemm_min_rows, 0
     chunks, q, k, v, cache = random_step(MIXED, heads, kv_heads, 32, BLOCK_SIZE, dtype, seed=heads * 10 + kv_heads)
     outs = []
     for backend in (reference, fast):

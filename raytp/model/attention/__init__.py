@@ -50,7 +50,9 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     sliding_window: int | None
-    padded: object = None  # the reference backend's padded batches, made at its first layer and kept for the rest
+    # What a backend derives from this metadata at its first layer and reuses for the rest of the step (the
+    # reference's padded batches, the CPU backend's long chunks).
+    derived: object = None
 
 
 def build_metadata(

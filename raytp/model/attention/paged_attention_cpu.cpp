@@ -8,6 +8,10 @@
 // Keys are found through the block table: position k is slot
 // block_tables[b][k / block_size] * block_size + k % block_size.
 //
+// Sequences flagged in skip (B,) bool are left out, their output rows
+// unwritten: the caller computes those long prompt chunks with GEMMs, which
+// reuse each key across many queries (see cpu.py).
+//
 // Work items are query rows, all heads at once: a cache slot holds every KV
 // head of its token contiguously, so each row reads the slots it needs once,
 // in order (GQA heads share their KV head's row). Scores are computed in one pass, then a softmax, then the weighted sum
@@ -90,11 +94,12 @@ void attend_row(const scalar_t* q,            // (H, D) this row's query heads
 // query_start: (B + 1,) int32; seq_lens: (B,) int32. Returns (T, H, D).
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor query_start, torch::Tensor seq_lens,
-                              int64_t block_size, double scale, int64_t window) {
+                              int64_t block_size, double scale, int64_t window, torch::Tensor skip) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q and caches must be 3-d");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && query_start.scalar_type() == torch::kInt32 &&
                   seq_lens.scalar_type() == torch::kInt32, "block_tables, query_start and seq_lens must be int32");
+  TORCH_CHECK(skip.scalar_type() == torch::kBool && skip.numel() == seq_lens.numel(), "skip must be (B,) bool");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
@@ -107,9 +112,18 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   // Row -> sequence, so that work items can be split evenly across threads.
   const int32_t* qs = query_start.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  std::vector<int32_t> row_seq(T);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t r = qs[b]; r < qs[b + 1]; ++r) row_seq[r] = static_cast<int32_t>(b);
+  skip = skip.contiguous();
+  const bool* skipped = skip.data_ptr<bool>();
+  std::vector<int32_t> rows, row_seq;  // the rows this call computes, and each one's sequence
+  rows.reserve(T);
+  row_seq.reserve(T);
+  for (int64_t b = 0; b < B; ++b) {
+    if (skipped[b]) continue;
+    for (int64_t r = qs[b]; r < qs[b + 1]; ++r) {
+      rows.push_back(static_cast<int32_t>(r));
+      row_seq.push_back(static_cast<int32_t>(b));
+    }
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -117,10 +131,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     const int32_t* tables = block_tables.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores, acc, qf;
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row_seq[row];
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t row = rows[i], b = row_seq[i];
         const int64_t num_new = qs[b + 1] - qs[b];
         const int64_t pos = lens[b] - num_new + (row - qs[b]);
         const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
@@ -132,6 +146,40 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   return out;
 }
 
+// The softmax of a long chunk's scores, in place, with its causal (and sliding-window) mask applied on the fly:
+// scores (R, L) float32 holds R = G * M rows, G query heads of M new tokens each, against the chunk's whole
+// context of L keys, its new tokens last; row r is token i = r % M at position p = L - M + i, which sees keys
+// max(0, p - window + 1) .. p. Masked entries become 0. Cheaper than masked_fill + softmax: one pass over the
+// visible keys, exp vectorised (-ffast-math, libmvec).
+void causal_softmax_(torch::Tensor scores, int64_t num_new, int64_t window) {
+  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
+              "scores must be a contiguous 2-d float32 tensor");
+  const int64_t R = scores.size(0), L = scores.size(1);
+  TORCH_CHECK(num_new >= 1 && num_new <= L && R % num_new == 0, "bad num_new for these scores");
+  float* base = scores.data_ptr<float>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* s = base + r * L;
+      const int64_t p = L - num_new + r % num_new;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      float mx = s[first];
+      for (int64_t j = first + 1; j <= p; ++j) mx = std::max(mx, s[j]);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = first; j <= p; ++j) {
+        s[j] = std::exp(s[j] - mx);
+        sum += s[j];
+      }
+      const float inv = 1.f / sum;
+#pragma omp simd
+      for (int64_t j = first; j <= p; ++j) s[j] *= inv;
+      std::fill(s, s + first, 0.f);
+      std::fill(s + p + 1, s + L, 0.f);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "varlen paged attention over a block KV cache (CPU)");
+  m.def("causal_softmax_", &causal_softmax_, "in-place causal (sliding-window) softmax of a chunk's scores");
 }

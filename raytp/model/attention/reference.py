@@ -84,10 +84,10 @@ class ReferenceAttention(AttentionBackend):
         T, H, D = q.shape
         Hkv = cache.shape[2]
         paged = cache.view(2, -1, meta.block_size, Hkv, D)  # (2, blocks, block_size, Hkv, D)
-        if meta.padded is None:
-            meta.padded = self._padded_batches(meta, q.device)
+        if meta.derived is None:
+            meta.derived = self._padded_batches(meta, q.device)
         out = q.new_empty(T, H * D)
-        for batch in meta.padded:
+        for batch in meta.derived:
             b, Lq = batch.query_index.shape
             qp = q[batch.query_index].transpose(1, 2)  # (b, H, Lq, D)
             kp = paged[0][batch.block_tables].view(b, -1, Hkv, D).transpose(1, 2)  # (b, Hkv, Lk, D)
