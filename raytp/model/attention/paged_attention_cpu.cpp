@@ -146,21 +146,25 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   return out;
 }
 
-// The softmax of a long chunk's scores, in place, with its causal (and sliding-window) mask applied on the fly:
-// scores (R, L) float32 holds R = G * M rows, G query heads of M new tokens each, against the chunk's whole
-// context of L keys, its new tokens last; row r is token i = r % M at position p = L - M + i, which sees keys
-// max(0, p - window + 1) .. p. Masked entries become 0. Cheaper than masked_fill + softmax: one pass over the
-// visible keys, exp vectorised (-ffast-math, libmvec).
-void causal_softmax_(torch::Tensor scores, int64_t num_new, int64_t window) {
+// The softmax of a long chunk's scores, in place, with its causal (and sliding-window) mask applied on the fly.
+// scores (R, L_pad) float32 holds G blocks of M_pad rows (G query heads, each with rows for the chunk's M new
+// tokens, then padding) against the chunk's context of num_keys keys, its new tokens last, then padding keys.
+// Row r is token i = r % M_pad at position p = num_keys - M + i, which sees keys max(0, p - window + 1) .. p;
+// a padding row (i >= M) sees every real key, so that it stays finite. Everything else becomes 0 (padding keys
+// included: they then add nothing to the output). Cheaper than masked_fill + softmax: one pass over the visible
+// keys, exp vectorised (-ffast-math, libmvec).
+void causal_softmax_(torch::Tensor scores, int64_t num_new, int64_t rows_per_head, int64_t num_keys,
+                     int64_t window) {
   TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
               "scores must be a contiguous 2-d float32 tensor");
   const int64_t R = scores.size(0), L = scores.size(1);
-  TORCH_CHECK(num_new >= 1 && num_new <= L && R % num_new == 0, "bad num_new for these scores");
+  TORCH_CHECK(num_new >= 1 && num_new <= rows_per_head && R % rows_per_head == 0 && num_new <= num_keys &&
+                  num_keys <= L, "bad num_new, rows_per_head or num_keys for these scores");
   float* base = scores.data_ptr<float>();
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* s = base + r * L;
-      const int64_t p = L - num_new + r % num_new;
+      const int64_t p = std::min(num_keys - num_new + r % rows_per_head, num_keys - 1);
       const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
       float mx = s[first];
       for (int64_t j = first + 1; j <= p; ++j) mx = std::max(mx, s[j]);
