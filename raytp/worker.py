@@ -29,10 +29,12 @@ from raytp.comm import (
     free_port,
 )
 from raytp.cpu_binding import bind_rank
+from raytp.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import DTYPES, load_model
 from raytp.sampling import SamplingParams, sample
 from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
+from raytp.topology import check_nvlink
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,9 @@ class TPWorker:
     def __init__(self, rank: int, world_size: int, device: str, dtype: str, seed: int = 0, num_threads: int | None = None,
                  bind_cores: bool = False):
         self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
+        self.cuda_index: int | None = None
         if device == "cuda":
-            # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0 here.
-            torch.cuda.set_device(0)
+            self.cuda_index = select_cuda_device()  # the GPU Ray gave this rank (device 0 outside Ray)
         elif num_threads:
             if bind_cores:  # before torch starts its thread pool, which inherits the binding
                 bind_rank(num_threads)
@@ -95,10 +97,15 @@ class TPWorker:
             import ray
 
             info["node_ip"] = ray.util.get_node_ip_address()
-            info["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
         except Exception:  # in-process use, without Ray
-            info["node_ip"], info["gpu_ids"] = "127.0.0.1", []
+            info["node_ip"] = "127.0.0.1"
+        info["gpu_ids"] = ray_gpu_ids()
+        info["gpu_uuid"] = nvml_uuid(self.cuda_index) if self.cuda_index is not None else None
         return info
+
+    def check_nvlink(self, gpu_uuids: list[str], refuse: bool) -> str | None:
+        """Rank 0, on the ranks' node: a warning if the group's GPUs are not all NVLink-connected (see topology.py)."""
+        return check_nvlink(gpu_uuids, refuse)
 
     def make_rendezvous(self, cpu_collectives: str = "shm"):
         """Rank 0 only: what the other ranks need to join (NCCL unique id, shared-memory segment or gloo address)."""
