@@ -17,7 +17,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, GroupFailure, PlacementError, choose_num_kv_blocks, warm_up_tokens
+from raytp.executor import (Executor, GroupFailure, PlacementError, choose_num_kv_blocks, profile_seq_lens,
+                            warm_up_tokens)
 from raytp.step import SeqStep, StepResult
 from raytp.worker import TPWorker
 
@@ -95,7 +96,9 @@ class TPGroup(Executor):
             ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights) for w in self.workers],
                     timeout=timeout)
             bs = self.config.block_size
-            capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization) for w in self.workers], timeout=timeout))
+            profile = profile_seq_lens(self.config, self.max_model_len)
+            capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization, profile)
+                                    for w in self.workers], timeout=timeout))
             self.num_kv_blocks = choose_num_kv_blocks(self.config, self.max_model_len, capacity)
             ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
             warm_tokens = warm_up_tokens(self.config)
@@ -182,6 +185,8 @@ class TPGroup(Executor):
         return [info["pid"] for info in ray.get([w.node_info.remote() for w in self.workers], timeout=10)]
 
     def shutdown(self) -> None:
+        # ray.kill ends a rank at once, even one blocked in a collective with a dead peer, and runs no Python
+        # teardown (so no ncclCommDestroy, which would wait for that peer).
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
