@@ -135,21 +135,23 @@ def test_nccl_world_of_one_is_warm_timed_and_aborted():
 
 @pytest.mark.timeout(300)
 def test_largest_step_stays_within_gpu_memory_utilization(tmp_path):
-    # Wide enough that the largest step's activations (~16k tokens x 8192 intermediate) are GiBs, not noise.
+    # Wide enough that the largest step's activations (16k tokens x 8192 intermediate) are GiBs, not noise; and
+    # 1024 sequences of 8192 tokens (8 KiB of KV per token) want more than the budget, so the cache takes all that is left.
     path = write_llama(tmp_path, hidden_size=1024, intermediate_size=8192, num_attention_heads=8, num_key_value_heads=8,
-                       vocab_size=32000, max_position_embeddings=1024, seed=5)
+                       vocab_size=32000, max_position_embeddings=8192, seed=5)
     torch.cuda.empty_cache()
-    cfg = EngineConfig(model=path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=16,
+    cfg = EngineConfig(model=path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=1024,
                        max_num_batched_tokens=16384, block_size=16)
-    ex = LocalExecutor(cfg, path, 1024)
+    ex = LocalExecutor(cfg, path, 8192)
     ex.start(1)
     try:
         w = ex.worker
         total = torch.cuda.mem_get_info()[1]
         cache_bytes = w.kv_cache.numel() * w.kv_cache.element_size()
+        assert ex.num_kv_blocks < 1024 * 8192 // 16  # capped by memory, not by max_num_seqs full sequences
         assert cache_bytes > 0.15 * total  # not starved either
         torch.cuda.reset_peak_memory_stats()
-        w.execute(throwaway_steps(profile_seq_lens(cfg, 1024), cfg.block_size))  # the largest step, in the real cache
+        w.execute(throwaway_steps(profile_seq_lens(cfg, 8192), cfg.block_size))  # the largest step, in the real cache
         free, _ = torch.cuda.mem_get_info()
         non_torch = (total - free) - torch.cuda.memory_reserved()
         peak = torch.cuda.max_memory_allocated() + non_torch
