@@ -207,6 +207,31 @@ def run_transformers(path: str, device: str, dtype: str, batches: list[int], pro
     return out
 
 
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def measure(shape: str, device: str, dtype: str, batches: list[int], prompt_len: int, new_tokens: int,
+            checkpoint_dir: str, copy_bytes: int = 2 * 2**30) -> dict:
+    """Decode tokens/s of raytp and transformers per batch size, with the batch-1 roofline (the JSON this script writes)."""
+    path = ensure_checkpoint(shape, dtype, checkpoint_dir, device)
+    config = json.load(open(os.path.join(path, "config.json")))
+    bandwidth = copy_bandwidth(device, copy_bytes)
+    roofline = bandwidth / bytes_per_token(config, _DTYPES[dtype], prompt_len + new_tokens // 2)
+    raytp = run_raytp(path, device, dtype, batches, prompt_len, new_tokens)
+    _sync(device)
+    hf = run_transformers(path, device, dtype, batches, prompt_len, new_tokens)
+    result = {"device": device_name(device), "shape": shape, "dtype": dtype, "torch": torch.__version__,
+              "prompt_len": prompt_len, "new_tokens": new_tokens,
+              "copy_bandwidth_bytes_per_s": bandwidth, "roofline_tokens_per_s": roofline,
+              "raytp_decode_tokens_per_s": raytp, "transformers_decode_tokens_per_s": hf}
+    if 1 in raytp:
+        result["batch1_roofline_fraction"] = {"raytp": raytp[1] / roofline, "transformers": hf[1] / roofline}
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -219,30 +244,21 @@ def main() -> None:
     ap.add_argument("--out-json", help="write the results here")
     args = ap.parse_args()
 
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    path = ensure_checkpoint(args.shape, args.dtype, args.checkpoint_dir, args.device)
-    config = json.load(open(os.path.join(path, "config.json")))
-    bandwidth = copy_bandwidth(args.device)
-    roofline = bandwidth / bytes_per_token(config, _DTYPES[args.dtype], args.prompt_len + args.new_tokens // 2)
-
-    raytp = run_raytp(path, args.device, args.dtype, args.batches, args.prompt_len, args.new_tokens)
-    _sync(args.device)
-    hf = run_transformers(path, args.device, args.dtype, args.batches, args.prompt_len, args.new_tokens)
-
-    print(f"\n{args.shape}, {args.dtype}, device: {device_name}, torch {torch.__version__}")
+    r = measure(args.shape, args.device, args.dtype, args.batches, args.prompt_len, args.new_tokens, args.checkpoint_dir)
+    raytp, hf = r["raytp_decode_tokens_per_s"], r["transformers_decode_tokens_per_s"]
+    print(f"\n{args.shape}, {args.dtype}, device: {r['device']}, torch {torch.__version__}")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per request, greedy, no EOS")
-    print(f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s -> batch-1 roofline {roofline:.1f} tokens/s\n")
+    print(f"measured copy bandwidth {r['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s -> batch-1 roofline "
+          f"{r['roofline_tokens_per_s']:.1f} tokens/s\n")
     print(f"{'batch':>5} {'raytp tok/s':>12} {'transformers tok/s':>19} {'raytp / transformers':>21}")
     for b in args.batches:
         print(f"{b:>5} {raytp[b]:>12.1f} {hf[b]:>19.1f} {raytp[b] / hf[b]:>20.2f}x")
-    if 1 in raytp:
-        print(f"\nbatch 1: raytp at {raytp[1] / roofline:.0%} of the roofline, transformers at {hf[1] / roofline:.0%}")
+    if "batch1_roofline_fraction" in r:
+        fraction = r["batch1_roofline_fraction"]
+        print(f"\nbatch 1: raytp at {fraction['raytp']:.0%} of the roofline, transformers at {fraction['transformers']:.0%}")
     if args.out_json:
         with open(args.out_json, "w") as f:
-            json.dump({"device": device_name, "shape": args.shape, "dtype": args.dtype, "torch": torch.__version__,
-                       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                       "copy_bandwidth_bytes_per_s": bandwidth, "roofline_tokens_per_s": roofline,
-                       "raytp_decode_tokens_per_s": raytp, "transformers_decode_tokens_per_s": hf}, f, indent=2)
+            json.dump(r, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, GroupFailure, PlacementError, choose_num_kv_blocks, warm_up_tokens
-from raytp.topology import check_nvlink
+from raytp.executor import (Executor, GroupFailure, PlacementError, choose_num_kv_blocks, profile_seq_lens,
+                            warm_up_tokens)
 from raytp.step import SeqStep, StepResult
 from raytp.worker import TPWorker
 
@@ -80,18 +80,25 @@ class TPGroup(Executor):
             ]
             infos = ray.get([w.node_info.remote() for w in self.workers], timeout=timeout)
             for info in infos:
-                log.info("TP rank %d/%d: node %s (%s) pid %d gpu %s", info["rank"], tp_size, info["node_ip"],
-                         info["hostname"], info["pid"], ",".join(info["gpu_ids"]) or "-")
+                log.info("TP rank %d/%d: node %s (%s) pid %d gpu %s %s", info["rank"], tp_size, info["node_ip"],
+                         info["hostname"], info["pid"], ",".join(info["gpu_ids"]) or "-", info["gpu_uuid"] or "")
             if self.device == "cuda" and tp_size > 1:
-                gpu_ids = [int(g) for info in infos for g in info["gpu_ids"]]
-                check_nvlink(gpu_ids, refuse=self.config.require_nvlink)
+                # Asked of NVML on the ranks' node (this replica may be elsewhere), by each rank's GPU UUID.
+                uuids = [info["gpu_uuid"] for info in infos]
+                warning = ray.get(self.workers[0].check_nvlink.remote(uuids, self.config.require_nvlink), timeout=timeout)
+                if warning:
+                    log.warning(warning)
+                else:
+                    log.info("the %d GPUs of the TP group are all NVLink-connected", tp_size)
             rendezvous = ray.get(self.workers[0].make_rendezvous.remote(self.config.cpu_collectives), timeout=timeout)
             backends = ray.get([w.init_communicator.remote(rendezvous, timeout) for w in self.workers], timeout=timeout)
             log.info("TP group of %d ranks connected over %s", tp_size, backends[0])
             ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights) for w in self.workers],
                     timeout=timeout)
             bs = self.config.block_size
-            capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization) for w in self.workers], timeout=timeout))
+            profile = profile_seq_lens(self.config, self.max_model_len)
+            capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization, profile)
+                                    for w in self.workers], timeout=timeout))
             self.num_kv_blocks = choose_num_kv_blocks(self.config, self.max_model_len, capacity)
             ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
             warm_tokens = warm_up_tokens(self.config)
@@ -178,6 +185,8 @@ class TPGroup(Executor):
         return [info["pid"] for info in ray.get([w.node_info.remote() for w in self.workers], timeout=10)]
 
     def shutdown(self) -> None:
+        # ray.kill ends a rank at once, even one blocked in a collective with a dead peer, and runs no Python
+        # teardown (so no ncclCommDestroy, which would wait for that peer).
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []

@@ -6,8 +6,10 @@ One interface, chosen by device and world size:
   (never the global default group), rendezvous over a TCPStore on a free port.
 - `ShmCommunicator`: CPU ranks on one node (what a STRICT_PACK group is):
   all-reduce and all-gather through shared memory, gloo for the rest.
-- `NcclCommunicator`: GPU, cupy.cuda.nccl on torch's current stream. Rank 0
-  makes the unique id; the caller hands it to the other ranks through Ray.
+- `NcclCommunicator`: GPU, cupy.cuda.nccl on torch's current stream (the
+  worker runs each step on a stream of its own, never the legacy default
+  stream). Rank 0 makes the unique id; the caller hands it to the other ranks
+  through Ray.
 
 Every collective is synchronous from the caller's point of view and works in
 place where it can, returning the result tensor.
@@ -223,11 +225,20 @@ class ShmCommunicator(Communicator):
         self.gloo.close()
 
 
+def _cupy_nccl():
+    """cupy's NCCL binding, or an error that says which extra installs the cupy of this torch's CUDA."""
+    try:
+        from cupy.cuda import nccl
+    except ImportError as err:
+        major = (torch.version.cuda or "12").split(".")[0]
+        raise ImportError(f"NCCL needs cupy built for CUDA {major} (torch {torch.__version__} uses CUDA "
+                          f"{torch.version.cuda}): pip install 'raytp[cuda{major}]' ({err})") from err
+    return nccl
+
+
 def nccl_unique_id() -> tuple:
     """Made by rank 0 and handed to the other ranks (through Ray) before NcclCommunicator()."""
-    from cupy.cuda import nccl
-
-    return nccl.get_unique_id()
+    return _cupy_nccl().get_unique_id()
 
 
 _NCCL_DTYPES = {
@@ -241,8 +252,8 @@ _NCCL_DTYPES = {
 
 class NcclCommunicator(Communicator):
     def __init__(self, unique_id: tuple, rank: int, world_size: int):
+        nccl = _cupy_nccl()
         import cupy
-        from cupy.cuda import nccl
 
         self.rank, self.world_size = rank, world_size
         self._nccl = nccl
@@ -252,6 +263,9 @@ class NcclCommunicator(Communicator):
             # enforced by the caller (TPGroup waits on the init calls with
             # timeout_s and kills the workers when it passes).
             self._comm = nccl.NcclCommunicator(world_size, unique_id, rank)
+        # NCCL connects the ranks and allocates its buffers at the first collective: do one now, so that
+        # neither lands in the first served step, and the KV cache is sized with NCCL's memory already taken.
+        self.barrier()
 
     def _dtype(self, tensor: torch.Tensor) -> int:
         try:
@@ -291,6 +305,9 @@ class NcclCommunicator(Communicator):
         torch.cuda.current_stream().synchronize()
 
     def close(self):
+        # Abort, not destroy: teardown usually follows a failure, and ncclCommDestroy waits for peers
+        # (a dead one: forever); ncclCommAbort frees this rank's resources and returns. With nothing
+        # in flight (a planned shutdown) the two do the same.
         if getattr(self, "_comm", None) is not None:
-            self._comm.destroy()
+            self._comm.abort()
             self._comm = None

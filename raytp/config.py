@@ -58,9 +58,13 @@ class EngineConfig(BaseModel):
     )
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
     num_kv_blocks: int | None = Field(
-        default=None, ge=1, description="KV-cache blocks per rank; default sized from max_num_seqs and max_model_len (CPU) or free memory (CUDA)."
+        default=None, ge=1, description="KV-cache blocks per rank; default sized from max_num_seqs and max_model_len (CPU) "
+        "or from gpu_memory_utilization less the measured peak of the largest step (CUDA)."
     )
-    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0, description="Fraction of GPU memory to use.")
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0.0, le=1.0, description="Fraction of each GPU's memory a rank may use in all: weights, the "
+        "largest step's activations, NCCL's buffers and, with what is left, the KV cache."
+    )
     seed: int = Field(default=0, description="Seed for unseeded sampling.")
     placement_timeout_s: float = Field(default=30.0, gt=0, description="How long to wait for the placement group.")
     step_timeout_s: float = Field(default=60.0, gt=0, description="A step slower than this marks the group as failed (watchdog).")

@@ -35,9 +35,14 @@ def choose_num_kv_blocks(config: EngineConfig, max_model_len: int, rank_capacity
     else:
         blocks = min(needed_one * config.max_num_seqs, rank_capacity)
     if blocks < needed_one:
+        if config.num_kv_blocks is not None:
+            fix = "lower max_model_len or raise num_kv_blocks"
+        else:  # sized from memory: what leaves it more
+            fix = (f"lower max_model_len, raise gpu_memory_utilization={config.gpu_memory_utilization:g} or "
+                   f"tensor_parallel_size, or lower max_num_batched_tokens={config.resolved_max_num_batched_tokens()}")
         raise ValueError(
             f"KV cache of {blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
-            f"max_model_len={max_model_len}; lower max_model_len or raise num_kv_blocks"
+            f"max_model_len={max_model_len} ({needed_one} blocks); {fix}"
         )
     if blocks > rank_capacity:
         raise ValueError(f"num_kv_blocks={blocks} does not fit: a rank has room for {rank_capacity} blocks")
@@ -49,6 +54,15 @@ def warm_up_tokens(config: EngineConfig) -> int:
     takes ~0.7 s, which every rebuild would add to the pause of in-flight requests; a larger budget's first
     full step pays its own first-touch cost)."""
     return min(config.resolved_max_num_batched_tokens(), 512)
+
+
+def profile_seq_lens(config: EngineConfig, max_model_len: int) -> list[int]:
+    """The largest step, whose memory peak sizes the KV cache on GPU: max_num_batched_tokens tokens as prefills of
+    max_num_seqs sequences (no sequence longer than max_model_len)."""
+    num_tokens = min(config.resolved_max_num_batched_tokens(), config.max_num_seqs * max_model_len)
+    num_seqs = min(config.max_num_seqs, num_tokens)
+    base, extra = divmod(num_tokens, num_seqs)
+    return [base + 1] * extra + [base] * (num_seqs - extra)
 
 
 class Executor(ABC):
@@ -103,7 +117,8 @@ class LocalExecutor(Executor):
         w = TPWorker(0, 1, cfg.resolved_device(), cfg.resolved_dtype(), cfg.seed, self.num_threads)
         w.init_communicator(None)
         w.load(self.model_path, cfg.attention_backend, cfg.pack_weights)
-        self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization))
+        capacity = w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))
+        self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, capacity)
         w.init_kv_cache(self.num_kv_blocks, cfg.block_size)
         w.warm_up(warm_up_tokens(cfg))
         self.worker = w
@@ -122,4 +137,6 @@ class LocalExecutor(Executor):
             raise GroupFailure("local worker is not running")
 
     def shutdown(self):
+        if self.worker is not None:
+            self.worker.shutdown()  # closes its communicator
         self.worker = None

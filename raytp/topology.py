@@ -1,65 +1,60 @@
-"""NVLink topology of the GPUs a TP group got.
+"""NVLink topology of the GPUs a TP group got, asked of NVML on the ranks' node.
 
 TP all-reduces run every layer: over PCIe instead of NVLink they can cost more
 than the compute. The group warns (or refuses, with require_nvlink) when its
 GPUs are not all NVLink-connected to each other.
+
+This runs in rank 0's process, on the node the STRICT_PACK group put every
+rank on (the replica may be on another node, or in another pod). The GPUs are
+named by NVML UUID, which each rank read from its own CUDA device: Ray's GPU
+ids are indices in an order (CUDA's) that need not be NVML's (PCI order).
 """
 from __future__ import annotations
 
 import itertools
-import logging
-from typing import Callable
-
-log = logging.getLogger(__name__)
 
 
 class TopologyError(RuntimeError):
     """The GPUs of a TP group are not all NVLink-connected and require_nvlink is set."""
 
 
-def missing_nvlink_pairs(gpu_ids: list[int], connected: Callable[[int, int], bool]) -> list[tuple[int, int]]:
-    """Pairs of GPUs (physical ids) with no NVLink between them."""
-    return [(a, b) for a, b in itertools.combinations(sorted(gpu_ids), 2) if not connected(a, b)]
+def missing_nvlink_pairs(gpu_uuids: list[str], nvml) -> list[tuple[int, int]]:
+    """Pairs of ranks (a < b) whose GPUs have no NVLink path between them, per NVML's P2P status.
 
-
-def nvml_nvlink_connected() -> Callable[[int, int], bool]:
-    """connected(a, b) from NVML: True if an active NVLink of GPU a reaches GPU b (directly or through an NVSwitch)."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    bus_ids = {}
-    for i in range(pynvml.nvmlDeviceGetCount()):
-        handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-        bus_ids[i] = pynvml.nvmlDeviceGetPciInfo(handle).busId
-
-    def connected(a: int, b: int) -> bool:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(a)
-        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
-            try:
-                if pynvml.nvmlDeviceGetNvLinkState(handle, link) != pynvml.NVML_FEATURE_ENABLED:
-                    continue
-                remote = pynvml.nvmlDeviceGetNvLinkRemotePciInfo_v2(handle, link).busId
-            except pynvml.NVMLError:
-                continue
-            # A link to an NVSwitch reaches every GPU on the switch fabric.
-            if remote == bus_ids[b] or remote not in bus_ids.values():
-                return True
-        return False
-
-    return connected
-
-
-def check_nvlink(gpu_ids: list[int], refuse: bool, connected: Callable[[int, int], bool] | None = None) -> None:
+    `nvml` is the pynvml module (nvidia-ml-py). On an NVSwitch system every
+    pair reports NVLink; on two NVLink islands, pairs across them do not.
+    Raises nvml.NVMLError if NVML cannot answer (no driver, an unknown UUID).
+    """
+    nvml.nvmlInit()
     try:
-        connected = connected or nvml_nvlink_connected()
-    except Exception as err:  # no NVML: cannot tell; say so and go on
-        log.warning("cannot read the NVLink topology (%s); not checking it", err)
-        return
-    missing = missing_nvlink_pairs(gpu_ids, connected)
+        handles = [nvml.nvmlDeviceGetHandleByUUID(uuid) for uuid in gpu_uuids]
+        return [
+            (a, b) for a, b in itertools.combinations(range(len(handles)), 2)
+            if nvml.nvmlDeviceGetP2PStatus(handles[a], handles[b], nvml.NVML_P2P_CAPS_INDEX_NVLINK)
+            != nvml.NVML_P2P_STATUS_OK
+        ]
+    finally:
+        nvml.nvmlShutdown()
+
+
+def check_nvlink(gpu_uuids: list[str], refuse: bool, nvml=None) -> str | None:
+    """Run on the ranks' node: None if every pair of GPUs (rank i has gpu_uuids[i]) is NVLink-connected,
+    else a warning to log; raises TopologyError instead if `refuse` and pairs are missing.
+
+    Where NVML cannot tell (not installed, no driver, a MIG device), says so and does not refuse.
+    """
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        missing = missing_nvlink_pairs(gpu_uuids, nvml)
+    except ImportError as err:
+        return f"cannot read the NVLink topology ({err}; install nvidia-ml-py); not checking it"
+    except nvml.NVMLError as err:
+        return f"cannot read the NVLink topology from NVML ({err}); not checking it"
     if not missing:
-        log.info("GPUs %s are all NVLink-connected", gpu_ids)
-        return
-    msg = f"GPUs {gpu_ids} are not all NVLink-connected: no NVLink between {missing}; TP all-reduces will go over PCIe"
+        return None
+    pairs = ", ".join(f"rank {a} ({gpu_uuids[a]}) - rank {b} ({gpu_uuids[b]})" for a, b in missing)
+    msg = f"the GPUs of this TP group are not all NVLink-connected: no NVLink between {pairs}; TP all-reduces will go over PCIe"
     if refuse:
         raise TopologyError(msg + " (require_nvlink is set)")
-    log.warning(msg)
+    return msg

@@ -11,6 +11,7 @@ plain Python: cluster.py runs it as a Ray actor (processes named
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -29,10 +30,13 @@ from raytp.comm import (
     free_port,
 )
 from raytp.cpu_binding import bind_rank
+from raytp.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
+from raytp.memory import MemoryProfile
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
-from raytp.model.loader import DTYPES, load_model
+from raytp.model.loader import DTYPES, load_model, weight_bytes
 from raytp.sampling import SamplingParams, sample
 from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
+from raytp.topology import check_nvlink
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +45,41 @@ _CPU_KV_BUDGET_BYTES = 2 * 2**30
 
 
 class TimedCommunicator(Communicator):
-    """Wraps a communicator and adds up the time spent in collectives (for raytp_allreduce_seconds)."""
+    """Wraps a communicator and adds up the time its collectives take (for raytp_allreduce_seconds).
 
-    def __init__(self, inner: Communicator):
+    On CPU a collective returns when it is done: wall-clock time is its time.
+    On CUDA a collective only enqueues work on the step's stream and returns at
+    once, so each is bracketed by CUDA events on that stream instead, read by
+    take_seconds() once the step has synced.
+    """
+
+    def __init__(self, inner: Communicator, cuda_events: bool = False):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
-        self.seconds = 0.0
+        self.cuda_events = cuda_events
+        self._wall_seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def _timed(self, fn, *args):
+        if self.cuda_events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()  # on the current (the step's) stream, like the collective
+            out = fn(*args)
+            end.record()
+            self._events.append((start, end))
+            return out
         t0 = time.perf_counter()
         out = fn(*args)
-        self.seconds += time.perf_counter() - t0
+        self._wall_seconds += time.perf_counter() - t0
         return out
+
+    def reset(self) -> None:
+        self._wall_seconds, self._events = 0.0, []
+
+    def take_seconds(self) -> float:
+        """Seconds in collectives since the last reset; on CUDA call it after the step's stream has synced."""
+        seconds = self._wall_seconds + sum(start.elapsed_time(end) for start, end in self._events) / 1e3  # ms -> s
+        self.reset()
+        return seconds
 
     def all_reduce(self, tensor):
         return self._timed(self.inner.all_reduce, tensor)
@@ -69,13 +97,28 @@ class TimedCommunicator(Communicator):
         self.inner.close()
 
 
+def throwaway_steps(seq_lens: list[int], block_size: int) -> list[SeqStep]:
+    """Greedy prefills of these lengths (token 0 throughout), in consecutive KV blocks from block 0."""
+    steps, next_block = [], 0
+    for i, n in enumerate(seq_lens):
+        blocks = -(-n // block_size)  # ceil
+        steps.append(SeqStep([0] * n, 0, list(range(next_block, next_block + blocks)),
+                             SamplingParams(max_tokens=1, temperature=0.0), 0, f"throwaway-{i}"))
+        next_block += blocks
+    return steps
+
+
 class TPWorker:
     def __init__(self, rank: int, world_size: int, device: str, dtype: str, seed: int = 0, num_threads: int | None = None,
                  bind_cores: bool = False):
         self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
+        self.cuda_index: int | None = None
+        self.stream: torch.cuda.Stream | None = None
         if device == "cuda":
-            # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0 here.
-            torch.cuda.set_device(0)
+            self.cuda_index = select_cuda_device()  # the GPU Ray gave this rank (device 0 outside Ray)
+            # Steps (and their NCCL collectives) run on a stream of their own: the legacy default
+            # stream syncs with every other stream and cannot be captured in a CUDA graph.
+            self.stream = torch.cuda.Stream()
         elif num_threads:
             if bind_cores:  # before torch starts its thread pool, which inherits the binding
                 bind_rank(num_threads)
@@ -95,10 +138,15 @@ class TPWorker:
             import ray
 
             info["node_ip"] = ray.util.get_node_ip_address()
-            info["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
         except Exception:  # in-process use, without Ray
-            info["node_ip"], info["gpu_ids"] = "127.0.0.1", []
+            info["node_ip"] = "127.0.0.1"
+        info["gpu_ids"] = ray_gpu_ids()
+        info["gpu_uuid"] = nvml_uuid(self.cuda_index) if self.cuda_index is not None else None
         return info
+
+    def check_nvlink(self, gpu_uuids: list[str], refuse: bool) -> str | None:
+        """Rank 0, on the ranks' node: a warning if the group's GPUs are not all NVLink-connected (see topology.py)."""
+        return check_nvlink(gpu_uuids, refuse)
 
     def make_rendezvous(self, cpu_collectives: str = "shm"):
         """Rank 0 only: what the other ranks need to join (NCCL unique id, shared-memory segment or gloo address)."""
@@ -123,7 +171,8 @@ class TPWorker:
             inner = ShmCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
         else:
             inner = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
-        self.comm = TimedCommunicator(inner)
+        # CUDA events for NCCL; TP=1's collectives are the identity: nothing to time on the GPU.
+        self.comm = TimedCommunicator(inner, cuda_events=isinstance(inner, NcclCommunicator))
         return type(inner).__name__
 
     # ---- weights and KV cache -------------------------------------------------
@@ -133,28 +182,48 @@ class TPWorker:
         attention = select_backend(device, attention_backend, DTYPES[self.dtype])
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
                                 attention=attention, pack_weights=pack_weights)
-        from raytp.model.loader import weight_bytes
-
         return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.name}
 
     def kv_block_bytes(self, block_size: int) -> int:
         shape = self.model.kv_cache_shape(block_size)
         return int(torch.Size(shape).numel()) * torch.empty((), dtype=self.model.dtype).element_size()
 
-    def max_kv_blocks(self, block_size: int, gpu_memory_utilization: float) -> int:
-        """How many blocks this rank can hold."""
-        if self.device == "cuda":
-            free, total = torch.cuda.mem_get_info()
-            budget = free - (1 - gpu_memory_utilization) * total
-        else:
-            budget = _CPU_KV_BUDGET_BYTES
-        return max(0, int(budget // self.kv_block_bytes(block_size)))
+    def max_kv_blocks(self, block_size: int, gpu_memory_utilization: float, profile_seq_lens: list[int]) -> int:
+        """How many KV blocks this rank can hold.
+
+        On CUDA, measured: the largest step (prefills of profile_seq_lens) is run
+        first, after NCCL's warm-up, so that its activation peak, cuBLAS's
+        workspace and NCCL's buffers are counted (memory.py). Every rank calls
+        it together: the step's collectives meet.
+        """
+        if self.device != "cuda":
+            return _CPU_KV_BUDGET_BYTES // self.kv_block_bytes(block_size)
+        profile = self.profile_memory(profile_seq_lens, block_size)
+        log.info("rank %d: %s", self.rank, profile.describe(gpu_memory_utilization))
+        return profile.kv_cache_bytes(gpu_memory_utilization) // self.kv_block_bytes(block_size)
+
+    def profile_memory(self, seq_lens: list[int], block_size: int) -> MemoryProfile:
+        """Run one throw-away step of prefills of these lengths in a scratch KV cache just big enough; read the GPU."""
+        steps = throwaway_steps(seq_lens, block_size)
+        self.init_kv_cache(sum(len(s.block_table) for s in steps), block_size)
+        scratch_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        torch.cuda.reset_peak_memory_stats()
+        self.execute(steps)
+        self.last_sampled = {}
+        peak_allocated = torch.cuda.max_memory_allocated() - scratch_bytes
+        self.kv_cache = None
+        torch.cuda.empty_cache()  # the step's activations go back to the device: `used` is the steady state
+        free, total = torch.cuda.mem_get_info()
+        return MemoryProfile(total=total, used=total - free, reserved=torch.cuda.memory_reserved(),
+                             peak_allocated=peak_allocated)
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.kv_cache = None  # free the old cache first
         device = "cuda" if self.device == "cuda" else "cpu"
         self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks * block_size), dtype=self.model.dtype, device=device)
+        if self.stream is not None:
+            torch.cuda.synchronize()  # weights and cache were written on the default stream; steps read them on self.stream
 
     def warm_up(self, num_tokens: int) -> float:
         """Run one throw-away step of `num_tokens` tokens (short sequences), like a big prefill step.
@@ -171,10 +240,7 @@ class TPWorker:
         per_seq = min(2, num_blocks)  # blocks per sequence: short ones, so attention stays cheap
         seq_len = per_seq * self.block_size
         num_seqs = max(1, min(num_tokens // seq_len, num_blocks // per_seq))
-        greedy = SamplingParams(max_tokens=1, temperature=0.0)
-        steps = [SeqStep([0] * seq_len, 0, list(range(i * per_seq, (i + 1) * per_seq)), greedy, 0, f"warm-up-{i}")
-                 for i in range(num_seqs)]
-        self.execute(steps)
+        self.execute(throwaway_steps([seq_len] * num_seqs, self.block_size))
         self.last_sampled = {}
         return time.perf_counter() - t0
 
@@ -185,7 +251,15 @@ class TPWorker:
 
     def execute(self, seqs: list[SeqStep]) -> StepResult:
         t0 = time.perf_counter()
-        self.comm.seconds = 0.0
+        self.comm.reset()
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            tokens = self._step(seqs)
+        if self.stream is not None:
+            self.stream.synchronize()  # the step's final sync: its collectives' CUDA events are complete now
+        self.last_sampled = {s.request_id: t for s, t in zip(seqs, tokens)}
+        return StepResult(tokens, self.comm.take_seconds(), time.perf_counter() - t0)
+
+    def _step(self, seqs: list[SeqStep]) -> list[int]:
         device = self.kv_cache.device
         chunks = [SeqChunk(s.start, len(s.token_ids), s.block_table) for s in seqs]
         meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
@@ -193,9 +267,7 @@ class TPWorker:
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # (T,)
         hidden = self.model(input_ids, meta, self.kv_cache)  # (T, hidden)
         logits = self.model.compute_logits(hidden[meta.last_token_index])  # (B, vocab), all-gather inside
-        tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator)
-        self.last_sampled = {s.request_id: t for s, t in zip(seqs, tokens)}
-        return StepResult(tokens, self.comm.seconds, time.perf_counter() - t0)
+        return sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator)
 
     def shutdown(self) -> None:
         if self.comm is not None:
