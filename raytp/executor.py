@@ -28,10 +28,14 @@ class PlacementError(RuntimeError):
 
 
 def choose_num_kv_blocks(config: EngineConfig, max_model_len: int, rank_capacity: int) -> int:
-    """KV blocks per rank: the configured number, or enough for max_num_seqs full-length sequences, within capacity."""
+    """KV blocks per rank: the configured number; on CUDA all the capacity (memory that gpu_memory_utilization
+    set aside for the cache: blocks beyond the running batch's keep more prefixes cached); on CPU, whose memory
+    the host shares, enough for max_num_seqs full-length sequences, within capacity."""
     needed_one = math.ceil(max_model_len / config.block_size)
     if config.num_kv_blocks is not None:
         blocks = config.num_kv_blocks
+    elif config.resolved_device() == "cuda":
+        blocks = rank_capacity
     else:
         blocks = min(needed_one * config.max_num_seqs, rank_capacity)
     if blocks < needed_one:

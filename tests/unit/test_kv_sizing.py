@@ -50,6 +50,13 @@ def test_a_cache_too_small_for_one_sequence_is_a_clear_permanent_error():
     assert not isinstance(err.value, TRANSIENT)  # the supervisor fails at once instead of rebuilding forever
 
 
+def test_cuda_gives_the_cache_all_its_memory_and_cpu_what_the_batch_needs():
+    # 52.5 GiB at 128 KiB per token and 16 per block: room for 26880 blocks, far more than 4 x 8192-token sequences.
+    capacity = H100.kv_cache_bytes(0.9) // (128 * 2**10 * 16)
+    assert choose_num_kv_blocks(EngineConfig(model="m", device="cuda", max_num_seqs=4), 8192, capacity) == capacity
+    assert choose_num_kv_blocks(EngineConfig(model="m", device="cpu", max_num_seqs=4), 8192, capacity) == 4 * 512
+
+
 def test_profile_step_is_the_token_budget_over_max_num_seqs():
     cfg = EngineConfig(model="m", device="cuda", max_num_seqs=256)
     assert profile_seq_lens(cfg, 8192) == [16] * 256  # 4096 tokens, the CUDA default budget
