@@ -31,8 +31,8 @@ from raytp.comm import (
 from raytp.cpu_binding import bind_rank
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import DTYPES, load_model
-from raytp.sampling import SamplingParams, sample
-from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
+from raytp.sampling import RowContext, SamplingParams, gather_logprobs, sample
+from raytp.step import PREVIOUS_TOKEN, SeqStep, StepLogprobs, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class TPWorker:
         self.block_size = 16
         self.generator = torch.Generator().manual_seed(seed)  # the same seed on every rank: the same samples
         self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
+        self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
 
     # ---- placement and communicator set-up ----------------------------------
 
@@ -175,7 +176,7 @@ class TPWorker:
         steps = [SeqStep([0] * seq_len, 0, list(range(i * per_seq, (i + 1) * per_seq)), greedy, 0, f"warm-up-{i}")
                  for i in range(num_seqs)]
         self.execute(steps)
-        self.last_sampled = {}
+        self.last_sampled, self.histories = {}, {}
         return time.perf_counter() - t0
 
     # ---- the step ---------------------------------------------------------------
@@ -189,13 +190,68 @@ class TPWorker:
         device = self.kv_cache.device
         chunks = [SeqChunk(s.start, len(s.token_ids), s.block_table) for s in seqs]
         meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
-        ids = [self.last_sampled[s.request_id] if t == PREVIOUS_TOKEN else t for s in seqs for t in s.token_ids]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # (T,)
+        ids = [[self.last_sampled[s.request_id] if t == PREVIOUS_TOKEN else t for t in s.token_ids] for s in seqs]
+        input_ids = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)  # (T,)
         hidden = self.model(input_ids, meta, self.kv_cache)  # (T, hidden)
         logits = self.model.compute_logits(hidden[meta.last_token_index])  # (B, vocab), all-gather inside
-        tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator)
+        contexts = self._contexts(seqs, ids)
+        tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator, contexts)
         self.last_sampled = {s.request_id: t for s, t in zip(seqs, tokens)}
-        return StepResult(tokens, self.comm.seconds, time.perf_counter() - t0)
+        logprobs = self._logprobs(seqs, ids, tokens, logits, hidden, meta.last_token_index)
+        return StepResult(tokens, self.comm.seconds, time.perf_counter() - t0, logprobs)
+
+    def _contexts(self, seqs: list[SeqStep], ids: list[list[int]]) -> list[RowContext] | None:
+        """Each row's tokens so far (penalized rows; kept for the next step) and banned ids; None if no row
+        needs either."""
+        histories = {}
+        for s, row in zip(seqs, ids):
+            if s.params.penalized:
+                if s.history is not None:
+                    history = list(s.history)
+                else:  # start > 0: this rank had the sequence in its previous step (the engine made sure)
+                    history = self.histories[s.request_id] if s.start else []
+                del history[s.start :]
+                history.extend(row)
+                histories[s.request_id] = history
+        self.histories = histories
+        if not histories and not any(s.banned_ids for s in seqs):
+            return None
+        return [RowContext(histories[s.request_id][: s.prompt_len], histories[s.request_id][s.prompt_len :], s.banned_ids)
+                if s.request_id in histories else RowContext(banned_ids=s.banned_ids) for s in seqs]
+
+    def _logprobs(self, seqs: list[SeqStep], ids: list[list[int]], tokens: list[int], logits: torch.Tensor,
+                  hidden: torch.Tensor, last_index: torch.Tensor) -> StepLogprobs | None:
+        """Logprobs of sampled tokens and of prompt tokens, where asked; only rank 0 sends them back."""
+        sampled_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        prompt_rows = [i for i, s in enumerate(seqs) if s.prompt_logprobs]
+        if not sampled_rows and not prompt_rows:
+            return None
+        out = StepLogprobs({}, {})
+        # Prompt logprobs: the logits at each position of the chunk predict the next prompt token. Every rank
+        # computes these logits (the vocab all-gather is a collective), for the same rows.
+        targets, spans = [], []  # spans: (seq index, first row, number of rows)
+        for i in prompt_rows:
+            s = seqs[i]
+            row_targets = (ids[i] + ([s.lookahead] if s.lookahead is not None else []))[1:]
+            row_targets = row_targets[: max(0, s.prompt_len - 1 - s.start)]
+            if row_targets:
+                first = int(last_index[i]) - len(ids[i]) + 1
+                spans.append((i, first, len(row_targets)))
+                targets.extend(row_targets)
+        prompt_logits = None
+        if spans:
+            rows = torch.cat([torch.arange(f, f + n) for _, f, n in spans]).to(hidden.device)  # (P,)
+            prompt_logits = self.model.compute_logits(hidden[rows])  # (P, vocab)
+        if self.rank != 0:
+            return None
+        for i in sampled_rows:
+            out.sampled[i] = gather_logprobs(logits[i : i + 1], [tokens[i]], seqs[i].params.logprobs)[0]
+        offset = 0
+        for i, _, n in spans:
+            out.prompt[i] = gather_logprobs(prompt_logits[offset : offset + n], targets[offset : offset + n],
+                                            seqs[i].params.prompt_logprobs)
+            offset += n
+        return out
 
     def shutdown(self) -> None:
         if self.comm is not None:
