@@ -284,13 +284,16 @@ class AsyncEngine:
         finally:
             await stream.aclose()
 
-    def room(self) -> int | None:
-        """How many more requests this replica takes now: max_num_seqs + max_queued_requests minus the
-        unfinished ones (None: no limit)."""
+    def request_limit(self) -> int | None:
+        """Most unfinished requests: max_num_seqs + max_queued_requests (None: no limit)."""
         if self.config.max_queued_requests is None:
             return None
-        limit = self.config.max_num_seqs + self.config.max_queued_requests
-        return max(0, limit - len(self.core.requests))
+        return self.config.max_num_seqs + self.config.max_queued_requests
+
+    def room(self) -> int | None:
+        """How many more requests this replica takes now (None: no limit)."""
+        limit = self.request_limit()
+        return None if limit is None else max(0, limit - len(self.core.requests))
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)

@@ -52,8 +52,10 @@ def completion_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: l
             out.top_logprobs.append(None)
             continue
         out.token_logprobs.append(lp.logprob)
-        top = {strings(t): v for t, v in lp.top}
-        top.setdefault(text, lp.logprob)
+        # Keyed by text, as OpenAI's shape is: tokens that share a text keep the likeliest, and the token's own
+        # entry is always its own logprob.
+        top = {strings(t): v for t, v in reversed(lp.top)}
+        top[text] = lp.logprob
         out.top_logprobs.append(top)
     return out
 

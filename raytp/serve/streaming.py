@@ -17,7 +17,7 @@ from fastapi import Request
 
 from raytp.outputs import RequestOutput
 from raytp.sampling import SamplingParams
-from raytp.serve.protocol import APIError, too_many_requests
+from raytp.serve.protocol import APIError, bad_request, too_many_requests
 
 if TYPE_CHECKING:
     from raytp.engine import AsyncEngine
@@ -35,7 +35,10 @@ async def start_requests(engine: AsyncEngine, requests: list[tuple[list[int], Sa
     sent. Closing a stream (or cancelling the task that iterates it) aborts
     its request.
     """
-    room = engine.room()
+    room, limit = engine.room(), engine.request_limit()
+    if limit is not None and len(requests) > limit:
+        raise bad_request(f"this request needs {len(requests)} sequences (prompts x n); a replica holds at most "
+                          f"{limit} (max_num_seqs + max_queued_requests)", "n")
     if room is not None and len(requests) > room:
         raise too_many_requests(f"this replica is at its queue limit (max_num_seqs={engine.config.max_num_seqs} "
                                 f"running + max_queued_requests={engine.config.max_queued_requests} waiting); "
