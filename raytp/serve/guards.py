@@ -47,8 +47,8 @@ class ApiKeyGuard:
         self.app, self.get_config = app, get_config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        config = self.get_config()
-        if scope["type"] == "http" and config is not None and config.api_key is not None:
+        config = self.get_config() if scope["type"] == "http" else None
+        if config is not None and config.api_key is not None:
             if _guarded(scope):
                 given = _bearer(scope)
                 if given is None or not secrets.compare_digest(given.encode(), config.api_key.encode()):
@@ -72,7 +72,7 @@ class ConfiguredCORS:
         self._origins: list[str] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        config = self.get_config()
+        config = self.get_config() if scope["type"] == "http" else None
         origins = config.cors_allow_origins if config is not None else []
         if not origins:
             await self.app(scope, receive, send)
