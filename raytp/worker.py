@@ -208,8 +208,13 @@ class TPWorker:
             if s.params.penalized:
                 if s.history is not None:
                     history = list(s.history)
-                else:  # start > 0: this rank had the sequence in its previous step (the engine made sure)
-                    history = self.histories[s.request_id] if s.start else []
+                elif s.start == 0:
+                    history = []
+                elif s.request_id in self.histories:  # it was in this rank's previous step
+                    history = self.histories[s.request_id]
+                else:
+                    raise RuntimeError(f"step protocol: {s.request_id} continues at {s.start} without its history "
+                                       "and was not in the previous step")
                 del history[s.start :]
                 history.extend(row)
                 histories[s.request_id] = history

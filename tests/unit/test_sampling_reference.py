@@ -229,3 +229,38 @@ def test_penalized_sampling_survives_a_rebuild(checkpoint, llms):
         if steps == 6:
             core.rebuild("test: rebuild mid-request")
     assert [finals[f"rebuilt-{i}"] for i in range(len(PROMPTS))] == expected
+
+
+def test_a_rank_without_the_history_gets_it_with_the_step(llms):
+    """A penalized sequence that continues (start > 0) without having been in the rank's previous step (a chunk
+    that waited, or a prefix-cache hit) gets its earlier tokens in SeqStep.history, and samples as if it had run
+    without a gap; the engine decides that from the step it sent last."""
+    from raytp.scheduler import ScheduledSeq, Sequence
+    from raytp.step import SeqStep
+
+    core = llms[1].engine
+    worker = core.executor.worker
+    prompt = PROMPTS[1]  # 40 tokens, in chunks of 20
+    params = SamplingParams(max_tokens=4, temperature=0.0, presence_penalty=2.0, repetition_penalty=2.0)
+    table = list(range(10))  # 10 blocks of 4: free while the engine is idle
+
+    def chunk(start, history=None):
+        return SeqStep(prompt[start : start + 20], start, table, params, 0, "history-test", prompt_len=len(prompt),
+                       history=history)
+
+    worker.execute([chunk(0)])
+    straight = worker.execute([chunk(20)]).token_ids
+    worker.execute([chunk(0)])
+    worker.execute([SeqStep([5, 6], 0, [20], SamplingParams(temperature=0.0), 0, "other")])  # the rank forgets
+    with pytest.raises(RuntimeError, match="without its history"):
+        worker.execute([chunk(20)])
+    worker.execute([chunk(0)])
+    worker.execute([SeqStep([5, 6], 0, [20], SamplingParams(temperature=0.0), 0, "other")])
+    assert worker.execute([chunk(20, history=prompt[:20])]).token_ids == straight
+
+    seq = Sequence("resumed", list(prompt), params)
+    core._previous_step = set()
+    (step,) = core.to_steps([ScheduledSeq(seq, prompt[20:], 20, 0)])
+    assert step.history == prompt[:20]
+    (step,) = core.to_steps([ScheduledSeq(seq, prompt[20:], 20, 0)])  # it was in the step sent last
+    assert step.history is None
