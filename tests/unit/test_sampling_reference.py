@@ -264,3 +264,29 @@ def test_a_rank_without_the_history_gets_it_with_the_step(llms):
     assert step.history == prompt[:20]
     (step,) = core.to_steps([ScheduledSeq(seq, prompt[20:], 20, 0)])  # it was in the step sent last
     assert step.history is None
+
+
+def test_penalties_with_steps_scheduled_ahead(checkpoint):
+    """The AsyncEngine sends step N+1 before step N's token is back (PREVIOUS_TOKEN): the ranks' token history
+    takes the token they sampled, so penalties still equal the reference."""
+    from raytp.engine import AsyncEngine
+
+    path, model = checkpoint
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, **PENALTIES["all_three"])
+
+    async def main():
+        config = EngineConfig(model=path, device="cpu", dtype="float32", block_size=4, max_model_len=128,
+                              max_num_batched_tokens=16)
+        engine = AsyncEngine(config, lambda c, p, m: LocalExecutor(c, p, m, num_threads=1))
+        await engine.start()
+        try:
+            async def one(i, prompt):
+                async for out in engine.generate(prompt, params, f"ahead-{i}"):
+                    pass
+                return out.outputs[0].token_ids
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+        finally:
+            await engine.shutdown()
+
+    for prompt, tokens in zip(PROMPTS, asyncio.run(main())):
+        assert tokens == reference_greedy(model, prompt, params, NEW_TOKENS)
