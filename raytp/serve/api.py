@@ -189,13 +189,8 @@ class OpenAIServing:
 
     # -- POST /v1/completions
 
-    def _completion_prompts(self, engine: AsyncEngine, prompt) -> list[list[int]]:
-        if isinstance(prompt, str):
-            items = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            items = [prompt]
-        else:
-            items = list(prompt)
+    def _completion_prompts(self, engine: AsyncEngine, req: CompletionRequest) -> list[list[int]]:
+        items = req.prompt_items()
         if not items:
             raise bad_request("prompt must not be empty", "prompt")
         out = []
@@ -214,7 +209,7 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         engine = self.engine(req.model)
         self._check_supported(req)
-        prompts = self._completion_prompts(engine, req.prompt)
+        prompts = self._completion_prompts(engine, req)
         return await self._generate(request, req, engine, prompts, req.max_tokens, "prompt", chat=False)
 
     # -- POST /v1/chat/completions

@@ -82,14 +82,17 @@ class ChoiceRenderer:
         self.strings = TokenStrings(tokenizer)
         self.tokenizer = tokenizer
         self.echo = bool(getattr(req, "echo", False))
+        # echo shows a text prompt exactly as sent (token-id prompts are decoded).
+        self.prompt_texts = [p if isinstance(p, str) else None for p in req.prompt_items()] if not chat else []
         self.sent_chars: dict[int, int] = {}  # choice -> characters of its text sent (text_offset of the next token)
 
     def _prompt(self, i: int) -> list[int]:
         return self.prompts[i // self.req.n]
 
-    def _prompt_text(self, out: RequestOutput) -> str:
-        if out.prompt is not None:
-            return out.prompt
+    def _prompt_text(self, i: int, out: RequestOutput) -> str:
+        text = self.prompt_texts[i // self.req.n]
+        if text is not None:
+            return text
         return self.tokenizer.decode(out.prompt_token_ids) if self.tokenizer is not None else ""
 
     def final(self, i: int, out: RequestOutput):
@@ -120,7 +123,7 @@ class ChoiceRenderer:
         offset = self.sent_chars.get(i, 0)
         shown_ids, shown_logprobs = list(token_ids), logprobs
         if self.echo and first:
-            text = self._prompt_text(out) + text
+            text = self._prompt_text(i, out) + text
             shown_ids = out.prompt_token_ids + shown_ids
             if logprobs is not None:
                 shown_logprobs = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + list(logprobs)

@@ -157,6 +157,12 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
+    def prompt_items(self) -> list[str | list[int]]:
+        """The prompts, one per choice group: a string or a list of token ids each."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
     def unsupported(self) -> list[tuple[str, str]]:
         out = []
         if self.best_of not in (None, 1):
