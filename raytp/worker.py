@@ -249,8 +249,13 @@ class TPWorker:
             prompt_logits = self.model.compute_logits(hidden[rows])  # (P, vocab)
         if self.rank != 0:
             return None
-        for i in sampled_rows:
-            out.sampled[i] = gather_logprobs(logits[i : i + 1], [tokens[i]], seqs[i].params.logprobs)[0]
+        if sampled_rows:  # one batched log-softmax; each row keeps its own top N
+            index = torch.tensor(sampled_rows, device=logits.device)
+            rows = gather_logprobs(logits.index_select(0, index), [tokens[i] for i in sampled_rows],
+                                   max(seqs[i].params.logprobs for i in sampled_rows))
+            for i, lp in zip(sampled_rows, rows):
+                lp.top = lp.top[: seqs[i].params.logprobs]
+                out.sampled[i] = lp
         offset = 0
         for i, _, n in spans:
             out.prompt[i] = gather_logprobs(prompt_logits[offset : offset + n], targets[offset : offset + n],
