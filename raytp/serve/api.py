@@ -266,7 +266,7 @@ class OpenAIServing:
         rid, created, model = random_id("chatcmpl" if chat else "cmpl"), now(), engine.model_name
         started = await self._start(engine, runs, rid, prompt_param)
         prompt_tokens = sum(len(p) for p in prompts)
-        render = ChoiceRenderer(engine.tokenizer, req, prompts, chat)
+        render = ChoiceRenderer(engine.tokenizer, req, chat)
 
         def usage(generated: int) -> UsageInfo:
             return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated,

@@ -77,17 +77,14 @@ def chat_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: list[To
 class ChoiceRenderer:
     """Engine outputs -> OpenAI choices (whole, or the delta of a stream chunk) with echo, logprobs and token ids."""
 
-    def __init__(self, tokenizer, req, prompts: list[list[int]], chat: bool):
-        self.req, self.prompts, self.chat = req, prompts, chat
+    def __init__(self, tokenizer, req, chat: bool):
+        self.req, self.chat = req, chat
         self.strings = TokenStrings(tokenizer)
         self.tokenizer = tokenizer
         self.echo = bool(getattr(req, "echo", False))
         # echo shows a text prompt exactly as sent (token-id prompts are decoded).
         self.prompt_texts = [p if isinstance(p, str) else None for p in req.prompt_items()] if not chat else []
         self.sent_chars: dict[int, int] = {}  # choice -> characters of its text sent (text_offset of the next token)
-
-    def _prompt(self, i: int) -> list[int]:
-        return self.prompts[i // self.req.n]
 
     def _prompt_text(self, i: int, out: RequestOutput) -> str:
         text = self.prompt_texts[i // self.req.n]
@@ -131,4 +128,4 @@ class ChoiceRenderer:
         self.sent_chars[i] = offset + (sum(len(t) for t in lp.tokens) if lp is not None else len(text))
         return CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
                                 stop_reason=c.stop_reason, token_ids=token_ids_field,
-                                prompt_token_ids=self._prompt(i) if self.req.return_token_ids and first else None)
+                                prompt_token_ids=out.prompt_token_ids if self.req.return_token_ids and first else None)
