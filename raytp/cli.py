@@ -53,10 +53,12 @@ def add_engine_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str
         if typing.get_origin(ann) in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(ann) if a is not type(None)]
             ann = args[0] if len(args) == 1 else str
-        default = "" if field.is_required() else f" (default: {field.default})"
+        default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
         kwargs["help"] = (field.description or "") + default
         if ann is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(ann) is list:  # e.g. --cors-allow-origins A B
+            kwargs.update(nargs="+", type=typing.get_args(ann)[0])
         elif typing.get_origin(ann) is typing.Literal:
             choices = typing.get_args(ann)
             kwargs.update(choices=choices, type=type(choices[0]), metavar="{" + "|".join(map(str, choices)) + "}")

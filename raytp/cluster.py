@@ -127,7 +127,7 @@ class TPGroup(Executor):
                 raise RuntimeError(f"TP rank {rank} sampled {r.token_ids} where rank 0 sampled {tokens}")
         # The ranks wait for each other in every collective: the slowest rank's time is the step's.
         return StepResult(tokens, max(r.collective_seconds for r in results),
-                          max(r.step_seconds for r in results))
+                          max(r.step_seconds for r in results), results[0].logprobs)
 
     def execute(self, seqs: list[SeqStep]) -> StepResult:
         refs = [w.execute.remote(seqs) for w in self.workers]

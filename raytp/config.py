@@ -87,6 +87,21 @@ class EngineConfig(BaseModel):
     cpu_collectives: Literal["shm", "gloo"] = Field(
         default="shm", description="CPU ranks: shared-memory all-reduce/all-gather (shm) or gloo over loopback for everything."
     )
+    # HTTP guards of the OpenAI API (raytp.serve); the offline LLM ignores them.
+    api_key: str | None = Field(
+        default=None, min_length=1, repr=False,
+        description="Clients must send `Authorization: Bearer <api_key>` to /v1/*, /tokenize and /detokenize "
+        "(401 otherwise); /health stays open.",
+    )
+    max_queued_requests: int | None = Field(
+        default=None, ge=0, description="Requests a replica holds beyond its running batch (max_num_seqs): past "
+        "max_num_seqs + this many unfinished requests (each choice of each prompt counts), a new one gets 429 with "
+        "Retry-After. Default: no limit.",
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call the API from (CORS), e.g. "
+        "https://app.example.com, or * for any; none: no CORS headers.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

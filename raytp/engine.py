@@ -20,7 +20,7 @@ from raytp.model.attention import prebuild as prebuild_attention
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
 from raytp.output_processor import OutputProcessor, RequestState
-from raytp.outputs import RequestOutput
+from raytp.outputs import RequestOutput, TokenLogprob
 from raytp.sampling import SamplingParams
 from raytp.kv_cache import KVCacheManager
 from raytp.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
@@ -61,6 +61,7 @@ class EngineCore:
         self.metrics = metrics
         self.requests: dict[str, RequestState] = {}
         self.scheduler: Scheduler | None = None
+        self._previous_step: set[str] = set()  # request ids of the step sent last (see step.py on history)
         self.supervisor = Supervisor(config, self.args, self.executor, self._use_new_kv_cache, metrics)
 
     # ---- the group (its policy is the supervisor's) ---------------------------------------
@@ -70,6 +71,7 @@ class EngineCore:
         self.supervisor.start()
 
     def _use_new_kv_cache(self, num_kv_blocks: int) -> None:
+        self._previous_step = set()  # new ranks remember no step
         # A new cache is empty: a rebuilt group's requests find no cached prefix until they compute it again.
         blocks = KVCacheManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         if self.scheduler is None:
@@ -104,6 +106,11 @@ class EngineCore:
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {self.args.vocab_size}); got {bad[:5]}")
+        vocab = self.args.vocab_size
+        for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} must hold token ids of this model, in [0, {vocab}); got {bad[:5]}")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
@@ -137,10 +144,27 @@ class EngineCore:
             self.metrics.on_prefix_cache(stats.queried_tokens, stats.hit_tokens)
         return batch
 
-    @staticmethod
-    def to_steps(batch: list[ScheduledSeq]) -> list[SeqStep]:
-        return [SeqStep(s.token_ids, s.start, list(s.seq.block_table), s.seq.params, s.num_generated, s.seq.request_id)
-                for s in batch]
+    def to_steps(self, batch: list[ScheduledSeq]) -> list[SeqStep]:
+        """The step the ranks run next (called once per step, in the order steps are sent)."""
+        steps = [self._to_step(s) for s in batch]
+        self._previous_step = {s.seq.request_id for s in batch}
+        return steps
+
+    def _to_step(self, s: ScheduledSeq) -> SeqStep:
+        seq, params = s.seq, s.seq.params
+        prompt_len = len(seq.prompt_token_ids)
+        step = SeqStep(s.token_ids, s.start, list(seq.block_table), params, s.num_generated, seq.request_id,
+                       prompt_len=prompt_len)
+        if params.penalized and s.start > 0 and seq.request_id not in self._previous_step:
+            step.history = seq.token_ids[: s.start]  # the ranks kept only the previous step's sequences
+        if s.num_generated < params.min_tokens:
+            step.banned_ids = tuple(seq.stop_token_ids)
+        state = self.requests.get(seq.request_id)
+        if state is not None and not state.prompt_logprobs_done() and s.start < prompt_len - 1:
+            step.prompt_logprobs = True
+            end = s.start + len(s.token_ids)
+            step.lookahead = seq.prompt_token_ids[end] if end < prompt_len else None
+        return step
 
     def step(self) -> list[RequestOutput]:
         batch = self.schedule()
@@ -158,8 +182,11 @@ class EngineCore:
         processor (text, stop strings) to one output per request that took a token."""
         now = time.monotonic()
         outputs = []
+        sampled_logprobs = self._take_logprobs(batch, result)
         for seq, token in self.scheduler.update_from_output(batch, result.token_ids):
             state = self.requests[seq.request_id]
+            if state.logprobs is not None:
+                state.logprobs.append(sampled_logprobs[seq.request_id])
             self._record_token_time(state, now)
             stop = self.output_processor.add_token(state, token)
             if stop is not None:
@@ -173,6 +200,17 @@ class EngineCore:
             self.metrics.on_step(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.blocks.usage(),
                                  result.collective_seconds, result.step_seconds)
         return outputs
+
+    def _take_logprobs(self, batch: list[ScheduledSeq], result: StepResult) -> dict[str, TokenLogprob]:
+        """Prompt logprobs go to their requests by position; returns the sampled tokens' by request id."""
+        if result.logprobs is None:
+            return {}
+        for i, logprobs in result.logprobs.prompt.items():
+            state = self.requests.get(batch[i].seq.request_id)
+            if state is not None and state.prompt_logprobs is not None:
+                first = batch[i].start + 1  # the chunk's first row predicts the token after its first one
+                state.prompt_logprobs[first : first + len(logprobs)] = logprobs
+        return {batch[i].seq.request_id: lp for i, lp in result.logprobs.sampled.items()}
 
     def _record_token_time(self, state: RequestState, now: float) -> None:
         seq = state.seq
@@ -219,6 +257,10 @@ class AsyncEngine:
         return self.core.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.core.args.vocab_size
+
+    @property
     def tp_size(self) -> int:
         return self.core.executor.tp_size
 
@@ -229,24 +271,35 @@ class AsyncEngine:
         self.ready = True
         self._loop_task = asyncio.create_task(self._run())
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of one request; closing the iterator early aborts it."""
-        self.core.add_request(request_id, prompt, params)  # ValueError for bad input
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Admit a request now (ValueError for bad input) and return the stream of its outputs; closing the
+        stream before the request finished aborts it. Admission is synchronous, so a caller that checks
+        `room()` and then adds requests without awaiting in between cannot be overtaken by another."""
+        self.core.add_request(request_id, prompt, params)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._wake.set()
-        finished = False
+        return RequestStream(self, request_id, queue)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of one request; closing the iterator early aborts it."""
+        stream = self.add_request(prompt, params, request_id)
         try:
-            while not finished:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
+            async for out in stream:
                 yield out
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.core.abort(request_id)
+            await stream.aclose()
+
+    def request_limit(self) -> int | None:
+        """Most unfinished requests: max_num_seqs + max_queued_requests (None: no limit)."""
+        if self.config.max_queued_requests is None:
+            return None
+        return self.config.max_num_seqs + self.config.max_queued_requests
+
+    def room(self) -> int | None:
+        """How many more requests this replica takes now (None: no limit)."""
+        limit = self.request_limit()
+        return None if limit is None else max(0, limit - len(self.core.requests))
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
@@ -352,6 +405,37 @@ class AsyncEngine:
             self._loop_task.cancel()
         self.ready = False
         await asyncio.to_thread(self.core.shutdown)
+
+
+class RequestStream:
+    """The outputs of one admitted request, as an async iterator; aclose() before the end aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self._engine, self.request_id, self._queue = engine, request_id, queue
+        self._finished = self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if isinstance(out, BaseException):
+            await self.aclose()
+            raise out
+        if out.finished:
+            self._finished = True
+            self._engine._queues.pop(self.request_id, None)
+        return out
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._engine._queues.pop(self.request_id, None)
+        if not self._finished:
+            self._engine.core.abort(self.request_id)
 
 
 def _discard(in_flight) -> None:

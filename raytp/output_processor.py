@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raytp.outputs import CompletionOutput, RequestOutput
+from raytp.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from raytp.scheduler import Sequence, SeqStatus
 from raytp.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -23,6 +23,11 @@ class RequestState:
     sent_tokens: int = 0
     first_token_time: float | None = None
     last_token_time: float | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per output token (params.logprobs set)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # by prompt position (params.prompt_logprobs set)
+
+    def prompt_logprobs_done(self) -> bool:
+        return self.prompt_logprobs is None or all(lp is not None for lp in self.prompt_logprobs[1:])
 
 
 class OutputProcessor:
@@ -31,7 +36,12 @@ class OutputProcessor:
 
     def new_request(self, seq: Sequence) -> RequestState:
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids) if self.tokenizer else None
-        return RequestState(seq, detok)
+        state = RequestState(seq, detok)
+        if seq.params.logprobs is not None:
+            state.logprobs = []
+        if seq.params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(seq.prompt_token_ids)
+        return state
 
     def add_token(self, state: RequestState, token: int) -> str | None:
         """Append the text of `token` (already in seq.output_token_ids; the scheduler may have finished the
@@ -43,7 +53,7 @@ class OutputProcessor:
             state.text += state.detokenizer.add([token])
         if seq.status is SeqStatus.FINISHED:
             state.text += state.detokenizer.flush()
-        if not params.stop:
+        if not params.stop or len(seq.output_token_ids) < params.min_tokens:  # vLLM: no stop before min_tokens
             return None
         # Only the tail can hold a stop string that this token completed.
         longest = max(len(s) for s in params.stop)
@@ -67,6 +77,7 @@ class OutputProcessor:
         delta_tokens = seq.output_token_ids[state.sent_tokens :]
         state.sent_text, state.sent_tokens = upto, len(seq.output_token_ids)
         completion = CompletionOutput(0, state.text if finished else state.text[:upto], list(seq.output_token_ids),
-                                      seq.finish_reason if finished else None, seq.stop_reason if finished else None)
+                                      seq.finish_reason if finished else None, seq.stop_reason if finished else None,
+                                      None if state.logprobs is None else list(state.logprobs))
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], finished,
-                             delta_text, delta_tokens)
+                             delta_text, delta_tokens, state.prompt_logprobs)

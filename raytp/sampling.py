@@ -3,12 +3,20 @@
 Seeded sampling is stateless: the generator for a request's n-th token is
 seeded from (seed, n), so the same seed gives the same tokens whatever else is
 in the batch, and a request resumed after a group rebuild continues exactly.
+
+The logits go through vLLM's steps in vLLM's order: min_tokens' ban and
+logit_bias, then the penalties (repetition, frequency, presence), then
+temperature, top-k / top-p and the draw. Logprobs come from the logits as the
+model gave them, before any of these (vLLM's default `raw_logprobs`).
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
+
+from raytp.outputs import TokenLogprob
 
 # Below this temperature sampling is greedy (argmax), as in vLLM.
 _GREEDY_EPS = 1e-5
@@ -24,6 +32,13 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # eos and stop_token_ids cannot be sampled before this many tokens
+    presence_penalty: float = 0.0  # subtracted once from each token already in the output
+    frequency_penalty: float = 0.0  # times each token's count in the output, subtracted
+    repetition_penalty: float = 1.0  # tokens in prompt or output: positive logits / it, negative ones * it
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # the sampled token's logprob plus this many top ones
+    prompt_logprobs: int | None = None  # each prompt token's logprob (the first: none) plus this many top ones
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -40,10 +55,42 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or an integer >= 0, got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        self.logit_bias = dict(self.logit_bias or {})
+        if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {self.logit_bias!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
+                raise ValueError(f"{name} must be an integer in [0, 20], got {value!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the sequence's tokens so far."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass
+class RowContext:
+    """What a row's sampling needs besides its params: its tokens so far (only when penalized) and the token ids
+    it may not sample (eos and stop_token_ids while min_tokens is not reached)."""
+
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    banned_ids: Collection[int] = ()
+
+
+_NO_CONTEXT = RowContext()
 
 
 def _row_seed(seed: int, index: int) -> int:
@@ -76,22 +123,69 @@ def _filter_top_k(logits: torch.Tensor, top_k: torch.Tensor, largest_k: int) -> 
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def _bin_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """Token id lists -> (R, V) float counts, built on `device` (padded with id V, whose column is dropped)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), vocab, dtype=torch.long)  # (R, L)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    counts = torch.zeros(len(rows), vocab + 1, device=device)  # (R, V + 1)
+    counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]
+
+
+def process_logits(logits: torch.Tensor, params: list[SamplingParams],
+                   contexts: list[RowContext] | None = None) -> torch.Tensor:
+    """logits: (B, V) -> (B, V) float32 after min_tokens' ban, logit_bias and the penalties (vLLM's order and
+    formulas); the input is not changed. Only rows that ask for one of these pay for it."""
+    contexts = contexts if contexts is not None else [_NO_CONTEXT] * len(params)
+    if not any(c.banned_ids or p.logit_bias or p.penalized for p, c in zip(params, contexts)):
+        return logits.float()
+    x = logits.float().clone()  # (B, V)
+    device, vocab = x.device, x.shape[-1]
+    for i, (p, ctx) in enumerate(zip(params, contexts)):
+        if ctx.banned_ids:
+            x[i, list(ctx.banned_ids)] = float("-inf")
+        if p.logit_bias:
+            x[i, list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()), device=device)
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return x
+    picked = [params[i] for i in rows]
+    index = torch.tensor(rows, device=device)  # (P,)
+    y = x.index_select(0, index)  # (P, V)
+    output_counts = _bin_counts([contexts[i].output_ids for i in rows], vocab, device)  # (P, V)
+    output_mask = output_counts > 0
+    seen = output_mask | (_bin_counts([contexts[i].prompt_ids for i in rows], vocab, device) > 0)  # (P, V)
+    repetition = torch.tensor([p.repetition_penalty for p in picked], device=device).unsqueeze(1)  # (P, 1)
+    repetition = torch.where(seen, repetition, torch.ones_like(y))  # (P, V): 1 where the token was not seen
+    y = torch.where(y > 0, y / repetition, y * repetition)
+    y -= torch.tensor([p.frequency_penalty for p in picked], device=device).unsqueeze(1) * output_counts
+    y -= torch.tensor([p.presence_penalty for p in picked], device=device).unsqueeze(1) * output_mask
+    x[index] = y
+    return x
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     num_generated: list[int],
     generator: torch.Generator,
+    contexts: list[RowContext] | None = None,
 ) -> list[int]:
     """logits: (B, V) -> B token ids, computed on the logits' device; only the B ids reach the host.
 
-    Greedy rows take the argmax. The others are sampled in one batch by the
-    Gumbel-max trick (argmax of logits / temperature plus Gumbel noise is an
-    exact draw from their softmax), after top-k / top-p filtering. Each row's
-    noise comes from a generator seeded from (seed, num_generated[i]): a
-    seeded request's n-th token does not depend on the rest of the batch or on
-    which rank (or rebuilt group) samples it. Unseeded rows draw their seed
-    from `generator`, which every rank advances alike.
+    The logits first go through process_logits (ban, bias, penalties;
+    `contexts` carry the rows' tokens and banned ids). Greedy rows then take the argmax. The others are
+    sampled in one batch by the Gumbel-max trick (argmax of logits /
+    temperature plus Gumbel noise is an exact draw from their softmax), after
+    top-k / top-p filtering. Each row's noise comes from a generator seeded
+    from (seed, num_generated[i]): a seeded request's n-th token does not
+    depend on the rest of the batch or on which rank (or rebuilt group)
+    samples it. Unseeded rows draw their seed from `generator`, which every
+    rank advances alike.
     """
+    logits = process_logits(logits, params, contexts)  # (B, V) float32
     out = logits.argmax(dim=-1)  # (B,)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -99,7 +193,7 @@ def sample(
     device = logits.device
     picked = [params[i] for i in rows]
     index = torch.tensor(rows, device=device)  # (S,)
-    x = logits.index_select(0, index).float()  # (S, V)
+    x = logits.index_select(0, index)  # (S, V), a copy
     x /= torch.tensor([p.temperature for p in picked], device=device).unsqueeze(1)
     top_k = torch.tensor([p.top_k for p in picked], device=device)  # (S,)
     if any(p.top_p < 1.0 for p in picked):
@@ -114,3 +208,15 @@ def sample(
     gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20)))  # (S, V)
     out[index] = (x + gumbel).argmax(dim=-1)
     return out.tolist()
+
+
+def gather_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprob]:
+    """logits: (N, V) as the model gave them; token_ids: N -> each token's logprob and the num_top likeliest
+    (log-softmax in float32 on the logits' device; N * (num_top + 1) numbers reach the host)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    ids = torch.tensor(token_ids, dtype=torch.long, device=logits.device).unsqueeze(1)  # (N, 1)
+    chosen = logprobs.gather(1, ids).squeeze(1).tolist()  # N
+    if num_top == 0:
+        return [TokenLogprob(lp) for lp in chosen]
+    values, indices = torch.topk(logprobs, num_top, dim=-1)  # (N, num_top)
+    return [TokenLogprob(lp, list(zip(i, v))) for lp, i, v in zip(chosen, indices.tolist(), values.tolist())]

@@ -166,8 +166,8 @@ class Scheduler:
     def _use_cached_prefix(self, seq: Sequence) -> None:
         """Start a sequence being admitted from the longest prefix of its tokens already in the cache. At least
         its last token is computed, whose logits sample the next one."""
-        if not self.blocks.enable_prefix_caching:
-            return
+        if not self.blocks.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return  # prompt logprobs (echo) need every prompt position computed, as in vLLM
         max_blocks = (len(seq) - 1) // self.blocks.block_size
         hashes = hash_blocks(seq.token_ids, self.blocks.block_size, seq.block_hashes)[:max_blocks]
         hit = self.blocks.lookup(hashes)

@@ -5,11 +5,18 @@ N's tokens are back: a sequence whose newest token is still on the ranks is
 sent with PREVIOUS_TOKEN in its place, and each rank substitutes the token it
 sampled for that request in its previous step (every rank samples the same
 tokens, so they agree).
+
+Penalties need a sequence's tokens so far. A rank keeps them for the
+penalized sequences of its previous step only (so nothing outlives its
+request); the engine sends `history` when a penalized sequence continues
+(start > 0) but was not in the previous step, which only happens to a prompt
+chunk that waited a step for budget. Decode steps send nothing extra.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raytp.outputs import TokenLogprob
 from raytp.sampling import SamplingParams
 
 # In a step's token ids: "the token you sampled for this sequence in your previous step".
@@ -26,6 +33,19 @@ class SeqStep:
     params: SamplingParams
     num_generated: int  # index of the token being sampled in the request's output; seeds its sampler
     request_id: str = ""
+    prompt_len: int = 0  # positions before this are the prompt (penalties, prompt logprobs)
+    history: list[int] | None = None  # penalized only: the tokens before `start`, when the rank may lack them
+    banned_ids: tuple[int, ...] = ()  # may not be sampled now (min_tokens not reached: eos, stop_token_ids)
+    prompt_logprobs: bool = False  # return the logprobs of the prompt tokens this chunk predicts
+    lookahead: int | None = None  # with prompt_logprobs: the prompt token after token_ids, if any
+
+
+@dataclass
+class StepLogprobs:
+    """Logprobs a step returns (rank 0's), by the sequence's index in the step."""
+
+    sampled: dict[int, TokenLogprob]  # the sampled token's (params.logprobs set)
+    prompt: dict[int, list[TokenLogprob]]  # prompt tokens start+1 .. of a chunk (SeqStep.prompt_logprobs)
 
 
 @dataclass
@@ -33,3 +53,4 @@ class StepResult:
     token_ids: list[int]  # one sampled token per sequence (the same on every rank)
     collective_seconds: float  # time this rank spent inside TP collectives during the step
     step_seconds: float
+    logprobs: StepLogprobs | None = None  # only when some sequence asked

@@ -34,8 +34,8 @@ from raytp.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
 from raytp.memory import MemoryProfile
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import DTYPES, load_model, weight_bytes
-from raytp.sampling import SamplingParams, sample
-from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
+from raytp.sampling import RowContext, SamplingParams, gather_logprobs, sample
+from raytp.step import PREVIOUS_TOKEN, SeqStep, StepLogprobs, StepResult
 from raytp.topology import check_nvlink
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class TPWorker:
         self.block_size = 16
         self.generator = torch.Generator().manual_seed(seed)  # the same seed on every rank: the same samples
         self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
+        self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
 
     # ---- placement and communicator set-up ----------------------------------
 
@@ -241,7 +242,7 @@ class TPWorker:
         seq_len = per_seq * self.block_size
         num_seqs = max(1, min(num_tokens // seq_len, num_blocks // per_seq))
         self.execute(throwaway_steps([seq_len] * num_seqs, self.block_size))
-        self.last_sampled = {}
+        self.last_sampled, self.histories = {}, {}
         return time.perf_counter() - t0
 
     # ---- the step ---------------------------------------------------------------
@@ -253,21 +254,86 @@ class TPWorker:
         t0 = time.perf_counter()
         self.comm.reset()
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            tokens = self._step(seqs)
+            tokens, logprobs = self._step(seqs)
         if self.stream is not None:
             self.stream.synchronize()  # the step's final sync: its collectives' CUDA events are complete now
         self.last_sampled = {s.request_id: t for s, t in zip(seqs, tokens)}
-        return StepResult(tokens, self.comm.take_seconds(), time.perf_counter() - t0)
+        return StepResult(tokens, self.comm.take_seconds(), time.perf_counter() - t0, logprobs)
 
-    def _step(self, seqs: list[SeqStep]) -> list[int]:
+    def _step(self, seqs: list[SeqStep]) -> tuple[list[int], StepLogprobs | None]:
         device = self.kv_cache.device
         chunks = [SeqChunk(s.start, len(s.token_ids), s.block_table) for s in seqs]
         meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
-        ids = [self.last_sampled[s.request_id] if t == PREVIOUS_TOKEN else t for s in seqs for t in s.token_ids]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=device)  # (T,)
+        ids = [[self.last_sampled[s.request_id] if t == PREVIOUS_TOKEN else t for t in s.token_ids] for s in seqs]
+        input_ids = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)  # (T,)
         hidden = self.model(input_ids, meta, self.kv_cache)  # (T, hidden)
         logits = self.model.compute_logits(hidden[meta.last_token_index])  # (B, vocab), all-gather inside
-        return sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator)
+        contexts = self._contexts(seqs, ids)
+        tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator, contexts)
+        return tokens, self._logprobs(seqs, ids, tokens, logits, hidden, meta.last_token_index)
+
+    def _contexts(self, seqs: list[SeqStep], ids: list[list[int]]) -> list[RowContext] | None:
+        """Each row's tokens so far (penalized rows; kept for the next step) and banned ids; None if no row
+        needs either."""
+        histories = {}
+        for s, row in zip(seqs, ids):
+            if s.params.penalized:
+                if s.history is not None:
+                    history = list(s.history)
+                elif s.start == 0:
+                    history = []
+                elif s.request_id in self.histories:  # it was in this rank's previous step
+                    history = self.histories[s.request_id]
+                else:
+                    raise RuntimeError(f"step protocol: {s.request_id} continues at {s.start} without its history "
+                                       "and was not in the previous step")
+                del history[s.start :]
+                history.extend(row)
+                histories[s.request_id] = history
+        self.histories = histories
+        if not histories and not any(s.banned_ids for s in seqs):
+            return None
+        return [RowContext(histories[s.request_id][: s.prompt_len], histories[s.request_id][s.prompt_len :], s.banned_ids)
+                if s.request_id in histories else RowContext(banned_ids=s.banned_ids) for s in seqs]
+
+    def _logprobs(self, seqs: list[SeqStep], ids: list[list[int]], tokens: list[int], logits: torch.Tensor,
+                  hidden: torch.Tensor, last_index: torch.Tensor) -> StepLogprobs | None:
+        """Logprobs of sampled tokens and of prompt tokens, where asked; only rank 0 sends them back."""
+        sampled_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        prompt_rows = [i for i, s in enumerate(seqs) if s.prompt_logprobs]
+        if not sampled_rows and not prompt_rows:
+            return None
+        out = StepLogprobs({}, {})
+        # Prompt logprobs: the logits at each position of the chunk predict the next prompt token. Every rank
+        # computes these logits (the vocab all-gather is a collective), for the same rows.
+        targets, spans = [], []  # spans: (seq index, first row, number of rows)
+        for i in prompt_rows:
+            s = seqs[i]
+            row_targets = (ids[i] + ([s.lookahead] if s.lookahead is not None else []))[1:]
+            row_targets = row_targets[: max(0, s.prompt_len - 1 - s.start)]
+            if row_targets:
+                first = int(last_index[i]) - len(ids[i]) + 1
+                spans.append((i, first, len(row_targets)))
+                targets.extend(row_targets)
+        prompt_logits = None
+        if spans:
+            rows = torch.cat([torch.arange(f, f + n) for _, f, n in spans]).to(hidden.device)  # (P,)
+            prompt_logits = self.model.compute_logits(hidden[rows])  # (P, vocab)
+        if self.rank != 0:
+            return None
+        if sampled_rows:  # one batched log-softmax; each row keeps its own top N
+            index = torch.tensor(sampled_rows, device=logits.device)
+            rows = gather_logprobs(logits.index_select(0, index), [tokens[i] for i in sampled_rows],
+                                   max(seqs[i].params.logprobs for i in sampled_rows))
+            for i, lp in zip(sampled_rows, rows):
+                lp.top = lp.top[: seqs[i].params.logprobs]
+                out.sampled[i] = lp
+        offset = 0
+        for i, _, n in spans:
+            out.prompt[i] = gather_logprobs(prompt_logits[offset : offset + n], targets[offset : offset + n],
+                                            seqs[i].params.prompt_logprobs)
+            offset += n
+        return out
 
     def shutdown(self) -> None:
         if self.comm is not None:

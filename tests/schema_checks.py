@@ -55,6 +55,9 @@ APP_CONFIG_KEYS = frozenset(
         "attention_backend",
         "pack_weights",
         "cpu_binding",
+        "api_key",
+        "max_queued_requests",
+        "cors_allow_origins",
     }
 )
 # What `user_config` may carry (reconfigure of a live replica).

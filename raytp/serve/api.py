@@ -5,14 +5,18 @@ Serve: `get_engine()` returns the replica's AsyncEngine (or None while it is
 being built), so the same app can run under Serve (raytp.serve.app) or any
 ASGI server around an engine.
 
-Errors always use OpenAI's body `{"error": {"message", "type", "param",
-"code"}}`: 400 for bad input (bodies are parsed by protocol.parse_body, not
-by FastAPI, so that bodies that are not UTF-8 or not JSON get the same
-answer), 404 for an unknown model or path, 503 while the engine is not
-ready, 500 for a bug.
+Request bodies are the pydantic models of protocol.py (so /openapi.json and
+/docs describe them). Errors always use OpenAI's body `{"error": {"message",
+"type", "param", "code"}}`: 400 for bad input (param names the field), 401
+without the configured API key (guards.py), 404 for an unknown model or path,
+429 past the queue cap, 503 while the engine is not ready, 500 for a bug.
+
+A request with `n` choices over `p` prompts runs n * p engine requests;
+choice `i * n + j` is prompt i's j-th, seeded with seed + j (as in vLLM).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import TYPE_CHECKING, Callable
@@ -25,27 +29,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytp.outputs import RequestOutput
 from raytp.sampling import SamplingParams
+from raytp.serve.guards import ApiKeyGuard, ConfiguredCORS
+from raytp.serve.choices import ChoiceRenderer, TokenStrings
 from raytp.serve.streaming import collect, sse, sse_events, start_requests
 from raytp.serve.protocol import (
     APIError,
-    AssistantMessage,
-    ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
+    ChatMessage,
     ChatStreamChoice,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     UsageInfo,
     bad_request,
     not_ready,
     now,
-    parse_body,
     random_id,
     validation_error,
 )
@@ -55,10 +62,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+_PARAMS_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | {"stop_token_ids", "logit_bias"}
+
+
+def _field_error(err: ValueError, default: str | None) -> APIError:
+    """A ValueError whose message starts with a request field's name -> a 400 naming that field."""
+    first = str(err).split(" ", 1)[0]
+    return bad_request(str(err), first if first in _PARAMS_FIELDS else default)
+
+
+def _logit_bias(req) -> dict[int, float]:
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+    return bias
 
 
 def sampling_params(req, max_tokens: int) -> SamplingParams:
+    """The request's sampling fields (OpenAI's names, vLLM's extensions) -> SamplingParams."""
+    logprobs = req.logprobs if isinstance(req, CompletionRequest) else (req.top_logprobs or 0) if req.logprobs else None
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -67,11 +92,25 @@ def sampling_params(req, max_tokens: int) -> SamplingParams:
             top_k=-1 if req.top_k in (None, 0) else req.top_k,
             seed=req.seed,
             stop=req.stop or [],
+            stop_token_ids=req.stop_token_ids or [],
             ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias=_logit_bias(req),
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if getattr(req, "echo", False) and logprobs is not None else None,
         )
     except ValueError as err:  # SamplingParams' messages start with the field's name
-        first = str(err).split(" ", 1)[0]
-        raise bad_request(str(err), first if first in _SAMPLING_FIELDS else None) from None
+        raise _field_error(err, None) from None
+
+
+def per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices of one prompt: choice j samples with seed + j (vLLM), so a seeded n > 1 is reproducible."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + j) for j in range(n)]
 
 
 # ---- the endpoints -------------------------------------------------------------------
@@ -138,25 +177,20 @@ class OpenAIServing:
         return requested
 
     @staticmethod
-    async def _start(engine, prompts, params, base_id, param: str):
+    async def _start(engine, requests, base_id, param: str):
         from raytp.engine import EngineNotReady
 
         try:
-            return await start_requests(engine, prompts, params, base_id)
+            return await start_requests(engine, requests, base_id)
         except EngineNotReady as err:
             raise not_ready(str(err)) from None
-        except ValueError as err:  # the engine's checks of the prompt (token ids, length)
-            raise bad_request(str(err), param) from None
+        except ValueError as err:  # the engine's checks of the prompt (token ids, length) and of token id fields
+            raise _field_error(err, param) from None
 
     # -- POST /v1/completions
 
-    def _completion_prompts(self, engine: AsyncEngine, prompt) -> list[list[int]]:
-        if isinstance(prompt, str):
-            items = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            items = [prompt]
-        else:
-            items = list(prompt)
+    def _completion_prompts(self, engine: AsyncEngine, req: CompletionRequest) -> list[list[int]]:
+        items = req.prompt_items()
         if not items:
             raise bad_request("prompt must not be empty", "prompt")
         out = []
@@ -172,29 +206,54 @@ class OpenAIServing:
             out.append(ids)
         return out
 
-    async def completions(self, request: Request) -> Response:
-        req = parse_body(await request.body(), CompletionRequest)
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
         engine = self.engine(req.model)
         self._check_supported(req)
-        prompts = self._completion_prompts(engine, req.prompt)
+        prompts = self._completion_prompts(engine, req)
         return await self._generate(request, req, engine, prompts, req.max_tokens, "prompt", chat=False)
 
     # -- POST /v1/chat/completions
 
-    async def chat_completions(self, request: Request) -> Response:
-        req = parse_body(await request.body(), ChatCompletionRequest)
-        engine = self.engine(req.model)
-        self._check_supported(req)
+    @staticmethod
+    def _chat_text(engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         if engine.tokenizer is None:
             raise bad_request("this model has no tokenizer, so no chat template: use /v1/completions with token ids",
                               "messages")
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
         try:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return engine.tokenizer.apply_chat_template([m.for_template() for m in messages], add_generation_prompt)
         except (ValueError, jinja2.TemplateError) as err:  # unknown role, no template, the template's own checks
             raise bad_request(f"the chat template rejected the messages: {err}", "messages") from None
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)  # the template emits BOS itself
+
+    async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Response:
+        engine = self.engine(req.model)
+        self._check_supported(req)
+        ids = engine.tokenizer.encode(self._chat_text(engine, req.messages), add_special_tokens=False)  # BOS: template's
         return await self._generate(request, req, engine, [ids], req.requested_max_tokens, "messages", chat=True)
+
+    # -- POST /tokenize, POST /detokenize (vLLM's)
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        engine = self.engine(req.model, require_ready=False)
+        if req.messages is not None:  # vLLM: special tokens off by default, the template writes them
+            text = self._chat_text(engine, req.messages, req.add_generation_prompt)
+            ids = engine.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
+        else:
+            if engine.tokenizer is None:
+                raise bad_request("this model has no tokenizer", "prompt")
+            ids = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        strings = TokenStrings(engine.tokenizer)
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
+                                token_strs=[strings(t) for t in ids] if req.return_token_strs else None)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        engine = self.engine(req.model, require_ready=False)
+        if engine.tokenizer is None:
+            raise bad_request("this model has no tokenizer", "tokens")
+        vocab = engine.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"tokens must be token ids in [0, {vocab}); got {bad[:5]}", "tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(req.tokens))
 
     # -- both: run the prompts, answer in one body or as server-sent events
 
@@ -202,59 +261,57 @@ class OpenAIServing:
                         requested_max_tokens: int | None, prompt_param: str, chat: bool) -> Response:
         max_tokens = self._max_tokens(engine, [len(p) for p in prompts], requested_max_tokens, prompt_param)
         params = sampling_params(req, max_tokens)
+        choice_params = per_choice(params, req.n)
+        runs = [(ids, p) for ids in prompts for p in choice_params]  # choice i * n + j
         rid, created, model = random_id("chatcmpl" if chat else "cmpl"), now(), engine.model_name
-        started = await self._start(engine, prompts, params, rid, prompt_param)
+        started = await self._start(engine, runs, rid, prompt_param)
         prompt_tokens = sum(len(p) for p in prompts)
+        render = ChoiceRenderer(engine.tokenizer, req, chat)
 
         def usage(generated: int) -> UsageInfo:
             return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated,
                              total_tokens=prompt_tokens + generated)
 
         if not req.stream:
-            finals = [out.outputs[0] for out in await collect(started)]
+            finals = await collect(started)
+            choices = [render.final(i, out) for i, out in enumerate(finals)]
+            generated = sum(len(out.outputs[0].token_ids) for out in finals)
             if chat:
-                choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                                      stop_reason=c.stop_reason) for i, c in enumerate(finals)]
+                body = ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                              usage=usage(generated),
+                                              prompt_token_ids=prompts[0] if req.return_token_ids else None)
             else:
-                choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
-                                            stop_reason=c.stop_reason) for i, c in enumerate(finals)]
-            body_cls = ChatCompletionResponse if chat else CompletionResponse
-            body = body_cls(id=rid, created=created, model=model, choices=choices,
-                            usage=usage(sum(len(c.token_ids) for c in finals)))
+                body = CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage(generated))
             return JSONResponse(body.model_dump())
 
         include_usage = req.include_usage
         chunk_cls = ChatCompletionStreamResponse if chat else CompletionStreamResponse
 
-        def chunk(choices: list, usage_info: UsageInfo | None = None) -> str:
-            data = chunk_cls(id=rid, created=created, model=model, choices=choices, usage=usage_info).model_dump(
+        def chunk(choices: list, usage_info: UsageInfo | None = None, **extra) -> str:
+            data = chunk_cls(id=rid, created=created, model=model, choices=choices, usage=usage_info, **extra).model_dump(
                 exclude=None if include_usage else {"usage"})  # OpenAI: a usage field only with include_usage
             for ch in data["choices"]:
                 if "delta" in ch:  # chat deltas carry only what changed
                     ch["delta"] = {k: v for k, v in ch["delta"].items() if v is not None}
             return sse(data)
 
-        def render(i: int, out: RequestOutput) -> str:
-            c = out.outputs[0]
-            if chat:
-                return chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=out.delta_text or None),
-                                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
-            return chunk([CompletionChoice(index=i, text=out.delta_text, finish_reason=c.finish_reason,
-                                           stop_reason=c.stop_reason)])
-
         def tail(generated: int) -> str | None:
             return chunk([], usage(generated)) if include_usage else None
 
-        # OpenAI's first chat chunk carries the role.
-        head = chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))]) if chat else None
-        return StreamingResponse(sse_events(request, rid, started, render, tail, head), media_type="text/event-stream")
+        # OpenAI's first chat chunk carries the role (one per choice).
+        head = None
+        if chat:
+            head = chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                          for i in range(len(runs))], prompt_token_ids=prompts[0] if req.return_token_ids else None)
+        return StreamingResponse(sse_events(request, rid, started, lambda i, out: chunk([render.delta(i, out)]),
+                                            tail, head), media_type="text/event-stream")
 
 
 # ---- the app -------------------------------------------------------------------------
 
 
 def _respond(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -292,6 +349,14 @@ def build_api(get_engine: Callable[[], AsyncEngine | None]) -> FastAPI:
     serving = OpenAIServing(get_engine)
     app.state.serving = serving
 
+    def get_config():
+        engine = get_engine()
+        return engine.config if engine is not None else None
+
+    # The last added runs first: CORS, then the key, then the routes.
+    app.add_middleware(ApiKeyGuard, get_config=get_config)
+    app.add_middleware(ConfiguredCORS, get_config=get_config)
+
     @app.get("/health")
     async def health() -> Response:
         """200 only when the TP group can run a step; 503 otherwise."""
@@ -305,12 +370,24 @@ def build_api(get_engine: Callable[[], AsyncEngine | None]) -> FastAPI:
     async def retrieve_model(model: str):
         return await serving.models(model)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await serving.completions(request)
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request):
+        """OpenAI's completions; `stream: true` answers server-sent events of CompletionStreamResponse."""
+        return await serving.completions(body, request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await serving.chat_completions(request)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        """OpenAI's chat completions; `stream: true` answers server-sent events of ChatCompletionStreamResponse."""
+        return await serving.chat_completions(body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template, to token ids."""
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's /detokenize: token ids to text."""
+        return await serving.detokenize(body)
 
     return app

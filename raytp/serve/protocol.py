@@ -2,25 +2,24 @@
 
 Field names, defaults and response shapes follow OpenAI's API reference
 (https://platform.openai.com/docs/api-reference) and vLLM's OpenAI server,
-including vLLM's sampling extensions `top_k` and `ignore_eos`. Request
+including vLLM's extensions (`top_k`, `ignore_eos`, `min_tokens`,
+`repetition_penalty`, `stop_token_ids`, `return_token_ids`, /tokenize). Request
 models ignore unknown fields (as vLLM does), so newer clients keep working;
 fields we accept but cannot honour are rejected by `unsupported()` with a
 400 that names them, instead of being silently dropped.
 
-Errors are `APIError`s carrying OpenAI's error body; `parse_body` turns raw
-request bytes into a request model, so that a body that is not UTF-8, not
-JSON or not valid is a 400 whose `param` names the field.
+The request models are FastAPI's body types (so /openapi.json and /docs show
+them, with examples). Errors are `APIError`s carrying OpenAI's error body;
+`validation_error` turns FastAPI's validation errors into a 400 whose
+`param` names the field.
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-M = TypeVar("M", bound=BaseModel)
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # ---- errors ------------------------------------------------------------------------
 
@@ -45,6 +44,7 @@ class APIError(Exception):
                  code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers: dict[str, str] = {}
 
     def body(self) -> dict:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
@@ -53,6 +53,12 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
+
+
+def too_many_requests(message: str, retry_after_s: int = 1) -> APIError:
+    err = APIError(429, message, "rate_limit_error", None, "too_many_requests")
+    err.headers = {"Retry-After": str(retry_after_s)}
+    return err
 
 
 def not_ready(message: str) -> APIError:
@@ -68,30 +74,14 @@ def validation_error(errors: list[dict]) -> APIError:
     """pydantic errors -> one 400 whose param names the (first) bad field."""
     parts, param = [], None
     for e in errors:
+        if e.get("type") == "json_invalid":  # loc is a character offset, not a field
+            return bad_request(f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
         field = _loc(tuple(e.get("loc", ())))
         param = param or field
         got = e.get("input")
         shown = f" (got {got!r})" if field and isinstance(got, (str, int, float, bool)) and len(repr(got)) <= 80 else ""
         parts.append(f"{field or 'body'}: {e.get('msg')}{shown}")
     return bad_request("invalid request: " + "; ".join(parts), param)
-
-
-def parse_body(raw: bytes, model: type[M]) -> M:
-    """A request body -> `model`; anything wrong (not UTF-8, not JSON, not valid) is a 400 APIError."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise bad_request(f"the request body is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise bad_request(f"the request body is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise validation_error(err.errors(include_url=False)) from None
 
 
 # ---- requests ----------------------------------------------------------------------
@@ -103,13 +93,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with empty choices and the usage.")
 
 
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(default=None, description="The served model's name (see GET /v1/models).")
-    n: int = Field(default=1, description="Choices per prompt; only 1 is supported.")
+    n: int = Field(default=1, ge=1, le=128, description="Choices per prompt. With a seed, choice i samples with "
+                   "seed + i (as vLLM), so a seeded n > 1 is reproducible.")
     stream: bool = Field(default=False, description="Stream the answer as server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options (include_usage).")
     temperature: float | None = Field(default=None, ge=0.0, description="Sampling temperature; 0 is greedy. Default 1.")
@@ -117,24 +112,23 @@ class _SamplingFields(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, description="vLLM extension: keep the k likeliest tokens; -1 (or 0) keeps all.")
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, description="Seed for reproducible sampling.")
     stop: str | list[str] | None = Field(default=None, description="Up to any number of strings that end the answer.")
+    stop_token_ids: list[int] | None = Field(default=None, description="vLLM extension: token ids that end the "
+                                             "answer (the id is kept in token_ids, its text is not).")
     ignore_eos: bool = Field(default=False, description="vLLM extension: keep generating past the end-of-sequence token.")
-    # Accepted for compatibility; only their neutral values are allowed (see unsupported()).
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(default=0, ge=0, description="vLLM extension: end-of-sequence and stop_token_ids cannot "
+                            "be sampled before this many tokens.")
+    presence_penalty: Penalty | None = Field(default=None, description="Subtracted from the logit of every token "
+                                             "already in the output. In [-2, 2].")
+    frequency_penalty: Penalty | None = Field(default=None, description="Times each token's count in the output, "
+                                              "subtracted from its logit. In [-2, 2].")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, description="vLLM extension: tokens of the prompt "
+                                             "or output have positive logits divided by it, negative ones multiplied "
+                                             "(1: off).")
+    logit_bias: dict[str, Bias] | None = Field(default=None, description="Token id (as a string) -> bias in "
+                                               "[-100, 100] added to its logit before sampling.")
+    return_token_ids: bool = Field(default=False, description="vLLM extension: each choice carries its token_ids, "
+                                   "the response its prompt_token_ids.")
     user: str | None = None
-
-    def _unsupported_common(self) -> list[tuple[str, str]]:
-        out = []
-        if self.n != 1:
-            out.append(("n", f"n={self.n} is not supported; only n=1"))
-        if self.presence_penalty:
-            out.append(("presence_penalty", "presence_penalty is not supported"))
-        if self.frequency_penalty:
-            out.append(("frequency_penalty", "frequency_penalty is not supported"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias is not supported"))
-        return out
 
     @property
     def include_usage(self) -> bool:
@@ -147,19 +141,30 @@ Prompt = str | list[int] | list[str] | list[list[int]]
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0},
+        {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 8, "n": 2, "seed": 7, "logprobs": 3,
+         "echo": True, "presence_penalty": 0.5},
+    ]})
+
     prompt: Prompt = Field(description="A string, a list of token ids, or a list of either (one choice per prompt).")
     max_tokens: int | None = Field(default=16, ge=1, description="Most tokens to generate (OpenAI's default is 16).")
-    echo: bool = False
-    logprobs: int | None = None
+    echo: bool = Field(default=False, description="Put the prompt before the completion in text (and, with "
+                       "logprobs, the prompt tokens' logprobs first; the first prompt token's is null).")
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="Log probabilities of the chosen tokens "
+                                 "plus the top N (0-20), from the model's distribution before temperature, "
+                                 "penalties and bias.")
     best_of: int | None = None
     suffix: str | None = None
 
+    def prompt_items(self) -> list[str | list[int]]:
+        """The prompts, one per choice group: a string or a list of token ids each."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
     def unsupported(self) -> list[tuple[str, str]]:
-        out = self._unsupported_common()
-        if self.echo:
-            out.append(("echo", "echo is not supported"))
-        if self.logprobs is not None:
-            out.append(("logprobs", "logprobs is not supported"))
+        out = []
         if self.best_of not in (None, 1):
             out.append(("best_of", f"best_of={self.best_of} is not supported; only 1"))
         if self.suffix:
@@ -191,23 +196,34 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict:
+        return {"role": self.role, "content": self.text(), **({"name": self.name} if self.name else {})}
+
 
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16},
+        {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8,
+         "logprobs": True, "top_logprobs": 3, "stream": True, "stream_options": {"include_usage": True}},
+    ]})
+
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far; at least one message.")
     max_tokens: int | None = Field(default=None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate; default: up to max_model_len.")
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    logprobs: bool = Field(default=False, description="Return the log probability of each output token, from the "
+                           "model's distribution before temperature, penalties and bias.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: also the N likeliest "
+                                     "tokens at each position (0-20).")
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
-        out = self._unsupported_common()
-        if self.logprobs or self.top_logprobs:
-            out.append(("logprobs", "logprobs is not supported"))
+        out = []
+        if self.top_logprobs and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         if self.tools:
             out.append(("tools", "tools are not supported"))
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -217,6 +233,50 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` rendered by the chat template."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "tiny", "prompt": "Hello world"},
+        {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "return_token_strs": True},
+    ]})
+
+    model: str | None = Field(default=None, description="The served model's name.")
+    prompt: str | None = Field(default=None, description="Text to tokenize (or send messages instead).")
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1,
+                                               description="A chat to render with the chat template, then tokenize.")
+    add_special_tokens: bool | None = Field(default=None, description="Add the tokenizer's special tokens (BOS). "
+                                            "Default: true for a prompt, false for messages (the template adds them).")
+    add_generation_prompt: bool = Field(default=True, description="Messages: end with the assistant's turn header.")
+    return_token_strs: bool = Field(default=False, description="Also return each token's string.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"model": "tiny", "tokens": [1, 42, 7]}]})
+
+    model: str | None = Field(default=None, description="The served model's name.")
+    tokens: list[int] = Field(description="Token ids of this model.")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # ---- responses ---------------------------------------------------------------------
@@ -236,11 +296,34 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+class CompletionLogprobs(BaseModel):
+    """Completions' logprobs (OpenAI's legacy shape): one entry per token, in order."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)  # where each token's text starts in the choice's text
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobToken(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobToken] | None = None
+
+
 class _Choice(BaseModel):
     index: int
-    logprobs: None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM: the stop string or token id that ended it
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: this choice's (new) token ids
 
 
 class _Response(BaseModel):
@@ -254,6 +337,8 @@ class _Response(BaseModel):
 
 class CompletionChoice(_Choice):
     text: str
+    logprobs: CompletionLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids (the first chunk, when streamed)
 
 
 class CompletionResponse(_Response):
@@ -278,12 +363,14 @@ class AssistantMessage(BaseModel):
 
 class ChatChoice(_Choice):
     message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class DeltaMessage(BaseModel):
@@ -293,12 +380,14 @@ class DeltaMessage(BaseModel):
 
 class ChatStreamChoice(_Choice):
     delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionStreamResponse(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids (the first chunk)
 
 
 class ModelCard(BaseModel):

@@ -17,7 +17,7 @@ from fastapi import Request
 
 from raytp.outputs import RequestOutput
 from raytp.sampling import SamplingParams
-from raytp.serve.protocol import APIError
+from raytp.serve.protocol import APIError, bad_request, too_many_requests
 
 if TYPE_CHECKING:
     from raytp.engine import AsyncEngine
@@ -25,29 +25,41 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def start_requests(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
+async def start_requests(engine: AsyncEngine, requests: list[tuple[list[int], SamplingParams]],
                          base_id: str) -> list[tuple[AsyncIterator[RequestOutput], RequestOutput]]:
-    """Admit every prompt and wait for its first output; all-or-nothing.
+    """Admit every (prompt, params) of one HTTP request and wait for its first output; all or nothing.
 
-    The engine validates a request when its generator first runs, so bad
-    input raises here, before any response has been sent. Closing a
-    generator (or cancelling the task that iterates it) aborts its request.
+    Admission happens without an await in between, so the queue cap holds
+    under concurrency: past it the whole HTTP request is a 429 (and nothing
+    admitted is touched). Bad input raises here, before any response has been
+    sent. Closing a stream (or cancelling the task that iterates it) aborts
+    its request.
     """
-    gens = [engine.generate(ids, params, f"{base_id}-{i}") for i, ids in enumerate(prompts)]
+    room, limit = engine.room(), engine.request_limit()
+    if limit is not None and len(requests) > limit:
+        raise bad_request(f"this request needs {len(requests)} sequences (prompts x n); a replica holds at most "
+                          f"{limit} (max_num_seqs + max_queued_requests)", "n")
+    if room is not None and len(requests) > room:
+        raise too_many_requests(f"this replica is at its queue limit (max_num_seqs={engine.config.max_num_seqs} "
+                                f"running + max_queued_requests={engine.config.max_queued_requests} waiting); "
+                                f"retry shortly")
+    streams = []
     try:
-        firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+        for i, (ids, params) in enumerate(requests):
+            streams.append(engine.add_request(ids, params, f"{base_id}-{i}"))
+        firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
     except BaseException:
-        await _close_all(gens)
+        await _close_all(streams)
         raise
     errors = [r for r in firsts if isinstance(r, BaseException)]
     if errors:
-        await _close_all(gens)
+        await _close_all(streams)
         raise errors[0]
-    return list(zip(gens, firsts))
+    return list(zip(streams, firsts))
 
 
-async def _close_all(gens) -> None:
-    await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+async def _close_all(streams) -> None:
+    await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
 
 
 async def merge(started) -> AsyncIterator[list[tuple[int, RequestOutput]]]:

@@ -56,8 +56,19 @@ def test_cli_help():
                          timeout=60)
     assert out.returncode == 0
     for flag in ("--model", "--tensor-parallel-size", "--device", "--host", "--port", "--metrics-export-port",
-                 "--max-model-len", "--max-num-seqs"):
+                 "--max-model-len", "--max-num-seqs", "--api-key", "--max-queued-requests", "--cors-allow-origins"):
         assert flag in out.stdout
+
+
+def test_cli_guard_options_reach_the_app_config():
+    from raytp.cli import build_parser, engine_config_from_args
+
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--api-key", "sk-secret-9", "--max-queued-requests", "8",
+                                      "--cors-allow-origins", "https://a.example", "https://b.example"])
+    config = engine_config_from_args(args)
+    assert (config.api_key, config.max_queued_requests) == ("sk-secret-9", 8)
+    assert config.cors_allow_origins == ["https://a.example", "https://b.example"]
+    assert "sk-secret-9" not in repr(config)  # the key stays out of logs
 
 
 def test_cli_bad_option_names_field_and_value():

@@ -282,7 +282,12 @@ BAD_REQUESTS = [
     ("id-out-of-vocab", "/v1/completions", {**GOOD, "prompt": [1, 10**6]}, 400, "prompt", None),
     ("missing-prompt", "/v1/completions", {"model": MODEL}, 400, "prompt", None),
     ("empty-stop", "/v1/completions", {**GOOD, "stop": [""]}, 400, "stop", None),
-    ("n-2", "/v1/completions", {**GOOD, "n": 2}, 400, "n", None),
+    ("n-0", "/v1/completions", {**GOOD, "n": 0}, 400, "n", None),
+    ("logprobs-30", "/v1/completions", {**GOOD, "logprobs": 30}, 400, "logprobs", None),
+    ("top-logprobs-25", "/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 25}, 400, "top_logprobs",
+     None),
+    ("presence-penalty-3", "/v1/completions", {**GOOD, "presence_penalty": 3}, 400, "presence_penalty", None),
+    ("logit-bias-not-a-token", "/v1/completions", {**GOOD, "logit_bias": {"123456789": 1}}, 400, "logit_bias", None),
     ("unknown-model", "/v1/completions", {**GOOD, "model": "gpt-17"}, 404, "model", "model_not_found"),
     ("role-wizard", "/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
      "messages.0.role", None),
@@ -310,6 +315,36 @@ def test_bad_request_then_good_request(server, reference, path, body, status, pa
         good = http.post("/v1/completions", json=GOOD)
         assert good.status_code == 200
         assert good.json()["choices"][0]["text"] == reference.choices[0].text
+
+
+def test_openai_client_n_logprobs_echo_penalties(server, tokenizer):
+    """Through Serve and the TP=2 group: seeded n=3 is reproducible, usage counts every choice, echo carries the
+    prompt's logprobs (the first null), penalties and logit_bias reach every rank's sampler."""
+    client = server.client()
+    kw = dict(model=MODEL, prompt=REF_PROMPT, max_tokens=8, temperature=1.0, seed=11, n=3, logprobs=2, echo=True,
+              extra_body={"ignore_eos": True, "return_token_ids": True})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 3
+    assert a.usage.completion_tokens == 24
+    prompt_len = len(tokenizer.encode(REF_PROMPT))
+    for choice in a.choices:
+        assert choice.text.startswith(REF_PROMPT)
+        assert len(choice.logprobs.tokens) == prompt_len + 8 and choice.logprobs.token_logprobs[0] is None
+        assert len(choice.token_ids) == 8  # vLLM's return_token_ids
+    forced = client.completions.create(model=MODEL, prompt=REF_PROMPT, max_tokens=5, temperature=0,
+                                       logit_bias={"42": 100}, extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert forced.choices[0].token_ids == [42] * 5
+    penalized = client.completions.create(model=MODEL, prompt=REF_PROMPT, max_tokens=12, temperature=0,
+                                          frequency_penalty=2.0, extra_body={"ignore_eos": True, "return_token_ids": True})
+    ids = penalized.choices[0].token_ids
+    assert len(ids) == 12 and max(ids.count(t) for t in ids) < 12
+
+
+def test_tokenize_detokenize_over_http(server, tokenizer):
+    with server.http() as http:
+        r = http.post("/tokenize", json={"model": MODEL, "prompt": REF_PROMPT}).json()
+        assert r["tokens"] == tokenizer.encode(REF_PROMPT) and r["count"] == len(r["tokens"])
+        assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": REF_PROMPT}
 
 
 def test_openai_client_errors(server):
@@ -374,7 +409,16 @@ class _FailingEngine:
     model_name, ready, failed, tokenizer, max_model_len = MODEL, True, None, None, MAX_MODEL_LEN
 
     class config:
-        model = MODEL
+        model, api_key, cors_allow_origins = MODEL, None, []
+
+    def room(self):
+        return None
+
+    def request_limit(self):
+        return None
+
+    def add_request(self, prompt, params, request_id):
+        return self.generate(prompt, params, request_id)
 
     async def generate(self, prompt, params, request_id):
         from raytp.outputs import CompletionOutput, RequestOutput

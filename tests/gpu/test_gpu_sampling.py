@@ -16,3 +16,19 @@ def test_sampling_on_cuda_logits():
     assert sample(logits, seeded, list(range(8)), torch.Generator().manual_seed(99)) == first
     bf16 = sample(logits.bfloat16(), [SamplingParams(top_k=1, seed=1)] * 8, [0] * 8, torch.Generator())
     assert bf16 == logits.bfloat16().float().argmax(-1).tolist()
+
+
+def test_penalties_bias_ban_and_logprobs_on_cuda_equal_cpu():
+    from raytp.sampling import RowContext, gather_logprobs, process_logits
+
+    logits = torch.randn(4, 128256, generator=torch.Generator().manual_seed(1)) * 3  # (B, V) on the CPU
+    params = [SamplingParams(temperature=0.0, presence_penalty=1.0, frequency_penalty=0.5, repetition_penalty=1.3,
+                             logit_bias={5: 3.0, 128000: -100.0}), SamplingParams(temperature=0.0)] * 2
+    contexts = [RowContext(prompt_ids=[1, 2, 3, 128255], output_ids=[9, 9, 4], banned_ids=(7, 11)), RowContext()] * 2
+    on_cpu, on_gpu = process_logits(logits, params, contexts), process_logits(logits.cuda(), params, contexts)
+    assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-5)
+    tokens = sample(logits.cuda(), params, [0] * 4, torch.Generator(), contexts)
+    assert tokens == sample(logits, params, [0] * 4, torch.Generator(), contexts)
+    cpu_lp, gpu_lp = gather_logprobs(logits, tokens, 5), gather_logprobs(logits.cuda(), tokens, 5)
+    for a, b in zip(cpu_lp, gpu_lp):
+        assert abs(a.logprob - b.logprob) < 1e-4 and [t for t, _ in a.top] == [t for t, _ in b.top]

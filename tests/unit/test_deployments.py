@@ -77,6 +77,8 @@ def test_gpu_configs(name, tp, max_replicas):
     # and the engine's batch should be able to fill.
     assert auto["target_ongoing_requests"] < dep["max_ongoing_requests"]
     assert dep["max_ongoing_requests"] >= args["max_num_seqs"]
+    if args.get("max_queued_requests") is not None:  # the replica's 429 must be reachable past Serve's router
+        assert dep["max_ongoing_requests"] > args["max_num_seqs"] + args["max_queued_requests"]
     assert dep["graceful_shutdown_timeout_s"] > 0
 
 
