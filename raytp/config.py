@@ -48,9 +48,9 @@ class EngineConfig(BaseModel):
     )
     max_num_batched_tokens: int | None = Field(
         default=None, ge=16, description="Most tokens computed in one step (decode rows first, then prompt chunks: a "
-        "longer prompt is prefilled over several steps). Default: 512 on CPU (against 2048 on a 32-request burst over "
-        "HTTP: the same throughput relative to vLLM, TTFT p50 0.97x vLLM's instead of 1.8x, p99 inter-token gap "
-        "~0.2 s instead of ~0.1 s), 4096 on CUDA."
+        "longer prompt is prefilled over several steps). Default: 256 on CPU (in-process on the 32-request burst, "
+        "against 512: the same throughput, TTFT p50 no worse, half the p99 inter-token gap; benchmarks/README.md), "
+        "4096 on CUDA."
     )
     enable_prefix_caching: bool = Field(
         default=True, description="Share the KV blocks of a prompt prefix already computed (by any request, kept until "
@@ -122,7 +122,7 @@ class EngineConfig(BaseModel):
     def resolved_max_num_batched_tokens(self) -> int:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return 512 if self.resolved_device() == "cpu" else 4096
+        return 256 if self.resolved_device() == "cpu" else 4096
 
     def resolved_device(self) -> str:
         if self.device != "auto":
