@@ -132,6 +132,10 @@ class Tokenizer:
         """Number of ids the tokenizer can produce (base vocab plus added tokens)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def backend_json(self) -> str:
+        """The tokenizer as tokenizer.json text (with the added special tokens), for libraries that load it."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
