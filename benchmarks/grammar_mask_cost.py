@@ -86,6 +86,41 @@ def run_llguidance(tok: Tokenizer, eos: int, n_tokens: int, seed: int) -> dict:
                  tok.get_vocab_size(), eos, n_tokens, seed, tok_s, compile_s)
 
 
+def batch_fill_llguidance(tok: Tokenizer, eos: int, batch: int = 16, repeats: int = 40) -> dict:
+    """A step's masks for `batch` requests: one by one, and at once on llguidance's thread pool (what raytp's
+    engine does). Two identical sets of matchers take the same tokens, so each fill is of a new state (a matcher
+    asked twice in one state answers from its cache)."""
+    import llguidance
+    import llguidance.torch as llt
+
+    lltok = llguidance.LLTokenizer(tok.to_str(), n_vocab=tok.get_vocab_size(), eos_token=eos)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA)
+    one_by_one = [llguidance.LLMatcher(lltok, grammar) for _ in range(batch)]
+    at_once = [llguidance.LLMatcher(lltok, grammar) for _ in range(batch)]
+    mask_a, mask_b = (llt.allocate_token_bitmask(batch, tok.get_vocab_size()) for _ in range(2))
+    executor = llguidance.LLExecutor()
+    rngs = [random.Random(i) for i in range(batch)]
+    serial = parallel = 0.0
+    steps = 0
+    for _ in range(repeats):
+        if any(m.is_stopped() for m in one_by_one):
+            break
+        t0 = time.perf_counter()
+        for i, m in enumerate(one_by_one):
+            llt.fill_next_token_bitmask(m, mask_a, i)
+        t1 = time.perf_counter()
+        llt.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(at_once)], mask_b)
+        t2 = time.perf_counter()
+        serial, parallel, steps = serial + t1 - t0, parallel + t2 - t1, steps + 1
+        for i in range(batch):
+            token = rngs[i].choice(_allowed(mask_a[i], tok.get_vocab_size()))
+            one_by_one[i].consume_token(token)
+            at_once[i].consume_token(token)
+    return {"library": "llguidance", "vocab": tok.get_vocab_size(), "batch": batch, "steps": steps,
+            "step_fill_ms_one_by_one": round(serial / steps * 1e3, 3),
+            "step_fill_ms_thread_pool": round(parallel / steps * 1e3, 3), "cpus": os.cpu_count()}
+
+
 def run_xgrammar(tok: Tokenizer, eos: int, n_tokens: int, seed: int) -> dict:
     import transformers
     import xgrammar as xgr
@@ -160,6 +195,7 @@ def main() -> None:
             for key in ("schema_compile_ms", "fill_us_per_token", "accept_us_per_token", "total_us_per_token"):
                 summary[key] = statistics.median(r[key] for r in runs)
             print(json.dumps(summary), flush=True)
+        print(json.dumps(batch_fill_llguidance(tok, eos)), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from raytp.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
 from raytp.tiny import resolve_model_path
 from raytp.tokenizer import Tokenizer
 from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
-from raytp.structured import GrammarCompiler, GrammarError
+from raytp.structured import GrammarCompiler, GrammarError, GrammarMasks
 from raytp.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class EngineCore:
         self.scheduler: Scheduler | None = None
         self._previous_step: set[str] = set()  # request ids of the step sent last (see step.py on history)
         self._grammars: GrammarCompiler | None = None  # built on the first structured-output request
+        self._grammar_masks: GrammarMasks | None = None
         self.supervisor = Supervisor(config, self.args, self.executor, self._use_new_kv_cache, metrics)
 
     # ---- the group (its policy is the supervisor's) ---------------------------------------
@@ -139,6 +140,7 @@ class EngineCore:
             raise GrammarError("structured outputs need the model's tokenizer, and this model has none")
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size)
+            self._grammar_masks = GrammarMasks(self.args.vocab_size)
         return self._grammars.matcher(params.structured_outputs)
 
     def abort(self, request_id: str) -> None:
@@ -161,8 +163,23 @@ class EngineCore:
     def to_steps(self, batch: list[ScheduledSeq]) -> list[SeqStep]:
         """The step the ranks run next (called once per step, in the order steps are sent)."""
         steps = [self._to_step(s) for s in batch]
+        self._add_grammar_masks(batch, steps)
         self._previous_step = {s.seq.request_id for s in batch}
         return steps
+
+    def _add_grammar_masks(self, batch: list[ScheduledSeq], steps: list[SeqStep]) -> None:
+        """Each row that samples for a request under a grammar gets its allowed tokens, all filled at once."""
+        rows, matchers = [], []
+        for i, s in enumerate(batch):
+            state = self.requests.get(s.seq.request_id)
+            if s.samples and state is not None and state.grammar is not None:
+                if PREVIOUS_TOKEN in s.token_ids:
+                    raise RuntimeError(f"{s.seq.request_id}: a grammar's mask needs the previous token, still in flight")
+                rows.append(i)
+                matchers.append(state.grammar)
+        if matchers:
+            for i, mask in zip(rows, self._grammar_masks.allowed_tokens(matchers)):
+                steps[i].allowed_tokens = mask
 
     def _to_step(self, s: ScheduledSeq) -> SeqStep:
         seq, params = s.seq, s.seq.params
@@ -174,10 +191,6 @@ class EngineCore:
         if s.num_generated < params.min_tokens:
             step.banned_ids = tuple(seq.stop_token_ids)
         state = self.requests.get(seq.request_id)
-        if state is not None and state.grammar is not None and s.samples:
-            if PREVIOUS_TOKEN in s.token_ids:
-                raise RuntimeError(f"{seq.request_id}: a grammar's mask needs the previous token, still in flight")
-            step.allowed_tokens = state.grammar.allowed_tokens()
         if state is not None and not state.prompt_logprobs_done() and s.start < prompt_len - 1:
             step.prompt_logprobs = True
             end = s.start + len(s.token_ids)

@@ -23,7 +23,7 @@ from raytp.executor import LocalExecutor
 from raytp.llm import LLM
 from raytp.sampling import RowContext, SamplingParams, sample
 from raytp.step import PREVIOUS_TOKEN
-from raytp.structured import GrammarCompiler, GrammarError, StructuredOutputs, apply_token_bitmask
+from raytp.structured import GrammarCompiler, GrammarError, GrammarMasks, StructuredOutputs, apply_token_bitmask
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,7 +62,7 @@ def schema_params(seed: int, max_tokens: int = 200, **extra) -> SamplingParams:
 def test_the_first_mask_allows_only_the_start_of_an_object(llm):
     tokenizer = llm.tokenizer
     matcher = GrammarCompiler(tokenizer, llm.engine.args.vocab_size).matcher(StructuredOutputs(json_object=True))
-    mask = matcher.allowed_tokens()  # (W,) int32
+    (mask,) = GrammarMasks(llm.engine.args.vocab_size).allowed_tokens([matcher])  # (W,) int32
     assert mask.shape == ((llm.engine.args.vocab_size + 31) // 32,) and mask.dtype == torch.int32
     logits = torch.zeros(1, llm.engine.args.vocab_size)  # (1, V)
     apply_token_bitmask(logits, [0], [mask])
@@ -74,13 +74,14 @@ def test_the_first_mask_allows_only_the_start_of_an_object(llm):
 def test_the_sampler_never_picks_a_masked_token_whatever_the_bias(llm):
     """Greedy and seeded rows, with +100 on "x" (which cannot start JSON): every pick is one its matcher accepts."""
     compiler = GrammarCompiler(llm.tokenizer, llm.engine.args.vocab_size)
+    masks = GrammarMasks(llm.engine.args.vocab_size)
     x = llm.tokenizer.encode("x", add_special_tokens=False)[0]
     params = [SamplingParams(temperature=0, logit_bias={x: 100.0}), SamplingParams(temperature=1.0, logit_bias={x: 100.0})]
     for seed in range(6):
         matchers = [compiler.matcher(StructuredOutputs(json_schema=SCHEMA)) for _ in params]
         for step in range(12):
             logits = torch.randn(2, llm.engine.args.vocab_size, generator=torch.Generator().manual_seed(seed * 100 + step))
-            contexts = [RowContext(allowed_tokens=m.allowed_tokens()) for m in matchers]
+            contexts = [RowContext(allowed_tokens=mask) for mask in masks.allowed_tokens(matchers)]
             picks = sample(logits, params, [step, step], torch.Generator().manual_seed(seed), contexts)
             assert step > 0 or x not in picks
             for matcher, token in zip(matchers, picks):
