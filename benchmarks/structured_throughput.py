@@ -69,6 +69,10 @@ async def main() -> None:
                           {k: statistics.median(v) for k, v in rates.items()}}))
     finally:
         await engine.shutdown()
+        if args.tp > 1:
+            import ray
+
+            ray.shutdown()  # the local Ray the group started
 
 
 if __name__ == "__main__":
