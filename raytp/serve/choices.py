@@ -98,7 +98,7 @@ class ChoiceRenderer:
             return None
         if i not in self.tool_readers:
             template = self.tokenizer.chat_template if self.tokenizer is not None else None
-            self.tool_readers[i] = ToolCallReader(self.req.tools, self.req.effective_tool_choice, parser_for(template))
+            self.tool_readers[i] = ToolCallReader(self.req.effective_tool_choice, parser_for(template))
         return self.tool_readers[i]
 
     def _prompt_text(self, i: int, out: RequestOutput) -> str:

@@ -127,8 +127,8 @@ def parser_for(chat_template: str | None) -> HermesParser | Llama3JsonParser:
 class ToolCallReader:
     """One choice's tool calls under a tool_choice: from its whole text, or from its streamed text deltas."""
 
-    def __init__(self, tools: list[ChatTool], choice: str | NamedToolChoice, parser):
-        self.tools, self.choice, self.parser = tools, choice, parser
+    def __init__(self, choice: str | NamedToolChoice, parser: HermesParser | Llama3JsonParser):
+        self.choice, self.parser = choice, parser
         self._held = ""  # streamed text not sent yet: it may be (the start of) a call
         self._calling = False  # the stream has reached a call: everything from here is held to the end
         self._named_id: str | None = None

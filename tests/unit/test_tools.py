@@ -57,7 +57,7 @@ def test_the_template_picks_the_parser():
 def test_auto_streams_content_then_each_call_whole(parser, text):
     """Streamed a few characters at a time: the content before a call goes out as it comes (never a piece of
     the call marker), the calls once the answer is complete, each with its id and name."""
-    reader = ToolCallReader(TOOLS, "auto", parser)
+    reader = ToolCallReader("auto", parser)
     pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
     content, deltas = "", []
     for i, piece in enumerate(pieces):
@@ -70,7 +70,7 @@ def test_auto_streams_content_then_each_call_whole(parser, text):
 
 
 def test_auto_streams_plain_text_as_content():
-    reader = ToolCallReader(TOOLS, "auto", HermesParser())
+    reader = ToolCallReader("auto", HermesParser())
     out = [reader.delta(piece, last) for piece, last in (("Hello <", False), ("b>world", True))]
     assert "".join(c or "" for c, _ in out) == "Hello <b>world" and not any(d for _, d in out) and not reader.called
 
