@@ -1,8 +1,9 @@
 """raytp: elastic tensor-parallel LLM serving on Ray."""
 from raytp.sampling import SamplingParams
 from raytp.outputs import CompletionOutput, RequestOutput
+from raytp.structured import StructuredOutputs
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):

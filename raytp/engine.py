@@ -26,7 +26,8 @@ from raytp.kv_cache import KVCacheManager
 from raytp.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
 from raytp.tiny import resolve_model_path
 from raytp.tokenizer import Tokenizer
-from raytp.step import SeqStep, StepResult
+from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
+from raytp.structured import GrammarCompiler, GrammarError, GrammarMasks
 from raytp.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class EngineCore:
         self.requests: dict[str, RequestState] = {}
         self.scheduler: Scheduler | None = None
         self._previous_step: set[str] = set()  # request ids of the step sent last (see step.py on history)
+        self._grammars: GrammarCompiler | None = None  # built on the first structured-output request
+        self._grammar_masks: GrammarMasks | None = None
         self.supervisor = Supervisor(config, self.args, self.executor, self._use_new_kv_cache, metrics)
 
     # ---- the group (its policy is the supervisor's) ---------------------------------------
@@ -119,13 +122,26 @@ class EngineCore:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.tokenizer is not None:
             stop_ids |= set(self.tokenizer.eos_token_ids)
+        grammar = self._grammar_matcher(params)
         seq = Sequence(request_id, ids, params, prompt=text, stop_token_ids=frozenset(stop_ids))
         state = self.output_processor.new_request(seq)
+        state.grammar = grammar
         self.requests[request_id] = state
         self.scheduler.add(seq)
         if self.metrics:
             self.metrics.on_admitted(len(ids))
         return state
+
+    def _grammar_matcher(self, params: SamplingParams):
+        """The request's grammar matcher (None without structured_outputs); GrammarError if it cannot compile."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise GrammarError("structured outputs need the model's tokenizer, and this model has none")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size)
+            self._grammar_masks = GrammarMasks(self.args.vocab_size)
+        return self._grammars.matcher(params.structured_outputs)
 
     def abort(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
@@ -147,8 +163,23 @@ class EngineCore:
     def to_steps(self, batch: list[ScheduledSeq]) -> list[SeqStep]:
         """The step the ranks run next (called once per step, in the order steps are sent)."""
         steps = [self._to_step(s) for s in batch]
+        self._add_grammar_masks(batch, steps)
         self._previous_step = {s.seq.request_id for s in batch}
         return steps
+
+    def _add_grammar_masks(self, batch: list[ScheduledSeq], steps: list[SeqStep]) -> None:
+        """Each row that samples for a request under a grammar gets its allowed tokens, all filled at once."""
+        rows, matchers = [], []
+        for i, s in enumerate(batch):
+            state = self.requests.get(s.seq.request_id)
+            if s.samples and state is not None and state.grammar is not None:
+                if PREVIOUS_TOKEN in s.token_ids:
+                    raise RuntimeError(f"{s.seq.request_id}: a grammar's mask needs the previous token, still in flight")
+                rows.append(i)
+                matchers.append(state.grammar)
+        if matchers:
+            for i, mask in zip(rows, self._grammar_masks.allowed_tokens(matchers)):
+                steps[i].allowed_tokens = mask
 
     def _to_step(self, s: ScheduledSeq) -> SeqStep:
         seq, params = s.seq, s.seq.params
@@ -188,6 +219,10 @@ class EngineCore:
             if state.logprobs is not None:
                 state.logprobs.append(sampled_logprobs[seq.request_id])
             self._record_token_time(state, now)
+            if state.grammar is not None and seq.status is not SeqStatus.FINISHED:
+                state.grammar.accept(token)
+                if state.grammar.done:  # the JSON is complete: nothing may follow it
+                    self.scheduler.finish(seq, "stop")
             stop = self.output_processor.add_token(state, token)
             if stop is not None:
                 self.scheduler.finish(seq, "stop", stop)
@@ -200,6 +235,15 @@ class EngineCore:
             self.metrics.on_step(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.blocks.usage(),
                                  result.collective_seconds, result.step_seconds)
         return outputs
+
+    def needs_tokens_first(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether a step in flight samples for a request under a grammar: its next mask needs that token, so the
+        step must be back before the next one is scheduled (no scheduling ahead while such requests run)."""
+        for s in batch:
+            state = self.requests.get(s.seq.request_id)
+            if s.samples and state is not None and state.grammar is not None:
+                return True
+        return False
 
     def _take_logprobs(self, batch: list[ScheduledSeq], result: StepResult) -> dict[str, TokenLogprob]:
         """Prompt logprobs go to their requests by position; returns the sampled tokens' by request id."""
@@ -365,8 +409,10 @@ class AsyncEngine:
                         except asyncio.TimeoutError:
                             pass
                         continue
-                # While a rebuild waits, no new step starts: the one in flight drains.
-                batch = core.schedule() if rebuild is None else []
+                # While a rebuild waits, no new step starts: the one in flight drains. So does a step whose
+                # tokens a grammar needs before the next step's masks can be made.
+                drain = rebuild is not None or (in_flight is not None and core.needs_tokens_first(in_flight[0]))
+                batch = core.schedule() if not drain else []
                 step = core.executor.submit(core.to_steps(batch)) if batch else None
                 previous, in_flight = in_flight, ((batch, step) if step is not None else None)
                 if previous is None:

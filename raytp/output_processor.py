@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from raytp.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from raytp.scheduler import Sequence, SeqStatus
+from raytp.structured import GrammarMatcher
 from raytp.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -25,6 +26,7 @@ class RequestState:
     last_token_time: float | None = None
     logprobs: list[TokenLogprob] | None = None  # one per output token (params.logprobs set)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # by prompt position (params.prompt_logprobs set)
+    grammar: GrammarMatcher | None = None  # params.structured_outputs set: where the output is in its grammar
 
     def prompt_logprobs_done(self) -> bool:
         return self.prompt_logprobs is None or all(lp is not None for lp in self.prompt_logprobs[1:])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raytp.outputs import TokenLogprob
+from raytp.structured import StructuredOutputs, apply_token_bitmask
 
 # Below this temperature sampling is greedy (argmax), as in vLLM.
 _GREEDY_EPS = 1e-5
@@ -39,6 +40,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: int | None = None  # the sampled token's logprob plus this many top ones
     prompt_logprobs: int | None = None  # each prompt token's logprob (the first: none) plus this many top ones
+    structured_outputs: StructuredOutputs | None = None  # the output must match this grammar (JSON schema / object)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,12 +84,14 @@ class SamplingParams:
 
 @dataclass
 class RowContext:
-    """What a row's sampling needs besides its params: its tokens so far (only when penalized) and the token ids
-    it may not sample (eos and stop_token_ids while min_tokens is not reached)."""
+    """What a row's sampling needs besides its params: its tokens so far (only when penalized), the token ids
+    it may not sample (eos and stop_token_ids while min_tokens is not reached) and, under a grammar, the packed
+    bitmask of the only tokens it may sample (structured.py)."""
 
     prompt_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     banned_ids: Collection[int] = ()
+    allowed_tokens: torch.Tensor | None = None  # (ceil(V / 32),) int32
 
 
 _NO_CONTEXT = RowContext()
@@ -136,13 +140,17 @@ def _bin_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
 
 def process_logits(logits: torch.Tensor, params: list[SamplingParams],
                    contexts: list[RowContext] | None = None) -> torch.Tensor:
-    """logits: (B, V) -> (B, V) float32 after min_tokens' ban, logit_bias and the penalties (vLLM's order and
-    formulas); the input is not changed. Only rows that ask for one of these pay for it."""
+    """logits: (B, V) -> (B, V) float32 after the grammar's mask, min_tokens' ban, logit_bias and the penalties
+    (vLLM's order and formulas); the input is not changed. Only rows that ask for one of these pay for it."""
     contexts = contexts if contexts is not None else [_NO_CONTEXT] * len(params)
-    if not any(c.banned_ids or p.logit_bias or p.penalized for p, c in zip(params, contexts)):
+    if not any(c.banned_ids or c.allowed_tokens is not None or p.logit_bias or p.penalized
+               for p, c in zip(params, contexts)):
         return logits.float()
     x = logits.float().clone()  # (B, V)
     device, vocab = x.device, x.shape[-1]
+    masked = [i for i, c in enumerate(contexts) if c.allowed_tokens is not None]
+    if masked:
+        apply_token_bitmask(x, masked, [contexts[i].allowed_tokens for i in masked])
     for i, (p, ctx) in enumerate(zip(params, contexts)):
         if ctx.banned_ids:
             x[i, list(ctx.banned_ids)] = float("-inf")

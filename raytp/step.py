@@ -11,10 +11,17 @@ penalized sequences of its previous step only (so nothing outlives its
 request); the engine sends `history` when a penalized sequence continues
 (start > 0) but was not in the previous step, which only happens to a prompt
 chunk that waited a step for budget. Decode steps send nothing extra.
+
+A request under a grammar (structured outputs, forced tool calls) gets its
+allowed tokens with each step that samples for it: the engine's matcher
+computes them from every token so far, so its next step is sent only once
+its previous token is back (AsyncEngine waits for the step in flight).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from raytp.outputs import TokenLogprob
 from raytp.sampling import SamplingParams
@@ -38,6 +45,9 @@ class SeqStep:
     banned_ids: tuple[int, ...] = ()  # may not be sampled now (min_tokens not reached: eos, stop_token_ids)
     prompt_logprobs: bool = False  # return the logprobs of the prompt tokens this chunk predicts
     lookahead: int | None = None  # with prompt_logprobs: the prompt token after token_ids, if any
+    # Under a grammar, when this step samples: (ceil(V / 32),) int32, bit b of word w allows token 32w + b. The
+    # engine fills it from the request's matcher, so such a row never carries PREVIOUS_TOKEN.
+    allowed_tokens: torch.Tensor | None = None
 
 
 @dataclass

@@ -132,15 +132,21 @@ class Tokenizer:
         """Number of ids the tokenizer can produce (base vocab plus added tokens)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def backend_json(self) -> str:
+        """The tokenizer as tokenizer.json text (with the added special tokens), for libraries that load it."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """Render a chat to the prompt text. Encode the result with add_special_tokens=False:
-        templates usually emit bos_token themselves."""
+        templates usually emit bos_token themselves. `tools`: OpenAI's tool definitions, for templates that
+        describe them to the model (HF's convention: the template variable `tools`, None without tools)."""
         if not self.chat_template:
             raise ValueError(
                 "this checkpoint has no chat template (no 'chat_template' in tokenizer_config.json and no "
@@ -149,7 +155,7 @@ class Tokenizer:
         if self._compiled_template is None:
             self._compiled_template = _compile_template(self.chat_template)
         return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.special_tokens)
+                                              tools=tools, **self.special_tokens)
 
 
 class IncrementalDetokenizer:

@@ -273,8 +273,8 @@ class TPWorker:
         return tokens, self._logprobs(seqs, ids, tokens, logits, hidden, meta.last_token_index)
 
     def _contexts(self, seqs: list[SeqStep], ids: list[list[int]]) -> list[RowContext] | None:
-        """Each row's tokens so far (penalized rows; kept for the next step) and banned ids; None if no row
-        needs either."""
+        """Each row's tokens so far (penalized rows; kept for the next step), banned ids and grammar mask; None if
+        no row needs any."""
         histories = {}
         for s, row in zip(seqs, ids):
             if s.params.penalized:
@@ -291,10 +291,12 @@ class TPWorker:
                 history.extend(row)
                 histories[s.request_id] = history
         self.histories = histories
-        if not histories and not any(s.banned_ids for s in seqs):
+        if not histories and not any(s.banned_ids or s.allowed_tokens is not None for s in seqs):
             return None
-        return [RowContext(histories[s.request_id][: s.prompt_len], histories[s.request_id][s.prompt_len :], s.banned_ids)
-                if s.request_id in histories else RowContext(banned_ids=s.banned_ids) for s in seqs]
+        return [RowContext(histories[s.request_id][: s.prompt_len], histories[s.request_id][s.prompt_len :], s.banned_ids,
+                           s.allowed_tokens)
+                if s.request_id in histories else RowContext(banned_ids=s.banned_ids, allowed_tokens=s.allowed_tokens)
+                for s in seqs]
 
     def _logprobs(self, seqs: list[SeqStep], ids: list[list[int]], tokens: list[int], logits: torch.Tensor,
                   hidden: torch.Tensor, last_index: torch.Tensor) -> StepLogprobs | None:

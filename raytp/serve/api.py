@@ -32,6 +32,8 @@ from raytp.sampling import SamplingParams
 from raytp.serve.guards import ApiKeyGuard, ConfiguredCORS
 from raytp.serve.choices import ChoiceRenderer, TokenStrings
 from raytp.serve.streaming import collect, sse, sse_events, start_requests
+from raytp.serve.tools import forced_call_grammar
+from raytp.structured import GrammarError, StructuredOutputs
 from raytp.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -81,7 +83,20 @@ def _logit_bias(req) -> dict[int, float]:
     return bias
 
 
-def sampling_params(req, max_tokens: int) -> SamplingParams:
+def structured_outputs(req) -> tuple[StructuredOutputs | None, str | None]:
+    """The grammar the request's answer must follow (a forced tool call's, or response_format's) and the field
+    it comes from (named by a 400 when it does not compile)."""
+    if isinstance(req, ChatCompletionRequest) and req.forces_tool_call:
+        return forced_call_grammar(req.tools, req.effective_tool_choice, req.parallel_tool_calls is not False), "tools"
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None, None
+    if fmt.type == "json_object":
+        return StructuredOutputs(json_object=True), "response_format"
+    return StructuredOutputs(json_schema=fmt.json_schema.schema_), "response_format"
+
+
+def sampling_params(req, max_tokens: int, structured: StructuredOutputs | None = None) -> SamplingParams:
     """The request's sampling fields (OpenAI's names, vLLM's extensions) -> SamplingParams."""
     logprobs = req.logprobs if isinstance(req, CompletionRequest) else (req.top_logprobs or 0) if req.logprobs else None
     try:
@@ -101,9 +116,16 @@ def sampling_params(req, max_tokens: int) -> SamplingParams:
             logit_bias=_logit_bias(req),
             logprobs=logprobs,
             prompt_logprobs=logprobs if getattr(req, "echo", False) and logprobs is not None else None,
+            structured_outputs=structured,
         )
     except ValueError as err:  # SamplingParams' messages start with the field's name
         raise _field_error(err, None) from None
+
+
+def _without_none(fields: dict) -> dict:
+    """A chat delta carries only what changed: no null fields, in its tool calls either."""
+    return {k: _without_none(v) if isinstance(v, dict) else [_without_none(x) for x in v] if isinstance(v, list) else v
+            for k, v in fields.items() if v is not None}
 
 
 def per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -177,13 +199,15 @@ class OpenAIServing:
         return requested
 
     @staticmethod
-    async def _start(engine, requests, base_id, param: str):
+    async def _start(engine, requests, base_id, param: str, grammar_param: str | None):
         from raytp.engine import EngineNotReady
 
         try:
             return await start_requests(engine, requests, base_id)
         except EngineNotReady as err:
             raise not_ready(str(err)) from None
+        except GrammarError as err:  # a malformed JSON schema
+            raise bad_request(f"{grammar_param}: {err}", grammar_param) from None
         except ValueError as err:  # the engine's checks of the prompt (token ids, length) and of token id fields
             raise _field_error(err, param) from None
 
@@ -215,19 +239,24 @@ class OpenAIServing:
     # -- POST /v1/chat/completions
 
     @staticmethod
-    def _chat_text(engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def _chat_text(engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                   tools: list[dict] | None = None) -> str:
         if engine.tokenizer is None:
             raise bad_request("this model has no tokenizer, so no chat template: use /v1/completions with token ids",
                               "messages")
         try:
-            return engine.tokenizer.apply_chat_template([m.for_template() for m in messages], add_generation_prompt)
+            return engine.tokenizer.apply_chat_template([m.for_template() for m in messages], add_generation_prompt,
+                                                        tools)
         except (ValueError, jinja2.TemplateError) as err:  # unknown role, no template, the template's own checks
             raise bad_request(f"the chat template rejected the messages: {err}", "messages") from None
 
     async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Response:
         engine = self.engine(req.model)
         self._check_supported(req)
-        ids = engine.tokenizer.encode(self._chat_text(engine, req.messages), add_special_tokens=False)  # BOS: template's
+        # With tool_choice none too (as vLLM by default): the model knows the tools, it just may not call them.
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        text = self._chat_text(engine, req.messages, tools=tools)
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)  # BOS: the template's
         return await self._generate(request, req, engine, [ids], req.requested_max_tokens, "messages", chat=True)
 
     # -- POST /tokenize, POST /detokenize (vLLM's)
@@ -260,11 +289,12 @@ class OpenAIServing:
     async def _generate(self, request: Request, req, engine: AsyncEngine, prompts: list[list[int]],
                         requested_max_tokens: int | None, prompt_param: str, chat: bool) -> Response:
         max_tokens = self._max_tokens(engine, [len(p) for p in prompts], requested_max_tokens, prompt_param)
-        params = sampling_params(req, max_tokens)
+        structured, grammar_param = structured_outputs(req)
+        params = sampling_params(req, max_tokens, structured)
         choice_params = per_choice(params, req.n)
         runs = [(ids, p) for ids in prompts for p in choice_params]  # choice i * n + j
         rid, created, model = random_id("chatcmpl" if chat else "cmpl"), now(), engine.model_name
-        started = await self._start(engine, runs, rid, prompt_param)
+        started = await self._start(engine, runs, rid, prompt_param, grammar_param)
         prompt_tokens = sum(len(p) for p in prompts)
         render = ChoiceRenderer(engine.tokenizer, req, chat)
 
@@ -292,7 +322,7 @@ class OpenAIServing:
                 exclude=None if include_usage else {"usage"})  # OpenAI: a usage field only with include_usage
             for ch in data["choices"]:
                 if "delta" in ch:  # chat deltas carry only what changed
-                    ch["delta"] = {k: v for k, v in ch["delta"].items() if v is not None}
+                    ch["delta"] = _without_none(ch["delta"])
             return sse(data)
 
         def tail(generated: int) -> str | None:

@@ -18,6 +18,7 @@ from raytp.serve.protocol import (
     DeltaMessage,
     TopLogprob,
 )
+from raytp.serve.tools import ToolCallReader, parser_for
 from raytp.tokenizer import Tokenizer
 
 
@@ -74,6 +75,11 @@ def chat_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: list[To
     return ChatLogprobs(content=content)
 
 
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """An answer that ended by itself in tool calls finished with "tool_calls" (OpenAI); "length" stays."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 class ChoiceRenderer:
     """Engine outputs -> OpenAI choices (whole, or the delta of a stream chunk) with echo, logprobs and token ids."""
 
@@ -85,6 +91,15 @@ class ChoiceRenderer:
         # echo shows a text prompt exactly as sent (token-id prompts are decoded).
         self.prompt_texts = [p if isinstance(p, str) else None for p in req.prompt_items()] if not chat else []
         self.sent_chars: dict[int, int] = {}  # choice -> characters of its text sent (text_offset of the next token)
+        self.tool_readers: dict[int, ToolCallReader] = {}  # chat with tools (tool_choice not none): by choice
+
+    def _tool_reader(self, i: int) -> ToolCallReader | None:
+        if not self.chat or not self.req.tools or self.req.effective_tool_choice == "none":
+            return None
+        if i not in self.tool_readers:
+            template = self.tokenizer.chat_template if self.tokenizer is not None else None
+            self.tool_readers[i] = ToolCallReader(self.req.effective_tool_choice, parser_for(template))
+        return self.tool_readers[i]
 
     def _prompt_text(self, i: int, out: RequestOutput) -> str:
         text = self.prompt_texts[i // self.req.n]
@@ -97,8 +112,11 @@ class ChoiceRenderer:
         token_ids = c.token_ids if self.req.return_token_ids else None
         if self.chat:
             logprobs = chat_logprobs(self.strings, c.token_ids, c.logprobs) if c.logprobs is not None else None
-            return ChatChoice(index=i, message=AssistantMessage(content=c.text), logprobs=logprobs,
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason, token_ids=token_ids)
+            reader = self._tool_reader(i)
+            content, calls = reader.final(c.text) if reader is not None else (c.text, [])
+            return ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls), logprobs=logprobs,
+                              finish_reason=_finish_reason(c.finish_reason, bool(calls)), stop_reason=c.stop_reason,
+                              token_ids=token_ids)
         return self._completion_choice(i, out, c.text, c.token_ids, c.logprobs, True, token_ids)
 
     def delta(self, i: int, out: RequestOutput):
@@ -108,8 +126,11 @@ class ChoiceRenderer:
         token_ids = new if self.req.return_token_ids else None
         if self.chat:
             logprobs = chat_logprobs(self.strings, new, new_logprobs) if new_logprobs is not None else None
-            return ChatStreamChoice(index=i, delta=DeltaMessage(content=out.delta_text or None), logprobs=logprobs,
-                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason, token_ids=token_ids)
+            reader = self._tool_reader(i)
+            content, calls = reader.delta(out.delta_text, out.finished) if reader is not None else (out.delta_text, [])
+            return ChatStreamChoice(index=i, delta=DeltaMessage(content=content or None, tool_calls=calls or None),
+                                    logprobs=logprobs, stop_reason=c.stop_reason, token_ids=token_ids,
+                                    finish_reason=_finish_reason(c.finish_reason, reader is not None and reader.called))
         first = i not in self.sent_chars
         return self._completion_choice(i, out, out.delta_text, new, new_logprobs, first, token_ids)
 

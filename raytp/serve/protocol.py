@@ -15,6 +15,7 @@ them, with examples). Errors are `APIError`s carrying OpenAI's error body;
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -93,6 +94,57 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with empty choices and the usage.")
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(description="The schema's name.")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="A JSON schema.")
+    strict: bool | None = Field(default=None, description="Always enforced here: the output follows the schema.")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), any JSON object, or JSON valid against a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of the arguments object.")
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice naming one function: the answer is a call of it."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
@@ -128,6 +180,10 @@ class _SamplingFields(BaseModel):
                                                "[-100, 100] added to its logit before sampling.")
     return_token_ids: bool = Field(default=False, description="vLLM extension: each choice carries its token_ids, "
                                    "the response its prompt_token_ids.")
+    response_format: ResponseFormat | None = Field(default=None, description="`{\"type\": \"json_object\"}` or "
+                                                   "`{\"type\": \"json_schema\", \"json_schema\": {\"name\", "
+                                                   "\"schema\"}}`: the output is JSON (valid against the schema), "
+                                                   "enforced token by token. On completions too, as in vLLM.")
     user: str | None = None
 
     @property
@@ -188,6 +244,8 @@ class ChatMessage(BaseModel):
     )
     content: str | list[TextContentPart] | None = Field(default=None, description="Text, or a list of text parts.")
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, description="An assistant's earlier tool calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool message: the call it answers.")
 
     def text(self) -> str:
         if self.content is None:
@@ -197,7 +255,23 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
     def for_template(self) -> dict:
-        return {"role": self.role, "content": self.text(), **({"name": self.name} if self.name else {})}
+        out = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tool_calls:  # templates read the arguments as an object (HF's convention), OpenAI sends a string
+            out["tool_calls"] = [_call_for_template(c) for c in self.tool_calls]
+        return out
+
+
+def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except ValueError:
+            pass  # not JSON: the template gets the string
+    return {**call, "function": function}
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -216,19 +290,37 @@ class ChatCompletionRequest(_SamplingFields):
                            "model's distribution before temperature, penalties and bias.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: also the N likeliest "
                                      "tokens at each position (0-20).")
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = Field(default=None, description="Functions the model may call; passed to the "
+                                         "chat template as `tools`.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="none: no calls; auto (the default with tools): the model decides, its calls are "
+        "parsed from its output; required: one or more calls, forced by a grammar; a named function: one call of it.")
+    parallel_tool_calls: bool | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = []
         if self.top_logprobs and not self.logprobs:
             out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
-        if self.tools:
-            out.append(("tools", "tools are not supported"))
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            out.append(("response_format", "only response_format {'type': 'text'} is supported"))
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            out.append(("tool_choice", "tool_choice needs tools"))
+        names = {t.function.name for t in self.tools or []}
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            out.append(("tool_choice", f"tool_choice names the function {self.tool_choice.function.name!r}, which "
+                        f"is not among the tools ({', '.join(sorted(names))})"))
+        if self.forces_tool_call and self.response_format is not None and self.response_format.type != "text":
+            out.append(("response_format", "response_format cannot be combined with a forced tool call"))
         return out
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: auto with tools, none without."""
+        if not self.tools:
+            return "none"
+        return self.tool_choice if self.tool_choice is not None else "auto"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.effective_tool_choice not in ("none", "auto")
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -355,10 +447,22 @@ class CompletionStreamResponse(_Response):
     usage: UsageInfo | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_Choice):
@@ -373,9 +477,24 @@ class ChatCompletionResponse(_Response):
     prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed tool call's piece: the first carries id, type and name; the next ones argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(_Choice):

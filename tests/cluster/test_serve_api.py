@@ -298,6 +298,10 @@ BAD_REQUESTS = [
     ("chat-too-long", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi " * 300}]}, 400,
      "messages", "context_length_exceeded"),
     ("stream-bad", "/v1/completions", {**GOOD, "stream": True, "max_tokens": 0}, 400, "max_tokens", None),
+    ("malformed-json-schema", "/v1/chat/completions", {**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format", None),
+    ("unknown-tool-choice", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+     "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice", None),
 ]
 
 
@@ -338,6 +342,30 @@ def test_openai_client_n_logprobs_echo_penalties(server, tokenizer):
                                           frequency_penalty=2.0, extra_body={"ignore_eos": True, "return_token_ids": True})
     ids = penalized.choices[0].token_ids
     assert len(ids) == 12 and max(ids.count(t) for t in ids) < 12
+
+
+def test_openai_client_structured_outputs_and_tool_calls(server):
+    """Through Serve and the TP=2 group (every rank applies the engine's grammar mask): parse() with a pydantic
+    model returns the object, and a forced tool call's arguments validate against the function's parameters."""
+    import jsonschema
+    import pydantic
+
+    class Forecast(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=10)
+        days: int = pydantic.Field(ge=1, le=7)
+        sunny: bool
+
+    client = server.client()
+    tools = [openai.pydantic_function_tool(Forecast, name="forecast")]  # a strict schema, as clients send it
+    parameters = tools[0]["function"]["parameters"]
+    for seed in range(3):
+        parsed = client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Forecast, seed=seed)
+        assert isinstance(parsed.choices[0].message.parsed, Forecast)
+        called = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools, seed=seed,
+                                                tool_choice={"type": "function", "function": {"name": "forecast"}})
+        (call,) = called.choices[0].message.tool_calls
+        assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "forecast"
+        jsonschema.validate(json.loads(call.function.arguments), parameters)
 
 
 def test_tokenize_detokenize_over_http(server, tokenizer):

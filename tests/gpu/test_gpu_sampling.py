@@ -32,3 +32,25 @@ def test_penalties_bias_ban_and_logprobs_on_cuda_equal_cpu():
     cpu_lp, gpu_lp = gather_logprobs(logits, tokens, 5), gather_logprobs(logits.cuda(), tokens, 5)
     for a, b in zip(cpu_lp, gpu_lp):
         assert abs(a.logprob - b.logprob) < 1e-4 and [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_grammar_mask_on_cuda_equals_cpu():
+    """The packed bitmask a step carries (CPU int32) is unpacked on the logits' device; the masked logits and the
+    tokens equal the CPU's, and only tokens the mask allows are sampled."""
+    from raytp.sampling import RowContext, process_logits
+    from raytp.structured import apply_token_bitmask, bitmask_words
+
+    vocab = 128256
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(2)) * 3  # (B, V) on the CPU
+    mask = torch.randint(-2**31, 2**31 - 1, (bitmask_words(vocab),), dtype=torch.int32,
+                         generator=torch.Generator().manual_seed(3))  # random allowed tokens
+    params = [SamplingParams(temperature=0.0, logit_bias={5: 100.0}), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0, seed=4)]
+    contexts = [RowContext(allowed_tokens=mask), RowContext(), RowContext(allowed_tokens=mask)]
+    on_cpu, on_gpu = process_logits(logits, params, contexts), process_logits(logits.cuda(), params, contexts)
+    assert torch.equal(on_gpu.cpu().isinf(), on_cpu.isinf()) and torch.allclose(on_gpu.cpu(), on_cpu)
+    allowed = torch.zeros(1, vocab)
+    apply_token_bitmask(allowed, [0], [mask])
+    tokens = sample(logits.cuda(), params, [0] * 3, torch.Generator(), contexts)
+    assert tokens == sample(logits, params, [0] * 3, torch.Generator(), contexts)
+    assert allowed[0, tokens[0]] == 0 and allowed[0, tokens[2]] == 0
