@@ -28,6 +28,21 @@
 
 namespace {
 
+// s[0..n) <- softmax(s[0..n)), in place (n >= 1). exp is vectorised (-ffast-math, libmvec).
+inline void softmax_(float* s, int64_t n) {
+  float mx = s[0];
+  for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+}
+
 // One query row, all its heads. Each key's (and value's) slot holds all KV heads
 // contiguously, so a row reads every slot it needs once, front to back.
 template <typename scalar_t>
@@ -60,19 +75,7 @@ void attend_row(const scalar_t* q,            // (H, D) this row's query heads
       scores[h * n + j] = dot * scale;
     }
   }
-  for (int64_t h = 0; h < H; ++h) {
-    float* s = scores.data() + h * n;
-    float mx = s[0];
-    for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = std::exp(s[j] - mx);
-      sum += s[j];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-  }
+  for (int64_t h = 0; h < H; ++h) softmax_(scores.data() + h * n, n);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t pos = first_key + j;
     const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
@@ -152,7 +155,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 // Row r is token i = r % M_pad at position p = num_keys - M + i, which sees keys max(0, p - window + 1) .. p;
 // a padding row (i >= M) sees every real key, so that it stays finite. Everything else becomes 0 (padding keys
 // included: they then add nothing to the output). Cheaper than masked_fill + softmax: one pass over the visible
-// keys, exp vectorised (-ffast-math, libmvec).
+// keys.
 void causal_softmax_(torch::Tensor scores, int64_t num_new, int64_t rows_per_head, int64_t num_keys,
                      int64_t window) {
   TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
@@ -166,17 +169,7 @@ void causal_softmax_(torch::Tensor scores, int64_t num_new, int64_t rows_per_hea
       float* s = base + r * L;
       const int64_t p = std::min(num_keys - num_new + r % rows_per_head, num_keys - 1);
       const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-      float mx = s[first];
-      for (int64_t j = first + 1; j <= p; ++j) mx = std::max(mx, s[j]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = first; j <= p; ++j) {
-        s[j] = std::exp(s[j] - mx);
-        sum += s[j];
-      }
-      const float inv = 1.f / sum;
-#pragma omp simd
-      for (int64_t j = first; j <= p; ++j) s[j] *= inv;
+      softmax_(s + first, p - first + 1);
       std::fill(s, s + first, 0.f);
       std::fill(s + p + 1, s + L, 0.f);
     }
