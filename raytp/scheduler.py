@@ -189,9 +189,9 @@ class Scheduler:
         """Send every running sequence back to be recomputed (the KV cache is gone or being replaced)."""
         for seq in sorted(self.running, key=lambda s: s.arrival_time, reverse=True):
             self._preempt(seq)
-        for seq in self.waiting:
+        for seq in self.waiting:  # (waiting sequences hold no blocks: _free_blocks cleared them)
             # Steps in flight are lost with the group: their tokens are computed again.
-            seq.block_table, seq.num_cached_blocks, seq.num_computed, seq.num_pending = [], 0, 0, 0
+            seq.num_pending = 0
 
     def reset_blocks(self, blocks: KVCacheManager) -> None:
         """Use a new, empty KV cache (after a rebuild); nothing may be running."""
