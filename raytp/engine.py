@@ -106,13 +106,11 @@ class EngineCore:
             text, ids = None, list(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.args.vocab_size}); got {bad[:5]}")
         vocab = self.args.vocab_size
+        if bad := self._not_token_ids(ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
+            if bad := self._not_token_ids(token_ids):
                 raise ValueError(f"{name} must hold token ids of this model, in [0, {vocab}); got {bad[:5]}")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
@@ -131,6 +129,10 @@ class EngineCore:
         if self.metrics:
             self.metrics.on_admitted(len(ids))
         return state
+
+    def _not_token_ids(self, ids) -> list:
+        """The entries of ids that are not token ids of this model."""
+        return [t for t in ids if not isinstance(t, int) or not 0 <= t < self.args.vocab_size]
 
     def _grammar_matcher(self, params: SamplingParams):
         """The request's grammar matcher (None without structured_outputs); GrammarError if it cannot compile."""
