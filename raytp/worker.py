@@ -209,8 +209,7 @@ class TPWorker:
         self.init_kv_cache(sum(len(s.block_table) for s in steps), block_size)
         scratch_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         torch.cuda.reset_peak_memory_stats()
-        self.execute(steps)
-        self.last_sampled = {}
+        self._run_throwaway(steps)
         peak_allocated = torch.cuda.max_memory_allocated() - scratch_bytes
         self.kv_cache = None
         torch.cuda.empty_cache()  # the step's activations go back to the device: `used` is the steady state
@@ -241,9 +240,14 @@ class TPWorker:
         per_seq = min(2, num_blocks)  # blocks per sequence: short ones, so attention stays cheap
         seq_len = per_seq * self.block_size
         num_seqs = max(1, min(num_tokens // seq_len, num_blocks // per_seq))
-        self.execute(throwaway_steps([seq_len] * num_seqs, self.block_size))
-        self.last_sampled, self.histories = {}, {}
+        self._run_throwaway(throwaway_steps([seq_len] * num_seqs, self.block_size))
         return time.perf_counter() - t0
+
+    def _run_throwaway(self, steps: list[SeqStep]) -> None:
+        """Run steps that belong to no request; the ranks then remember nothing of them (the step after a
+        throw-away one has no PREVIOUS_TOKEN to fill, and its histories were never penalized ones)."""
+        self.execute(steps)
+        self.last_sampled, self.histories = {}, {}
 
     # ---- the step ---------------------------------------------------------------
 
