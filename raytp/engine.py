@@ -20,6 +20,7 @@ from raytp.model.attention import prebuild as prebuild_attention
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
 from raytp.output_processor import OutputProcessor, RequestState
+from raytp.pacing import StepPacer
 from raytp.outputs import RequestOutput, TokenLogprob
 from raytp.sampling import SamplingParams
 from raytp.kv_cache import KVCacheManager
@@ -289,6 +290,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self.failed: str | None = None  # why the group cannot be rebuilt (a permanent error), once that happened
+        self.pacer = StepPacer()
 
     @property
     def model_name(self) -> str:
@@ -392,7 +394,8 @@ class AsyncEngine:
 
     async def _run(self) -> None:
         """The step loop. It sends step N+1 to the workers before it waits for step N's tokens (the workers then
-        go straight from one step to the next), and postprocesses and streams step N while N+1 runs."""
+        go straight from one step to the next), and postprocesses and streams step N while N+1 runs. It schedules
+        N+1 as late as that allows (the pacer), so that requests arriving while N runs are in it."""
         core = self.core
         in_flight: tuple[list[ScheduledSeq], Awaitable[StepResult]] | None = None
         while True:
@@ -414,8 +417,13 @@ class AsyncEngine:
                 # While a rebuild waits, no new step starts: the one in flight drains. So does a step whose
                 # tokens a grammar needs before the next step's masks can be made.
                 drain = rebuild is not None or (in_flight is not None and core.needs_tokens_first(in_flight[0]))
+                if in_flight is not None and not drain:
+                    # Requests that arrive meanwhile make it into the next step.
+                    await self.pacer.wait_for_slot(in_flight[1])
                 batch = core.schedule() if not drain else []
-                step = core.executor.submit(core.to_steps(batch)) if batch else None
+                step = asyncio.ensure_future(core.executor.submit(core.to_steps(batch))) if batch else None
+                if step is not None and in_flight is None:
+                    self.pacer.started(_num_tokens(batch))
                 previous, in_flight = in_flight, ((batch, step) if step is not None else None)
                 if previous is None:
                     if step is None:
@@ -427,8 +435,12 @@ class AsyncEngine:
                 except GroupFailure as err:
                     _discard(in_flight)
                     in_flight = None
+                    self.pacer.forget()
                     await self._rebuild(str(err))
                     continue
+                ended = self.pacer.finished()
+                if in_flight is not None:  # the ranks went on to it when this one ended
+                    self.pacer.started(_num_tokens(in_flight[0]), at=ended)
                 for out in core.postprocess(done_batch, result):
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
@@ -443,6 +455,7 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 _discard(in_flight)
                 in_flight = None
+                self.pacer.forget()
                 for rid, queue in list(self._queues.items()):
                     queue.put_nowait(RuntimeError(f"engine error: {err}"))
                     core.abort(rid)
@@ -484,6 +497,10 @@ class RequestStream:
         self._engine._queues.pop(self.request_id, None)
         if not self._finished:
             self._engine.core.abort(self.request_id)
+
+
+def _num_tokens(batch: list[ScheduledSeq]) -> int:
+    return sum(len(s.token_ids) for s in batch)
 
 
 def _discard(in_flight) -> None:

@@ -1,0 +1,79 @@
+"""StepPacer: when the step loop schedules the next step (a fake clock stands in for time)."""
+import asyncio
+
+import pytest
+
+from raytp.pacing import StepPacer, size_class
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_size_classes_are_powers_of_two():
+    assert [size_class(n) for n in (0, 1, 2, 3, 4, 7, 8, 255, 256)] == [1, 1, 2, 2, 3, 3, 4, 8, 9]
+
+
+def test_unknown_size_schedules_at_once_then_waits_until_margin_before_the_expected_end():
+    clock = Clock()
+    pacer = StepPacer(margin_s=0.004, clock=clock)
+    pacer.started(8)
+    assert pacer.slack() == 0.0  # nothing measured yet: schedule ahead at once, as without pacing
+    clock.now += 0.020
+    pacer.finished()
+    assert pacer.estimate(8) == pytest.approx(0.020)
+    assert pacer.estimate(9) == pytest.approx(0.020)  # same size class (8-15 tokens)
+    assert pacer.estimate(16) is None
+
+    pacer.started(9)
+    clock.now += 0.005
+    assert pacer.slack() == pytest.approx(0.020 - 0.004 - 0.005)
+    clock.now += 0.030  # overdue: schedule now
+    assert pacer.slack() == 0.0
+
+
+def test_estimates_follow_a_moving_duration_and_a_late_start():
+    clock = Clock()
+    pacer = StepPacer(margin_s=0.0, clock=clock)
+    for took in (0.010, 0.020, 0.020, 0.020, 0.020, 0.020, 0.020, 0.020):
+        pacer.started(4)
+        clock.now += took
+        pacer.finished()
+    assert 0.019 < pacer.estimate(4) < 0.020
+    # A step sent while another ran starts when that one ends, not when it was sent.
+    ended = clock.now
+    clock.now += 0.003
+    pacer.started(4, at=ended)
+    assert pacer.slack() == pytest.approx(pacer.estimate(4) - 0.003)
+
+
+def test_forget_learns_nothing():
+    clock = Clock()
+    pacer = StepPacer(clock=clock)
+    pacer.started(32)
+    clock.now += 5.0
+    pacer.forget()
+    pacer.finished()
+    assert pacer.estimate(32) is None and pacer.slack() == 0.0
+
+
+def test_wait_for_slot_returns_when_the_step_ends_before_the_estimate():
+    async def go():
+        clock = Clock()
+        pacer = StepPacer(margin_s=0.0, clock=clock)
+        pacer.started(16)
+        clock.now += 30.0
+        pacer.finished()
+        pacer.started(16)  # expected to take 30 s, by the fake clock that stands still
+        loop = asyncio.get_running_loop()
+        step = loop.create_future()
+        loop.call_later(0.05, step.set_result, "tokens")
+        t0 = loop.time()
+        await pacer.wait_for_slot(step)
+        assert step.done() and loop.time() - t0 < 5.0
+
+    asyncio.run(go())
