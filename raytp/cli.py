@@ -102,6 +102,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
 def _haproxy_missing() -> str | None:
@@ -132,9 +133,26 @@ def _choose_ingress(ingress: str) -> None:
             # default, 30 s, would hold Ctrl-C that long); the local HAProxy is told at once and retries refused
             # connections, and in-flight requests are drained either way.
             os.environ.setdefault(DRAIN_ENV, "1")
+            # HAProxy also serves its stats page and a Prometheus exporter, on all interfaces at fixed ports (8404,
+            # 9101) unless told otherwise: a second local Ray on this machine would fail to bind them.
+            unset = [name for name in HAPROXY_PORT_ENVS if name not in os.environ]
+            for name, port in zip(unset, _free_ports(len(unset))):
+                os.environ[name] = str(port)
             return
         _say(f"{missing}; HTTP goes through Serve's proxy instead")
     os.environ[HAPROXY_ENV] = "0"
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (the sockets stay open until all are picked)."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _serve_running() -> bool:

@@ -10,6 +10,8 @@ from raytp import cli
 def clean_env(monkeypatch):
     monkeypatch.delenv(cli.HAPROXY_ENV, raising=False)
     monkeypatch.delenv(cli.DRAIN_ENV, raising=False)
+    for name in cli.HAPROXY_PORT_ENVS:
+        monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
 
@@ -17,6 +19,8 @@ def test_haproxy_ingress_sets_serve_env_and_a_short_drain(clean_env):
     clean_env.setattr(cli, "_haproxy_missing", lambda: None)
     cli._choose_ingress("haproxy")
     assert os.environ[cli.HAPROXY_ENV] == "1" and os.environ[cli.DRAIN_ENV] == "1"
+    stats, metrics = (int(os.environ[name]) for name in cli.HAPROXY_PORT_ENVS)
+    assert stats != metrics and 8404 not in (stats, metrics) and 9101 not in (stats, metrics)
 
 
 def test_a_drain_period_the_user_set_is_kept(clean_env):
