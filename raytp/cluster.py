@@ -129,8 +129,13 @@ class TPGroup(Executor):
         return StepResult(tokens, max(r.collective_seconds for r in results),
                           max(r.step_seconds for r in results), results[0].logprobs)
 
+    def _send(self, seqs: list[SeqStep]) -> list:
+        # Without task events: steps come tens of times a second, and each one's events would cost the caller, the
+        # rank and the GCS (which would keep up to 100k of them) for a task table nobody reads.
+        return [w.execute.options(enable_task_events=False).remote(seqs) for w in self.workers]
+
     def execute(self, seqs: list[SeqStep]) -> StepResult:
-        refs = [w.execute.remote(seqs) for w in self.workers]
+        refs = self._send(seqs)
         deadline = time.monotonic() + self.config.step_timeout_s
         pending = list(refs)
         try:
@@ -147,7 +152,7 @@ class TPGroup(Executor):
 
     def submit(self, seqs: list[SeqStep]):
         # The calls go out now; each actor runs its calls in the order they were sent.
-        refs = [w.execute.remote(seqs) for w in self.workers]
+        refs = self._send(seqs)
         return asyncio.ensure_future(self._gather(refs))
 
     async def _gather(self, refs) -> StepResult:
