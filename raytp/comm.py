@@ -16,6 +16,7 @@ place where it can, returning the result tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import mmap
 import os
@@ -72,9 +73,16 @@ class SingleRank(Communicator):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports free on host right now (the sockets stay open until all are picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 @dataclass(frozen=True)

@@ -44,21 +44,11 @@ def choose_ingress(ingress: str, say: Callable[[str], None] = print) -> None:
             os.environ.setdefault(DRAIN_ENV, "1")
             # HAProxy also serves its stats page and a Prometheus exporter, on all interfaces at fixed ports (8404,
             # 9101) unless told otherwise: a second local Ray on this machine would fail to bind them.
+            from raytp.comm import free_ports  # here: raytp.comm imports torch, which `raytp --help` need not load
+
             unset = [name for name in HAPROXY_PORT_ENVS if name not in os.environ]
-            for name, port in zip(unset, _free_ports(len(unset))):
+            for name, port in zip(unset, free_ports(len(unset), host="")):  # HAProxy binds all interfaces
                 os.environ[name] = str(port)
             return
         say(f"{missing}; HTTP goes through Serve's proxy instead")
     os.environ[HAPROXY_ENV] = "0"
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (the sockets stay open until all are picked)."""
-    import contextlib
-    import socket
-
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("", 0))
-        return [sock.getsockname()[1] for sock in socks]
