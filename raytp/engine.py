@@ -422,8 +422,8 @@ class AsyncEngine:
                     await self.pacer.wait_for_slot(in_flight[1])
                 batch = core.schedule() if not drain else []
                 step = asyncio.ensure_future(core.executor.submit(core.to_steps(batch))) if batch else None
-                if step is not None and in_flight is None:
-                    self.pacer.started(_num_tokens(batch))
+                if step is not None:
+                    self.pacer.sent(sum(len(s.token_ids) for s in batch))
                 previous, in_flight = in_flight, ((batch, step) if step is not None else None)
                 if previous is None:
                     if step is None:
@@ -438,9 +438,7 @@ class AsyncEngine:
                     self.pacer.forget()
                     await self._rebuild(str(err))
                     continue
-                ended = self.pacer.finished()
-                if in_flight is not None:  # the ranks went on to it when this one ended
-                    self.pacer.started(_num_tokens(in_flight[0]), at=ended)
+                self.pacer.done()
                 for out in core.postprocess(done_batch, result):
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
@@ -497,10 +495,6 @@ class RequestStream:
         self._engine._queues.pop(self.request_id, None)
         if not self._finished:
             self._engine.core.abort(self.request_id)
-
-
-def _num_tokens(batch: list[ScheduledSeq]) -> int:
-    return sum(len(s.token_ids) for s in batch)
 
 
 def _discard(in_flight) -> None:

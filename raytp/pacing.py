@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable
+from collections import deque
 
 # What the next step needs before the ranks can start it: scheduling, the send to every rank and their unpacking
 # (~1 ms in-process, 1-3 ms through Ray on CPU). Ranks that wait this long for a step lose as much as they would
@@ -30,47 +30,51 @@ def size_class(num_tokens: int) -> int:
 
 
 class StepPacer:
-    """Measures how long steps take on the ranks and says how long the loop may wait before scheduling the next."""
+    """Measures how long steps take on the ranks and says how long the loop may wait before scheduling the next.
+
+    The loop tells it when it sends a step and when a step's result is back; which step the ranks are on, and since
+    when, follows: a step sent while none is out starts when sent, one sent behind another when that one's result
+    is back."""
 
     def __init__(self, margin_s: float = DEFAULT_MARGIN_S, clock=time.monotonic):
         self.margin_s, self._clock = margin_s, clock
         self._seconds: dict[int, float] = {}  # size class -> smoothed duration
-        self._running: tuple[int, float] | None = None  # (tokens, start) of the step the ranks are on
+        self._sent: deque[int] = deque()  # token counts of the steps sent and not back, oldest (running) first
+        self._running_since: float | None = None
 
     def estimate(self, num_tokens: int) -> float | None:
         return self._seconds.get(size_class(num_tokens))
 
-    def started(self, num_tokens: int, at: float | None = None) -> None:
-        """The ranks began a step of num_tokens tokens (when it was sent, or when the one before it ended)."""
-        self._running = (num_tokens, self._clock() if at is None else at)
+    def sent(self, num_tokens: int) -> None:
+        """The loop sent a step of num_tokens tokens to the ranks."""
+        if not self._sent:
+            self._running_since = self._clock()
+        self._sent.append(num_tokens)
 
-    def finished(self, at: float | None = None) -> float:
-        """The running step's result is here: learn its duration. Returns the time, to start the next one at."""
-        now = self._clock() if at is None else at
-        if self._running is not None:
-            tokens, start = self._running
-            k, took = size_class(tokens), now - start
-            old = self._seconds.get(k)
-            self._seconds[k] = took if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * took
-            self._running = None
-        return now
+    def done(self) -> None:
+        """The oldest step's result is here: learn its duration; the ranks went on to the next one, if sent."""
+        now = self._clock()
+        k, took = size_class(self._sent.popleft()), now - self._running_since
+        old = self._seconds.get(k)
+        self._seconds[k] = took if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * took
+        self._running_since = now if self._sent else None
 
     def forget(self) -> None:
-        """The running step was discarded (its group failed): nothing to learn from it."""
-        self._running = None
+        """The steps sent were discarded (their group failed): nothing to learn from them."""
+        self._sent.clear()
+        self._running_since = None
 
     def slack(self) -> float:
         """Seconds the loop can still wait before scheduling the next step (0: schedule now)."""
-        if self._running is None:
+        if not self._sent:
             return 0.0
-        tokens, start = self._running
-        expected = self.estimate(tokens)
+        expected = self.estimate(self._sent[0])
         if expected is None:
             return 0.0
-        return max(0.0, start + expected - self.margin_s - self._clock())
+        return max(0.0, self._running_since + expected - self.margin_s - self._clock())
 
-    async def wait_for_slot(self, running: Awaitable) -> None:
+    async def wait_for_slot(self, running: asyncio.Future) -> None:
         """Wait until the running step is about to end, or ended."""
         delay = self.slack()
         if delay > 0:
-            await asyncio.wait({asyncio.ensure_future(running)}, timeout=delay)
+            await asyncio.wait({running}, timeout=delay)

@@ -21,15 +21,15 @@ def test_size_classes_are_powers_of_two():
 def test_unknown_size_schedules_at_once_then_waits_until_margin_before_the_expected_end():
     clock = Clock()
     pacer = StepPacer(margin_s=0.004, clock=clock)
-    pacer.started(8)
+    pacer.sent(8)
     assert pacer.slack() == 0.0  # nothing measured yet: schedule ahead at once, as without pacing
     clock.now += 0.020
-    pacer.finished()
+    pacer.done()
     assert pacer.estimate(8) == pytest.approx(0.020)
     assert pacer.estimate(9) == pytest.approx(0.020)  # same size class (8-15 tokens)
     assert pacer.estimate(16) is None
 
-    pacer.started(9)
+    pacer.sent(9)
     clock.now += 0.005
     assert pacer.slack() == pytest.approx(0.020 - 0.004 - 0.005)
     clock.now += 0.030  # overdue: schedule now
@@ -40,24 +40,27 @@ def test_estimates_follow_a_moving_duration_and_a_late_start():
     clock = Clock()
     pacer = StepPacer(margin_s=0.0, clock=clock)
     for took in (0.010, 0.020, 0.020, 0.020, 0.020, 0.020, 0.020, 0.020):
-        pacer.started(4)
+        pacer.sent(4)
         clock.now += took
-        pacer.finished()
+        pacer.done()
     assert 0.019 < pacer.estimate(4) < 0.020
     # A step sent while another ran starts when that one ends, not when it was sent.
-    ended = clock.now
+    pacer.sent(4)
+    clock.now += 0.002
+    pacer.sent(4)  # sent ahead, 2 ms into the running step
+    clock.now += 0.018
+    pacer.done()  # the first one is back: the ranks are on the second from now
     clock.now += 0.003
-    pacer.started(4, at=ended)
     assert pacer.slack() == pytest.approx(pacer.estimate(4) - 0.003)
 
 
 def test_forget_learns_nothing():
     clock = Clock()
     pacer = StepPacer(clock=clock)
-    pacer.started(32)
+    pacer.sent(32)
+    pacer.sent(32)
     clock.now += 5.0
     pacer.forget()
-    pacer.finished()
     assert pacer.estimate(32) is None and pacer.slack() == 0.0
 
 
@@ -65,10 +68,10 @@ def test_wait_for_slot_returns_when_the_step_ends_before_the_estimate():
     async def go():
         clock = Clock()
         pacer = StepPacer(margin_s=0.0, clock=clock)
-        pacer.started(16)
+        pacer.sent(16)
         clock.now += 30.0
-        pacer.finished()
-        pacer.started(16)  # expected to take 30 s, by the fake clock that stands still
+        pacer.done()
+        pacer.sent(16)  # expected to take 30 s, by the fake clock that stands still
         loop = asyncio.get_running_loop()
         step = loop.create_future()
         loop.call_later(0.05, step.set_result, "tokens")
