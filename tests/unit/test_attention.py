@@ -48,6 +48,29 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_
     assert err < tol
 
 
+
+@pytest.mark.parametrize("head_dim", [32, 64, 48], ids=["d32", "d64", "d48"])
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window):
+    """Sequences that share a cached prefix's blocks (what prefix caching hands out), with decode rows and a short
+    chunk after it, beside a sequence of its own: the op computes rows that share blocks together."""
+    reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
+    prefix = [9, 2, 14, 5, 11]  # 20 cached tokens
+    chunks = [
+        SeqChunk(20, 1, prefix + [0]),
+        SeqChunk(37, 1, prefix + [7, 3, 12, 1, 16]),
+        SeqChunk(20, 5, prefix + [4, 15]),
+        SeqChunk(17, 1, [8, 6, 10, 13, 17]),
+        SeqChunk(23, 1, prefix + [18]),
+    ]
+    gen = torch.Generator().manual_seed(head_dim)
+    T = sum(c.num_new for c in chunks)
+    q, k, v = (torch.randn(T, n, head_dim, generator=gen) for n in (8, 4, 4))
+    cache = torch.randn(2, 19 * BLOCK_SIZE, 4, head_dim, generator=gen)
+    outs = [backend.forward(q, k, v, cache.clone(), build_metadata(chunks, BLOCK_SIZE, CPU, window), 0.1)
+            for backend in (reference, fast)]
+    assert (outs[1] - outs[0]).abs().max().item() < 2e-6
+
 def test_window_and_prefix_change_the_result():
     """The cases above would pass trivially if the window or the cached prefix were ignored by both backends."""
     fast = select_backend("cpu", "cpu")

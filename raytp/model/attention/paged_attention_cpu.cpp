@@ -23,6 +23,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <vector>
 
@@ -43,29 +47,149 @@ inline void softmax_(float* s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
 }
 
-// One query row, all its heads. Each key's (and value's) slot holds all KV heads
-// contiguously, so a row reads every slot it needs once, front to back.
+// The cache slot of each of a row's keys first_key .. last_key, block by block (no division per key).
+inline void key_slots(const int32_t* table, int64_t block_size, int64_t first_key, int64_t last_key,
+                      std::vector<int64_t>& slots) {
+  slots.resize(last_key - first_key + 1);
+  int64_t j = 0;
+  for (int64_t pos = first_key; pos <= last_key;) {
+    const int64_t block = pos / block_size, offset = pos % block_size;
+    const int64_t base = static_cast<int64_t>(table[block]) * block_size;
+    const int64_t take = std::min(block_size - offset, last_key - pos + 1);
+    for (int64_t t = 0; t < take; ++t) slots[j++] = base + offset + t;
+    pos += take;
+  }
+}
+
+// A query row of the step: its place in q and out, its sequence's block table, and the keys it sees.
+struct Row {
+  int64_t index;         // row in q and out
+  const int32_t* table;  // its sequence's block table
+  int64_t first_key, last_key;
+};
+
+#if defined(__AVX512F__)
+// r[i] = sum of v[i]'s 16 lanes, for 16 vectors at once: three rounds of pairwise shuffles and adds (45
+// instructions), instead of a full horizontal reduction per dot product.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 a[8], b[4];
+  // The rounds below leave u[4m+k]'s sum in element 4k+m, so they take v in the transposed order u[4m+k] = v[4k+m].
+  auto u = [v](int i) { return v[4 * (i % 4) + i / 4]; };
+  for (int i = 0; i < 8; ++i) {  // 256-bit halves: a[i] holds u[2i]'s 8 partial sums, then u[2i+1]'s
+    const __m512 x = u(2 * i), y = u(2 * i + 1);
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes: b[i]'s lane k holds u[4i+k]'s 4 partial sums
+    const __m512 x = a[2 * i], y = a[2 * i + 1];
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  // Within lane k, unpack and shuffle sum b[0..3]'s partials: element 4k+m is b[m]'s lane k, u[4m+k] = v[4k+m].
+  const __m512 c01 = _mm512_add_ps(_mm512_unpacklo_ps(b[0], b[1]), _mm512_unpackhi_ps(b[0], b[1]));
+  const __m512 c23 = _mm512_add_ps(_mm512_unpacklo_ps(b[2], b[3]), _mm512_unpackhi_ps(b[2], b[3]));
+  return _mm512_add_ps(_mm512_shuffle_ps(c01, c23, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_shuffle_ps(c01, c23, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+// Float32 rows whose sequences share their first cache block (a cached prefix, or one sequence's chunk), all heads,
+// head_dim = 16 * NC. The passes go key tile by key tile, and within a tile row by row, so that rows
+// reading the same blocks find them in L1 instead of streaming the shared prefix once per row. Scores for 16 keys
+// at a time (a dot product per key and head, summed 16 at once), an exact softmax per row, then the weighted sum
+// of values accumulated in out.
+template <int NC>
+void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float* k_cache, const float* v_cache,
+                         int64_t block_size, int64_t H, int64_t Hkv, float scale,
+                         std::vector<std::vector<int64_t>>& slots,   // scratch: each row's key slots
+                         std::vector<std::vector<float>>& scores,    // scratch: each row's (H, keys) scores
+                         float* out) {
+  constexpr int64_t D = 16 * NC;
+  // Keys per tile of the values' pass: one KV head's values for 64 keys are 16 KiB at head_dim 64, so a group's
+  // rows share them in L1, and a row's accumulators go through memory once per 64 keys.
+  constexpr int64_t kValueTile = 64;
+  const int64_t G = H / Hkv, slot_stride = Hkv * D;
+  slots.resize(R);
+  scores.resize(R);
+  int64_t longest = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    key_slots(rows[r].table, block_size, rows[r].first_key, rows[r].last_key, slots[r]);
+    scores[r].resize(H * slots[r].size());
+    longest = std::max<int64_t>(longest, slots[r].size());
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < longest; j0 += 16) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t n = slots[r].size();
+      if (j0 >= n) continue;
+      const int64_t m = std::min<int64_t>(16, n - j0);
+      const float* keys[16];
+      for (int64_t t = 0; t < 16; ++t) keys[t] = k_cache + slots[r][j0 + std::min(t, m - 1)] * slot_stride;
+      const float* qr = q + rows[r].index * H * D;
+      for (int64_t h = 0; h < H; ++h) {
+        __m512 qh[NC], dots[16];
+        for (int c = 0; c < NC; ++c) qh[c] = _mm512_loadu_ps(qr + h * D + 16 * c);
+        const int64_t head_offset = (h / G) * D;
+        for (int t = 0; t < 16; ++t) {
+          const float* k = keys[t] + head_offset;
+          __m512 acc = _mm512_mul_ps(qh[0], _mm512_loadu_ps(k));
+          for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(qh[c], _mm512_loadu_ps(k + 16 * c), acc);
+          dots[t] = acc;
+        }
+        _mm512_mask_storeu_ps(scores[r].data() + h * n + j0, static_cast<__mmask16>((1u << m) - 1),
+                              _mm512_mul_ps(sum_lanes16(dots), vscale));
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = slots[r].size();
+    for (int64_t h = 0; h < H; ++h) softmax_(scores[r].data() + h * n, n);
+    std::fill(out + rows[r].index * H * D, out + (rows[r].index + 1) * H * D, 0.f);
+  }
+  // Two query heads of the same KV head at a time (one when G is odd): each value is read once per pair, and the
+  // pair's 2 * NC accumulators are independent chains of FMAs.
+  const int64_t pair = G % 2 == 0 ? 2 : 1;
+  for (int64_t h = 0; h < H; h += pair) {
+    const float* v_head = v_cache + (h / G) * D;
+    for (int64_t j0 = 0; j0 < longest; j0 += kValueTile) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t n = slots[r].size();
+        if (j0 >= n) continue;
+        float* o0 = out + (rows[r].index * H + h) * D;
+        float* o1 = o0 + (pair - 1) * D;
+        const float* p0 = scores[r].data() + h * n;
+        const float* p1 = p0 + (pair - 1) * n;
+        __m512 a0[NC], a1[NC];
+        for (int c = 0; c < NC; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
+        for (int64_t j = j0; j < std::min<int64_t>(j0 + kValueTile, n); ++j) {
+          const float* v = v_head + slots[r][j] * slot_stride;
+          const __m512 w0 = _mm512_set1_ps(p0[j]), w1 = _mm512_set1_ps(p1[j]);
+          for (int c = 0; c < NC; ++c) {
+            const __m512 vc = _mm512_loadu_ps(v + 16 * c);
+            a0[c] = _mm512_fmadd_ps(w0, vc, a0[c]);
+            a1[c] = _mm512_fmadd_ps(w1, vc, a1[c]);
+          }
+        }
+        for (int c = 0; c < NC; ++c) {
+          _mm512_storeu_ps(o0 + 16 * c, _mm512_add_ps(_mm512_loadu_ps(o0 + 16 * c), a0[c]));
+          if (pair == 2) _mm512_storeu_ps(o1 + 16 * c, _mm512_add_ps(_mm512_loadu_ps(o1 + 16 * c), a1[c]));
+        }
+      }
+    }
+  }
+}
+#endif
+
+// One query row, all its heads, any dtype and head_dim: plain loops the compiler vectorises over head_dim.
 template <typename scalar_t>
-void attend_row(const scalar_t* q,            // (H, D) this row's query heads
-                const scalar_t* k_cache,      // (slots, Hkv, D)
-                const scalar_t* v_cache,      // (slots, Hkv, D)
-                const int32_t* table, int64_t block_size, int64_t first_key, int64_t last_key,
-                int64_t H, int64_t Hkv, int64_t D, float scale,
-                std::vector<float>& scores,  // scratch (H * keys)
-                std::vector<float>& acc,     // scratch (H * D)
-                std::vector<float>& qf,      // scratch (H * D)
-                scalar_t* out) {             // (H, D)
-  const int64_t n = last_key - first_key + 1;  // >= 1: a query always sees itself
-  const int64_t G = H / Hkv;                   // query heads per KV head (GQA)
-  scores.resize(H * n);
+void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* slots,
+                        int64_t n, int64_t H, int64_t Hkv, int64_t D, float scale, float* scores,
+                        std::vector<float>& acc, std::vector<float>& qf, scalar_t* out) {
+  const int64_t G = H / Hkv;  // query heads per KV head (GQA)
   acc.assign(H * D, 0.f);
   qf.resize(H * D);
   for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(q[i]);
-
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = first_key + j;
-    const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
-    const scalar_t* kslot = k_cache + slot * Hkv * D;
+    const scalar_t* kslot = k_cache + slots[j] * Hkv * D;
     for (int64_t h = 0; h < H; ++h) {
       const float* qh = qf.data() + h * D;
       const scalar_t* krow = kslot + (h / G) * D;
@@ -75,11 +199,9 @@ void attend_row(const scalar_t* q,            // (H, D) this row's query heads
       scores[h * n + j] = dot * scale;
     }
   }
-  for (int64_t h = 0; h < H; ++h) softmax_(scores.data() + h * n, n);
+  for (int64_t h = 0; h < H; ++h) softmax_(scores + h * n, n);
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = first_key + j;
-    const int64_t slot = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
-    const scalar_t* vslot = v_cache + slot * Hkv * D;
+    const scalar_t* vslot = v_cache + slots[j] * Hkv * D;
     for (int64_t h = 0; h < H; ++h) {
       const float p = scores[h * n + j];
       const scalar_t* vrow = vslot + (h / G) * D;
@@ -89,6 +211,38 @@ void attend_row(const scalar_t* q,            // (H, D) this row's query heads
     }
   }
   for (int64_t i = 0; i < H * D; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+}
+
+// A group of rows (see attend_group_avx512): the AVX-512 kernel for float32 and head_dim a multiple of 16 up to
+// 128, else the generic one row by row.
+template <typename scalar_t>
+void attend_group(const Row* rows, int64_t R, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                  int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
+                  std::vector<std::vector<int64_t>>& slots, std::vector<std::vector<float>>& scores,
+                  std::vector<float>& acc, std::vector<float>& qf, scalar_t* out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    switch (D) {
+#define RAYTP_GROUP(NC)                                                                                       \
+  case 16 * NC:                                                                                              \
+    return attend_group_avx512<NC>(rows, R, q, k_cache, v_cache, block_size, H, Hkv, scale, slots, scores, out);
+      RAYTP_GROUP(1) RAYTP_GROUP(2) RAYTP_GROUP(3) RAYTP_GROUP(4)
+      RAYTP_GROUP(5) RAYTP_GROUP(6) RAYTP_GROUP(7) RAYTP_GROUP(8)
+#undef RAYTP_GROUP
+      default:
+        break;
+    }
+  }
+#endif
+  slots.resize(1);
+  scores.resize(1);
+  for (int64_t r = 0; r < R; ++r) {
+    key_slots(rows[r].table, block_size, rows[r].first_key, rows[r].last_key, slots[0]);
+    const int64_t n = slots[0].size();
+    scores[0].resize(H * n);
+    attend_row_generic<scalar_t>(q + rows[r].index * H * D, k_cache, v_cache, slots[0].data(), n, H, Hkv, D, scale,
+                                 scores[0].data(), acc, qf, out + rows[r].index * H * D);
+  }
 }
 
 }  // namespace
@@ -112,37 +266,45 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int64_t max_blocks = block_tables.size(1);
   auto out = torch::empty_like(q);
 
-  // Row -> sequence, so that work items can be split evenly across threads.
+  // The rows this call computes, grouped by their sequence's first cache block (rows of one sequence, and
+  // sequences that share a cached prefix, go together); groups are the work items split across threads.
   const int32_t* qs = query_start.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
   skip = skip.contiguous();
   const bool* skipped = skip.data_ptr<bool>();
-  std::vector<int32_t> rows, row_seq;  // the rows this call computes, and each one's sequence
-  rows.reserve(T);
-  row_seq.reserve(T);
-  for (int64_t b = 0; b < B; ++b) {
-    if (skipped[b]) continue;
+  std::vector<int64_t> seqs;  // the sequences computed here, ordered by first block
+  for (int64_t b = 0; b < B; ++b)
+    if (!skipped[b]) seqs.push_back(b);
+  std::stable_sort(seqs.begin(), seqs.end(),
+                   [&](int64_t a, int64_t b) { return tables[a * max_blocks] < tables[b * max_blocks]; });
+  std::vector<Row> rows;
+  std::vector<int64_t> group_start;  // group g is rows[group_start[g] .. group_start[g + 1])
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const int64_t b = seqs[i];
+    if (i == 0 || tables[b * max_blocks] != tables[seqs[i - 1] * max_blocks]) group_start.push_back(rows.size());
+    const int64_t num_new = qs[b + 1] - qs[b];
     for (int64_t r = qs[b]; r < qs[b + 1]; ++r) {
-      rows.push_back(static_cast<int32_t>(r));
-      row_seq.push_back(static_cast<int32_t>(b));
+      const int64_t pos = lens[b] - num_new + (r - qs[b]);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      rows.push_back(Row{r, tables + b * max_blocks, first, pos});
     }
   }
+  group_start.push_back(rows.size());
+  const int64_t num_groups = static_cast<int64_t>(group_start.size()) - 1;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
-    const int32_t* tables = block_tables.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, acc, qf;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t row = rows[i], b = row_seq[i];
-        const int64_t num_new = qs[b + 1] - qs[b];
-        const int64_t pos = lens[b] - num_new + (row - qs[b]);
-        const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-        attend_row<scalar_t>(qp + row * H * D, kp, vp, tables + b * max_blocks, block_size, first, pos, H, Hkv, D,
-                             static_cast<float>(scale), scores, acc, qf, op + row * H * D);
+    at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<std::vector<int64_t>> slots;
+      std::vector<std::vector<float>> scores;
+      std::vector<float> acc, qf;
+      for (int64_t g = begin; g < end; ++g) {
+        attend_group<scalar_t>(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qp, kp, vp,
+                               block_size, H, Hkv, D, static_cast<float>(scale), slots, scores, acc, qf, op);
       }
     });
   });
