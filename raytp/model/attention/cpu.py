@@ -3,13 +3,12 @@ chunks.
 
 No library offers variable-length paged attention on the CPU for plain torch
 (SDPA needs the keys gathered into padded batches, FlexAttention needs
-torch.compile per shape), so paged_attention_cpu.cpp does it in about a hundred
+torch.compile per shape), so paged_attention_cpu.cpp does it in a few hundred
 lines: one call per layer for a step's decode rows and short chunks, GQA and
-sliding windows included. It computes row by row, reading every key once per
-query row; a long prompt chunk instead gathers its context once and runs
-through oneDNN's GEMMs, which reuse each key across all its queries (a
-256-token chunk at 1,792 tokens of context: 9.5 ms per layer against 37 ms
-row by row). It is built once per
+sliding windows included. It computes row by row (rows that share their first
+cache block, key tile by key tile, so a shared prefix is read once); a long
+prompt chunk instead gathers its context once and runs through oneDNN's
+GEMMs, which reuse each key across all its queries. It is built once per
 machine with torch's C++ extension loader (g++ and ninja) and cached on disk,
 so a restarted rank loads it in milliseconds; the build directory is keyed by
 the source, the flags and the CPU's instruction set, since it is compiled for
@@ -112,10 +111,10 @@ def long_chunks(meta: AttentionMetadata, min_rows: int, min_pairs: int) -> tuple
 
 class CpuPagedAttention(AttentionBackend):
     name = "cpu"
-    # Which chunks go through GEMMs: measured on one core (2-vCPU EPYC, fp32, 8 heads / 4 KV heads of 64), the
-    # row-by-row op wins below ~16k query-key pairs or 8 new tokens (16 tokens at 800 of context: 1.5 ms against
-    # 1.6); above, GEMMs win more and more (256 at 1,792: 9.5 ms against 37).
-    gemm_min_rows = 8
+    # Which chunks go through GEMMs: measured on one core (2-vCPU EPYC, fp32, 8 heads / 4 KV heads of 64), the op
+    # (AVX-512, a chunk's rows sharing each key tile) wins below ~64 new tokens: 32 at 800 of context 0.67 ms
+    # against 0.88, at 1,800 1.6 against 1.7; from 64 up it is even or behind (256 at 1,800: 14 ms against 9.5-14).
+    gemm_min_rows = 64
     gemm_min_pairs = 16384
 
     def __init__(self):

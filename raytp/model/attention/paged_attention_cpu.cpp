@@ -61,6 +61,9 @@ inline void key_slots(const int32_t* table, int64_t block_size, int64_t first_ke
   }
 }
 
+// Rows computed together at most (see paged_attention).
+constexpr int64_t kMaxGroupRows = 16;
+
 // A query row of the step: its place in q and out, its sequence's block table, and the keys it sees.
 struct Row {
   int64_t index;         // row in q and out
@@ -285,6 +288,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     if (i == 0 || tables[b * max_blocks] != tables[seqs[i - 1] * max_blocks]) group_start.push_back(rows.size());
     const int64_t num_new = qs[b + 1] - qs[b];
     for (int64_t r = qs[b]; r < qs[b + 1]; ++r) {
+      // A group holds at most kMaxGroupRows rows, so that its rows' scores stay in L2.
+      if (static_cast<int64_t>(rows.size()) - group_start.back() == kMaxGroupRows) group_start.push_back(rows.size());
       const int64_t pos = lens[b] - num_new + (r - qs[b]);
       const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
       rows.push_back(Row{r, tables + b * max_blocks, first, pos});
