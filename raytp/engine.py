@@ -80,7 +80,8 @@ class EngineCore:
         blocks = KVCacheManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         if self.scheduler is None:
             budget = self.config.resolved_max_num_batched_tokens()
-            self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len)
+            self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len,
+                                       self.args.attention_cost_per_pair(), self.args.sliding_window)
         else:
             self.scheduler.reset_blocks(blocks)
 

@@ -80,12 +80,17 @@ class PrefixCacheStats:
 
 class Scheduler:
     def __init__(self, blocks: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, attention_cost: float = 0.0, sliding_window: int | None = None):
         self.blocks = blocks
         self.prefix_stats = PrefixCacheStats()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # A prompt chunk's token costs 1 + attention_cost * (keys it attends to) of the step's budget
+        # (ModelArgs.attention_cost_per_pair), so that a chunk deep into a long prompt is shorter and the step
+        # that carries it, with every running stream's next token, takes no longer than one near its start.
+        self.attention_cost = attention_cost
+        self.sliding_window = sliding_window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -218,12 +223,34 @@ class Scheduler:
             seq.num_pending += 1
         return sched
 
+    def _chunk_cost(self, context: int, n: int) -> float:
+        """Budget that n prompt tokens after `context` computed ones use: n, plus their query-key pairs at
+        attention_cost each (causal: on average a token sees context + (n + 1) / 2 keys; at most sliding_window)."""
+        keys = context + (n + 1) / 2
+        if self.sliding_window is not None:
+            keys = min(keys, self.sliding_window)
+        return n * (1 + self.attention_cost * keys)
+
+    def _chunk_len(self, context: int, remaining: int, budget: float) -> int:
+        """The longest chunk of the `remaining` prompt tokens after `context` that fits `budget` (at least one
+        token, so that a prompt longer than any budget still makes progress): a binary search, the cost growing
+        with n."""
+        low, high = 1, max(1, min(remaining, int(budget)))
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._chunk_cost(context, mid) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
     def schedule(self) -> list[ScheduledSeq]:
         """The next step: decode rows first, then prompt chunks within the token budget.
 
         A prompt (or a preempted sequence's recompute) longer than what is left
         of `max_num_batched_tokens` is computed in chunks over several steps;
-        only its last chunk samples a token.
+        only its last chunk samples a token. A chunk's tokens cost the budget
+        more the longer the context they attend to (_chunk_cost).
         """
         batch: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens
@@ -245,21 +272,21 @@ class Scheduler:
         #    blocks, the latest arrival is preempted (as for decodes): chunks holding blocks must not wait on
         #    each other forever.
         for seq in running:
-            if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed <= 1 or budget <= 0:
+            if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed <= 1 or budget < 1:
                 continue
-            n = min(len(seq) - seq.num_computed, budget)
+            n = self._chunk_len(seq.num_computed, len(seq) - seq.num_computed, budget)
             if self._allocate_or_preempt(seq, seq.num_computed + n):
                 batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n],
                                              seq.num_computed))
-                budget -= n
+                budget -= self._chunk_cost(seq.num_computed - n, n)
         # 3. Admission: waiting sequences first come, first served, while the budget, the batch size and the
         #    free blocks allow; the last one admitted may start with a chunk of its prompt.
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+        while self.waiting and len(self.running) < self.max_num_seqs and budget >= 1:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while a step in flight samples its token: recompute once it is known
             self._use_cached_prefix(seq)
-            n = min(len(seq) - seq.num_computed, budget)
+            n = self._chunk_len(seq.num_computed, len(seq) - seq.num_computed, budget)
             if not self._grow_blocks(seq, seq.num_computed + n):
                 self._free_blocks(seq)  # the prefix it found stays cached
                 break
@@ -270,6 +297,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
+            cost = self._chunk_cost(seq.num_computed, n)
             batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed))
-            budget -= n
+            budget -= cost
         return batch

@@ -90,6 +90,40 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode():
     assert long.num_computed == 40 and len(long.block_table) == 10 and len(short.output_token_ids) == 3
 
 
+
+def test_chunks_shorten_as_their_context_grows():
+    """With attention counted (here a query-key pair costs 1/256 of a token), a chunk of n tokens after c costs
+    n * (1 + (c + (n + 1) / 2) / 256). Beside a decode row, 63 of the 64 budget are left: 56 tokens at context 0
+    (cost 62.2; 57 would cost 63.5), then 47 at context 56 (61.7; 48: 63.1)."""
+    sched = Scheduler(KVCacheManager(64, 4), 4, 64, attention_cost=1 / 256)
+    short, long = make_seq("short", 3, 0.0), make_seq("long", 200, 1.0)
+    sched.add(short)
+    batch = sched.schedule()
+    advance(sched, batch)
+    sched.add(long)
+    chunks = []
+    while long.num_computed < 200:
+        batch = sched.schedule()
+        chunks += [(s.start, len(s.token_ids)) for s in batch if s.seq is long]
+        advance(sched, batch)
+    assert chunks[:2] == [(0, 56), (56, 47)]
+    lengths = [n for _, n in chunks]
+    assert sum(lengths) == 200 and lengths[:-1] == sorted(lengths[:-1], reverse=True)
+
+
+def test_sliding_window_caps_the_context_a_chunk_pays_for():
+    sched = Scheduler(KVCacheManager(64, 4), 4, 64, attention_cost=1 / 256, sliding_window=8)
+    long = make_seq("long", 200, 0.0)
+    sched.add(long)
+    lengths = []
+    while long.num_computed < 200:
+        batch = sched.schedule()
+        lengths.append(len(batch[0].token_ids))
+        advance(sched, batch)
+    # A token sees at most 8 keys: n * (1 + 8 / 256) <= 64 -> 62 at every context (without the window, the
+    # chunks would shrink: 57, then 48, ...).
+    assert lengths[:4] == [62, 62, 62, 14]
+
 def test_chunk_is_scheduled_ahead_like_a_decode():
     """Steps are sent ahead: a chunk's continuation needs no token from the step in flight."""
     sched = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=8)
@@ -311,3 +345,14 @@ def test_chunked_prompts_short_of_blocks_do_not_wait_on_each_other():
         advance(sched, batch)
     assert not sched.has_work()
     assert a.finish_reason == b.finish_reason == "length" and b.num_preemptions >= 1
+
+
+def test_attention_cost_per_pair_of_the_bench_model():
+    """bench-58m's shape (hidden 512, 8 heads / 4 KV heads of 64, MLP 1536): a token's linear layers do
+    512 * (2 * 512 + 2 * 256) + 3 * 512 * 1536 = 3,145,728 multiply-adds per layer, a query-key pair 2 * 512."""
+    from raytp.model.llama import ModelArgs
+    from raytp.random_checkpoint import llama_config
+
+    args = ModelArgs.from_hf_config(llama_config(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4,
+                                                 vocab=32000, bos_id=1, eos_id=2))
+    assert args.attention_cost_per_pair() == pytest.approx(1 / 3072)
