@@ -418,8 +418,9 @@ class AsyncEngine:
                 # While a rebuild waits, no new step starts: the one in flight drains. So does a step whose
                 # tokens a grammar needs before the next step's masks can be made.
                 drain = rebuild is not None or (in_flight is not None and core.needs_tokens_first(in_flight[0]))
-                if in_flight is not None and not drain:
-                    # Requests that arrive meanwhile make it into the next step.
+                if in_flight is not None and not drain and core.scheduler.has_room_for_arrivals():
+                    # Requests that arrive meanwhile make it into the next step. (When they could not, because
+                    # others wait ahead of them or the batch is full, waiting would only idle the ranks.)
                     await self.pacer.wait_for_slot(in_flight[1])
                 batch = core.schedule() if not drain else []
                 step = asyncio.ensure_future(core.executor.submit(core.to_steps(batch))) if batch else None

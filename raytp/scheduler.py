@@ -100,6 +100,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_room_for_arrivals(self) -> bool:
+        """Whether a request arriving now could be in the next step: none waits ahead of it and the batch has room."""
+        return not self.waiting and len(self.running) < self.max_num_seqs
+
     def finish(self, seq: Sequence, reason: str = "abort", stop_reason: str | int | None = None) -> None:
         """A finished or aborted sequence leaves the queues and frees its blocks at once.
 

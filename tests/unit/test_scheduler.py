@@ -56,6 +56,22 @@ def test_admission_respects_max_num_seqs():
     assert names(sched.schedule()) == ["s1", "s2", "s3"]
 
 
+
+def test_room_for_arrivals_means_nobody_waits_and_the_batch_has_room():
+    """What the step loop asks before it holds the next step back for requests that may arrive meanwhile."""
+    sched = make_scheduler(max_num_seqs=2)
+    assert sched.has_room_for_arrivals()
+    for i in range(3):
+        sched.add(make_seq(f"s{i}", 4, float(i)))
+    assert not sched.has_room_for_arrivals()  # three wait
+    advance(sched, sched.schedule())
+    assert not sched.has_room_for_arrivals()  # two run (the batch is full), one waits
+    sched.finish(sched.running[0])
+    advance(sched, sched.schedule())  # the third is admitted
+    assert not sched.has_room_for_arrivals()
+    sched.finish(sched.running[0])
+    assert sched.has_room_for_arrivals()
+
 def test_admission_respects_token_budget():
     sched = make_scheduler(max_num_batched_tokens=20)
     for i in range(3):
