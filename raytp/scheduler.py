@@ -280,9 +280,10 @@ class Scheduler:
                 continue
             n = self._chunk_len(seq.num_computed, len(seq) - seq.num_computed, budget)
             if self._allocate_or_preempt(seq, seq.num_computed + n):
+                cost = self._chunk_cost(seq.num_computed, n)
                 batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n],
                                              seq.num_computed))
-                budget -= self._chunk_cost(seq.num_computed - n, n)
+                budget -= cost
         # 3. Admission: waiting sequences first come, first served, while the budget, the batch size and the
         #    free blocks allow; the last one admitted may start with a chunk of its prompt.
         while self.waiting and len(self.running) < self.max_num_seqs and budget >= 1:

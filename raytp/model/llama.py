@@ -97,6 +97,7 @@ class ModelArgs:
         linear = self.hidden_size * (2 * q + 2 * kv) + 3 * self.hidden_size * self.intermediate_size
         return 2 * q / linear
 
+
 @dataclass(frozen=True)
 class TPLayout:
     """Which heads and rows rank `rank` of `world` owns."""
