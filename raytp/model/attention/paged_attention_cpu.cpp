@@ -15,12 +15,13 @@
 // Work items are groups of query rows whose sequences share their first cache
 // block (one sequence's chunk; sequences on a cached prefix), at most 16 rows,
 // all heads at once. A cache slot holds every KV head of its token
-// contiguously; a group goes over its keys tile by tile, and within a tile row
-// by row, so rows that read the same blocks find them in L1 (GQA heads share
-// their KV head's row). Per row: scores in one pass, then a softmax, then the
-// weighted sum of values (exact, no online rescaling). Float32 on AVX-512 has
-// its own kernel (attend_group_avx512); everything else runs plain loops over
-// head_dim, the contiguous axis, that the compiler vectorises. It is built with
+// contiguously (GQA heads share their KV head's row). Per row: scores in one
+// pass, then a softmax, then the weighted sum of values (exact, no online
+// rescaling). Float32 on AVX-512 has its own kernel (attend_group_avx512),
+// which goes over a group's keys tile by tile, and within a tile row by row,
+// so rows that read the same blocks find them in L1; everything else runs the
+// group row by row, in plain loops over head_dim, the contiguous axis, that
+// the compiler vectorises. It is built with
 // -ffast-math (reassociated sums vectorise, exp comes from libmvec): safe here
 // because only real keys are visited, so no score is ever infinite or NaN.
 #include <torch/extension.h>
