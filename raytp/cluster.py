@@ -1,7 +1,7 @@
 """TPGroup: one tensor-parallel group on Ray.
 
 A STRICT_PACK placement group with one bundle per rank puts every rank on one
-node; one TPWorker actor per bundle; rank 0 makes the rendezvous (gloo
+node; one TPWorkerActor per bundle; rank 0 makes the rendezvous (gloo
 address or NCCL unique id) and it reaches the other ranks as an argument of
 their init call. Every wait has a timeout: nothing here hangs.
 """
@@ -20,7 +20,7 @@ from raytp.config import EngineConfig
 from raytp.executor import (Executor, GroupFailure, PlacementError, choose_num_kv_blocks, profile_seq_lens,
                             warm_up_tokens)
 from raytp.step import SeqStep, StepResult
-from raytp.worker import TPWorker
+from raytp.worker_actor import MAX_CONCURRENT_CALLS, TPWorkerActor
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class TPGroup(Executor):
         self.pg = None
         self.workers: list = []
         self.tp_size, self.num_kv_blocks = 0, 0
+        self.steps_sent = 0  # steps sent to the current workers: the next one's number
+        self.rebuilding = False  # started before: requests may be waiting for this start
 
     # ---- building ----------------------------------------------------------------
 
@@ -68,9 +70,11 @@ class TPGroup(Executor):
         timeout = self.config.init_timeout_s
         self._place(tp_size)
         try:
-            actor = ray.remote(TPWorker)
+            actor = ray.remote(TPWorkerActor)
+            self.steps_sent = 0
             self.workers = [
                 actor.options(
+                    max_concurrency=MAX_CONCURRENT_CALLS,
                     num_cpus=self.config.cpus_per_rank,
                     num_gpus=1 if self.device == "cuda" else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
@@ -102,7 +106,8 @@ class TPGroup(Executor):
             self.num_kv_blocks = choose_num_kv_blocks(self.config, self.max_model_len, capacity)
             ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
             warm_tokens = warm_up_tokens(self.config)
-            warm = ray.get([w.warm_up.remote(warm_tokens) for w in self.workers], timeout=timeout)
+            kernels_up_to_seqs = 0 if self.rebuilding else self.config.max_num_seqs
+            warm = ray.get([w.warm_up.remote(warm_tokens, kernels_up_to_seqs) for w in self.workers], timeout=timeout)
             log.info("TP group warmed up with one %d-token step in %.2fs", warm_tokens, max(warm))
         except BaseException as err:
             self.shutdown()
@@ -111,7 +116,7 @@ class TPGroup(Executor):
             if isinstance(err, (RayActorError, WorkerCrashedError)):  # a rank died while starting: worth a retry
                 raise GroupFailure(f"a rank of the TP group of {tp_size} died while starting: {err}") from err
             raise  # anything a rank raised itself (a bad checkpoint, a KV cache too small) is permanent
-        self.tp_size = tp_size
+        self.tp_size, self.rebuilding = tp_size, True
         log.info("TP group ready: tp=%d, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.num_kv_blocks, bs,
                  time.monotonic() - t0)
 
@@ -126,13 +131,15 @@ class TPGroup(Executor):
             if r.token_ids != tokens:
                 raise RuntimeError(f"TP rank {rank} sampled {r.token_ids} where rank 0 sampled {tokens}")
         # The ranks wait for each other in every collective: the slowest rank's time is the step's.
-        return StepResult(tokens, max(r.collective_seconds for r in results),
-                          max(r.step_seconds for r in results), results[0].logprobs)
+        leads = [r.lead_seconds for r in results]
+        return StepResult(tokens, max(r.collective_seconds for r in results), max(r.step_seconds for r in results),
+                          results[0].logprobs, None if None in leads else min(leads))  # the last rank to get it
 
     def _send(self, seqs: list[SeqStep]) -> list:
         # Without task events: steps come tens of times a second, and each one's events would cost the caller, the
         # rank and the GCS (which would keep up to 100k of them) for a task table nobody reads.
-        return [w.execute.options(enable_task_events=False).remote(seqs) for w in self.workers]
+        number, self.steps_sent = self.steps_sent, self.steps_sent + 1
+        return [w.run_step.options(enable_task_events=False).remote(number, seqs) for w in self.workers]
 
     def execute(self, seqs: list[SeqStep]) -> StepResult:
         refs = self._send(seqs)

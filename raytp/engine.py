@@ -440,7 +440,7 @@ class AsyncEngine:
                     self.pacer.forget()
                     await self._rebuild(str(err))
                     continue
-                self.pacer.done()
+                self.pacer.done(result.lead_seconds)
                 for out in core.postprocess(done_batch, result):
                     queue = self._queues.get(out.request_id)
                     if queue is not None:

@@ -124,7 +124,7 @@ class LocalExecutor(Executor):
         capacity = w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))
         self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, capacity)
         w.init_kv_cache(self.num_kv_blocks, cfg.block_size)
-        w.warm_up(warm_up_tokens(cfg))
+        w.warm_up(warm_up_tokens(cfg), kernels_up_to_seqs=cfg.max_num_seqs)
         self.worker = w
 
     def execute(self, seqs):

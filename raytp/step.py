@@ -64,3 +64,6 @@ class StepResult:
     collective_seconds: float  # time this rank spent inside TP collectives during the step
     step_seconds: float
     logprobs: StepLogprobs | None = None  # only when some sequence asked
+    # How long before the rank's previous step ended this one reached it (< 0: the rank waited for it); None where
+    # steps are not sent ahead through a transport (the in-process executor).
+    lead_seconds: float | None = None

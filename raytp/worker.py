@@ -6,8 +6,8 @@ meet the other ranks'), and sample the next tokens. Every rank samples (the
 logits are all-gathered, so every rank gets the same tokens) and remembers
 them, because the engine may already have sent the next step with
 PREVIOUS_TOKEN in place of tokens it has not seen yet. The class is
-plain Python: cluster.py runs it as a Ray actor (processes named
-`ray::TPWorker`); benchmarks and GPU tests run it in-process at TP=1.
+plain Python: cluster.py runs it as a Ray actor (TPWorkerActor, processes named
+`ray::TPWorkerActor`); benchmarks and GPU tests run it in-process at TP=1.
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from raytp.comm import (
     create_shm_rendezvous,
     free_port,
 )
-from raytp.cpu_binding import bind_rank
 from raytp.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
 from raytp.memory import MemoryProfile
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
+from raytp.model.layers import build_gemm_kernels
 from raytp.model.loader import DTYPES, load_model, weight_bytes
 from raytp.sampling import RowContext, SamplingParams, gather_logprobs, sample
 from raytp.step import PREVIOUS_TOKEN, SeqStep, StepLogprobs, StepResult
@@ -109,9 +109,9 @@ def throwaway_steps(seq_lens: list[int], block_size: int) -> list[SeqStep]:
 
 
 class TPWorker:
-    def __init__(self, rank: int, world_size: int, device: str, dtype: str, seed: int = 0, num_threads: int | None = None,
-                 bind_cores: bool = False):
+    def __init__(self, rank: int, world_size: int, device: str, dtype: str, seed: int = 0, num_threads: int | None = None):
         self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
+        self.num_threads = num_threads
         self.cuda_index: int | None = None
         self.stream: torch.cuda.Stream | None = None
         if device == "cuda":
@@ -120,8 +120,6 @@ class TPWorker:
             # stream syncs with every other stream and cannot be captured in a CUDA graph.
             self.stream = torch.cuda.Stream()
         elif num_threads:
-            if bind_cores:  # before torch starts its thread pool, which inherits the binding
-                bind_rank(num_threads)
             torch.set_num_threads(num_threads)
         self.comm: TimedCommunicator | None = None
         self.model = None
@@ -225,15 +223,21 @@ class TPWorker:
         if self.stream is not None:
             torch.cuda.synchronize()  # weights and cache were written on the default stream; steps read them on self.stream
 
-    def warm_up(self, num_tokens: int) -> float:
-        """Run one throw-away step of `num_tokens` tokens (short sequences), like a big prefill step.
+    def warm_up(self, num_tokens: int, kernels_up_to_seqs: int = 0) -> float:
+        """Run one throw-away step of `num_tokens` tokens (short sequences), like a big prefill step; with
+        kernels_up_to_seqs, then have oneDNN build the GEMM kernels of every step size up to num_tokens tokens and
+        that many sequences (CPU).
 
         The first step at a new size pays for memory first touched and GEMM
         kernels built for its shapes (on CPU a first 512-token step took twice
         as long as the next one); paying it here keeps it out of the first
-        requests' latency. Every rank runs it together (its collectives meet).
-        The K/V it writes land in blocks that are free: a block is always
-        written before it is read. Returns the seconds it took.
+        requests' latency. Building every size's kernels costs more (0.67 s
+        for bench-58m at 256 tokens and 32 sequences, half of it the LM head's
+        GEMMs) than the ~0.13 s it saves the first burst of 32 requests, so a
+        group rebuilt while requests wait for it skips that part. Every rank
+        runs it together (its collectives meet). The K/V it writes land in
+        blocks that are free: a block is always written before it is read.
+        Returns the seconds it took.
         """
         t0 = time.perf_counter()
         num_blocks = self.kv_cache.shape[2] // self.block_size
@@ -241,6 +245,8 @@ class TPWorker:
         seq_len = per_seq * self.block_size
         num_seqs = max(1, min(num_tokens // seq_len, num_blocks // per_seq))
         self._run_throwaway(throwaway_steps([seq_len] * num_seqs, self.block_size))
+        if kernels_up_to_seqs:
+            build_gemm_kernels(self.model, num_tokens, kernels_up_to_seqs)
         return time.perf_counter() - t0
 
     def _run_throwaway(self, steps: list[SeqStep]) -> None:

@@ -35,6 +35,29 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def row_buckets(max_rows: int) -> list[int]:
+    """The row counts packed GEMMs run at for 1..max_rows rows."""
+    return sorted({padded_rows(rows) for rows in range(1, max_rows + 1)})
+
+
+def build_gemm_kernels(model: nn.Module, max_rows: int, max_head_rows: int) -> None:
+    """Have oneDNN build the kernel of every packed GEMM a step of up to max_rows tokens (and max_head_rows
+    sequences, the LM head's rows) can run: one GEMM per weight shape and row bucket (layers share kernels).
+
+    Built on first use instead, a decode batch of a size not seen yet paid ~3 ms for its kernels (bench-58m), and
+    a first burst of 32 requests meets ~40 new sizes.
+    """
+    kernels = {}  # (LM head?, weight shape, bias in the GEMM?) -> (a module, that bias)
+    for m in model.modules():
+        if isinstance(m, PackableLinear) and m.packed is not None:
+            bias = m.bias if isinstance(m, ColumnParallelLinear) else None  # as their forward() calls matmul
+            kernels.setdefault((isinstance(m, ParallelLMHead), tuple(m.weight.shape), bias is not None), (m, bias))
+    with torch.inference_mode():
+        for (is_head, (_, in_features), _), (m, bias) in kernels.items():
+            for rows in row_buckets(max_head_rows if is_head else max_rows):
+                m.matmul(m.weight.new_zeros(rows, in_features), bias)  # the GEMM alone: no collective
+
+
 def onednn_linear_available(dtype: torch.dtype) -> bool:
     """Whether this torch can run CPU linears through oneDNN with packed weights in `dtype`."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):

@@ -349,6 +349,9 @@ void causal_softmax_(torch::Tensor scores, int64_t num_new, int64_t rows_per_hea
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "varlen paged attention over a block KV cache (CPU)");
-  m.def("causal_softmax_", &causal_softmax_, "in-place causal (sliding-window) softmax of a chunk's scores");
+  // Without the GIL while they run (they touch no Python object): a rank's Ray threads unpickle the next step meanwhile.
+  m.def("paged_attention", &paged_attention, "varlen paged attention over a block KV cache (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("causal_softmax_", &causal_softmax_, "in-place causal (sliding-window) softmax of a chunk's scores",
+        py::call_guard<py::gil_scoped_release>());
 }

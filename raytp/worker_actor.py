@@ -1,0 +1,76 @@
+"""TPWorkerActor: a TPWorker as a Ray actor whose steps run on a thread of their own
+(processes named `ray::TPWorkerActor`).
+
+A Ray actor with one thread takes its next call only after it has returned
+the current one: it pickles the result, then receives and unpickles the next
+step's arguments, all on the rank's core while the rank computes nothing. In
+an HTTP burst on a 2-core machine the rank idled 2.2-2.4 ms between steps
+(p50; ~8% of a decode step), and whenever the rank's core went idle the
+kernel could put another process there (the load generator, the proxy),
+which then shared the core with the next step: steps ran ~20% slower than in
+a process that had the core to itself.
+
+So Ray's calls run on a few threads of their own, off the rank's cores: the
+call that brings step N+1 (sent ahead by the engine, see pacing.py) is
+received and unpickled while step N runs, and hands the step to the step
+thread, pinned to the rank's cores, which goes from one step straight to the
+next. Calls on a threaded actor may start out of order, so each step carries
+its number and the step thread runs them by number. Each result says how
+early its step arrived (`StepResult.lead_seconds`), so that the engine learns
+how far ahead to send steps (pacing.py).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import torch
+
+from raytp.cpu_binding import bind_rank
+from raytp.step import SeqStep, StepResult
+from raytp.worker import TPWorker
+
+# Ray calls one rank may run at once: the running step's, the next step's, and a health check or two.
+MAX_CONCURRENT_CALLS = 4
+
+
+class TPWorkerActor(TPWorker):
+    def __init__(self, rank: int, world_size: int, device: str, dtype: str, seed: int = 0,
+                 num_threads: int | None = None, bind_cores: bool = False):
+        super().__init__(rank, world_size, device, dtype, seed, num_threads)
+        self._queue_changed = threading.Condition()
+        # step number -> (its rows, its result, when it arrived)
+        self._queued: dict[int, tuple[list[SeqStep], Future, float]] = {}
+        self._next_step = 0
+        threading.Thread(target=self._run_steps, args=(bind_cores,), name="raytp-steps", daemon=True).start()
+
+    def run_step(self, number: int, seqs: list[SeqStep]) -> StepResult:
+        """Run step `number` (0, 1, ... since the rank started) once every earlier step has run; its result."""
+        result: Future = Future()
+        with self._queue_changed:
+            self._queued[number] = (seqs, result, time.perf_counter())
+            self._queue_changed.notify()
+        return result.result()
+
+    def _run_steps(self, bind_cores: bool) -> None:
+        if self.device == "cuda":
+            torch.cuda.set_device(self.cuda_index)  # the current device is per thread
+        elif self.num_threads:
+            if bind_cores:  # this thread computes the steps (and starts torch's threads, which inherit the binding)
+                bind_rank(self.num_threads)
+            torch.set_num_threads(self.num_threads)
+        previous_end = time.perf_counter()
+        while True:
+            with self._queue_changed:
+                while self._next_step not in self._queued:
+                    self._queue_changed.wait()
+                seqs, result, arrived = self._queued.pop(self._next_step)
+                self._next_step += 1
+            try:
+                step = self.execute(seqs)
+                step.lead_seconds = previous_end - arrived  # < 0: this rank waited that long for the step
+                result.set_result(step)
+            except BaseException as err:  # the Ray call that brought the step raises it
+                result.set_exception(err)
+            previous_end = time.perf_counter()
