@@ -32,7 +32,7 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_
     assert fast.name == "cpu"
     # Which sequences take the GEMM path instead of the row-by-row op: the 17-, 24- and 40-token chunks, all of
     # them (decode rows too), or none.
-    fast.gemm_min_rows, fast.gemm_min_pairs = gemm_min_rows, 0
+    fast.gemm_min_rows, fast.gemm_min_keys = gemm_min_rows, 0
     chunks, q, k, v, cache = random_step(MIXED, heads, kv_heads, 32, BLOCK_SIZE, dtype, seed=heads * 10 + kv_heads)
     outs = []
     for backend in (reference, fast):

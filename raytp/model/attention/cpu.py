@@ -91,14 +91,14 @@ class LongChunk:
         self.num_keys = num_keys  # L
 
 
-def long_chunks(meta: AttentionMetadata, min_rows: int, min_pairs: int) -> tuple[list[LongChunk], torch.Tensor]:
-    """The step's chunks worth GEMMs (at least min_rows new tokens and min_pairs query-key pairs), and a (B,) bool
-    flag of their sequences for the op to skip."""
+def long_chunks(meta: AttentionMetadata, min_rows: int, min_keys: int) -> tuple[list[LongChunk], torch.Tensor]:
+    """The step's chunks worth GEMMs (at least min_rows new tokens and min_keys keys), and a (B,) bool flag of their
+    sequences for the op to skip."""
     offsets, lens = meta.query_start.tolist(), meta.seq_lens.tolist()
     chunks, skip = [], torch.zeros(len(lens), dtype=torch.bool)
     for b, seq_len in enumerate(lens):
         num_new = offsets[b + 1] - offsets[b]
-        if num_new < min_rows or num_new * seq_len < min_pairs:
+        if num_new < min_rows or seq_len < min_keys:
             continue
         blocks = meta.block_tables[b, : -(-seq_len // meta.block_size)].long()
         slots = (blocks[:, None] * meta.block_size + torch.arange(meta.block_size)).reshape(-1)[:seq_len]  # (L,)
@@ -111,13 +111,13 @@ def long_chunks(meta: AttentionMetadata, min_rows: int, min_pairs: int) -> tuple
 
 class CpuPagedAttention(AttentionBackend):
     name = "cpu"
-    # Which chunks go through GEMMs: measured on one core (2-vCPU EPYC, fp32, 8 heads / 4 KV heads of 64), the op
-    # (AVX-512, a chunk's rows sharing each key tile) wins below ~64 new tokens: 32 at 800 of context 0.67 ms
-    # against 0.88, at 1,800 1.6 against 1.7; from 64 up it is even or behind (256 at 1,800: 14 ms against 9.5-14).
-    # gemm_min_pairs is the floor measured for the old row-by-row op and not re-measured since: with the new op,
-    # 128 rows at 128 keys (16k pairs, so GEMMs) took 0.26 ms through the op against 0.58 through GEMMs.
+    # Which chunks go through GEMMs: measured on one core (2-vCPU EPYC, fp32, 8 heads / 4 KV heads of 64; best of 7,
+    # 2026-12-02), the op (AVX-512, a chunk's rows sharing each key tile) wins below 64 new tokens (32 at 800 keys:
+    # 0.67 ms against 0.88) and below ~512 keys at any row count (128 rows at 128 keys 0.23 against 0.54, 256 at 256
+    # 0.8 against 1.2); from 512 keys up GEMMs are even or ahead (128 at 512 1.35 against 1.18, 256 at 1,200 6.5
+    # against 4.6).
     gemm_min_rows = 64
-    gemm_min_pairs = 16384
+    gemm_min_keys = 512
 
     def __init__(self):
         self.op = load_op()
@@ -125,7 +125,7 @@ class CpuPagedAttention(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)
         if meta.derived is None:
-            meta.derived = long_chunks(meta, self.gemm_min_rows, self.gemm_min_pairs)
+            meta.derived = long_chunks(meta, self.gemm_min_rows, self.gemm_min_keys)
         chunks, skip = meta.derived
         out = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
                                       meta.block_size, scale, meta.sliding_window or 0, skip)
