@@ -53,10 +53,10 @@ class StepPacer:
     def __init__(self, margin_s: float = DEFAULT_MARGIN_S, clock=time.monotonic):
         self.margin_s, self._clock = margin_s, clock
         self._seconds: dict[int, float] = {}  # size class -> smoothed duration
-        # The steps sent and not back, oldest (running) first: (tokens, whether the loop held it back)
+        # The steps sent and not back, oldest (running) first: (tokens, whether the margin decided when it was sent)
         self._sent: deque[tuple[int, bool]] = deque()
         self._running_since: float | None = None
-        self._held_back = False  # the loop waited for a slot before scheduling the step it sends next
+        self._held_back = False  # the loop waited out the margin before scheduling the step it sends next
 
     def estimate(self, num_tokens: int) -> float | None:
         return self._seconds.get(size_class(num_tokens))
@@ -77,6 +77,8 @@ class StepPacer:
         old = self._seconds.get(k)
         self._seconds[k] = took if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * took
         self._running_since = now if self._sent else None
+        if not self._sent:  # a hold-back that sent nothing (nothing to schedule) is over: the next step goes to idle ranks
+            self._held_back = False
         if held_back and lead_seconds is not None:  # only then did the margin decide when it was sent
             low, high = MARGIN_RANGE_S
             self.margin_s = min(high, max(low, self.margin_s + (MARGIN_UP_S if lead_seconds < 0 else -MARGIN_DOWN_S)))
@@ -100,5 +102,7 @@ class StepPacer:
         """Wait until the running step is about to end, or ended."""
         delay = self.slack()
         if delay > 0:
-            self._held_back = True
-            await asyncio.wait({running}, timeout=delay)
+            done, _ = await asyncio.wait({running}, timeout=delay)
+            # Only if the wait ran out did the margin decide when the next step goes (a step that ended early says
+            # its estimate was long, not that the margin was short).
+            self._held_back = not done

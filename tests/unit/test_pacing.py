@@ -82,7 +82,6 @@ def test_wait_for_slot_returns_when_the_step_ends_before_the_estimate():
     asyncio.run(go())
 
 
-
 def test_margin_follows_how_early_held_back_steps_reach_the_ranks():
     clock = Clock()
     pacer = StepPacer(margin_s=0.004, clock=clock)
@@ -91,14 +90,17 @@ def test_margin_follows_how_early_held_back_steps_reach_the_ranks():
     pacer.done(lead_seconds=-0.050)  # sent at once (nothing measured yet): says nothing about the margin
     assert pacer.margin_s == 0.004
 
-    async def step_behind_another(lead_seconds: float) -> None:
+    async def step_behind_another(lead_seconds: float, ends_early: bool = False) -> None:
         running = asyncio.get_running_loop().create_future()
-        running.set_result(None)
+        if ends_early:
+            running.set_result(None)  # its result is back before the margin runs out
         pacer.sent(8)
-        await pacer.wait_for_slot(running)  # 20 ms expected: the loop holds the next step back
+        ahead = pacer.margin_s + 1e-4  # the loop waits until 0.1 ms (real time) before the margin
+        clock.now += 0.020 - ahead
+        await pacer.wait_for_slot(running)
         pacer.sent(8)
-        clock.now += 0.020
-        pacer.done()
+        clock.now += ahead
+        pacer.done()  # 20 ms, as expected
         clock.now += 0.020
         pacer.done(lead_seconds)
 
@@ -114,6 +116,20 @@ def test_margin_follows_how_early_held_back_steps_reach_the_ranks():
         assert 0.0068 < sum(margins[200:]) / 200 < 0.008
         for _ in range(400):  # far too early: it shrinks, never below the floor
             await step_behind_another(0.5)
+        assert pacer.margin_s == MARGIN_RANGE_S[0]
+        # A step whose predecessor ended before the margin ran out: its lateness is the estimate's, not the margin's.
+        await step_behind_another(-0.5, ends_early=True)
+        assert pacer.margin_s == MARGIN_RANGE_S[0]
+        # The loop held back, then had nothing to send; the next step goes to idle ranks, which wait for it.
+        running = asyncio.get_running_loop().create_future()
+        pacer.sent(8)
+        clock.now += 0.020 - pacer.margin_s - 1e-4
+        await pacer.wait_for_slot(running)
+        clock.now += pacer.margin_s + 1e-4
+        pacer.done()
+        pacer.sent(8)
+        clock.now += 0.020
+        pacer.done(lead_seconds=-0.5)
         assert pacer.margin_s == MARGIN_RANGE_S[0]
 
     asyncio.run(run())
