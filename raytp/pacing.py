@@ -15,9 +15,10 @@ The margin is learnt: it must cover the trip of a step to the ranks and of the
 result back (the loop sees a step end when its result is back), which over
 Ray on a loaded 2-core machine took 1.5-5 ms each way. Ranks that get steps
 through a transport say how early each one arrived (StepResult.lead_seconds,
-< 0 if they waited for it). After each step the loop held back, the margin
-grows a little if the step was late and shrinks a quarter as much if it was
-not: it settles where one held-back step in five is late. (Every ms of margin
+< 0 if they waited for it). After each step that the loop held back until
+the margin ran out (the running step still running), the margin grows a
+little if the step was late and shrinks a quarter as much if it was not: it
+settles where one held-back step in five is late. (Every ms of margin
 costs a request that arrives meanwhile up to a step of waiting, so the margin
 tracks a quantile of the trip rather than its worst case; a mean would be
 pulled up by the rare step whose duration was misjudged by tens of ms.)
