@@ -78,7 +78,7 @@ class StepPacer:
         old = self._seconds.get(k)
         self._seconds[k] = took if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * took
         self._running_since = now if self._sent else None
-        if not self._sent:  # a hold-back that sent nothing (nothing to schedule) is over: the next step goes to idle ranks
+        if not self._sent:  # a hold-back that sent nothing is over: the next step goes to idle ranks
             self._held_back = False
         if held_back and lead_seconds is not None:  # only then did the margin decide when it was sent
             low, high = MARGIN_RANGE_S
