@@ -4,11 +4,11 @@
 A Ray actor with one thread takes its next call only after it has returned
 the current one: it pickles the result, then receives and unpickles the next
 step's arguments, all on the rank's core while the rank computes nothing. In
-an HTTP burst on a 2-core machine the rank idled 2.2-2.4 ms between steps
-(p50; ~8% of a decode step), and whenever the rank's core went idle the
+an HTTP burst on a 2-core machine the rank was 90.6% busy (idle a median 1.4
+ms between steps, a mean 2.7), and whenever the rank's core went idle the
 kernel could put another process there (the load generator, the proxy),
-which then shared the core with the next step: steps ran ~20% slower than in
-a process that had the core to itself.
+which then shared the core with the next step: the burst's steps summed
+1.38x their time in a process that had the core to itself.
 
 So Ray's calls run on a few threads of their own, off the rank's cores: the
 call that brings step N+1 (sent ahead by the engine, see pacing.py) is
@@ -56,10 +56,10 @@ class TPWorkerActor(TPWorker):
     def _run_steps(self, bind_cores: bool) -> None:
         if self.device == "cuda":
             torch.cuda.set_device(self.cuda_index)  # the current device is per thread
-        elif self.num_threads:
-            if bind_cores:  # this thread computes the steps (and starts torch's threads, which inherit the binding)
-                bind_rank(self.num_threads)
-            torch.set_num_threads(self.num_threads)
+        elif self.num_threads and bind_cores:
+            # This thread computes the steps (and starts torch's threads, which inherit the binding); the thread
+            # count TPWorker set is the process's.
+            bind_rank(self.num_threads)
         previous_end = time.perf_counter()
         while True:
             with self._queue_changed:

@@ -68,7 +68,6 @@ def test_a_failing_step_raises_in_its_call_and_the_next_step_runs(checkpoint):
     assert len(actor.run_step(1, first).token_ids) == 2
 
 
-
 def test_warm_up_runs_every_packed_gemm_size_of_each_weight_shape(checkpoint, monkeypatch):
     from raytp.model.layers import PackableLinear, ParallelLMHead, padded_rows, row_buckets
 
