@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytp.comm import Communicator
+from raytp.model import cpu_ops
 
 # oneDNN's packed-weight GEMM wants a typical row count to choose its blocking; any count works.
 _PACK_BATCH_HINT = 32
@@ -49,7 +50,7 @@ def build_gemm_kernels(model: nn.Module, max_rows: int, max_head_rows: int) -> N
     """
     kernels = {}  # (LM head?, weight shape, bias in the GEMM?) -> (a module, that bias)
     for m in model.modules():
-        if isinstance(m, PackableLinear) and m.packed is not None:
+        if isinstance(m, PackableLinear) and m.kernel == "onednn":
             bias = m.bias if isinstance(m, ColumnParallelLinear) else None  # as their forward() calls matmul
             kernels.setdefault((isinstance(m, ParallelLMHead), tuple(m.weight.shape), bias is not None), (m, bias))
     with torch.inference_mode():
@@ -68,12 +69,16 @@ def onednn_linear_available(dtype: torch.dtype) -> bool:
 
 
 class PackableLinear(nn.Module):
-    """A linear layer's weight (out, in), optionally repacked once for oneDNN.
+    """A linear layer's weight (out, in), optionally repacked once for a faster CPU kernel.
 
     On CPUs torch's F.linear calls MKL's sgemm, which on AMD CPUs takes a slow
-    generic path; oneDNN's inner product with the weight packed ahead of time
-    runs the same products 2-2.5x faster here (benchmarks/README.md). `pack()`
-    is called after the weights are loaded; the original weight stays (the
+    generic path. In float32 on a CPU with AVX-512, raytp's own op
+    (linear_cpu.cpp) streams a weight packed in 16-column blocks: as fast as
+    oneDNN from 64 rows up and up to 1.8x faster for the few rows of a decode
+    step, where oneDNN reads the weight at half the memory's speed
+    (benchmarks/README.md). Elsewhere (bfloat16, no AVX-512, no compiler)
+    oneDNN's inner product with the weight packed ahead of time. `pack()` is
+    called after the weights are loaded; the original weight stays (the
     loader, tied embeddings and tests read it).
     """
 
@@ -81,14 +86,24 @@ class PackableLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.packed: torch.Tensor | None = None
+        self.kernel = "torch"  # which packing `packed` holds: "raytp", "onednn", or none ("torch")
 
     def pack(self) -> None:
-        if self.weight.device.type == "cpu" and onednn_linear_available(self.weight.dtype):
+        if self.weight.device.type != "cpu":
+            return
+        op = cpu_ops.linear_op() if self.weight.dtype == torch.float32 else None
+        if op is not None:
+            self.packed, self.kernel = op.pack(self.weight.detach()), "raytp"  # (ceil(out / 16), in, 16)
+        elif onednn_linear_available(self.weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_BATCH_HINT)
+            self.kernel = "onednn"
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: (T, in) -> (T, out)
-        if self.packed is None:
+        if self.kernel == "raytp":
+            y = cpu_ops.linear_op().linear(x, self.packed, self.weight.shape[0])
+            return y if bias is None else y + bias
+        if self.kernel == "torch":
             return F.linear(x, self.weight, bias)
         rows = x.shape[0]
         padded = padded_rows(rows)

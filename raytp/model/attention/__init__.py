@@ -135,16 +135,16 @@ def select_backend(device: str, name: str = "auto", dtype: torch.dtype = torch.f
 
 
 def prebuild(device: str, name: str = "auto") -> None:
-    """Build the CPU op in this process before the ranks start, so that its one-time compile (about a minute)
-    is not spent inside the ranks' start-up timeout; the ranks then load it from the disk cache."""
-    if device != "cpu" or name not in ("auto", "cpu"):
+    """Build the CPU ops in this process before the ranks start, so that their one-time compile (about a minute)
+    is not spent inside the ranks' start-up timeout; the ranks then load them from the disk cache."""
+    if device != "cpu":
         return
-    try:
-        from raytp.model.attention.cpu import load_op
+    from raytp.model import cpu_ops
 
-        load_op()
-    except Exception as err:  # noqa: BLE001 - the ranks fall back (auto) or fail with the same error (cpu)
-        log.warning("could not build the CPU paged-attention op here: %s", err)
+    if name in ("auto", "cpu"):
+        cpu_ops.prebuild()
+    else:
+        cpu_ops.linear_op()
 
 
 def random_step(chunks_spec: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, block_size: int,

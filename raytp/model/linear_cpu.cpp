@@ -1,0 +1,115 @@
+// Float32 linear layers for few rows (decode steps), streaming the weight once at memory speed.
+//
+// With a handful of rows, y = x W^T is bound by reading W from memory: a decode step of a small model reads every
+// weight once and does a few FMAs per weight. oneDNN's packed GEMM, built for larger row counts, reads the weight
+// at 10-12 GB/s on this machine's cores, where a plain streaming pass reaches ~25 GB/s (benchmarks/README.md);
+// this kernel gets close to the latter.
+//
+// The weight (N, K) is packed once as (ceil(N / 16), K, 16): block b holds output columns 16b .. 16b+15, for each
+// k the 16 weights that x's element k multiplies, so one 64-byte load feeds 16 columns. A tile of up to 8 rows of
+// x times 2 column blocks keeps 2 x 8 accumulators in registers over the whole of K: per k, 2 weight loads, one
+// broadcast per row, 2 FMAs per row. The weight blocks of a column pair stream from memory once and stay in L2
+// while the row tiles go over them.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 16;   // output columns per packed block (one AVX-512 register of float32)
+constexpr int64_t kMaxTile = 8;  // rows of x per tile
+
+#if defined(__AVX512F__)
+// out[m, n0 .. n0+31] = x[m, :] . W[n0 .. n0+31, :] for the tile's MT rows; w0, w1: the two packed blocks (K, 16),
+// columns past N are not stored (mask0, mask1).
+template <int MT>
+void tile(const float* x, int64_t ldx, int64_t K, const float* w0, const float* w1, float* out, int64_t ldo,
+          __mmask16 mask0, __mmask16 mask1) {
+  __m512 acc0[MT], acc1[MT];
+  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 a = _mm512_loadu_ps(w0 + kBlock * k), b = _mm512_loadu_ps(w1 + kBlock * k);
+    for (int m = 0; m < MT; ++m) {
+      const __m512 xm = _mm512_set1_ps(x[m * ldx + k]);
+      acc0[m] = _mm512_fmadd_ps(xm, a, acc0[m]);
+      acc1[m] = _mm512_fmadd_ps(xm, b, acc1[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    _mm512_mask_storeu_ps(out + m * ldo, mask0, acc0[m]);
+    _mm512_mask_storeu_ps(out + m * ldo + kBlock, mask1, acc1[m]);
+  }
+}
+
+using TileFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, __mmask16,
+                        __mmask16);
+constexpr TileFn kTiles[kMaxTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>,
+                                         tile<8>};
+
+inline __mmask16 columns_mask(int64_t n0, int64_t N) {
+  const int64_t n = std::max<int64_t>(0, std::min<int64_t>(kBlock, N - n0));
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+#endif
+
+}  // namespace
+
+// Whether this build has the kernel (AVX-512); without it callers keep their other path.
+bool available() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// w: (N, K) float32 -> (ceil(N / 16), K, 16), columns past N zero.
+torch::Tensor pack(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "w must be a 2-d float32 tensor");
+  const int64_t N = w.size(0), K = w.size(1), blocks = (N + kBlock - 1) / kBlock;
+  auto padded = torch::zeros({blocks * kBlock, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  return padded.view({blocks, kBlock, K}).transpose(1, 2).contiguous();
+}
+
+// x: (M, K) float32, packed: pack(W) with W (N, K) -> x W^T (M, N).
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a 2-d float32 tensor");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlock && packed.size(1) == x.size(1) &&
+                  packed.size(0) == (N + kBlock - 1) / kBlock && packed.is_contiguous(),
+              "packed does not match x and N");
+#if defined(__AVX512F__)
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t pairs = (blocks + 1) / 2;
+  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1);  // an odd last block computes itself twice
+      const int64_t n0 = b0 * kBlock;
+      const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? 0 : columns_mask(n0 + kBlock, N);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
+        const int64_t rows = std::min(kMaxTile, M - m0);
+        kTiles[rows](xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N, mask0,
+                     mask1);
+      }
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "built without AVX-512: use available() first");
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available", &available, "whether the kernel was built (AVX-512)");
+  m.def("pack", &pack, "pack a (N, K) float32 weight for linear");
+  m.def("linear", &linear, "x W^T for few rows, float32, with a packed weight",
+        py::call_guard<py::gil_scoped_release>());
+}
