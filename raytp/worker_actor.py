@@ -59,7 +59,7 @@ class TPWorkerActor(TPWorker):
         elif self.num_threads and bind_cores:
             # This thread computes the steps (and starts torch's threads, which inherit the binding); the thread
             # count TPWorker set is the process's.
-            bind_rank(self.num_threads)
+            bind_rank(self.num_threads, group_cores=self.world_size * self.num_threads)
         previous_end = time.perf_counter()
         while True:
             with self._queue_changed:

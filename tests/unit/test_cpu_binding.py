@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -57,3 +58,30 @@ def test_keep_off_rank_cores_moves_to_the_rest(monkeypatch):
     assert cpu_binding.keep_off_rank_cores(1) == [1, 2, 3]
     assert cpu_binding.keep_off_rank_cores(4) is None  # no core left over: nothing moves
     assert calls == [[1, 2, 3]]
+
+
+def _nice_after_binding(group_cores: int) -> int:
+    """The nice value of a fresh thread after bind_rank(1, group_cores) on the 4-core node."""
+    seen = []
+
+    def bind():
+        cpu_binding.bind_rank(1, group_cores)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=bind)
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_a_rank_whose_group_leaves_cores_over_runs_at_a_higher_priority(monkeypatch):
+    monkeypatch.setattr(cpu_binding, "_node_cores", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(cpu_binding, "claim_cores", lambda count: [0])
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: None)
+    normal = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    # The group takes every core: the engine and Serve run on its cores, and must not wait on it.
+    assert _nice_after_binding(4) == normal
+    if os.geteuid() != 0:
+        pytest.skip("raising a thread's priority needs root or CAP_SYS_NICE")
+    assert _nice_after_binding(2) == cpu_binding.RANK_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == normal  # only the rank's thread
