@@ -133,7 +133,16 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float
       const float* keys[16];
       for (int64_t t = 0; t < 16; ++t) keys[t] = k_cache + slots[r][j0 + std::min(t, m - 1)] * slot_stride;
       const float* qr = q + rows[r].index * H * D;
+      // The next tile's keys into L2, a part per head so that few requests are in flight at once. This pass goes
+      // through a tile's keys a head at a time, an order the hardware prefetchers do not follow: with the KV cache
+      // cold (past L3, as in decode steps), 8 rows of 800 tokens were read at ~9 GB/s (a plain pass reads ~25);
+      // with this and the values' prefetch below, ~14 GB/s.
+      const int64_t ahead = std::min<int64_t>(16, n - j0 - 16), per_head = (ahead + H - 1) / H;
       for (int64_t h = 0; h < H; ++h) {
+        for (int64_t t = h * per_head; t < std::min(ahead, (h + 1) * per_head); ++t) {
+          const char* slot = reinterpret_cast<const char*>(k_cache + slots[r][j0 + 16 + t] * slot_stride);
+          for (int64_t b = 0; b < slot_stride * 4; b += 64) _mm_prefetch(slot + b, _MM_HINT_T1);
+        }
         __m512 qh[NC], dots[16];
         for (int c = 0; c < NC; ++c) qh[c] = _mm512_loadu_ps(qr + h * D + 16 * c);
         const int64_t head_offset = (h / G) * D;
@@ -153,15 +162,23 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float
     for (int64_t h = 0; h < H; ++h) softmax_(scores[r].data() + h * n, n);
     std::fill(out + rows[r].index * H * D, out + (rows[r].index + 1) * H * D, 0.f);
   }
-  // Two query heads of the same KV head at a time (one when G is odd): each value is read once per pair, and the
-  // pair's 2 * NC accumulators are independent chains of FMAs.
+  // Tile by tile (a tile's values come from memory once, for every head), two query heads of the same KV head at
+  // a time (one when G is odd): each value is read once per pair, and the pair's 2 * NC accumulators are
+  // independent chains of FMAs.
   const int64_t pair = G % 2 == 0 ? 2 : 1;
-  for (int64_t h = 0; h < H; h += pair) {
-    const float* v_head = v_cache + (h / G) * D;
-    for (int64_t j0 = 0; j0 < longest; j0 += kValueTile) {
+  for (int64_t j0 = 0; j0 < longest; j0 += kValueTile) {
+    for (int64_t h = 0; h < H; h += pair) {
+      const float* v_head = v_cache + (h / G) * D;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t n = slots[r].size();
         if (j0 >= n) continue;
+        // The next tile's values (every head), a part per head pair, into L2 (as for the keys above).
+        const int64_t ahead = std::min<int64_t>(kValueTile, n - j0 - kValueTile), parts = H / pair;
+        const int64_t per_part = (ahead + parts - 1) / parts, part = h / pair;
+        for (int64_t t = part * per_part; t < std::min(ahead, (part + 1) * per_part); ++t) {
+          const char* slot = reinterpret_cast<const char*>(v_cache + slots[r][j0 + kValueTile + t] * slot_stride);
+          for (int64_t b = 0; b < slot_stride * 4; b += 64) _mm_prefetch(slot + b, _MM_HINT_T1);
+        }
         float* o0 = out + (rows[r].index * H + h) * D;
         float* o1 = o0 + (pair - 1) * D;
         const float* p0 = scores[r].data() + h * n;
