@@ -83,7 +83,8 @@ class EngineConfig(BaseModel):
     )
     cpu_binding: bool = Field(
         default=True, description="CPU ranks: pin each rank to cpus_per_rank cores of its own (and `raytp serve` keeps "
-        "Ray's other processes off them), so that the proxy and replica do not preempt the model."
+        "Ray's other processes off them), so that the proxy and replica do not preempt the model; where the ranks "
+        "leave cores for the rest and may (root or CAP_SYS_NICE), their compute threads also run at nice -10."
     )
     cpu_collectives: Literal["shm", "gloo"] = Field(
         default="shm", description="CPU ranks: shared-memory all-reduce/all-gather (shm) or gloo over loopback for everything."
