@@ -99,15 +99,13 @@ def bind_rank(num_threads: int, group_cores: int) -> list[int] | None:
     return cores
 
 
-def prioritise_this_thread() -> bool:
-    """Run the calling thread (and the threads it starts later) at nice RANK_NICE; False where not permitted."""
+def prioritise_this_thread() -> None:
+    """Run the calling thread (and the threads it starts later) at nice RANK_NICE, where permitted."""
     try:
         # Linux keeps a nice value per thread: this thread's id, not the process's.
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RANK_NICE)
     except OSError as err:
         log.info("the rank keeps its priority: raising it needs root or CAP_SYS_NICE (%s)", err)
-        return False
-    return True
 
 
 def keep_off_rank_cores(rank_cores: int) -> list[int] | None:

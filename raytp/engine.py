@@ -16,7 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from raytp.config import EngineConfig
 from raytp.executor import Executor, GroupFailure
-from raytp.model.attention import prebuild as prebuild_attention
+from raytp.model import cpu_ops
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
 from raytp.output_processor import OutputProcessor, RequestState
@@ -58,7 +58,8 @@ class EngineCore:
         self.tokenizer = Tokenizer.from_dir(self.model_path)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.model_name = config.served_model_name or ("tiny" if config.model == "tiny" else config.model_name())
-        prebuild_attention(config.resolved_device(), config.attention_backend)
+        if config.resolved_device() == "cpu":
+            cpu_ops.prebuild(attention=config.attention_backend in ("auto", "cpu"), linear=config.pack_weights)
         self.executor = executor_factory(config, self.model_path, self.max_model_len)
         self.metrics = metrics
         self.requests: dict[str, RequestState] = {}

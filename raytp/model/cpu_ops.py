@@ -77,11 +77,14 @@ def linear_op():
     return op if op.available() else None
 
 
-def prebuild() -> None:
-    """Build both ops in this process before the ranks start, so that their one-time compile is not spent inside
-    the ranks' start-up timeout; the ranks then load them from the disk cache."""
-    try:
-        load_extension(ATTENTION_SOURCE)
-    except Exception as err:  # noqa: BLE001 - the ranks fall back (auto) or fail with the same error (cpu)
-        log.warning("could not build the CPU paged-attention op here: %s", err)
-    linear_op()
+def prebuild(attention: bool, linear: bool) -> None:
+    """Build the ops the CPU ranks will load (the attention op, the linear op) in this process before they start,
+    so that their one-time compile is not spent inside the ranks' start-up timeout; the ranks then load them
+    from the disk cache."""
+    if attention:
+        try:
+            load_extension(ATTENTION_SOURCE)
+        except Exception as err:  # noqa: BLE001 - the ranks fall back (auto) or fail with the same error (cpu)
+            log.warning("could not build the CPU paged-attention op here: %s", err)
+    if linear:
+        linear_op()

@@ -1,9 +1,9 @@
-// Float32 linear layers for few rows (decode steps), streaming the weight once at memory speed.
+// Float32 linear layers, y = x W^T, streaming the weight once.
 //
-// With a handful of rows, y = x W^T is bound by reading W from memory: a decode step of a small model reads every
-// weight once and does a few FMAs per weight. oneDNN's packed GEMM, built for larger row counts, reads the weight
-// at 10-12 GB/s on this machine's cores, where a plain streaming pass reaches ~25 GB/s (benchmarks/README.md);
-// this kernel gets close to the latter.
+// With a handful of rows (a decode step) the product is bound by reading W from memory: every weight is read once
+// for a few FMAs. oneDNN's packed GEMM reads the weight at 10-12 GB/s there on this machine's cores, where a plain
+// streaming pass reaches ~25 GB/s (benchmarks/README.md); this kernel gets close to the latter. From 64 rows up
+// both are at the core's FMA peak, so PackableLinear uses it for every row count.
 //
 // The weight (N, K) is packed once as (ceil(N / 16), K, 16): block b holds output columns 16b .. 16b+15, for each
 // k the 16 weights that x's element k multiplies, so one 64-byte load feeds 16 columns. A tile of up to 8 rows of
@@ -110,6 +110,6 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether the kernel was built (AVX-512)");
   m.def("pack", &pack, "pack a (N, K) float32 weight for linear");
-  m.def("linear", &linear, "x W^T for few rows, float32, with a packed weight",
+  m.def("linear", &linear, "x W^T in float32, with a packed weight",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -24,7 +24,7 @@ def test_linear_matches_matmul(rows, out_features, in_features):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * in_features**0.5)
 
 
-def test_linear_with_two_threads_is_the_same(monkeypatch):
+def test_linear_with_two_threads_is_the_same():
     x, w = torch.randn(5, 256), torch.randn(3000, 256)
     packed = op.pack(w)
     one = op.linear(x, packed, 3000)

@@ -134,19 +134,6 @@ def select_backend(device: str, name: str = "auto", dtype: torch.dtype = torch.f
     raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
 
 
-def prebuild(device: str, name: str = "auto") -> None:
-    """Build the CPU ops in this process before the ranks start, so that their one-time compile (about a minute)
-    is not spent inside the ranks' start-up timeout; the ranks then load them from the disk cache."""
-    if device != "cpu":
-        return
-    from raytp.model import cpu_ops
-
-    if name in ("auto", "cpu"):
-        cpu_ops.prebuild()
-    else:
-        cpu_ops.linear_op()
-
-
 def random_step(chunks_spec: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, block_size: int,
                 dtype: torch.dtype, device: str = "cpu", seed: int = 0):
     """A step to test a backend with: chunks_spec is [(start, num_new)] per sequence, over shuffled blocks.
