@@ -43,8 +43,8 @@ def pytest_summary(junit_xml: str) -> dict:
 
 def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
     from raytp.config import EngineConfig
-    from raytp.engine import AsyncEngine
-    from raytp.executor import LocalExecutor
+    from raytp.engine.engine import AsyncEngine
+    from raytp.cluster.executor import LocalExecutor
     from raytp.sampling import SamplingParams
     from tests.helpers import load_reference, write_llama
 
@@ -99,8 +99,8 @@ def nccl_world1(device: str) -> dict:
         return {"ok": True, "skipped": "needs CUDA (dry run)"}
     from cupy.cuda import nccl
 
-    from raytp.comm import NcclCommunicator, nccl_unique_id
-    from raytp.worker import TimedCommunicator
+    from raytp.cluster.comm import NcclCommunicator, nccl_unique_id
+    from raytp.cluster.worker import TimedCommunicator
 
     t0 = time.perf_counter()
     comm = NcclCommunicator(nccl_unique_id(), 0, 1)  # includes the warm-up all-reduce

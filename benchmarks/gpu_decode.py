@@ -137,8 +137,8 @@ def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[
 
 def run_raytp(path: str, device: str, dtype: str, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
     from raytp.config import EngineConfig
-    from raytp.engine import AsyncEngine
-    from raytp.executor import LocalExecutor
+    from raytp.engine.engine import AsyncEngine
+    from raytp.cluster.executor import LocalExecutor
     from raytp.sampling import SamplingParams
 
     cfg = EngineConfig(model=path, device=device, dtype=dtype, tensor_parallel_size=1, max_num_seqs=max(batches),

@@ -34,10 +34,10 @@ import time
 import torch
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, LocalExecutor
+from raytp.cluster.executor import Executor, LocalExecutor
 from raytp.sampling import SamplingParams
 from raytp.bench.checkpoint import ensure_bench_checkpoint
-from raytp.step import PREVIOUS_TOKEN, SeqStep
+from raytp.engine.step import PREVIOUS_TOKEN, SeqStep
 
 PROMPT_LEN, BLOCK_SIZE, MAX_MODEL_LEN = 32, 16, 256
 GREEDY = SamplingParams(max_tokens=MAX_MODEL_LEN - PROMPT_LEN, temperature=0.0, ignore_eos=True)
@@ -115,7 +115,7 @@ def main() -> None:
 
     import ray
 
-    from raytp.cluster import TPGroup
+    from raytp.cluster.group import TPGroup
 
     path = ensure_bench_checkpoint()
     # Logical CPUs: every group gets its own bundles; they take turns, so they never compete for the cores.

@@ -18,10 +18,10 @@ import statistics
 import time
 
 from raytp.config import EngineConfig
-from raytp.engine import AsyncEngine, ray_executor
-from raytp.executor import LocalExecutor
+from raytp.engine.engine import AsyncEngine, ray_executor
+from raytp.cluster.executor import LocalExecutor
 from raytp.sampling import SamplingParams
-from raytp.structured import StructuredOutputs
+from raytp.engine.structured import StructuredOutputs
 
 # Never complete within max_tokens: every request runs to its length.
 SCHEMA = {"type": "array", "minItems": 10000,

@@ -1,7 +1,7 @@
 """raytp: elastic tensor-parallel LLM serving on Ray."""
 from raytp.sampling import SamplingParams
 from raytp.outputs import CompletionOutput, RequestOutput
-from raytp.structured import StructuredOutputs
+from raytp.engine.structured import StructuredOutputs
 
 __all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
 

@@ -162,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from raytp.cpu_binding import keep_off_rank_cores
+    from raytp.cluster.cpu_binding import keep_off_rank_cores
     from raytp.serve.app import build_deployment
 
     started_ray = False

@@ -44,7 +44,7 @@ def choose_ingress(ingress: str, say: Callable[[str], None] = print) -> None:
             os.environ.setdefault(DRAIN_ENV, "1")
             # HAProxy also serves its stats page and a Prometheus exporter, on all interfaces at fixed ports (8404,
             # 9101) unless told otherwise: a second local Ray on this machine would fail to bind them.
-            from raytp.comm import free_ports  # here: raytp.comm imports torch, which `raytp --help` need not load
+            from raytp.cluster.comm import free_ports  # here: raytp.cluster.comm imports torch, which `raytp --help` need not load
 
             unset = [name for name in HAPROXY_PORT_ENVS if name not in os.environ]
             for name, port in zip(unset, free_ports(len(unset), host="")):  # HAProxy binds all interfaces

@@ -5,7 +5,7 @@ import itertools
 import logging
 
 from raytp.config import EngineConfig
-from raytp.engine import EngineCore, ExecutorFactory, ray_executor
+from raytp.engine.engine import EngineCore, ExecutorFactory, ray_executor
 from raytp.outputs import RequestOutput
 from raytp.sampling import SamplingParams
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raytp.outputs import TokenLogprob
-from raytp.structured import StructuredOutputs, apply_token_bitmask
+from raytp.engine.structured import StructuredOutputs, apply_token_bitmask
 
 # Below this temperature sampling is greedy (argmax), as in vLLM.
 _GREEDY_EPS = 1e-5

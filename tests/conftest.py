@@ -23,7 +23,7 @@ class RayCluster:
 def ray_cluster():
     import ray
 
-    from raytp.comm import free_port
+    from raytp.cluster.comm import free_port
 
     # Logical CPUs, not cores: room for a TP=2 group, Serve's actors and a second replica.
     num_cpus = 4

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from raytp.comm import Communicator
+from raytp.cluster.comm import Communicator
 
 SMALL = dict(
     hidden_size=64,
@@ -116,7 +116,7 @@ def _rank_loop(rank: int, world: int, port: int, jobs, results, timeout_s: float
     """A spawned rank: join the gloo group, then run `fn(comm, **kwargs)` for each job until None."""
     import traceback
 
-    from raytp.comm import GlooCommunicator, GlooRendezvous
+    from raytp.cluster.comm import GlooCommunicator, GlooRendezvous
 
     torch.set_num_threads(1)  # ranks share few cores; one thread each avoids oversubscription
     try:
@@ -146,7 +146,7 @@ class RankPool:
     def __init__(self, world: int, timeout_s: float = 60.0):
         import torch.multiprocessing as mp
 
-        from raytp.comm import free_port
+        from raytp.cluster.comm import free_port
 
         ctx = mp.get_context("spawn")
         self.world, self.timeout_s, self.closed = world, timeout_s, False

@@ -128,8 +128,8 @@ class EngineBackend:
     @classmethod
     async def start(cls, model_path: str, threads: int | None = None, **config) -> "EngineBackend":
         from raytp.config import EngineConfig
-        from raytp.engine import AsyncEngine
-        from raytp.executor import LocalExecutor
+        from raytp.engine.engine import AsyncEngine
+        from raytp.cluster.executor import LocalExecutor
 
         cfg = EngineConfig.parse({"model": model_path, "device": "cpu", "tensor_parallel_size": 1, **config})
         engine = AsyncEngine(cfg, lambda c, path, max_len: LocalExecutor(c, path, max_len, num_threads=threads))

@@ -32,7 +32,7 @@ class ServerProcess:
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, device: str = "cpu", port: int | None = None,
                  metrics_export_port: int | None = None, extra_args: list[str] | None = None,
                  startup_timeout_s: float = 600.0, log_path: str | None = None):
-        from raytp.comm import free_port
+        from raytp.cluster.comm import free_port
 
         self.port = port or free_port()
         self.metrics_export_port = metrics_export_port or free_port()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytp.comm import Communicator
+from raytp.cluster.comm import Communicator
 from raytp.model import cpu_ops
 
 # oneDNN's packed-weight GEMM wants a typical row count to choose its blocking; any count works.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytp.comm import Communicator
+from raytp.cluster.comm import Communicator
 from raytp.model.attention import AttentionBackend, AttentionMetadata
 from raytp.model.layers import (
     ColumnParallelLinear,

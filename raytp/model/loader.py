@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from raytp.comm import Communicator
+from raytp.cluster.comm import Communicator
 from raytp.model.attention import AttentionBackend
 from raytp.model.llama import LlamaModel, ModelArgs, check_tp_degree, expected_shapes, weight_plan
 

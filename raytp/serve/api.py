@@ -33,7 +33,7 @@ from raytp.serve.guards import ApiKeyGuard, ConfiguredCORS
 from raytp.serve.choices import ChoiceRenderer, TokenStrings
 from raytp.serve.streaming import collect, sse, sse_events, start_requests
 from raytp.serve.tools import forced_call_grammar
-from raytp.structured import GrammarError, StructuredOutputs
+from raytp.engine.structured import GrammarError, StructuredOutputs
 from raytp.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -60,7 +60,7 @@ from raytp.serve.protocol import (
 )
 
 if TYPE_CHECKING:
-    from raytp.engine import AsyncEngine
+    from raytp.engine.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class OpenAIServing:
         return card.model_dump() if name is not None else ModelList(data=[card]).model_dump()
 
     async def health(self) -> Response:
-        from raytp.engine import EngineNotReady
+        from raytp.engine.engine import EngineNotReady
 
         engine = self.engine(require_ready=False)
         try:
@@ -200,7 +200,7 @@ class OpenAIServing:
 
     @staticmethod
     async def _start(engine, requests, base_id, param: str, grammar_param: str | None):
-        from raytp.engine import EngineNotReady
+        from raytp.engine.engine import EngineNotReady
 
         try:
             return await start_requests(engine, requests, base_id)

@@ -72,7 +72,7 @@ class RaytpServer:
     """
 
     async def __init__(self, engine_config: dict, executor_factory=None):
-        from raytp.engine import AsyncEngine, ray_executor
+        from raytp.engine.engine import AsyncEngine, ray_executor
 
         self.config = EngineConfig.parse(engine_config)
         self.engine = None
@@ -106,7 +106,7 @@ class RaytpServer:
 
     async def check_health(self) -> None:
         """Serve's health check: raises (so Serve restarts the replica) when the engine cannot recover."""
-        from raytp.engine import EngineNotReady
+        from raytp.engine.engine import EngineNotReady
 
         if self.engine is None:
             raise RuntimeError("the engine was not built")

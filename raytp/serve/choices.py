@@ -19,7 +19,7 @@ from raytp.serve.protocol import (
     TopLogprob,
 )
 from raytp.serve.tools import ToolCallReader, parser_for
-from raytp.tokenizer import Tokenizer
+from raytp.engine.tokenizer import Tokenizer
 
 
 class TokenStrings:

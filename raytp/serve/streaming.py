@@ -20,7 +20,7 @@ from raytp.sampling import SamplingParams
 from raytp.serve.protocol import APIError, bad_request, too_many_requests
 
 if TYPE_CHECKING:
-    from raytp.engine import AsyncEngine
+    from raytp.engine.engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from raytp.serve.protocol import (
     NamedToolChoice,
     ToolCall,
 )
-from raytp.structured import StructuredOutputs
+from raytp.engine.structured import StructuredOutputs
 
 # A function without parameters takes the empty object (nothing else: a model must not invent arguments).
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from raytp.comm import free_port
+from raytp.cluster.comm import free_port
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -62,7 +62,7 @@ def _serve_url(port: int) -> str:
 def test_bench_inprocess_and_http(ray_cluster, tmp_path):
     from ray import serve
 
-    from raytp.comm import free_port
+    from raytp.cluster.comm import free_port
     from raytp.config import EngineConfig
     from raytp.serve.app import build_deployment
     from raytp.tiny import ensure_tiny_checkpoint

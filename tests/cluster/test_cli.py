@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from raytp.comm import free_port
+from raytp.cluster.comm import free_port
 
 pytestmark = pytest.mark.timeout(240)
 

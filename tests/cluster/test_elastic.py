@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from raytp.config import EngineConfig
-from raytp.engine import AsyncEngine
+from raytp.engine.engine import AsyncEngine
 from raytp.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(240)
@@ -199,7 +199,7 @@ def test_served_replica_answers_503_while_recovering_and_streams_carry_on(ray_cl
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from raytp.comm import free_port
+    from raytp.cluster.comm import free_port
     from raytp.serve.app import build_app
 
     app = "raytp-elastic-http"

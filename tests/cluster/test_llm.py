@@ -17,8 +17,8 @@ import ray
 import torch
 
 from raytp import LLM, SamplingParams
-from raytp.cluster import PlacementError
-from raytp.scheduler import SeqStatus
+from raytp.cluster.group import PlacementError
+from raytp.engine.scheduler import SeqStatus
 from tests.helpers import load_reference, write_llama, write_qwen2
 
 pytestmark = pytest.mark.timeout(90)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from raytp.comm import free_port
+from raytp.cluster.comm import free_port
 from tests.schema_checks import dashboard_exprs, dashboard_metric_names
 
 pytestmark = pytest.mark.timeout(300)

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from raytp.comm import free_port
+from raytp.cluster.comm import free_port
 
 MODEL = "tiny"
 APP_NAME = "raytp-api-test"
@@ -63,7 +63,7 @@ def server(ray_cluster):
 @pytest.fixture(scope="module")
 def tokenizer():
     from raytp.tiny import resolve_model_path
-    from raytp.tokenizer import Tokenizer
+    from raytp.engine.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(resolve_model_path(MODEL))
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from raytp.comm import free_port
+from raytp.cluster.comm import free_port
 from raytp.config import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

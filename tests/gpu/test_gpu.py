@@ -5,7 +5,7 @@ Skipped as a whole without CUDA; the NCCL tests also skip without cupy.
 import pytest
 import torch
 
-from raytp.comm import SingleRank
+from raytp.cluster.comm import SingleRank
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.model.loader import load_model
 from tests.helpers import load_reference, write_llama
@@ -28,7 +28,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def nccl():
     pytest.importorskip("cupy")
-    from raytp.comm import NcclCommunicator, nccl_unique_id
+    from raytp.cluster.comm import NcclCommunicator, nccl_unique_id
 
     comm = NcclCommunicator(nccl_unique_id(), 0, 1)
     yield comm

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
-from raytp.comm import Communicator
+from raytp.cluster.comm import Communicator
 from raytp.config import EngineConfig
-from raytp.executor import LocalExecutor, profile_seq_lens
+from raytp.cluster.executor import LocalExecutor, profile_seq_lens
 from raytp.sampling import SamplingParams
-from raytp.step import SeqStep
-from raytp.worker import TimedCommunicator, TPWorker, throwaway_steps
+from raytp.engine.step import SeqStep
+from raytp.cluster.worker import TimedCommunicator, TPWorker, throwaway_steps
 from tests.helpers import write_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -120,7 +120,7 @@ def test_collective_time_is_gpu_time_not_enqueue_time():
 @pytest.mark.timeout(120)
 def test_nccl_world_of_one_is_warm_timed_and_aborted():
     pytest.importorskip("cupy")
-    from raytp.comm import NcclCommunicator, nccl_unique_id
+    from raytp.cluster.comm import NcclCommunicator, nccl_unique_id
 
     comm = NcclCommunicator(nccl_unique_id(), 0, 1)  # its warm-up collective ran here
     timed = TimedCommunicator(comm, cuda_events=True)

@@ -38,7 +38,7 @@ def test_grammar_mask_on_cuda_equals_cpu():
     """The packed bitmask a step carries (CPU int32) is unpacked on the logits' device; the masked logits and the
     tokens equal the CPU's, and only tokens the mask allows are sampled."""
     from raytp.sampling import RowContext, process_logits
-    from raytp.structured import apply_token_bitmask, bitmask_words
+    from raytp.engine.structured import apply_token_bitmask, bitmask_words
 
     vocab = 128256
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(2)) * 3  # (B, V) on the CPU

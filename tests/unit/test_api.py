@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from raytp.config import EngineConfig
-from raytp.engine import AsyncEngine
-from raytp.executor import LocalExecutor
+from raytp.engine.engine import AsyncEngine
+from raytp.cluster.executor import LocalExecutor
 from raytp.serve.api import build_api
 
 pytestmark = pytest.mark.timeout(120)

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from raytp.comm import GlooCommunicator, GlooRendezvous, SingleRank, free_port
+from raytp.cluster.comm import GlooCommunicator, GlooRendezvous, SingleRank, free_port
 from tests.helpers import RankPool
 
 

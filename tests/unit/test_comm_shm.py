@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from raytp.comm import ShmCommunicator, create_shm_rendezvous
+from raytp.cluster.comm import ShmCommunicator, create_shm_rendezvous
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from raytp import cpu_binding
+from raytp.cluster import cpu_binding
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def node(tmp_path, monkeypatch):
 
 def claim_in_child(path: str, count: int) -> tuple[subprocess.Popen, list[int]]:
     """Another process claims `count` cores and stays alive until killed."""
-    code = ("import sys, raytp.cpu_binding as b; b._node_cores = lambda: [0, 1, 2, 3]; "
+    code = ("import sys, raytp.cluster.cpu_binding as b; b._node_cores = lambda: [0, 1, 2, 3]; "
             f"print(b.claim_cores({count}, {path!r}), flush=True); sys.stdin.read()")
     child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return child, json.loads(child.stdout.readline())

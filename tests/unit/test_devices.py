@@ -1,7 +1,7 @@
 """Mapping the GPU ids Ray gives a rank to a torch device index: indices, UUIDs, MIG ids."""
 import pytest
 
-from raytp.devices import GpuIdError, cuda_device_index
+from raytp.cluster.devices import GpuIdError, cuda_device_index
 
 pytestmark = pytest.mark.timeout(30)
 

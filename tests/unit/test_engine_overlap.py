@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from raytp.config import EngineConfig
-from raytp.engine import AsyncEngine
-from raytp.executor import LocalExecutor
+from raytp.engine.engine import AsyncEngine
+from raytp.cluster.executor import LocalExecutor
 from raytp.sampling import SamplingParams
 from tests.helpers import load_reference, write_llama
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raytp.kv_cache import KVCacheManager, hash_blocks
+from raytp.engine.kv_cache import KVCacheManager, hash_blocks
 from raytp.sampling import SamplingParams
-from raytp.scheduler import Scheduler, Sequence, SeqStatus
-from raytp.step import PREVIOUS_TOKEN
+from raytp.engine.scheduler import Scheduler, Sequence, SeqStatus
+from raytp.engine.step import PREVIOUS_TOKEN
 
 pytestmark = pytest.mark.timeout(120)
 

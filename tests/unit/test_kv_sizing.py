@@ -4,11 +4,11 @@ import asyncio
 import pytest
 
 from raytp.config import EngineConfig
-from raytp.engine import AsyncEngine
-from raytp.executor import GroupFailure, LocalExecutor, choose_num_kv_blocks, profile_seq_lens
-from raytp.memory import GIB, MemoryProfile
-from raytp.supervisor import TRANSIENT
-from raytp.worker import throwaway_steps
+from raytp.engine.engine import AsyncEngine
+from raytp.cluster.executor import GroupFailure, LocalExecutor, choose_num_kv_blocks, profile_seq_lens
+from raytp.cluster.memory import GIB, MemoryProfile
+from raytp.cluster.supervisor import TRANSIENT
+from raytp.cluster.worker import throwaway_steps
 from tests.helpers import write_llama
 
 pytestmark = pytest.mark.timeout(60)

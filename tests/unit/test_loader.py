@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from raytp.comm import SingleRank
+from raytp.cluster.comm import SingleRank
 from raytp.model.loader import CheckpointError, load_model, weight_bytes
 from tests.helpers import ShardOnly, write_llama
 

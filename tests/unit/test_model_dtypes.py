@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raytp.comm import SingleRank
+from raytp.cluster.comm import SingleRank
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.model.loader import load_model
 from tests.helpers import load_reference, write_llama

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytp.comm import Communicator, SingleRank
+from raytp.cluster.comm import Communicator, SingleRank
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
 from tests.helpers import RankPool, load_reference, write_llama, write_mistral, write_qwen2

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from raytp.pacing import MARGIN_RANGE_S, StepPacer, size_class
+from raytp.engine.pacing import MARGIN_RANGE_S, StepPacer, size_class
 
 
 class Clock:

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, LocalExecutor, choose_num_kv_blocks
+from raytp.cluster.executor import Executor, LocalExecutor, choose_num_kv_blocks
 from raytp.llm import LLM
 from raytp.sampling import SamplingParams
-from raytp.step import StepResult
-from raytp.worker import TimedCommunicator, TPWorker
+from raytp.engine.step import StepResult
+from raytp.cluster.worker import TimedCommunicator, TPWorker
 from tests.helpers import RankPool, load_reference, write_llama
 
 pytestmark = pytest.mark.timeout(300)
@@ -235,8 +235,8 @@ def test_a_rank_without_the_history_gets_it_with_the_step(llms):
     """A penalized sequence that continues (start > 0) without having been in the rank's previous step (a chunk
     that waited, or a prefix-cache hit) gets its earlier tokens in SeqStep.history, and samples as if it had run
     without a gap; the engine decides that from the step it sent last."""
-    from raytp.scheduler import ScheduledSeq, Sequence
-    from raytp.step import SeqStep
+    from raytp.engine.scheduler import ScheduledSeq, Sequence
+    from raytp.engine.step import SeqStep
 
     core = llms[1].engine
     worker = core.executor.worker
@@ -269,7 +269,7 @@ def test_a_rank_without_the_history_gets_it_with_the_step(llms):
 def test_penalties_with_steps_scheduled_ahead(checkpoint):
     """The AsyncEngine sends step N+1 before step N's token is back (PREVIOUS_TOKEN): the ranks' token history
     takes the token they sampled, so penalties still equal the reference."""
-    from raytp.engine import AsyncEngine
+    from raytp.engine.engine import AsyncEngine
 
     path, model = checkpoint
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, **PENALTIES["all_three"])

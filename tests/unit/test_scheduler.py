@@ -8,9 +8,9 @@ covers it.
 import pytest
 
 from raytp.sampling import SamplingParams
-from raytp.kv_cache import KVCacheManager
-from raytp.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
-from raytp.step import PREVIOUS_TOKEN
+from raytp.engine.kv_cache import KVCacheManager
+from raytp.engine.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
+from raytp.engine.step import PREVIOUS_TOKEN
 
 pytestmark = pytest.mark.timeout(30)
 

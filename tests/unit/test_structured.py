@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from raytp.config import EngineConfig
-from raytp.engine import AsyncEngine
-from raytp.executor import LocalExecutor
+from raytp.engine.engine import AsyncEngine
+from raytp.cluster.executor import LocalExecutor
 from raytp.llm import LLM
 from raytp.sampling import RowContext, SamplingParams, sample
-from raytp.step import PREVIOUS_TOKEN
-from raytp.structured import GrammarCompiler, GrammarError, GrammarMasks, StructuredOutputs, apply_token_bitmask
+from raytp.engine.step import PREVIOUS_TOKEN
+from raytp.engine.structured import GrammarCompiler, GrammarError, GrammarMasks, StructuredOutputs, apply_token_bitmask
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from raytp.config import EngineConfig
-from raytp.engine import AsyncEngine, EngineNotReady
-from raytp.executor import GroupFailure, LocalExecutor
+from raytp.engine.engine import AsyncEngine, EngineNotReady
+from raytp.cluster.executor import GroupFailure, LocalExecutor
 from raytp.model.loader import CheckpointError
 from raytp.sampling import SamplingParams
 from tests.helpers import write_llama
@@ -81,6 +81,6 @@ def _no_wait(real_sleep):
 
 
 def test_checkpoint_error_is_not_transient():
-    from raytp.supervisor import TRANSIENT
+    from raytp.cluster.supervisor import TRANSIENT
 
     assert not issubclass(CheckpointError, TRANSIENT) and issubclass(GroupFailure, TRANSIENT)

@@ -1,4 +1,4 @@
-"""raytp.tokenizer against transformers, on the tiny checkpoint and small variants of it."""
+"""raytp.engine.tokenizer against transformers, on the tiny checkpoint and small variants of it."""
 import json
 import os
 import shutil
@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from raytp.tiny import ensure_tiny_checkpoint
-from raytp.tokenizer import IncrementalDetokenizer, Tokenizer
+from raytp.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello world",

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer as HFTokenizer, models
 
 from raytp.serve.protocol import ChatMessage, ChatTool
 from raytp.serve.tools import HermesParser, Llama3JsonParser, ToolCallReader, parser_for
-from raytp.tokenizer import Tokenizer
+from raytp.engine.tokenizer import Tokenizer
 
 TOOLS = [ChatTool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}})]

@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from raytp.topology import TopologyError, check_nvlink, missing_nvlink_pairs
+from raytp.cluster.topology import TopologyError, check_nvlink, missing_nvlink_pairs
 
 pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py is in the test extra")
 

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from raytp.sampling import SamplingParams
-from raytp.step import PREVIOUS_TOKEN, SeqStep
-from raytp.worker import TPWorker
-from raytp.worker_actor import TPWorkerActor
+from raytp.engine.step import PREVIOUS_TOKEN, SeqStep
+from raytp.cluster.worker import TPWorker
+from raytp.cluster.worker_actor import TPWorkerActor
 from tests.helpers import write_llama
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,21 +15,21 @@ import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, GroupFailure
+from raytp.cluster.executor import Executor, GroupFailure
 from raytp.model import cpu_ops
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
-from raytp.output_processor import OutputProcessor, RequestState
-from raytp.pacing import StepPacer
+from raytp.engine.output_processor import OutputProcessor, RequestState
+from raytp.engine.pacing import StepPacer
 from raytp.outputs import RequestOutput, TokenLogprob
 from raytp.sampling import SamplingParams
-from raytp.kv_cache import KVCacheManager
-from raytp.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
+from raytp.engine.kv_cache import KVCacheManager
+from raytp.engine.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
 from raytp.tiny import resolve_model_path
-from raytp.tokenizer import Tokenizer
-from raytp.step import PREVIOUS_TOKEN, SeqStep, StepResult
-from raytp.structured import GrammarCompiler, GrammarError, GrammarMasks
-from raytp.supervisor import Supervisor
+from raytp.engine.tokenizer import Tokenizer
+from raytp.engine.step import PREVIOUS_TOKEN, SeqStep, StepResult
+from raytp.engine.structured import GrammarCompiler, GrammarError, GrammarMasks
+from raytp.cluster.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ ExecutorFactory = Callable[[EngineConfig, str, int], Executor]
 
 
 def ray_executor(config: EngineConfig, model_path: str, max_model_len: int) -> Executor:
-    from raytp.cluster import TPGroup
+    from raytp.cluster.group import TPGroup
 
     return TPGroup(config, model_path, max_model_len)
 

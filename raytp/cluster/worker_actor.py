@@ -27,9 +27,9 @@ from concurrent.futures import Future
 
 import torch
 
-from raytp.cpu_binding import bind_rank
-from raytp.step import SeqStep, StepResult
-from raytp.worker import TPWorker
+from raytp.cluster.cpu_binding import bind_rank
+from raytp.engine.step import SeqStep, StepResult
+from raytp.cluster.worker import TPWorker
 
 # Ray calls one rank may run at once: the running step's, the next step's, and a health check or two.
 MAX_CONCURRENT_CALLS = 4

@@ -19,9 +19,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from raytp.kv_cache import BlockHash, KVCacheManager, hash_blocks
+from raytp.engine.kv_cache import BlockHash, KVCacheManager, hash_blocks
 from raytp.sampling import SamplingParams
-from raytp.step import PREVIOUS_TOKEN
+from raytp.engine.step import PREVIOUS_TOKEN
 
 
 class SeqStatus(enum.Enum):

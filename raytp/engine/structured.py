@@ -22,7 +22,7 @@ import llguidance
 import llguidance.torch as llg_torch
 import torch
 
-from raytp.tokenizer import Tokenizer
+from raytp.engine.tokenizer import Tokenizer
 
 
 class GrammarError(ValueError):

@@ -17,10 +17,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp.config import EngineConfig
-from raytp.executor import (Executor, GroupFailure, PlacementError, choose_num_kv_blocks, profile_seq_lens,
+from raytp.cluster.executor import (Executor, GroupFailure, PlacementError, choose_num_kv_blocks, profile_seq_lens,
                             warm_up_tokens)
-from raytp.step import SeqStep, StepResult
-from raytp.worker_actor import MAX_CONCURRENT_CALLS, TPWorkerActor
+from raytp.engine.step import SeqStep, StepResult
+from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, TPWorkerActor
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import socket
 import time
 import torch
 
-from raytp.comm import (
+from raytp.cluster.comm import (
     Communicator,
     GlooCommunicator,
     GlooRendezvous,
@@ -29,14 +29,14 @@ from raytp.comm import (
     create_shm_rendezvous,
     free_port,
 )
-from raytp.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
-from raytp.memory import MemoryProfile
+from raytp.cluster.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
+from raytp.cluster.memory import MemoryProfile
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.layers import build_gemm_kernels
 from raytp.model.loader import DTYPES, load_model, weight_bytes
 from raytp.sampling import RowContext, SamplingParams, gather_logprobs, sample
-from raytp.step import PREVIOUS_TOKEN, SeqStep, StepLogprobs, StepResult
-from raytp.topology import check_nvlink
+from raytp.engine.step import PREVIOUS_TOKEN, SeqStep, StepLogprobs, StepResult
+from raytp.cluster.topology import check_nvlink
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class TPWorker:
         if self.world_size == 1:
             return None  # no collectives at all
         if self.device == "cuda":
-            from raytp.comm import nccl_unique_id
+            from raytp.cluster.comm import nccl_unique_id
 
             return nccl_unique_id()
         host = self.node_info()["node_ip"]

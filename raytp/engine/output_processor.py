@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raytp.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from raytp.scheduler import Sequence, SeqStatus
-from raytp.structured import GrammarMatcher
-from raytp.tokenizer import IncrementalDetokenizer, Tokenizer
+from raytp.engine.scheduler import Sequence, SeqStatus
+from raytp.engine.structured import GrammarMatcher
+from raytp.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable
 
 from raytp.config import EngineConfig
-from raytp.step import SeqStep, StepResult
-from raytp.worker import TPWorker
+from raytp.engine.step import SeqStep, StepResult
+from raytp.cluster.worker import TPWorker
 
 
 class GroupFailure(RuntimeError):

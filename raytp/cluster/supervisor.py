@@ -19,7 +19,7 @@ import time
 from typing import Callable
 
 from raytp.config import EngineConfig
-from raytp.executor import Executor, GroupFailure, PlacementError
+from raytp.cluster.executor import Executor, GroupFailure, PlacementError
 from raytp.model.llama import ModelArgs, check_tp_degree, valid_tp_degrees
 
 log = logging.getLogger(__name__)
