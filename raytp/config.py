@@ -68,7 +68,28 @@ class EngineConfig(BaseModel):
     )
     seed: int = Field(default=0, description="Seed for unseeded sampling.")
     placement_timeout_s: float = Field(default=30.0, gt=0, description="How long to wait for the placement group.")
-    step_timeout_s: float = Field(default=60.0, gt=0, description="A step slower than this marks the group as failed (watchdog).")
+    step_timeout_s: float = Field(
+        default=60.0, gt=0, description="The longest a step may run in any case; also the watchdog's limit for a step "
+        "size not measured yet (hang_detection_multiple sets it for the others)."
+    )
+    hang_detection_multiple: float = Field(
+        default=5.0, ge=1.0, description="A step that runs this many times longer than the slowest recent step of its "
+        "size (at least hang_detection_floor_s) makes the engine ping the ranks: one that does not answer is hung "
+        "and replaced like a dead one; if all answer, the step is slow and is waited on."
+    )
+    hang_detection_floor_s: float = Field(
+        default=1.0, gt=0, description="The least time a step runs before the ranks are asked whether one hangs."
+    )
+    num_spare_ranks: int = Field(
+        default=1, ge=0, le=64, description="Warm spare rank processes per replica (CPU, tensor_parallel_size > 1): one "
+        "takes a dead or hung rank's place, its shard and KV cache, while the other ranks keep theirs; 0: every "
+        "failure rebuilds the whole group."
+    )
+    max_recoveries: int = Field(
+        default=5, ge=1, description="Recoveries allowed within recovery_window_s; one more fails the requests that "
+        "were in every failed step (the likely cause) with an error, and the rest are served on."
+    )
+    recovery_window_s: float = Field(default=120.0, gt=0, description="The window max_recoveries counts in.")
     init_timeout_s: float = Field(default=120.0, gt=0, description="How long workers may take to start, connect and load weights.")
     require_nvlink: bool = Field(default=False, description="Refuse (instead of warn) when the GPUs are not all NVLink-connected.")
     cpus_per_rank: int = Field(

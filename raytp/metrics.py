@@ -41,7 +41,16 @@ class EngineMetrics:
         self.success = Counter("raytp_request_success", description="Finished requests by reason.", tag_keys=keys + ("finished_reason",))
         self.prefix_queries = Counter("raytp_prefix_cache_queries", description="Tokens of admitted sequences looked up in the prefix cache.", tag_keys=keys)
         self.prefix_hits = Counter("raytp_prefix_cache_hits", description="Tokens of admitted sequences found in the prefix cache.", tag_keys=keys)
-        self.restarts = Counter("raytp_tp_group_restarts", description="TP group rebuilds (failures and resizes).", tag_keys=keys)
+        self.restarts = Counter("raytp_tp_group_restarts", description="TP group recoveries and resizes.", tag_keys=keys)
+        self.recovery = Histogram(
+            "raytp_recovery_seconds", description="Time each phase of a recovery took (detect, abort, spare_join, "
+            "shard_load, kv_restore, communicator, replay; teardown and start for a rebuild).",
+            boundaries=COLLECTIVE_BUCKETS + [10.0, 30.0, 60.0, 120.0], tag_keys=keys + ("phase",))
+        self.recoveries = Counter("raytp_recoveries", description="Recoveries of the TP group by kind: replace (a spare "
+                                  "took a lost rank's place), rebuild, degrade (rebuilt smaller).",
+                                  tag_keys=keys + ("kind",))
+        self.recomputed = Counter("raytp_recomputed_tokens", description="Tokens whose KV a completed step had computed "
+                                  "and a recovery lost, so they were computed again.", tag_keys=keys)
 
     def on_step(self, num_running: int, num_waiting: int, kv_usage: float, collective_seconds: float,
                 step_seconds: float) -> None:
@@ -75,6 +84,18 @@ class EngineMetrics:
     def on_finished(self, reason: str, e2e: float) -> None:
         self.success.inc(1, tags={**self.tags, "finished_reason": reason})
         self.e2e.observe(e2e, tags=self.tags)
+
+    def on_recovery(self, kind: str, phases: dict[str, float]) -> None:
+        self.recoveries.inc(1, tags={**self.tags, "kind": kind})
+        for phase, seconds in phases.items():
+            self.recovery.observe(seconds, tags={**self.tags, "phase": phase})
+
+    def on_replay(self, seconds: float) -> None:
+        self.recovery.observe(seconds, tags={**self.tags, "phase": "replay"})
+
+    def on_recomputed(self, num_tokens: int) -> None:
+        if num_tokens:
+            self.recomputed.inc(num_tokens, tags=self.tags)
 
     def on_group(self, tp_size: int, restarted: bool) -> None:
         self.tp_size.set(tp_size, tags=self.tags)

@@ -1,6 +1,7 @@
-"""Write random-weight Llama checkpoints: the built-in `tiny` model and the `bench-58m` benchmark model.
+"""Write random-weight Llama checkpoints: the built-in `tiny` model, the `bench-58m` benchmark model and the
+random Llamas by size that benchmarks/chaos_kill.py --shapes serves (RANDOM_LLAMA_SHAPES).
 
-Both are real Hugging Face checkpoint directories (config.json,
+All are real Hugging Face checkpoint directories (config.json,
 generation_config.json, model.safetensors, optionally a tokenizer), written
 with torch and safetensors only, so raytp loads them through the same loader
 as any other model and transformers loads the very same bytes. Weights are
@@ -130,3 +131,46 @@ def ensure_dir(final: str, write: Callable[[str], None], is_current: Callable[[s
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+# Random Llamas by size, for benchmarks that sweep the model size (benchmarks/chaos_kill.py --shapes).
+# Vocab 32000, untied embeddings, float32; every count divides by TP 2 and 4.
+RANDOM_LLAMA_SHAPES: dict[str, dict[str, int]] = {
+    "20m": dict(hidden=256, intermediate=1024, layers=4, heads=8, kv_heads=4),  # 20.3M parameters, 81 MB
+    "0.5b": dict(hidden=1536, intermediate=4096, layers=16, heads=12, kv_heads=4),  # 501M parameters, 2.0 GB
+}
+RANDOM_LLAMA_SEED = 0
+
+
+def random_llama_config(shape: str) -> dict:
+    """config.json of the RANDOM_LLAMA_SHAPES entry `shape` (the seed rides along, so a cache of other weights is stale)."""
+    return llama_config(**RANDOM_LLAMA_SHAPES[shape], vocab=32000, bos_id=1, eos_id=2,
+                        raytp_random_llama_seed=RANDOM_LLAMA_SEED)
+
+
+def llama_num_parameters(config: dict) -> int:
+    """Parameters of the checkpoint random_llama_weights writes for `config`."""
+    h, inter, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    attn = (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * d * h
+    per_layer = attn + 3 * h * inter + 2 * h
+    return 2 * config["vocab_size"] * h + config["num_hidden_layers"] * per_layer + h
+
+
+def write_random_llama(out_dir: str, shape: str) -> None:
+    """The RANDOM_LLAMA_SHAPES entry `shape` as a checkpoint in out_dir (no tokenizer: prompts are token ids)."""
+    write_llama(out_dir, random_llama_config(shape), RANDOM_LLAMA_SEED)
+
+
+def ensure_random_llama(shape: str, cache_dir: str | None = None) -> str:
+    """Return ``<cache_dir>/random-llama-<shape>`` (default ~/.cache/raytp), writing it first if missing or stale."""
+    want = json.loads(json.dumps(random_llama_config(shape)))  # as config.json reads back
+
+    def is_current(path: str) -> bool:
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                return json.load(f) == want and os.path.isfile(os.path.join(path, "model.safetensors"))
+        except (OSError, ValueError):
+            return False
+
+    final = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), f"random-llama-{shape}")
+    return ensure_dir(final, lambda out_dir: write_random_llama(out_dir, shape), is_current)

@@ -13,6 +13,11 @@ One interface, chosen by device and world size:
 
 Every collective is synchronous from the caller's point of view and works in
 place where it can, returning the result tensor.
+
+`abort()` may be called from another thread while a collective waits for a
+peer that died or hung: the waiting collective and every later one raise
+`CollectiveAborted`, so the rank's step fails in milliseconds and the rank
+can join a new communicator (a rank is replaced, the survivors stay).
 """
 from __future__ import annotations
 
@@ -28,6 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+class CollectiveAborted(RuntimeError):
+    """The communicator was aborted (a peer died or hung): this collective did not complete."""
 
 
 class Communicator(ABC):
@@ -49,6 +58,9 @@ class Communicator(ABC):
     @abstractmethod
     def barrier(self) -> None:
         """Return once every rank has called it."""
+
+    def abort(self) -> None:
+        """Release a collective blocked on a peer and fail every later one (callable from any thread)."""
 
     def close(self) -> None:
         pass
@@ -102,15 +114,23 @@ class GlooCommunicator(Communicator):
         # Rank 0 hosts the store; the others connect and wait up to the timeout.
         self._store = dist.TCPStore(rendezvous.host, rendezvous.port, world_size, rank == 0, timeout=timeout)
         self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
+        self.aborted = False
+
+    def _group(self):
+        # gloo cannot interrupt an operation under way (one whose peer died fails as its socket closes; a hung
+        # peer holds it until the timeout): abort() only refuses the operations after it.
+        if self.aborted:
+            raise CollectiveAborted(f"rank {self.rank}: the communicator was aborted")
+        return self._pg
 
     def all_reduce(self, tensor):
-        self._pg.allreduce([tensor]).wait()
+        self._group().allreduce([tensor]).wait()
         return tensor
 
     def all_gather(self, tensor, dim=-1):
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        self._pg.allgather([parts], [tensor]).wait()
+        self._group().allgather([parts], [tensor]).wait()
         return torch.cat(parts, dim=dim)
 
     def broadcast(self, tensor, src=0):
@@ -118,11 +138,14 @@ class GlooCommunicator(Communicator):
 
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        self._pg.broadcast([tensor], opts).wait()
+        self._group().broadcast([tensor], opts).wait()
         return tensor
 
     def barrier(self):
-        self._pg.barrier().wait()
+        self._group().barrier().wait()
+
+    def abort(self):
+        self.aborted = True
 
     def close(self):
         self._pg = None
@@ -158,13 +181,20 @@ class ShmCommunicator(Communicator):
     (it waits for everyone at each one), so it never overwrites a slot that is
     still being read. Tensors larger than a slot, broadcast and barrier go to gloo.
     Relies on x86's store ordering (data stores are visible before the flag store).
+
+    The segment's first cache line is the abort word: abort() on any rank sets
+    it, and every rank's wait (each polls it) raises CollectiveAborted, at once
+    and from then on. So the engine releases the survivors of a dead rank by
+    asking any one of them. A rank also aborts by itself when a peer it waits
+    for has exited (each rank's process id is beside its flag): a killed rank
+    fails its peers' step within milliseconds, before Ray has noticed.
     """
 
     _FLAG_STRIDE = 8  # int64s per flag: one cache line each, no false sharing
 
     @classmethod
     def segment_bytes(cls, world_size: int, slot_bytes: int) -> int:
-        return world_size * cls._FLAG_STRIDE * 8 + 2 * world_size * slot_bytes
+        return (1 + world_size) * cls._FLAG_STRIDE * 8 + 2 * world_size * slot_bytes
 
     def __init__(self, rendezvous: ShmRendezvous, rank: int, world_size: int, timeout_s: float = 60.0):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
@@ -172,11 +202,15 @@ class ShmCommunicator(Communicator):
         self.slot_bytes = rendezvous.slot_bytes
         with open(rendezvous.path, "r+b") as f:
             self._mmap = mmap.mmap(f.fileno(), self.segment_bytes(world_size, self.slot_bytes))
-        self.gloo.barrier()  # everyone has it mapped: the name is no longer needed
+        words = np.frombuffer(self._mmap, dtype=np.int64, count=(1 + world_size) * self._FLAG_STRIDE)
+        self._abort_word = words[:1]  # (1,): nonzero once any rank aborted
+        self._flags = words[self._FLAG_STRIDE :: self._FLAG_STRIDE]  # (world,): each rank's last published sequence
+        self._pids = words[self._FLAG_STRIDE + 1 :: self._FLAG_STRIDE]  # (world,): each rank's process id
+        self._pids[rank] = os.getpid()
+        self.gloo.barrier()  # everyone has it mapped (and its pid written): the name is no longer needed
         if rank == 0:
             os.unlink(rendezvous.path)
-        flag_bytes = world_size * self._FLAG_STRIDE * 8
-        self._flags = np.frombuffer(self._mmap, dtype=np.int64, count=world_size * self._FLAG_STRIDE)[:: self._FLAG_STRIDE]
+        flag_bytes = words.nbytes
         data = torch.frombuffer(self._mmap, dtype=torch.uint8, offset=flag_bytes, count=2 * world_size * self.slot_bytes)
         self._slots = data.view(2, world_size, self.slot_bytes)  # (parity, rank, bytes)
         self._seq = 0
@@ -187,6 +221,8 @@ class ShmCommunicator(Communicator):
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes > self.slot_bytes:
             return None
+        if self._abort_word[0]:
+            raise CollectiveAborted(f"rank {self.rank}: the communicator was aborted")
         self._seq += 1
         slots = self._slots[self._seq % 2]  # (world, bytes)
         slots[self.rank, :nbytes].copy_(tensor.view(-1).view(torch.uint8))
@@ -197,14 +233,26 @@ class ShmCommunicator(Communicator):
     def _wait_all(self, seq: int) -> None:
         spins, deadline = 0, None
         while self._flags.min() < seq:
+            if self._abort_word[0]:
+                raise CollectiveAborted(f"rank {self.rank}: the communicator was aborted in collective {seq}")
             spins += 1
             if spins > 200:
                 # More ranks than free cores: let the others run.
                 os.sched_yield()
                 if deadline is None:
                     deadline = time.monotonic() + self.timeout_s
-                elif spins % 1024 == 0 and time.monotonic() > deadline:
-                    raise TimeoutError(f"rank {self.rank}: peers did not reach collective {seq} within {self.timeout_s}s")
+                elif spins % 1024 == 0:
+                    self._check_peers(seq)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"rank {self.rank}: peers did not reach collective {seq} within {self.timeout_s}s")
+
+    def _check_peers(self, seq: int) -> None:
+        """Abort (for every rank) if a peer that has not reached collective `seq` has exited."""
+        for rank in np.flatnonzero(self._flags < seq):
+            pid = int(self._pids[rank])
+            if not process_alive(pid):
+                self.abort()
+                raise CollectiveAborted(f"rank {self.rank}: peer rank {rank} (pid {pid}) exited before collective {seq}")
 
     def all_reduce(self, tensor):
         parts = self._exchange(tensor)
@@ -228,9 +276,23 @@ class ShmCommunicator(Communicator):
     def barrier(self):
         self.gloo.barrier()
 
+    def abort(self):
+        if self._abort_word is not None:
+            self._abort_word[0] = 1
+        self.gloo.abort()
+
     def close(self):
-        self._flags = self._slots = None
+        self._flags = self._slots = self._abort_word = None
         self.gloo.close()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` (on this node) still runs: a killed one that is not reaped yet is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _cupy_nccl():
@@ -275,6 +337,11 @@ class NcclCommunicator(Communicator):
         # neither lands in the first served step, and the KV cache is sized with NCCL's memory already taken.
         self.barrier()
 
+    def _live(self):
+        if self._comm is None:
+            raise CollectiveAborted(f"rank {self.rank}: the NCCL communicator was aborted")
+        return self._comm
+
     def _dtype(self, tensor: torch.Tensor) -> int:
         try:
             return getattr(self._nccl, _NCCL_DTYPES[tensor.dtype])
@@ -288,7 +355,7 @@ class NcclCommunicator(Communicator):
 
     def all_reduce(self, tensor):
         assert tensor.is_contiguous()
-        self._comm.allReduce(
+        self._live().allReduce(
             tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtype(tensor), self._nccl.NCCL_SUM, self._stream()
         )
         return tensor
@@ -296,13 +363,13 @@ class NcclCommunicator(Communicator):
     def all_gather(self, tensor, dim=-1):
         tensor = tensor.contiguous()
         out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-        self._comm.allGather(tensor.data_ptr(), out.data_ptr(), tensor.numel(), self._dtype(tensor), self._stream())
+        self._live().allGather(tensor.data_ptr(), out.data_ptr(), tensor.numel(), self._dtype(tensor), self._stream())
         # out: (world, *shape) -> concatenated along dim
         return torch.cat(out.unbind(0), dim=dim)
 
     def broadcast(self, tensor, src=0):
         assert tensor.is_contiguous()
-        self._comm.broadcast(
+        self._live().broadcast(
             tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtype(tensor), src, self._stream()
         )
         return tensor
@@ -311,6 +378,11 @@ class NcclCommunicator(Communicator):
         one = torch.ones(1, device=self._device)
         self.all_reduce(one)
         torch.cuda.current_stream().synchronize()
+
+    def abort(self):
+        # ncclCommAbort from another thread releases a collective stuck on a dead peer (the step's stream then
+        # fails); later collectives on this communicator fail too. The rank joins a new one.
+        self.close()
 
     def close(self):
         # Abort, not destroy: teardown usually follows a failure, and ncclCommDestroy waits for peers

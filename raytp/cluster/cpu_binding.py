@@ -33,6 +33,8 @@ import os
 import tempfile
 import threading
 
+from raytp.cluster.comm import process_alive
+
 log = logging.getLogger(__name__)
 
 _CLAIMS = os.path.join(tempfile.gettempdir(), "raytp-cpu-claims.json")
@@ -46,15 +48,6 @@ def _node_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` still runs (a killed rank that is not reaped yet is a zombie: not alive)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def claim_cores(count: int, claims_path: str = _CLAIMS) -> list[int] | None:
     """Claim `count` free cores of this node for this process (lowest first), or None if too few are free."""
     with open(claims_path, "a+") as f:
@@ -64,7 +57,7 @@ def claim_cores(count: int, claims_path: str = _CLAIMS) -> list[int] | None:
             claims = {int(pid): cores for pid, cores in json.loads(f.read() or "{}").items()}
         except ValueError:
             claims = {}
-        claims = {pid: cores for pid, cores in claims.items() if pid != os.getpid() and _alive(pid)}
+        claims = {pid: cores for pid, cores in claims.items() if pid != os.getpid() and process_alive(pid)}
         taken = {c for cores in claims.values() for c in cores}
         free = [c for c in _node_cores() if c not in taken]
         mine = free[:count] if len(free) >= count else None

@@ -90,6 +90,11 @@ class Executor(ABC):
         """Whether a group of tp_size would fit right now (used to grow back after degrading)."""
         return False
 
+    def replace_lost_ranks(self) -> dict[str, float]:
+        """Replace dead or hung ranks and keep the others' processes, shards and KV caches (the KV cache as a whole
+        survives); the seconds each phase took. GroupFailure where it cannot: the group must be rebuilt."""
+        raise GroupFailure(f"{type(self).__name__} cannot replace a rank")
+
     @abstractmethod
     def worker_pids(self) -> list[int]:
         """Process id of each rank, in rank order."""

@@ -4,6 +4,13 @@ A STRICT_PACK placement group with one bundle per rank puts every rank on one
 node; one TPWorkerActor per bundle; rank 0 makes the rendezvous (gloo
 address or NCCL unique id) and it reaches the other ranks as an argument of
 their init call. Every wait has a timeout: nothing here hangs.
+
+`replace_lost_ranks` mends the group after a rank died or hung, keeping the
+survivors' processes, shards and KV caches: the survivors' running step is
+aborted, a warm spare (spares.py) takes each lost rank's index, its shard and
+KV cache come from the store the lost rank left in shared memory
+(rank_store.py), and every rank joins a new communicator with the old rank
+numbers. Where that cannot be done, the supervisor rebuilds the group.
 """
 from __future__ import annotations
 
@@ -14,13 +21,18 @@ import time
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, WorkerCrashedError
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from raytp.config import EngineConfig
 from raytp.cluster.executor import (Executor, GroupFailure, PlacementError, choose_num_kv_blocks, profile_seq_lens,
                             warm_up_tokens)
+from raytp.cluster.rank_store import new_store_dir, remove_store
+from raytp.cluster.spares import SparePool
+from raytp.cluster.watchdog import StepWatchdog
 from raytp.engine.step import SeqStep, StepResult
-from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, TPWorkerActor
+from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, SPARE_RANK, TPWorkerActor
+
+PING_TIMEOUT_S = 1.0  # a live rank answers a ping in milliseconds, even mid-step (its Ray calls have threads of their own)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +54,14 @@ class TPGroup(Executor):
         self.pg = None
         self.workers: list = []
         self.tp_size, self.num_kv_blocks = 0, 0
-        self.steps_sent = 0  # steps sent to the current workers: the next one's number
+        self.epoch = 0  # communicators the current workers joined, less one: steps carry it
+        self.steps_sent = 0  # steps sent in this epoch: the next one's number
         self.rebuilding = False  # started before: requests may be waiting for this start
+        self.node_id: str | None = None  # the ranks' node
+        self.store_dir: str | None = None  # the ranks' shards and KV caches in shared memory (CPU)
+        self.spares: SparePool | None = None
+        self.watchdog = StepWatchdog(config.hang_detection_multiple, config.hang_detection_floor_s,
+                                     config.step_timeout_s)
 
     # ---- building ----------------------------------------------------------------
 
@@ -65,24 +83,32 @@ class TPGroup(Executor):
                 f"(waited {self.config.placement_timeout_s:g}s)"
             ) from None
 
+    def _new_rank(self, rank: int, tp_size: int, scheduling_strategy, num_cpus: float):
+        return ray.remote(TPWorkerActor).options(
+            max_concurrency=MAX_CONCURRENT_CALLS,
+            num_cpus=num_cpus,
+            num_gpus=1 if self.device == "cuda" else 0,
+            scheduling_strategy=scheduling_strategy,
+        ).remote(rank, tp_size, self.device, self.dtype, self.config.seed,
+                 self.config.cpus_per_rank if self.device == "cpu" else None, self.config.cpu_binding)
+
+    def _start_spare(self):
+        # On the ranks' node, reserving nothing while it waits: it computes on a dead rank's bundle (spares.py).
+        return self._new_rank(SPARE_RANK, self.tp_size, NodeAffinitySchedulingStrategy(self.node_id, soft=False), 0)
+
     def start(self, tp_size: int) -> None:
         t0 = time.monotonic()
         timeout = self.config.init_timeout_s
         self._place(tp_size)
         try:
-            actor = ray.remote(TPWorkerActor)
-            self.steps_sent = 0
+            self.epoch, self.steps_sent = 0, 0
             self.workers = [
-                actor.options(
-                    max_concurrency=MAX_CONCURRENT_CALLS,
-                    num_cpus=self.config.cpus_per_rank,
-                    num_gpus=1 if self.device == "cuda" else 0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-                ).remote(rank, tp_size, self.device, self.dtype, self.config.seed,
-                         self.config.cpus_per_rank if self.device == "cpu" else None, self.config.cpu_binding)
+                self._new_rank(rank, tp_size, PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+                               self.config.cpus_per_rank)
                 for rank in range(tp_size)
             ]
             infos = ray.get([w.node_info.remote() for w in self.workers], timeout=timeout)
+            self.node_id = infos[0]["node_id"]
             for info in infos:
                 log.info("TP rank %d/%d: node %s (%s) pid %d gpu %s %s", info["rank"], tp_size, info["node_ip"],
                          info["hostname"], info["pid"], ",".join(info["gpu_ids"]) or "-", info["gpu_uuid"] or "")
@@ -97,8 +123,11 @@ class TPGroup(Executor):
             rendezvous = ray.get(self.workers[0].make_rendezvous.remote(self.config.cpu_collectives), timeout=timeout)
             backends = ray.get([w.init_communicator.remote(rendezvous, timeout) for w in self.workers], timeout=timeout)
             log.info("TP group of %d ranks connected over %s", tp_size, backends[0])
-            ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights) for w in self.workers],
-                    timeout=timeout)
+            # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them.
+            replaceable = self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
+            self.store_dir = new_store_dir() if replaceable else None
+            ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
+                                   self.store_dir) for w in self.workers], timeout=timeout)
             bs = self.config.block_size
             profile = profile_seq_lens(self.config, self.max_model_len)
             capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization, profile)
@@ -109,6 +138,7 @@ class TPGroup(Executor):
             kernels_up_to_seqs = 0 if self.rebuilding else self.config.max_num_seqs
             warm = ray.get([w.warm_up.remote(warm_tokens, kernels_up_to_seqs) for w in self.workers], timeout=timeout)
             log.info("TP group warmed up with one %d-token step in %.2fs", warm_tokens, max(warm))
+            self.watchdog.observe(warm_tokens, max(warm))  # the first measurement: covers every smaller step too
         except BaseException as err:
             self.shutdown()
             if isinstance(err, GetTimeoutError):
@@ -117,6 +147,9 @@ class TPGroup(Executor):
                 raise GroupFailure(f"a rank of the TP group of {tp_size} died while starting: {err}") from err
             raise  # anything a rank raised itself (a bad checkpoint, a KV cache too small) is permanent
         self.tp_size, self.rebuilding = tp_size, True
+        if self.store_dir is not None:
+            self.spares = SparePool(self._start_spare, self.config.num_spare_ranks)
+            self.spares.fill()
         log.info("TP group ready: tp=%d, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.num_kv_blocks, bs,
                  time.monotonic() - t0)
 
@@ -139,40 +172,130 @@ class TPGroup(Executor):
         # Without task events: steps come tens of times a second, and each one's events would cost the caller, the
         # rank and the GCS (which would keep up to 100k of them) for a task table nobody reads.
         number, self.steps_sent = self.steps_sent, self.steps_sent + 1
-        return [w.run_step.options(enable_task_events=False).remote(number, seqs) for w in self.workers]
+        return [w.run_step.options(enable_task_events=False).remote(self.epoch, number, seqs) for w in self.workers]
 
     def execute(self, seqs: list[SeqStep]) -> StepResult:
+        num_tokens = sum(len(s.token_ids) for s in seqs)
         refs = self._send(seqs)
-        deadline = time.monotonic() + self.config.step_timeout_s
+        started = time.monotonic()
         pending = list(refs)
         try:
             # Collect results as they come, so a dead rank is noticed at once even
             # while the surviving ranks still wait for it inside a collective.
             while pending:
-                done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                done, pending = ray.wait(pending, num_returns=1, timeout=self._wait_s(num_tokens, started))
                 if not done:
-                    raise self._too_slow()
+                    self._check_not_hung(started)
                 ray.get(done)
-            return self._merge(ray.get(refs))
+            return self._finish(ray.get(refs), num_tokens)
         except RayError as err:
             raise _worker_failed(err) from err
 
     def submit(self, seqs: list[SeqStep]):
         # The calls go out now; each actor runs its calls in the order they were sent.
         refs = self._send(seqs)
-        return asyncio.ensure_future(self._gather(refs))
+        return asyncio.ensure_future(self._gather(refs, sum(len(s.token_ids) for s in seqs)))
 
-    async def _gather(self, refs) -> StepResult:
+    async def _gather(self, refs, num_tokens: int) -> StepResult:
+        started = time.monotonic()
+        results = asyncio.gather(*refs)
         try:
-            results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.step_timeout_s)
-            return self._merge(results)
-        except asyncio.TimeoutError:
-            raise self._too_slow() from None
+            while True:
+                try:
+                    return self._finish(await asyncio.wait_for(asyncio.shield(results), self._wait_s(num_tokens, started)),
+                                        num_tokens)
+                except asyncio.TimeoutError:
+                    await asyncio.to_thread(self._check_not_hung, started)
         except RayError as err:
             raise _worker_failed(err) from err
+        finally:
+            results.cancel()  # after a failure nobody awaits the other ranks' results
+            results.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    def _too_slow(self) -> GroupFailure:
-        return GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s")
+    def _finish(self, results: list[StepResult], num_tokens: int) -> StepResult:
+        step = self._merge(results)
+        self.watchdog.observe(num_tokens, step.step_seconds)
+        return step
+
+    def _wait_s(self, num_tokens: int, started: float) -> float:
+        """How long to wait for a step before asking whether a rank hangs (never past step_timeout_s in all)."""
+        left = self.config.step_timeout_s - (time.monotonic() - started)
+        return max(0.0, min(self.watchdog.limit(num_tokens), left))
+
+    def _check_not_hung(self, started: float) -> None:
+        """The step outran the watchdog's limit: GroupFailure if a rank does not answer (hung: SIGSTOP, a stuck
+        process) or step_timeout_s has passed; a step whose ranks all answer is slow, not hung, and waited on."""
+        waited = time.monotonic() - started
+        hung = self.unresponsive_ranks()
+        if hung:
+            raise GroupFailure(f"TP rank(s) {hung} do not answer after a step ran {waited:.2f}s: hung")
+        if waited >= self.config.step_timeout_s:
+            raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s")
+        log.warning("a step has run %.2fs, more than the watchdog's limit, but every rank answers: waiting on", waited)
+
+    def unresponsive_ranks(self) -> list[int]:
+        """Ranks that are dead or do not answer a ping within PING_TIMEOUT_S."""
+        refs = [w.ping.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
+        lost = []
+        for rank, ref in enumerate(refs):
+            try:
+                if ref not in ready:
+                    raise GetTimeoutError()
+                ray.get(ref)
+            except RayError:
+                lost.append(rank)
+        return lost
+
+    # ---- mending ---------------------------------------------------------------------
+
+    def replace_lost_ranks(self) -> dict[str, float]:
+        """Replace the ranks that died or hung with warm spares; the survivors keep their processes, shards and KV
+        caches, and so does the group's KV cache as a whole (the replacements map the lost ranks' caches). Returns
+        the seconds each phase took. GroupFailure where it cannot (no store or spare, a rank that does not come up):
+        the group must be rebuilt."""
+        if self.store_dir is None or self.spares is None:
+            raise GroupFailure("this group has no spare ranks (num_spare_ranks=0, GPU or TP=1)")
+        timeout = self.config.init_timeout_s
+        phases, t = {}, time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal t
+            now = time.monotonic()
+            phases[name], t = now - t, now
+
+        lost = self.unresponsive_ranks()
+        if not lost:
+            raise GroupFailure("every rank answers: there is no rank to replace")
+        for rank in lost:
+            ray.kill(self.workers[rank], no_restart=True)  # a hung rank must not wake up into the new group
+        phase("detect")
+        survivors = [w for rank, w in enumerate(self.workers) if rank not in lost]
+        try:
+            ray.get([w.abort.remote() for w in survivors], timeout=timeout)
+            phase("abort")
+            for rank in lost:
+                spare = self.spares.take(timeout_s=timeout)
+                if spare is None:
+                    raise GroupFailure(f"no spare rank could take rank {rank}'s place")
+                self.workers[rank] = spare
+            phase("spare_join")
+            taken = ray.get([self.workers[rank].take_over.remote(
+                rank, self.tp_size, self.model_path, self.config.attention_backend, self.store_dir,
+                self.num_kv_blocks, self.config.block_size) for rank in lost], timeout=timeout)
+            phase("shard_load")
+            phases["kv_restore"] = max(info["kv_s"] for info in taken)
+            phases["shard_load"] -= phases["kv_restore"]
+            self.epoch, self.steps_sent = self.epoch + 1, 0
+            rendezvous = ray.get(self.workers[0].make_rendezvous.remote(self.config.cpu_collectives), timeout=timeout)
+            ray.get([w.init_communicator.remote(rendezvous, timeout, self.epoch) for w in self.workers], timeout=timeout)
+            phase("communicator")
+        except (GetTimeoutError, RayError) as err:
+            raise GroupFailure(f"replacing rank(s) {lost} failed: {type(err).__name__}: {err}") from err
+        self.spares.fill()
+        log.warning("TP rank(s) %s replaced by spares (pids %s); survivors kept their processes: %s", lost,
+                    [info["pid"] for info in taken], ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
+        return phases
 
     def can_place(self, tp_size: int, wait_s: float = 1.0) -> bool:
         """Whether a group of tp_size could be placed now (probes with a placement group that is removed again)."""
@@ -202,10 +325,32 @@ class TPGroup(Executor):
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
+        if self.spares is not None:
+            self.spares.shutdown()
+            self.spares = None
+        if self.store_dir is not None:
+            self._remove_store()
+            self.store_dir = None
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
         self.tp_size = 0
+
+    def _remove_store(self) -> None:
+        """The ranks' shards and KV caches go with the group, from the ranks' node (this replica may be elsewhere)."""
+        if ray.get_runtime_context().get_node_id() == self.node_id:
+            remove_store(self.store_dir)
+            return
+        try:
+            strategy = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
+            ray.get(_remove_store_on_node.options(scheduling_strategy=strategy).remote(self.store_dir), timeout=30)
+        except (GetTimeoutError, RayError) as err:  # the node is gone, and its memory with it
+            log.warning("could not remove %s on node %s: %s", self.store_dir, self.node_id, err)
+
+
+@ray.remote(num_cpus=0)
+def _remove_store_on_node(store_dir: str) -> None:
+    remove_store(store_dir)
 
 
 def _worker_failed(err: RayError) -> GroupFailure:

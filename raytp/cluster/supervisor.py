@@ -2,14 +2,23 @@
 
 The supervisor owns the executor (the group) and decides when and at which
 TP degree it is (re)built; the engine calls it at step boundaries and never
-the other way round. What it retries and what it does not:
+the other way round. What it does when a step fails, cheapest first:
 
-- a group failure (a rank died or hung) and a placement timeout are
-  transient: the group is rebuilt, at a smaller degree if the old one no
-  longer fits (down to min_tensor_parallel_size), with backoff between tries;
+- **replace**: the ranks that died or hang are replaced by warm spares that
+  take over their shards and KV caches; the survivors keep theirs, and the
+  engine replays only the steps that were in flight;
+- **rebuild**: where that cannot be done (no spare, GPU, a replacement that
+  fails), the group is built again from nothing and every running request is
+  recomputed; a group failure and a placement timeout are transient and
+  retried with backoff, at a smaller degree (**degrade**) if the old one no
+  longer fits (down to min_tensor_parallel_size);
 - anything else (a bad checkpoint, a refused topology, a KV cache too small
   for one sequence) is permanent: it fails at once, with its message, instead
   of being retried forever.
+
+A request that brings the group down every time must not keep it down: past
+max_recoveries failures within recovery_window_s, the requests that were in
+every one of those failed steps are failed alone (note_failure).
 """
 from __future__ import annotations
 
@@ -34,7 +43,8 @@ class Supervisor:
         self.config, self.args, self.executor = config, args, executor
         self.on_new_group, self.metrics = on_new_group, metrics
         self.target_tp = config.tensor_parallel_size
-        self.restarts = 0
+        self.restarts = 0  # recoveries and resizes
+        self._failures: list[tuple[float, frozenset[str]]] = []  # (when, requests in the failed step) in the window
         self.last_recovery_s: float | None = None
         self.pending_resize: int | None = None
         self.grow_check_interval_s = 10.0
@@ -61,25 +71,62 @@ class Supervisor:
             log.warning("running degraded at tensor_parallel_size=%d (target %d)", self.executor.tp_size, self.target_tp)
         self.on_new_group(self.executor.num_kv_blocks)
 
-    def rebuild(self, reason: str) -> float:
+    def note_failure(self, request_ids: set[str]) -> set[str] | None:
+        """A step with these requests in it failed. Within the cap: an empty set. Past max_recoveries failures in
+        recovery_window_s: the requests that were in every one of them (the engine fails those alone), or None if
+        no request was (the group keeps failing on its own: recovery cannot help)."""
+        now = time.monotonic()
+        self._failures = [(t, ids) for t, ids in self._failures if now - t <= self.config.recovery_window_s]
+        self._failures.append((now, frozenset(request_ids)))
+        if len(self._failures) <= self.config.max_recoveries:
+            return set()
+        culprits = frozenset.intersection(*(ids for _, ids in self._failures))
+        log.error("%d recoveries within %gs; requests in every failed step: %s", len(self._failures),
+                  self.config.recovery_window_s, sorted(culprits) or "none")
+        self._failures = []
+        return set(culprits) or None
+
+    def replace(self, reason: str) -> bool:
+        """Mend the group by replacing its lost ranks (runs off the event loop); False where that cannot be done
+        and the group must be rebuilt (the KV cache is then lost)."""
+        t0 = time.monotonic()
+        log.warning("replacing the lost TP rank(s) (%s)", reason)
+        try:
+            phases = self.executor.replace_lost_ranks()
+        except GroupFailure as err:
+            log.warning("the group cannot be mended by replacing ranks (%s): rebuilding it", err)
+            return False
+        self._recovered("replace", phases, t0)
+        return True
+
+    def rebuild(self, reason: str, recovery: bool = True) -> float:
         """Tear the group down and build it again at target_tp (nothing may be running). Returns seconds taken."""
         t0 = time.monotonic()
         log.warning("rebuilding the TP group (%s)", reason)
         self.executor.shutdown()
+        torn_down = time.monotonic()
         self.start()
-        self.restarts += 1
-        if self.metrics:
-            self.metrics.on_group(self.executor.tp_size, restarted=True)
-        self.last_recovery_s = time.monotonic() - t0
+        degraded = self.executor.tp_size < self.target_tp
+        phases = {"teardown": torn_down - t0, "start": time.monotonic() - torn_down}
+        self._recovered(("degrade" if degraded else "rebuild") if recovery else None, phases, t0)
         log.warning("TP group rebuilt at tensor_parallel_size=%d in %.1fs", self.executor.tp_size, self.last_recovery_s)
         return self.last_recovery_s
 
-    async def rebuild_until_done(self, reason: str) -> float:
+    def _recovered(self, kind: str | None, phases: dict[str, float], t0: float) -> None:
+        """Count a recovery of this kind (None: a resize or a grow-back) and record its phases."""
+        self.restarts += 1
+        self.last_recovery_s = time.monotonic() - t0
+        if self.metrics:
+            self.metrics.on_group(self.executor.tp_size, restarted=True)
+            if kind is not None:
+                self.metrics.on_recovery(kind, phases)
+
+    async def rebuild_until_done(self, reason: str, recovery: bool = True) -> float:
         """rebuild() off the event loop, retried with backoff while it fails transiently; a permanent error raises."""
         attempt = 0
         while True:
             try:
-                return await asyncio.to_thread(self.rebuild, reason)
+                return await asyncio.to_thread(self.rebuild, reason, recovery)
             except TRANSIENT as err:
                 attempt += 1
                 log.error("rebuilding the TP group failed (attempt %d): %s; retrying", attempt, err)

@@ -19,6 +19,7 @@ import time
 import torch
 
 from raytp.cluster.comm import (
+    CollectiveAborted,
     Communicator,
     GlooCommunicator,
     GlooRendezvous,
@@ -31,9 +32,11 @@ from raytp.cluster.comm import (
 )
 from raytp.cluster.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
 from raytp.cluster.memory import MemoryProfile
+from raytp.cluster.rank_store import kv_path, load_shard, map_kv_cache, save_shard, shard_path
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.layers import build_gemm_kernels
-from raytp.model.loader import DTYPES, load_model, weight_bytes
+from raytp.model.llama import LlamaModel
+from raytp.model.loader import DTYPES, load_model, read_model_args, weight_bytes
 from raytp.sampling import RowContext, SamplingParams, gather_logprobs, sample
 from raytp.engine.step import PREVIOUS_TOKEN, SeqStep, StepLogprobs, StepResult
 from raytp.cluster.topology import check_nvlink
@@ -93,8 +96,24 @@ class TimedCommunicator(Communicator):
     def barrier(self):
         self.inner.barrier()
 
+    def abort(self):
+        self.inner.abort()
+
     def close(self):
         self.inner.close()
+
+
+class NotConnected(Communicator):
+    """A rank's place in a group before it has joined the group's communicator (a spare taking a dead rank's
+    index builds its shard first): every collective refuses."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def _refuse(self, *args):
+        raise CollectiveAborted(f"rank {self.rank} has not joined the group's communicator yet")
+
+    all_reduce = all_gather = broadcast = barrier = _refuse
 
 
 def throwaway_steps(seq_lens: list[int], block_size: int) -> list[SeqStep]:
@@ -125,7 +144,9 @@ class TPWorker:
         self.model = None
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 16
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # the same seed on every rank: the same samples
+        self.store_dir: str | None = None  # where this rank's shard and KV cache outlive it (CPU), if anywhere
         self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
         self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
 
@@ -137,8 +158,9 @@ class TPWorker:
             import ray
 
             info["node_ip"] = ray.util.get_node_ip_address()
+            info["node_id"] = ray.get_runtime_context().get_node_id()
         except Exception:  # in-process use, without Ray
-            info["node_ip"] = "127.0.0.1"
+            info["node_ip"], info["node_id"] = "127.0.0.1", None
         info["gpu_ids"] = ray_gpu_ids()
         info["gpu_uuid"] = nvml_uuid(self.cuda_index) if self.cuda_index is not None else None
         return info
@@ -161,7 +183,10 @@ class TPWorker:
             return create_shm_rendezvous(host, self.world_size)
         return GlooRendezvous(host, free_port(host))
 
-    def init_communicator(self, rendezvous, timeout_s: float = 60.0) -> str:
+    def init_communicator(self, rendezvous, timeout_s: float = 60.0, epoch: int = 0) -> str:
+        """Connect to the group's other ranks. Again after a peer was replaced (epoch > 0): the model's layers keep
+        their communicator object and get the new connection inside it, and what the rank remembers of earlier
+        steps goes (the engine replays the steps that were lost); every rank reseeds alike for unseeded sampling."""
         if self.world_size == 1:
             inner = SingleRank()
         elif self.device == "cuda":
@@ -170,18 +195,53 @@ class TPWorker:
             inner = ShmCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
         else:
             inner = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
-        # CUDA events for NCCL; TP=1's collectives are the identity: nothing to time on the GPU.
-        self.comm = TimedCommunicator(inner, cuda_events=isinstance(inner, NcclCommunicator))
+        if self.comm is None:
+            # CUDA events for NCCL; TP=1's collectives are the identity: nothing to time on the GPU.
+            self.comm = TimedCommunicator(inner, cuda_events=isinstance(inner, NcclCommunicator))
+        else:
+            old, self.comm.inner = self.comm.inner, inner
+            old.close()
+        if epoch:
+            self.last_sampled, self.histories = {}, {}
+            self.generator.manual_seed(self.seed + epoch)
         return type(inner).__name__
+
+    def abort_communicator(self) -> None:
+        """Release this rank (and, through the shared segment, its peers) from a collective a dead peer blocks."""
+        if self.comm is not None:
+            self.comm.abort()
 
     # ---- weights and KV cache -------------------------------------------------
 
-    def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True) -> dict:
+    def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True,
+             store_dir: str | None = None) -> dict:
+        """Load this rank's shard from the checkpoint; with store_dir (CPU), also write it where a replacement finds
+        it (rank_store.py)."""
         device = "cuda" if self.device == "cuda" else "cpu"
         attention = select_backend(device, attention_backend, DTYPES[self.dtype])
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
                                 attention=attention, pack_weights=pack_weights)
+        if store_dir is not None and device == "cpu":
+            save_shard(self.model, shard_path(store_dir, self.rank))
+            self.store_dir = store_dir
         return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.name}
+
+    def take_over(self, rank: int, world_size: int, model_path: str, attention_backend: str, store_dir: str,
+                  num_kv_blocks: int, block_size: int) -> dict:
+        """A spare becomes rank `rank` of a group that lost it: the dead rank's shard and KV cache come from its
+        store (no checkpoint read, no packing, no cache to fill again). It joins the communicator next."""
+        t0 = time.perf_counter()
+        self.rank, self.world_size = rank, world_size
+        self.comm = TimedCommunicator(NotConnected(rank, world_size))
+        attention = select_backend("cpu", attention_backend, DTYPES[self.dtype])
+        with torch.device("cpu"):
+            self.model = LlamaModel(read_model_args(model_path), self.comm, DTYPES[self.dtype], attention)
+        load_shard(self.model, shard_path(store_dir, rank))
+        shard_s = time.perf_counter() - t0
+        self.block_size, self.store_dir = block_size, store_dir
+        shape = self.model.kv_cache_shape(num_kv_blocks * block_size)
+        self.kv_cache = map_kv_cache(kv_path(store_dir, rank), shape, self.model.dtype, create=False)
+        return {"shard_s": shard_s, "kv_s": time.perf_counter() - t0 - shard_s, "pid": os.getpid()}
 
     def kv_block_bytes(self, block_size: int) -> int:
         shape = self.model.kv_cache_shape(block_size)
@@ -216,10 +276,15 @@ class TPWorker:
                              peak_allocated=peak_allocated)
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """A zeroed KV cache; on CPU with a store, mapped from a file that outlives this process (rank_store.py)."""
         self.block_size = block_size
         self.kv_cache = None  # free the old cache first
         device = "cuda" if self.device == "cuda" else "cpu"
-        self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks * block_size), dtype=self.model.dtype, device=device)
+        shape = self.model.kv_cache_shape(num_blocks * block_size)
+        if self.store_dir is not None:
+            self.kv_cache = map_kv_cache(kv_path(self.store_dir, self.rank), shape, self.model.dtype, create=True)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.model.dtype, device=device)
         if self.stream is not None:
             torch.cuda.synchronize()  # weights and cache were written on the default stream; steps read them on self.stream
 

@@ -18,21 +18,33 @@ next. Calls on a threaded actor may start out of order, so each step carries
 its number and the step thread runs them by number. Each result says how
 early its step arrived (`StepResult.lead_seconds`), so that the engine learns
 how far ahead to send steps (pacing.py).
+
+When a peer dies, the Ray threads stay free for the calls that mend the
+group while the step thread may be stuck in a collective: `abort` releases it
+(and the queued steps fail), `init_communicator(..., epoch)` waits until the
+step thread is idle and connects the rank to the new communicator; steps
+are then numbered from 0 again under the new epoch, and a step of an older
+epoch is refused. A spare (rank < 0) waits with its imports done and no
+step thread until `take_over` gives it a dead rank's index.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future
 
 import torch
 
+from raytp.cluster.comm import CollectiveAborted
 from raytp.cluster.cpu_binding import bind_rank
 from raytp.engine.step import SeqStep, StepResult
+from raytp.model import cpu_ops
 from raytp.cluster.worker import TPWorker
 
 # Ray calls one rank may run at once: the running step's, the next step's, and a health check or two.
 MAX_CONCURRENT_CALLS = 4
+SPARE_RANK = -1  # the rank a spare is created with
 
 
 class TPWorkerActor(TPWorker):
@@ -43,15 +55,61 @@ class TPWorkerActor(TPWorker):
         # step number -> (its rows, its result, when it arrived)
         self._queued: dict[int, tuple[list[SeqStep], Future, float]] = {}
         self._next_step = 0
-        threading.Thread(target=self._run_steps, args=(bind_cores,), name="raytp-steps", daemon=True).start()
+        self._epoch = 0  # communicators joined so far - 1: steps of another epoch are refused
+        self._running = False  # the step thread is inside a step
+        self._bind_cores = bind_cores
+        if rank != SPARE_RANK:
+            self._start_step_thread()
 
-    def run_step(self, number: int, seqs: list[SeqStep]) -> StepResult:
-        """Run step `number` (0, 1, ... since the rank started) once every earlier step has run; its result."""
+    def _start_step_thread(self) -> None:
+        threading.Thread(target=self._run_steps, args=(self._bind_cores,), name="raytp-steps", daemon=True).start()
+
+    def run_step(self, epoch: int, number: int, seqs: list[SeqStep]) -> StepResult:
+        """Run step `number` (0, 1, ... since the rank joined this epoch's communicator) once every earlier step
+        has run; its result."""
         result: Future = Future()
         with self._queue_changed:
+            if epoch != self._epoch:
+                raise CollectiveAborted(f"rank {self.rank}: step {number} of epoch {epoch} arrived in epoch {self._epoch}")
             self._queued[number] = (seqs, result, time.perf_counter())
             self._queue_changed.notify()
         return result.result()
+
+    def spare_ready(self) -> int:
+        """Once a spare is up: load now what taking a rank's place would otherwise load inside the pause (the
+        compiled CPU ops, torch.distributed for the communicator); its process id."""
+        if self.device == "cpu":
+            import torch.distributed  # noqa: F401
+
+            cpu_ops.prebuild(attention=True, linear=True)  # from the disk cache the group's start filled
+        return os.getpid()
+
+    def take_over(self, *args, **kwargs) -> dict:
+        info = super().take_over(*args, **kwargs)
+        self._start_step_thread()
+        return info
+
+    def abort(self) -> None:
+        """A peer died or hung: release the running step from its collective, fail the steps queued behind it."""
+        self.abort_communicator()
+        self._fail_queued("the group lost a rank")
+
+    def init_communicator(self, rendezvous, timeout_s: float = 60.0, epoch: int = 0) -> str:
+        if epoch:  # rejoining: the aborted step must be out of the way, and numbering starts again
+            deadline = time.monotonic() + timeout_s
+            with self._queue_changed:
+                while self._running:
+                    if not self._queue_changed.wait(timeout=max(0.0, deadline - time.monotonic())):
+                        raise TimeoutError(f"rank {self.rank}: its step did not end within {timeout_s:g}s of the abort")
+                self._epoch, self._next_step = epoch, 0
+            self._fail_queued("the group was mended")
+        return super().init_communicator(rendezvous, timeout_s, epoch)
+
+    def _fail_queued(self, why: str) -> None:
+        with self._queue_changed:
+            for _, result, _ in self._queued.values():
+                result.set_exception(CollectiveAborted(f"rank {self.rank}: {why}"))
+            self._queued.clear()
 
     def _run_steps(self, bind_cores: bool) -> None:
         if self.device == "cuda":
@@ -67,6 +125,7 @@ class TPWorkerActor(TPWorker):
                     self._queue_changed.wait()
                 seqs, result, arrived = self._queued.pop(self._next_step)
                 self._next_step += 1
+                self._running = True
             try:
                 step = self.execute(seqs)
                 step.lead_seconds = previous_end - arrived  # < 0: this rank waited that long for the step
@@ -74,3 +133,6 @@ class TPWorkerActor(TPWorker):
             except BaseException as err:  # the Ray call that brought the step raises it
                 result.set_exception(err)
             previous_end = time.perf_counter()
+            with self._queue_changed:
+                self._running = False
+                self._queue_changed.notify_all()

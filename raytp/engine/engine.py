@@ -2,8 +2,10 @@
 
 `EngineCore` is synchronous and reads as three calls per step: schedule, run
 (on the executor), postprocess. It owns every request's prompt and generated
-tokens, so when the TP group fails or is resized it rebuilds the group and
-every in-flight request resumes by re-prefilling what it already has.
+tokens, so when the TP group fails every in-flight request resumes: where a
+spare replaced the lost rank and the KV cache survived, only the steps that
+were in flight are computed again; where the group had to be rebuilt (or is
+resized), every request re-prefills what it already has.
 `AsyncEngine` drives a core from an asyncio loop for the server; `LLM`
 (llm.py) drives one synchronously.
 """
@@ -86,12 +88,26 @@ class EngineCore:
         else:
             self.scheduler.reset_blocks(blocks)
 
-    def rebuild(self, reason: str) -> float:
-        """Tear the group down and build it again; running requests are recomputed. Returns seconds taken."""
-        self.scheduler.preempt_all()
-        took = self.supervisor.rebuild(reason)
-        log.warning("%d requests resume", len(self.scheduler.waiting))
-        return took
+    def roll_back(self, lost: list[list[ScheduledSeq]]) -> None:
+        """The steps in flight (in the order sent) failed with the group: their sequences go back to where they
+        started, and the ranks (mended or new) remember no earlier step."""
+        self.scheduler.roll_back(lost)
+        self._previous_step = set()
+
+    def preempt_all(self) -> None:
+        """The KV cache is lost (the group is rebuilt): every running sequence is recomputed from its tokens."""
+        recomputed = self.scheduler.preempt_all()
+        if self.metrics:
+            self.metrics.on_recomputed(recomputed)
+
+    def recover(self, reason: str, lost: list[list[ScheduledSeq]]) -> None:
+        """The group failed with these steps in flight: mend it (replace the lost ranks, or rebuild it) and resume
+        every request."""
+        self.roll_back(lost)
+        if not self.supervisor.replace(reason):
+            self.preempt_all()
+            self.supervisor.rebuild(reason)
+        log.warning("%d requests resume", len(self.scheduler.running) + len(self.scheduler.waiting))
 
     def shutdown(self) -> None:
         self.supervisor.shutdown()
@@ -209,7 +225,7 @@ class EngineCore:
         try:
             result = self.executor.execute(self.to_steps(batch))
         except GroupFailure as err:
-            self.rebuild(str(err))
+            self.recover(str(err), [batch])
             return []
         return self.postprocess(batch, result)
 
@@ -293,6 +309,7 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
         self.failed: str | None = None  # why the group cannot be rebuilt (a permanent error), once that happened
         self.pacer = StepPacer()
+        self._replaying_since: float | None = None  # when a mended group started on the steps that were lost
 
     @property
     def model_name(self) -> str:
@@ -376,23 +393,54 @@ class AsyncEngine:
             metrics.set_load(len(sched.running), len(sched.waiting), sched.blocks.usage())
             metrics.on_group(self.tp_size, restarted=False)
 
-    async def _rebuild(self, reason: str) -> None:
+    async def _recover(self, failure: GroupFailure, lost: list[list[ScheduledSeq]]) -> None:
+        """A step failed with these steps in flight (in the order sent): mend the group off the event loop, which
+        keeps taking requests, and resume every request; the scheduler's state is only touched on the loop."""
+        self.ready = False
+        core = self.core
+        culprits = core.supervisor.note_failure({s.seq.request_id for batch in lost for s in batch})
+        core.roll_back(lost)
+        if culprits is None:
+            self._fail_all(f"the TP group failed {self.config.max_recoveries + 1} times within "
+                           f"{self.config.recovery_window_s:g}s, with no request common to the failed steps: {failure}")
+        for rid in sorted(culprits):
+            self._fail_request(rid, f"request {rid} was in every one of the {self.config.max_recoveries + 1} steps "
+                               f"that brought the TP group down within {self.config.recovery_window_s:g}s: it is "
+                               f"failed alone, the other requests go on")
+        if await asyncio.to_thread(core.supervisor.replace, str(failure)):
+            self._replaying_since = time.monotonic()
+            log.warning("%d requests resume on the mended group", len(core.scheduler.running) + len(core.scheduler.waiting))
+            self.ready = True
+        else:
+            await self._rebuild(str(failure))
+
+    async def _rebuild(self, reason: str, recovery: bool = True) -> None:
         """Rebuild the group off the event loop, which keeps taking requests, until it works; a permanent error
         fails every request with its message and leaves the engine failed (Serve then replaces the replica)."""
         self.ready = False
         # On the loop thread: the queues are only ever touched from here.
-        self.core.scheduler.preempt_all()
+        self.core.preempt_all()
         try:
-            await self.core.supervisor.rebuild_until_done(reason)
+            await self.core.supervisor.rebuild_until_done(reason, recovery)
         except Exception as err:  # noqa: BLE001 - permanent: retrying cannot help
-            self.failed = f"the TP group cannot be rebuilt: {type(err).__name__}: {err}"
-            log.error("%s", self.failed)
-            for rid, queue in list(self._queues.items()):
-                queue.put_nowait(RuntimeError(self.failed))
-                self.core.abort(rid)
-            raise _Failed() from err
+            self._fail_all(f"the TP group cannot be rebuilt: {type(err).__name__}: {err}")
         log.warning("%d requests resume", len(self.core.scheduler.waiting))
         self.ready = True
+
+    def _fail_request(self, request_id: str, message: str) -> None:
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(RuntimeError(message))
+        self.core.abort(request_id)
+
+    def _fail_all(self, why: str) -> None:
+        """A failure recovery cannot mend: every request fails with `why`, and the engine stays failed (its health
+        check says so, and Serve replaces the replica)."""
+        self.failed = why
+        log.error("%s", why)
+        for rid in list(self._queues):
+            self._fail_request(rid, why)
+        raise _Failed()
 
     async def _run(self) -> None:
         """The step loop. It sends step N+1 to the workers before it waits for step N's tokens (the workers then
@@ -406,7 +454,7 @@ class AsyncEngine:
                 if in_flight is None:  # a step boundary with nothing running
                     if rebuild is not None:
                         core.supervisor.take_rebuild()
-                        await self._rebuild(rebuild)
+                        await self._rebuild(rebuild, recovery=False)
                         continue
                     if not core.has_work():
                         self._refresh_gauges()
@@ -436,12 +484,17 @@ class AsyncEngine:
                 try:
                     result = await done_step
                 except GroupFailure as err:
+                    lost = [done_batch] + ([in_flight[0]] if in_flight is not None else [])
                     _discard(in_flight)
                     in_flight = None
                     self.pacer.forget()
-                    await self._rebuild(str(err))
+                    await self._recover(err, lost)
                     continue
                 self.pacer.done(result.lead_seconds)
+                if self._replaying_since is not None:  # the first step after a replacement replayed the lost ones
+                    if core.metrics:
+                        core.metrics.on_replay(time.monotonic() - self._replaying_since)
+                    self._replaying_since = None
                 for out in core.postprocess(done_batch, result):
                     queue = self._queues.get(out.request_id)
                     if queue is not None:

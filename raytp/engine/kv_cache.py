@@ -93,6 +93,12 @@ class KVCacheManager:
                 if block not in self.block_hash:
                     self.free.move_to_end(block, last=False)
 
+    def forget(self, block: int) -> None:
+        """`block` no longer holds the prefix it was named by (the step computing it was lost): no lookup finds it."""
+        h = self.block_hash.pop(block, None)
+        if h is not None:
+            del self.cached[h]
+
     def cache_block(self, block: int, h: BlockHash) -> None:
         """Block `block` holds (or a step in flight is writing) the prefix named `h`: later lookups may share it.
         If another block already holds that prefix, this one stays uncached."""

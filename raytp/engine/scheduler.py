@@ -70,6 +70,7 @@ class ScheduledSeq:
     start: int  # position of token_ids[0]
     num_generated: int  # index in the output of the token this step samples (seeds the sampler)
     samples: bool = True  # False for a prompt chunk that is not the last: its sampled token is dropped
+    admitted: bool = False  # this step admitted the sequence (it was waiting before)
 
 
 @dataclass
@@ -187,20 +188,47 @@ class Scheduler:
 
     # ---- scheduling --------------------------------------------------------------------
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, counted: bool = True) -> None:
         self.running.remove(seq)
         self._free_blocks(seq)
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
+        seq.num_preemptions += counted
         self.waiting.appendleft(seq)
 
-    def preempt_all(self) -> None:
-        """Send every running sequence back to be recomputed (the KV cache is gone or being replaced)."""
+    def preempt_all(self) -> int:
+        """Send every running sequence back to be recomputed (the KV cache is gone or being replaced); call
+        roll_back first for the steps in flight. Returns the tokens whose computed K/V this throws away."""
+        lost_tokens = sum(min(seq.num_computed, len(seq)) for seq in self.running)
         for seq in sorted(self.running, key=lambda s: s.arrival_time, reverse=True):
             self._preempt(seq)
         for seq in self.waiting:  # (waiting sequences hold no blocks: _free_blocks cleared them)
             # Steps in flight are lost with the group: their tokens are computed again.
             seq.num_pending = 0
+        return lost_tokens
+
+    def roll_back(self, lost: list[list[ScheduledSeq]]) -> None:
+        """The steps in flight (in the order sent) were lost, but the KV cache was not: each of their sequences goes
+        back to where its first lost step started, and those positions are computed again in the same blocks (the
+        tokens those steps sampled never arrived). Blocks those steps were filling stop being offered as cached
+        prefixes; a sequence that a lost step admitted goes back to the front of the queue, to be admitted again."""
+        starts: dict[str, tuple[Sequence, int, bool]] = {}  # request id -> (seq, first lost start, admitted by one)
+        for batch in lost:
+            for s in batch:
+                seq, start, admitted = starts.get(s.seq.request_id, (s.seq, s.start, False))
+                starts[s.seq.request_id] = (seq, min(start, s.start), admitted or s.admitted)
+        readmit = []
+        for seq, start, admitted in starts.values():
+            seq.num_pending = 0
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # finished, or preempted while those steps were scheduled: nothing computed to keep
+            for i in range(start // self.blocks.block_size, seq.num_cached_blocks):
+                self.blocks.forget(seq.block_table[i])
+            seq.num_cached_blocks = min(seq.num_cached_blocks, start // self.blocks.block_size)
+            seq.num_computed = start
+            if admitted:
+                readmit.append(seq)
+        for seq in sorted(readmit, key=lambda s: s.arrival_time, reverse=True):
+            self._preempt(seq, counted=False)
 
     def reset_blocks(self, blocks: KVCacheManager) -> None:
         """Use a new, empty KV cache (after a rebuild); nothing may be running."""
@@ -304,5 +332,6 @@ class Scheduler:
             self.running.append(seq)
             cost = self._chunk_cost(seq.num_computed, n)
             batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed))
+            batch[-1].admitted = True
             budget -= cost
         return batch

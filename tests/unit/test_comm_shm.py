@@ -77,3 +77,69 @@ def test_missing_peer_fails_within_timeout():
     os.unlink(rendezvous.path)
     assert result != "connected"
     assert time.monotonic() - t0 < 30
+
+
+def _rank_that_loses_a_peer(rank, world, first, second, out_dir):
+    """Ranks 0..world-2 survive; rank world-1 leaves after one collective. Rank 0 aborts from another thread once
+    the survivors are stuck; then the survivors and a newcomer (the parent starts it) meet in `second`."""
+    import threading
+
+    from raytp.cluster.comm import CollectiveAborted
+
+    torch.set_num_threads(1)
+    comm = ShmCommunicator(first, rank, world, timeout_s=30)
+    comm.all_reduce(torch.ones(4))
+    if rank == world - 1:
+        comm.close()
+        return  # "dies": never reaches the next collective
+    if rank == 0:
+        threading.Timer(0.5, comm.abort).start()
+    t0 = time.monotonic()
+    outcome = {}
+    for attempt in ("stuck", "later"):
+        try:
+            comm.all_reduce(torch.ones(4))
+            outcome[attempt] = "completed"
+        except CollectiveAborted:
+            outcome[attempt] = "aborted"
+    outcome["released_after_s"] = time.monotonic() - t0
+    comm.close()
+    outcome["rejoined"] = _join_and_sum(second, rank, world)
+    torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _join_and_sum(rendezvous, rank, world):
+    comm = ShmCommunicator(rendezvous, rank, world, timeout_s=30)
+    total = comm.all_reduce(torch.full((4,), float(rank + 1)))
+    comm.close()
+    return total
+
+
+def _newcomer(rank, world, rendezvous, out_dir):
+    torch.set_num_threads(1)
+    torch.save({"rejoined": _join_and_sum(rendezvous, rank, world)}, os.path.join(out_dir, f"new{rank}.pt"))
+
+
+def test_abort_releases_every_survivor_and_they_join_a_new_communicator(tmp_path):
+    world = 3
+    first = create_shm_rendezvous("127.0.0.1", world, slot_bytes=4096)
+    second = create_shm_rendezvous("127.0.0.1", world, slot_bytes=4096)
+    ctx = mp.get_context("spawn")
+    ranks = [ctx.Process(target=_rank_that_loses_a_peer, args=(r, world, first, second, str(tmp_path)))
+             for r in range(world)]
+    for p in ranks:
+        p.start()
+    ranks[-1].join(60)  # the leaver is gone: its index is free for the newcomer
+    newcomer = ctx.Process(target=_newcomer, args=(world - 1, world, second, str(tmp_path)))
+    newcomer.start()
+    for p in ranks[:-1] + [newcomer]:
+        p.join(60)
+        assert p.exitcode == 0
+    expected = torch.full((4,), float(sum(range(1, world + 1))))
+    for r in range(world - 1):
+        out = torch.load(tmp_path / f"rank{r}.pt")
+        # Rank 1 never called abort: the abort word in the shared segment released it too.
+        assert out["stuck"] == "aborted" and out["later"] == "aborted"
+        assert out["released_after_s"] < 5
+        assert torch.equal(out["rejoined"], expected)
+    assert torch.equal(torch.load(tmp_path / f"new{world - 1}.pt")["rejoined"], expected)

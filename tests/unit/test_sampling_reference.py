@@ -227,7 +227,7 @@ def test_penalized_sampling_survives_a_rebuild(checkpoint, llms):
                 finals[out.request_id] = out.outputs[0].token_ids
         steps += 1
         if steps == 6:
-            core.rebuild("test: rebuild mid-request")
+            core.recover("test: rebuild mid-request", [])  # TP=1 has no spare: the group is rebuilt
     assert [finals[f"rebuilt-{i}"] for i in range(len(PROMPTS))] == expected
 
 

@@ -47,7 +47,7 @@ def test_steps_run_by_number_whatever_order_they_arrive_in(checkpoint):
     results: dict[int, list[int]] = {}
 
     def call(number: int, seqs: list[SeqStep]) -> None:
-        results[number] = actor.run_step(number, seqs).token_ids
+        results[number] = actor.run_step(0, number, seqs).token_ids
 
     # The last step's call arrives first and the first step's last: each waits for the steps before it.
     threads = [threading.Thread(target=call, args=(n, seqs)) for n, seqs in reversed(list(enumerate(_steps())))]
@@ -64,8 +64,8 @@ def test_a_failing_step_raises_in_its_call_and_the_next_step_runs(checkpoint):
     first, *_ = _steps()
     orphan = [SeqStep([PREVIOUS_TOKEN], 4, [0], SamplingParams(max_tokens=2, temperature=0.0), 1, "never-seen")]
     with pytest.raises(KeyError, match="never-seen"):
-        actor.run_step(0, orphan)  # no previous step sampled a token for this request
-    assert len(actor.run_step(1, first).token_ids) == 2
+        actor.run_step(0, 0, orphan)  # no previous step sampled a token for this request
+    assert len(actor.run_step(0, 1, first).token_ids) == 2
 
 
 def test_warm_up_runs_every_onednn_gemm_size_of_each_weight_shape(checkpoint, monkeypatch):

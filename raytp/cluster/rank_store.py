@@ -1,0 +1,100 @@
+"""What a CPU rank keeps outside its process, so that a replacement starts where it stopped.
+
+A rank that dies takes its process with it, but not these files in /dev/shm
+(RAM-backed, one folder per group build):
+
+- its **shard**: the weights it computes with, sliced from the checkpoint and
+  packed for its kernels, written once after loading (safetensors). A spare
+  that takes the rank's place copies them back at memory speed instead of
+  slicing the checkpoint and packing again (packing alone runs at ~1.4 GB/s,
+  a plain copy at ~10);
+- its **KV cache**, which the rank maps from a file instead of allocating: the
+  replacement maps the same file, so every sequence keeps its cached tokens
+  and only the steps that were in flight are computed again.
+
+The engine removes the folder with the group (`remove_store`, on the ranks'
+node). GPU ranks keep their cache on the device: this store is for CPU ranks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+STORE_ROOT = "/dev/shm"
+STORE_PREFIX = "raytp-group-"
+_PACKED = ".packed"  # suffix of a packed weight's key, beside the parameter it was packed from
+
+
+def new_store_dir(root: str = STORE_ROOT) -> str | None:
+    """A fresh folder name for one group build's stores (created by the ranks), or None where root is missing."""
+    return os.path.join(root, STORE_PREFIX + uuid.uuid4().hex[:12]) if os.path.isdir(root) else None
+
+
+def shard_path(store_dir: str, rank: int) -> str:
+    return os.path.join(store_dir, f"rank{rank}.shard.safetensors")
+
+
+def kv_path(store_dir: str, rank: int) -> str:
+    return os.path.join(store_dir, f"rank{rank}.kv")
+
+
+def save_shard(model: torch.nn.Module, path: str) -> int:
+    """Write the rank's parameters and packed weights to `path` (complete or absent: written aside, then renamed).
+    Returns the bytes written."""
+    from raytp.model.layers import PackableLinear
+
+    tensors = {name: p.detach() for name, p in model.named_parameters()}  # a tied weight once
+    for name, module in model.named_modules():
+        if isinstance(module, PackableLinear) and module.kernel == "raytp":
+            tensors[name + _PACKED] = module.packed
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.partial"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
+    os.replace(partial, path)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def load_shard(model: torch.nn.Module, path: str) -> None:
+    """Fill a freshly built model from the shard at `path`: parameters, then packed weights (a linear whose packing
+    is not in the shard packs itself, as after a checkpoint load). Every parameter must be there."""
+    from raytp.model.layers import PackableLinear
+
+    params = dict(model.named_parameters())
+    with safe_open(path, framework="pt", device="cpu") as f, torch.no_grad():
+        keys = set(f.keys())
+        missing = sorted(set(params) - keys)
+        if missing:
+            raise ValueError(f"shard {path} lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        for name, param in params.items():
+            param.copy_(f.get_tensor(name))
+        for name, module in model.named_modules():
+            if not isinstance(module, PackableLinear):
+                continue
+            if name + _PACKED in keys:
+                module.packed, module.kernel = f.get_tensor(name + _PACKED), "raytp"
+            else:
+                module.pack()
+
+
+def map_kv_cache(path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool) -> torch.Tensor:
+    """The KV cache as a tensor over a shared file: a new, zeroed one (create) or the one a dead rank left."""
+    numel = int(torch.Size(shape).numel())
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if create:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(nbytes)  # a sparse file reads as zeros; pages are taken as blocks are written
+    elif os.path.getsize(path) != nbytes:
+        raise ValueError(f"KV cache file {path} has {os.path.getsize(path)} bytes, expected {nbytes} for {shape}")
+    return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+
+
+def remove_store(store_dir: str) -> None:
+    """Remove one group build's folder (idempotent); refuses any other path."""
+    if os.path.basename(store_dir).startswith(STORE_PREFIX):
+        shutil.rmtree(store_dir, ignore_errors=True)

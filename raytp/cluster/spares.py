@@ -1,0 +1,50 @@
+"""Warm spare ranks: processes that have started and imported everything, waiting to take a dead rank's place.
+
+Starting a rank's process costs seconds (Ray starts a worker, Python imports
+torch and raytp, the CPU ops load), and it would all fall inside the pause of
+every running request. A spare pays for it while the group serves. A CPU spare
+reserves no CPU while it waits (it sleeps, on the group's node); once it takes
+a rank's place it computes on the CPU that the dead rank's bundle still holds
+in the group's placement group, so the group never needs more than it placed.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+class SparePool:
+    def __init__(self, start_spare: Callable[[], "ray.actor.ActorHandle"], size: int):
+        """start_spare() creates one spare actor (on the group's node); the pool keeps `size` of them."""
+        self._start_spare, self.size = start_spare, size
+        self._spares: list[tuple[ray.actor.ActorHandle, ray.ObjectRef]] = []  # (spare, its spare_ready() call)
+
+    def fill(self) -> None:
+        """Start spares until the pool has `size` (returns at once: they come up in the background)."""
+        while len(self._spares) < self.size:
+            spare = self._start_spare()
+            self._spares.append((spare, spare.spare_ready.remote()))
+            log.info("starting a spare TP rank (%d of %d)", len(self._spares), self.size)
+
+    def take(self, timeout_s: float) -> ray.actor.ActorHandle | None:
+        """A spare that is up (waiting up to timeout_s for one still starting), or None; a spare that failed to
+        start is dropped."""
+        while self._spares:
+            spare, ready = self._spares.pop(0)
+            try:
+                pid = ray.get(ready, timeout=timeout_s)
+                log.info("spare TP rank pid %d takes over", pid)
+                return spare
+            except Exception as err:  # noqa: BLE001 - a spare that did not come up is of no use: try the next
+                log.warning("a spare TP rank did not come up (%s): dropped", type(err).__name__)
+                ray.kill(spare, no_restart=True)
+        return None
+
+    def shutdown(self) -> None:
+        for spare, _ in self._spares:
+            ray.kill(spare, no_restart=True)
+        self._spares = []
