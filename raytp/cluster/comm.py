@@ -36,7 +36,15 @@ import torch
 
 
 class CollectiveAborted(RuntimeError):
-    """The communicator was aborted (a peer died or hung): this collective did not complete."""
+    """The communicator was aborted (a peer died or hung): this collective did not complete. `exited_rank`: the
+    peer whose process was seen gone, where one was."""
+
+    def __init__(self, message: str, exited_rank: int | None = None):
+        super().__init__(message, exited_rank)  # both in args: the error crosses processes pickled
+        self.exited_rank = exited_rank
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class Communicator(ABC):
@@ -105,14 +113,24 @@ class GlooRendezvous:
     port: int
 
 
+def open_store(rendezvous: GlooRendezvous, world_size: int, timeout_s: float = 60.0):
+    """Rank 0: the rendezvous' store, listening now (made with the rendezvous, before any rank joins: a rank
+    whose connection finds no store yet retries only after ~0.5 s)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(rendezvous.host, rendezvous.port, world_size, True,
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
 class GlooCommunicator(Communicator):
-    def __init__(self, rendezvous: GlooRendezvous, rank: int, world_size: int, timeout_s: float = 60.0):
+    def __init__(self, rendezvous: GlooRendezvous, rank: int, world_size: int, timeout_s: float = 60.0, store=None):
+        """`store`: rank 0's store from open_store, if it made one; otherwise rank 0 hosts one now."""
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world_size = rank, world_size
         # Rank 0 hosts the store; the others connect and wait up to the timeout.
-        self._store = dist.TCPStore(rendezvous.host, rendezvous.port, world_size, rank == 0, timeout=timeout)
+        self._store = store or dist.TCPStore(rendezvous.host, rendezvous.port, world_size, rank == 0, timeout=timeout)
         self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
         self.aborted = False
 
@@ -196,9 +214,9 @@ class ShmCommunicator(Communicator):
     def segment_bytes(cls, world_size: int, slot_bytes: int) -> int:
         return (1 + world_size) * cls._FLAG_STRIDE * 8 + 2 * world_size * slot_bytes
 
-    def __init__(self, rendezvous: ShmRendezvous, rank: int, world_size: int, timeout_s: float = 60.0):
+    def __init__(self, rendezvous: ShmRendezvous, rank: int, world_size: int, timeout_s: float = 60.0, store=None):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.gloo = GlooCommunicator(rendezvous.gloo, rank, world_size, timeout_s)
+        self.gloo = GlooCommunicator(rendezvous.gloo, rank, world_size, timeout_s, store)
         self.slot_bytes = rendezvous.slot_bytes
         with open(rendezvous.path, "r+b") as f:
             self._mmap = mmap.mmap(f.fileno(), self.segment_bytes(world_size, self.slot_bytes))
@@ -252,7 +270,8 @@ class ShmCommunicator(Communicator):
             pid = int(self._pids[rank])
             if not process_alive(pid):
                 self.abort()
-                raise CollectiveAborted(f"rank {self.rank}: peer rank {rank} (pid {pid}) exited before collective {seq}")
+                raise CollectiveAborted(f"rank {self.rank}: peer rank {rank} (pid {pid}) exited before collective {seq}",
+                                        int(rank))
 
     def all_reduce(self, tensor):
         parts = self._exchange(tensor)

@@ -20,7 +20,12 @@ from raytp.cluster.worker import TPWorker
 
 
 class GroupFailure(RuntimeError):
-    """The TP group cannot run steps any more (a worker died, hung or failed)."""
+    """The TP group cannot run steps any more (a worker died, hung or failed). `lost_ranks`: ranks known to be gone
+    (a peer saw the process exit), where known."""
+
+    def __init__(self, message: str, lost_ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.lost_ranks = lost_ranks
 
 
 class PlacementError(RuntimeError):
@@ -90,7 +95,7 @@ class Executor(ABC):
         """Whether a group of tp_size would fit right now (used to grow back after degrading)."""
         return False
 
-    def replace_lost_ranks(self) -> dict[str, float]:
+    def replace_lost_ranks(self, known_lost: tuple[int, ...] = ()) -> dict[str, float]:
         """Replace dead or hung ranks and keep the others' processes, shards and KV caches (the KV cache as a whole
         survives); the seconds each phase took. GroupFailure where it cannot: the group must be rebuilt."""
         raise GroupFailure(f"{type(self).__name__} cannot replace a rank")

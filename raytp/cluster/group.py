@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import ray
@@ -26,12 +27,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from raytp.config import EngineConfig
 from raytp.cluster.executor import (Executor, GroupFailure, PlacementError, choose_num_kv_blocks, profile_seq_lens,
                             warm_up_tokens)
+from raytp.cluster.comm import CollectiveAborted
 from raytp.cluster.rank_store import new_store_dir, remove_store
 from raytp.cluster.spares import SparePool
 from raytp.cluster.watchdog import StepWatchdog
 from raytp.engine.step import SeqStep, StepResult
 from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, SPARE_RANK, TPWorkerActor
 
+SPARE_REFILL_DELAY_S = 3.0
 PING_TIMEOUT_S = 1.0  # a live rank answers a ping in milliseconds, even mid-step (its Ray calls have threads of their own)
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class TPGroup(Executor):
         self.node_id: str | None = None  # the ranks' node
         self.store_dir: str | None = None  # the ranks' shards and KV caches in shared memory (CPU)
         self.spares: SparePool | None = None
+        self._refill: threading.Timer | None = None  # the spare pool's refill after a replacement
+        self._refill_lock = threading.Lock()
         self.watchdog = StepWatchdog(config.hang_detection_multiple, config.hang_detection_floor_s,
                                      config.step_timeout_s)
 
@@ -94,7 +99,9 @@ class TPGroup(Executor):
 
     def _start_spare(self):
         # On the ranks' node, reserving nothing while it waits: it computes on a dead rank's bundle (spares.py).
-        return self._new_rank(SPARE_RANK, self.tp_size, NodeAffinitySchedulingStrategy(self.node_id, soft=False), 0)
+        spare = self._new_rank(SPARE_RANK, self.tp_size, NodeAffinitySchedulingStrategy(self.node_id, soft=False), 0)
+        return spare, spare.prepare_spare.remote(self.model_path, self.config.attention_backend, self.store_dir,
+                                                 self.tp_size)
 
     def start(self, tp_size: int) -> None:
         t0 = time.monotonic()
@@ -192,13 +199,17 @@ class TPGroup(Executor):
             raise _worker_failed(err) from err
 
     def submit(self, seqs: list[SeqStep]):
-        # The calls go out now; each actor runs its calls in the order they were sent.
-        refs = self._send(seqs)
-        return asyncio.ensure_future(self._gather(refs, sum(len(s.token_ids) for s in seqs)))
+        # The calls go out now; each actor runs its calls in the order they were sent. Every rank's result is read
+        # even when nobody awaits it any more (the step was discarded, or another rank failed first): the other
+        # ranks' steps then fail too, as expected, and Ray would report those errors as unhandled.
+        futures = [asyncio.wrap_future(ref.future()) for ref in self._send(seqs)]
+        for future in futures:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return asyncio.ensure_future(self._gather(futures, sum(len(s.token_ids) for s in seqs)))
 
-    async def _gather(self, refs, num_tokens: int) -> StepResult:
+    async def _gather(self, futures: list[asyncio.Future], num_tokens: int) -> StepResult:
         started = time.monotonic()
-        results = asyncio.gather(*refs)
+        results = asyncio.gather(*futures)
         try:
             while True:
                 try:
@@ -209,7 +220,7 @@ class TPGroup(Executor):
         except RayError as err:
             raise _worker_failed(err) from err
         finally:
-            results.cancel()  # after a failure nobody awaits the other ranks' results
+            results.cancel()
             results.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _finish(self, results: list[StepResult], num_tokens: int) -> StepResult:
@@ -233,23 +244,23 @@ class TPGroup(Executor):
             raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s")
         log.warning("a step has run %.2fs, more than the watchdog's limit, but every rank answers: waiting on", waited)
 
-    def unresponsive_ranks(self) -> list[int]:
-        """Ranks that are dead or do not answer a ping within PING_TIMEOUT_S."""
-        refs = [w.ping.remote() for w in self.workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
-        lost = []
-        for rank, ref in enumerate(refs):
+    def unresponsive_ranks(self, known_lost: tuple[int, ...] = ()) -> list[int]:
+        """Ranks that are dead or do not answer a ping within PING_TIMEOUT_S (known_lost: not asked again)."""
+        refs = {rank: w.ping.remote() for rank, w in enumerate(self.workers) if rank not in known_lost}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PING_TIMEOUT_S)
+        lost = list(known_lost)
+        for rank, ref in refs.items():
             try:
                 if ref not in ready:
                     raise GetTimeoutError()
                 ray.get(ref)
             except RayError:
                 lost.append(rank)
-        return lost
+        return sorted(lost)
 
     # ---- mending ---------------------------------------------------------------------
 
-    def replace_lost_ranks(self) -> dict[str, float]:
+    def replace_lost_ranks(self, known_lost: tuple[int, ...] = ()) -> dict[str, float]:
         """Replace the ranks that died or hung with warm spares; the survivors keep their processes, shards and KV
         caches, and so does the group's KV cache as a whole (the replacements map the lost ranks' caches). Returns
         the seconds each phase took. GroupFailure where it cannot (no store or spare, a rank that does not come up):
@@ -264,7 +275,7 @@ class TPGroup(Executor):
             now = time.monotonic()
             phases[name], t = now - t, now
 
-        lost = self.unresponsive_ranks()
+        lost = self.unresponsive_ranks(known_lost)
         if not lost:
             raise GroupFailure("every rank answers: there is no rank to replace")
         for rank in lost:
@@ -292,7 +303,10 @@ class TPGroup(Executor):
             phase("communicator")
         except (GetTimeoutError, RayError) as err:
             raise GroupFailure(f"replacing rank(s) {lost} failed: {type(err).__name__}: {err}") from err
-        self.spares.fill()
+        # The next spare starts a little later: its start-up (imports, ~5 s of CPU here) would slow the replayed
+        # steps, the last part of the pause.
+        self._refill = threading.Timer(SPARE_REFILL_DELAY_S, self._refill_spares, args=(self.spares,))
+        self._refill.start()
         log.warning("TP rank(s) %s replaced by spares (pids %s); survivors kept their processes: %s", lost,
                     [info["pid"] for info in taken], ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
         return phases
@@ -319,15 +333,23 @@ class TPGroup(Executor):
     def worker_pids(self) -> list[int]:
         return [info["pid"] for info in ray.get([w.node_info.remote() for w in self.workers], timeout=10)]
 
+    def _refill_spares(self, pool: SparePool) -> None:
+        with self._refill_lock:
+            if pool is self.spares:  # not shut down or rebuilt meanwhile
+                pool.fill()
+
     def shutdown(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
         # ray.kill ends a rank at once, even one blocked in a collective with a dead peer, and runs no Python
         # teardown (so no ncclCommDestroy, which would wait for that peer).
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
-        if self.spares is not None:
-            self.spares.shutdown()
-            self.spares = None
+        with self._refill_lock:
+            if self.spares is not None:
+                self.spares.shutdown()
+                self.spares = None
         if self.store_dir is not None:
             self._remove_store()
             self.store_dir = None
@@ -354,4 +376,8 @@ def _remove_store_on_node(store_dir: str) -> None:
 
 
 def _worker_failed(err: RayError) -> GroupFailure:
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, CollectiveAborted):  # a survivor saw a peer's process exit, or its step was aborted
+        exited = () if cause.exited_rank is None else (cause.exited_rank,)
+        return GroupFailure(f"a TP worker's step was aborted: {cause}", exited)
     return GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}")

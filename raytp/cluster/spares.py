@@ -1,8 +1,9 @@
-"""Warm spare ranks: processes that have started and imported everything, waiting to take a dead rank's place.
+"""Warm spare ranks: processes that have started and prepared everything, waiting to take a dead rank's place.
 
 Starting a rank's process costs seconds (Ray starts a worker, Python imports
 torch and raytp, the CPU ops load), and it would all fall inside the pause of
-every running request. A spare pays for it while the group serves. A CPU spare
+every running request. A spare pays for it while the group serves, and
+builds every rank's model over the group's shard store in advance. A CPU spare
 reserves no CPU while it waits (it sleeps, on the group's node); once it takes
 a rank's place it computes on the CPU that the dead rank's bundle still holds
 in the group's placement group, so the group never needs more than it placed.
@@ -18,16 +19,16 @@ log = logging.getLogger(__name__)
 
 
 class SparePool:
-    def __init__(self, start_spare: Callable[[], "ray.actor.ActorHandle"], size: int):
-        """start_spare() creates one spare actor (on the group's node); the pool keeps `size` of them."""
+    def __init__(self, start_spare: Callable[[], tuple["ray.actor.ActorHandle", "ray.ObjectRef"]], size: int):
+        """start_spare() creates one spare actor (on the group's node) and returns it with the call that says it
+        is ready; the pool keeps `size` of them."""
         self._start_spare, self.size = start_spare, size
-        self._spares: list[tuple[ray.actor.ActorHandle, ray.ObjectRef]] = []  # (spare, its spare_ready() call)
+        self._spares: list[tuple[ray.actor.ActorHandle, ray.ObjectRef]] = []  # (spare, the call that says it is ready)
 
     def fill(self) -> None:
         """Start spares until the pool has `size` (returns at once: they come up in the background)."""
         while len(self._spares) < self.size:
-            spare = self._start_spare()
-            self._spares.append((spare, spare.spare_ready.remote()))
+            self._spares.append(self._start_spare())
             log.info("starting a spare TP rank (%d of %d)", len(self._spares), self.size)
 
     def take(self, timeout_s: float) -> ray.actor.ActorHandle | None:

@@ -86,13 +86,13 @@ class Supervisor:
         self._failures = []
         return set(culprits) or None
 
-    def replace(self, reason: str) -> bool:
+    def replace(self, failure: GroupFailure) -> bool:
         """Mend the group by replacing its lost ranks (runs off the event loop); False where that cannot be done
         and the group must be rebuilt (the KV cache is then lost)."""
         t0 = time.monotonic()
-        log.warning("replacing the lost TP rank(s) (%s)", reason)
+        log.warning("replacing the lost TP rank(s) (%s)", failure)
         try:
-            phases = self.executor.replace_lost_ranks()
+            phases = self.executor.replace_lost_ranks(failure.lost_ranks)
         except GroupFailure as err:
             log.warning("the group cannot be mended by replacing ranks (%s): rebuilding it", err)
             return False

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import torch
 
@@ -29,6 +30,7 @@ from raytp.cluster.comm import (
     SingleRank,
     create_shm_rendezvous,
     free_port,
+    open_store,
 )
 from raytp.cluster.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
 from raytp.cluster.memory import MemoryProfile
@@ -147,6 +149,7 @@ class TPWorker:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # the same seed on every rank: the same samples
         self.store_dir: str | None = None  # where this rank's shard and KV cache outlive it (CPU), if anywhere
+        self._store = None  # rank 0: the rendezvous' store, listening from make_rendezvous until init_communicator
         self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
         self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
 
@@ -180,8 +183,12 @@ class TPWorker:
         host = self.node_info()["node_ip"]
         if cpu_collectives == "shm":
             # A STRICT_PACK group is on one node: its CPU ranks share memory.
-            return create_shm_rendezvous(host, self.world_size)
-        return GlooRendezvous(host, free_port(host))
+            rendezvous = create_shm_rendezvous(host, self.world_size)
+            self._store = open_store(rendezvous.gloo, self.world_size)
+        else:
+            rendezvous = GlooRendezvous(host, free_port(host))
+            self._store = open_store(rendezvous, self.world_size)
+        return rendezvous
 
     def init_communicator(self, rendezvous, timeout_s: float = 60.0, epoch: int = 0) -> str:
         """Connect to the group's other ranks. Again after a peer was replaced (epoch > 0): the model's layers keep
@@ -191,16 +198,19 @@ class TPWorker:
             inner = SingleRank()
         elif self.device == "cuda":
             inner = NcclCommunicator(rendezvous, self.rank, self.world_size)
-        elif isinstance(rendezvous, ShmRendezvous):
-            inner = ShmCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
         else:
-            inner = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
+            store, self._store = self._store, None  # rank 0's, opened with the rendezvous
+            if isinstance(rendezvous, ShmRendezvous):
+                inner = ShmCommunicator(rendezvous, self.rank, self.world_size, timeout_s, store)
+            else:
+                inner = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s, store)
         if self.comm is None:
             # CUDA events for NCCL; TP=1's collectives are the identity: nothing to time on the GPU.
             self.comm = TimedCommunicator(inner, cuda_events=isinstance(inner, NcclCommunicator))
         else:
             old, self.comm.inner = self.comm.inner, inner
-            old.close()
+            # The old connection's teardown can wait on the lost peer (gloo's store took 0.5 s once): not in the pause.
+            threading.Thread(target=old.close, name="raytp-old-comm-close", daemon=True).start()
         if epoch:
             self.last_sampled, self.histories = {}, {}
             self.generator.manual_seed(self.seed + epoch)
@@ -226,17 +236,33 @@ class TPWorker:
             self.store_dir = store_dir
         return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.name}
 
+    def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int) -> None:
+        """A spare builds every rank's model from the group's shard store ahead of time (the weights are the store's
+        pages, mapped: no copy, no extra memory), so that taking a rank's place costs nothing of the model's size."""
+        self._spare_models = {rank: self._model_from_store(model_path, attention_backend, store_dir, rank, world_size)
+                              for rank in range(world_size)}
+
+    def _model_from_store(self, model_path: str, attention_backend: str, store_dir: str, rank: int,
+                          world_size: int) -> LlamaModel:
+        # The communicator object the layers keep; the connection inside comes when the rank joins the group.
+        comm = TimedCommunicator(NotConnected(rank, world_size))
+        attention = select_backend("cpu", attention_backend, DTYPES[self.dtype])
+        with torch.device("cpu"):
+            model = LlamaModel(read_model_args(model_path), comm, DTYPES[self.dtype], attention)
+        load_shard(model, shard_path(store_dir, rank))
+        return model
+
     def take_over(self, rank: int, world_size: int, model_path: str, attention_backend: str, store_dir: str,
                   num_kv_blocks: int, block_size: int) -> dict:
         """A spare becomes rank `rank` of a group that lost it: the dead rank's shard and KV cache come from its
         store (no checkpoint read, no packing, no cache to fill again). It joins the communicator next."""
         t0 = time.perf_counter()
-        self.rank, self.world_size = rank, world_size
-        self.comm = TimedCommunicator(NotConnected(rank, world_size))
-        attention = select_backend("cpu", attention_backend, DTYPES[self.dtype])
-        with torch.device("cpu"):
-            self.model = LlamaModel(read_model_args(model_path), self.comm, DTYPES[self.dtype], attention)
-        load_shard(self.model, shard_path(store_dir, rank))
+        prepared = getattr(self, "_spare_models", {})
+        self.model = prepared.pop(rank, None)
+        if self.model is None:
+            self.model = self._model_from_store(model_path, attention_backend, store_dir, rank, world_size)
+        self._spare_models = {}  # the other ranks' models were only for this moment
+        self.rank, self.world_size, self.comm = rank, world_size, self.model.comm
         shard_s = time.perf_counter() - t0
         self.block_size, self.store_dir = block_size, store_dir
         shape = self.model.kv_cache_shape(num_kv_blocks * block_size)

@@ -39,7 +39,6 @@ import torch
 from raytp.cluster.comm import CollectiveAborted
 from raytp.cluster.cpu_binding import bind_rank
 from raytp.engine.step import SeqStep, StepResult
-from raytp.model import cpu_ops
 from raytp.cluster.worker import TPWorker
 
 # Ray calls one rank may run at once: the running step's, the next step's, and a health check or two.
@@ -75,13 +74,10 @@ class TPWorkerActor(TPWorker):
             self._queue_changed.notify()
         return result.result()
 
-    def spare_ready(self) -> int:
-        """Once a spare is up: load now what taking a rank's place would otherwise load inside the pause (the
-        compiled CPU ops, torch.distributed for the communicator); its process id."""
-        if self.device == "cpu":
-            import torch.distributed  # noqa: F401
-
-            cpu_ops.prebuild(attention=True, linear=True)  # from the disk cache the group's start filled
+    def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int) -> int:
+        """Once a spare is up: do now what taking a rank's place would otherwise do inside the pause (build every
+        rank's model from the store); its process id."""
+        super().prepare_spare(model_path, attention_backend, store_dir, world_size)
         return os.getpid()
 
     def take_over(self, *args, **kwargs) -> dict:
@@ -136,3 +132,4 @@ class TPWorkerActor(TPWorker):
             with self._queue_changed:
                 self._running = False
                 self._queue_changed.notify_all()
+

@@ -100,13 +100,13 @@ class EngineCore:
         if self.metrics:
             self.metrics.on_recomputed(recomputed)
 
-    def recover(self, reason: str, lost: list[list[ScheduledSeq]]) -> None:
+    def recover(self, failure: GroupFailure, lost: list[list[ScheduledSeq]]) -> None:
         """The group failed with these steps in flight: mend it (replace the lost ranks, or rebuild it) and resume
         every request."""
         self.roll_back(lost)
-        if not self.supervisor.replace(reason):
+        if not self.supervisor.replace(failure):
             self.preempt_all()
-            self.supervisor.rebuild(reason)
+            self.supervisor.rebuild(str(failure))
         log.warning("%d requests resume", len(self.scheduler.running) + len(self.scheduler.waiting))
 
     def shutdown(self) -> None:
@@ -225,7 +225,7 @@ class EngineCore:
         try:
             result = self.executor.execute(self.to_steps(batch))
         except GroupFailure as err:
-            self.recover(str(err), [batch])
+            self.recover(err, [batch])
             return []
         return self.postprocess(batch, result)
 
@@ -407,7 +407,7 @@ class AsyncEngine:
             self._fail_request(rid, f"request {rid} was in every one of the {self.config.max_recoveries + 1} steps "
                                f"that brought the TP group down within {self.config.recovery_window_s:g}s: it is "
                                f"failed alone, the other requests go on")
-        if await asyncio.to_thread(core.supervisor.replace, str(failure)):
+        if await asyncio.to_thread(core.supervisor.replace, failure):
             self._replaying_since = time.monotonic()
             log.warning("%d requests resume on the mended group", len(core.scheduler.running) + len(core.scheduler.waiting))
             self.ready = True
@@ -492,9 +492,11 @@ class AsyncEngine:
                     continue
                 self.pacer.done(result.lead_seconds)
                 if self._replaying_since is not None:  # the first step after a replacement replayed the lost ones
+                    replay_s, self._replaying_since = time.monotonic() - self._replaying_since, None
+                    log.warning("the mended group replayed the lost steps in %.0f ms (%d rows)", replay_s * 1e3,
+                                len(done_batch))
                     if core.metrics:
-                        core.metrics.on_replay(time.monotonic() - self._replaying_since)
-                    self._replaying_since = None
+                        core.metrics.on_replay(replay_s)
                 for out in core.postprocess(done_batch, result):
                     queue = self._queues.get(out.request_id)
                     if queue is not None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from raytp.config import EngineConfig
-from raytp.cluster.executor import Executor, LocalExecutor, choose_num_kv_blocks
+from raytp.cluster.executor import Executor, GroupFailure, LocalExecutor, choose_num_kv_blocks
 from raytp.llm import LLM
 from raytp.sampling import SamplingParams
 from raytp.engine.step import StepResult
@@ -227,7 +227,7 @@ def test_penalized_sampling_survives_a_rebuild(checkpoint, llms):
                 finals[out.request_id] = out.outputs[0].token_ids
         steps += 1
         if steps == 6:
-            core.recover("test: rebuild mid-request", [])  # TP=1 has no spare: the group is rebuilt
+            core.recover(GroupFailure("test: rebuild mid-request"), [])  # TP=1 has no spare: the group is rebuilt
     assert [finals[f"rebuilt-{i}"] for i in range(len(PROMPTS))] == expected
 
 

@@ -19,7 +19,7 @@ import torch
 
 from raytp.config import EngineConfig
 from raytp.engine.engine import AsyncEngine
-from raytp.cluster.executor import LocalExecutor
+from raytp.cluster.executor import GroupFailure, LocalExecutor
 from raytp.llm import LLM
 from raytp.sampling import RowContext, SamplingParams, sample
 from raytp.engine.step import PREVIOUS_TOKEN
@@ -129,7 +129,7 @@ def test_a_rebuild_mid_answer_changes_no_token(llm):
         finals.update({o.request_id: o.outputs[0].token_ids for o in core.step() if o.finished})
         steps += 1
         if steps == 6:
-            core.recover("test: rebuild mid-answer", [])  # TP=1 has no spare: the group is rebuilt
+            core.recover(GroupFailure("test: rebuild mid-answer"), [])  # TP=1 has no spare: the group is rebuilt
     assert [finals[f"rebuilt-{i}"] for i in range(4)] == expected
 
 
