@@ -23,9 +23,11 @@ workers run on this machine), and lets the streams finish. A stopped process
 still there after the round is killed. Every stream must end with exactly the
 token ids of a fault-free reference run, and no request may fail. It reports,
 per round, the pause the clients saw: the longest gap between two tokens of
-any stream (the kill, the detection, the rebuild of the group and the
-re-prefill of every stream all fall inside it; with STOP the detection is the
-step watchdog, --step-timeout-s). With --shapes it also prints the recovery
+any stream that ends after the signal (the detection, the replacement of the
+rank or the rebuild of the group, and the replayed steps all fall inside it;
+with STOP the detection is the step watchdog). Gaps that end before the
+signal (a stream waiting for the others' prompts) are left out: on a large
+model they are longer than the recovery itself. With --shapes it also prints the recovery
 metrics of each server (raytp_recovery_seconds by phase, raytp_recoveries by
 kind) and ends with a table of the shapes side by side.
 """
@@ -62,7 +64,7 @@ async def stream_tokens(client: httpx.AsyncClient, url: str, model: str, prompt:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}
     tokens: list[int] = []
-    last = time.monotonic()
+    times = progress.setdefault(key, [])  # when each token arrived
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()!r}")
@@ -75,23 +77,26 @@ async def stream_tokens(client: httpx.AsyncClient, url: str, model: str, prompt:
             for choice in chunk.get("choices", []):
                 if not choice.get("token_ids"):
                     continue
-                now = time.monotonic()
                 tokens.extend(choice["token_ids"])
-                progress[key] = (len(tokens), now, max(progress.get(key, (0, 0, 0.0))[2], now - last))
-                last = now
+                times.append(time.monotonic())
     return tokens
+
+
+def longest_gap_after(times: list[float], since: float) -> float:
+    """The longest gap between consecutive tokens whose later token came after `since`."""
+    return max((b - a for a, b in zip(times, times[1:]) if b > since), default=0.0)
 
 
 async def run_round(url: str, model: str, prompts: list[list[int]], max_tokens: int,
                     kill_signal: signal.Signals | None) -> dict:
-    progress: dict = {}
-    victim = None
+    progress: dict = {}  # stream -> arrival times of its tokens
+    victim, signalled = None, float("inf")
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), trust_env=False) as client:
             tasks = [asyncio.create_task(stream_tokens(client, url, model, p, max_tokens, progress, i))
                      for i, p in enumerate(prompts)]
             if kill_signal is not None:
-                while len(progress) < len(prompts) or min(n for n, _, _ in progress.values()) < 3:
+                while len(progress) < len(prompts) or min(len(t) for t in progress.values()) < 3:
                     if all(t.done() for t in tasks):
                         break
                     await asyncio.sleep(0.005)
@@ -99,12 +104,14 @@ async def run_round(url: str, model: str, prompts: list[list[int]], max_tokens: 
                 if not pids:
                     raise RuntimeError("no ray::TPWorker process found on this machine")
                 victim = random.choice(pids)
+                signalled = time.monotonic()
                 os.kill(victim, kill_signal)
             results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         if kill_signal == signal.SIGSTOP and victim in worker_pids():  # a stopped rank must not linger
             os.kill(victim, signal.SIGKILL)
-    return {"results": results, "max_gap_s": max((g for _, _, g in progress.values()), default=0.0)}
+    since = signalled if kill_signal is not None else 0.0
+    return {"results": results, "max_gap_s": max((longest_gap_after(t, since) for t in progress.values()), default=0.0)}
 
 
 def chaos(url: str, model: str, args: argparse.Namespace) -> dict | None:
@@ -126,7 +133,7 @@ def chaos(url: str, model: str, args: argparse.Namespace) -> dict | None:
         changed += diffs
         gaps.append(out["max_gap_s"])
         print(f"round {i + 1:2d}/{args.rounds}: failed {len(errors)}, changed {diffs}, "
-              f"pause (longest gap between tokens) {out['max_gap_s']:.2f}s" + (f"  ({errors[0]})" if errors else ""))
+              f"pause (longest gap between tokens after the signal) {out['max_gap_s']:.2f}s" + (f"  ({errors[0]})" if errors else ""))
         sys.stdout.flush()
     print(f"\n{args.rounds} kills ({kill_signal.name}) x {args.streams} streams x {args.max_tokens} tokens: "
           f"{failed} failed requests, {changed} streams with lost/duplicated/changed tokens")

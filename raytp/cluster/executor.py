@@ -21,11 +21,12 @@ from raytp.cluster.worker import TPWorker
 
 class GroupFailure(RuntimeError):
     """The TP group cannot run steps any more (a worker died, hung or failed). `lost_ranks`: ranks known to be gone
-    (a peer saw the process exit), where known."""
+    (a peer saw the process exit, or they did not answer), where known; `detect_s`: how long it took to tell (a hang
+    is told by the watchdog's wait and a ping; a death within milliseconds)."""
 
-    def __init__(self, message: str, lost_ranks: tuple[int, ...] = ()):
+    def __init__(self, message: str, lost_ranks: tuple[int, ...] = (), detect_s: float = 0.0):
         super().__init__(message)
-        self.lost_ranks = lost_ranks
+        self.lost_ranks, self.detect_s = lost_ranks, detect_s
 
 
 class PlacementError(RuntimeError):

@@ -239,7 +239,8 @@ class TPGroup(Executor):
         waited = time.monotonic() - started
         hung = self.unresponsive_ranks()
         if hung:
-            raise GroupFailure(f"TP rank(s) {hung} do not answer after a step ran {waited:.2f}s: hung")
+            raise GroupFailure(f"TP rank(s) {hung} do not answer after a step ran {waited:.2f}s: hung", tuple(hung),
+                               detect_s=time.monotonic() - started)
         if waited >= self.config.step_timeout_s:
             raise GroupFailure(f"a step took longer than step_timeout_s={self.config.step_timeout_s:g}s")
         log.warning("a step has run %.2fs, more than the watchdog's limit, but every rank answers: waiting on", waited)
@@ -285,6 +286,9 @@ class TPGroup(Executor):
         try:
             ray.get([w.abort.remote() for w in survivors], timeout=timeout)
             phase("abort")
+            if self._refill is not None:
+                self._refill.cancel()  # a replacement follows the last closely: its spares start now, not later
+            self._refill_spares(self.spares)
             for rank in lost:
                 spare = self.spares.take(timeout_s=timeout)
                 if spare is None:
@@ -332,6 +336,11 @@ class TPGroup(Executor):
 
     def worker_pids(self) -> list[int]:
         return [info["pid"] for info in ray.get([w.node_info.remote() for w in self.workers], timeout=10)]
+
+    def spares_ready(self, timeout_s: float) -> int:
+        """Wait up to timeout_s for the group's spares to be up (a spare comes up ~5-10 s after its group);
+        how many are."""
+        return self.spares.wait_ready(timeout_s) if self.spares is not None else 0
 
     def _refill_spares(self, pool: SparePool) -> None:
         with self._refill_lock:

@@ -45,6 +45,12 @@ class SparePool:
                 ray.kill(spare, no_restart=True)
         return None
 
+    def wait_ready(self, timeout_s: float) -> int:
+        """Wait up to timeout_s for the spares starting now; how many are up."""
+        refs = [ready for _, ready in self._spares]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        return len(done)
+
     def shutdown(self) -> None:
         for spare, _ in self._spares:
             ray.kill(spare, no_restart=True)

@@ -23,6 +23,7 @@ every one of those failed steps are failed alone (note_failure).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Callable
@@ -44,6 +45,7 @@ class Supervisor:
         self.on_new_group, self.metrics = on_new_group, metrics
         self.target_tp = config.tensor_parallel_size
         self.restarts = 0  # recoveries and resizes
+        self.recoveries: collections.Counter[str] = collections.Counter()  # by kind: replace, rebuild, degrade
         self._failures: list[tuple[float, frozenset[str]]] = []  # (when, requests in the failed step) in the window
         self.last_recovery_s: float | None = None
         self.pending_resize: int | None = None
@@ -93,6 +95,7 @@ class Supervisor:
         log.warning("replacing the lost TP rank(s) (%s)", failure)
         try:
             phases = self.executor.replace_lost_ranks(failure.lost_ranks)
+            phases["detect"] += failure.detect_s
         except GroupFailure as err:
             log.warning("the group cannot be mended by replacing ranks (%s): rebuilding it", err)
             return False
@@ -116,6 +119,8 @@ class Supervisor:
         """Count a recovery of this kind (None: a resize or a grow-back) and record its phases."""
         self.restarts += 1
         self.last_recovery_s = time.monotonic() - t0
+        if kind is not None:
+            self.recoveries[kind] += 1
         if self.metrics:
             self.metrics.on_group(self.executor.tp_size, restarted=True)
             if kind is not None:

@@ -67,6 +67,7 @@ class EngineCore:
         self.requests: dict[str, RequestState] = {}
         self.scheduler: Scheduler | None = None
         self._previous_step: set[str] = set()  # request ids of the step sent last (see step.py on history)
+        self.recomputed_tokens = 0  # computed K/V that recoveries threw away (raytp_recomputed_tokens)
         self._grammars: GrammarCompiler | None = None  # built on the first structured-output request
         self._grammar_masks: GrammarMasks | None = None
         self.supervisor = Supervisor(config, self.args, self.executor, self._use_new_kv_cache, metrics)
@@ -97,6 +98,7 @@ class EngineCore:
     def preempt_all(self) -> None:
         """The KV cache is lost (the group is rebuilt): every running sequence is recomputed from its tokens."""
         recomputed = self.scheduler.preempt_all()
+        self.recomputed_tokens += recomputed
         if self.metrics:
             self.metrics.on_recomputed(recomputed)
 

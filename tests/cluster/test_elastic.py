@@ -34,7 +34,7 @@ async def _stream(engine: AsyncEngine, rid: str, prompt: list[int], params: Samp
     tokens: list[int] = []
     async for out in engine.generate(prompt, params, rid):
         tokens.extend(out.delta_token_ids)
-        seen[rid] = (len(tokens), time.monotonic())
+        seen.setdefault(rid, []).extend([time.monotonic()] * len(out.delta_token_ids))  # each token's arrival
     assert tokens == out.outputs[0].token_ids
     return tokens
 
@@ -46,7 +46,7 @@ async def _run_all(engine: AsyncEngine, tag: str, during=None, params=None) -> t
     tasks = [asyncio.create_task(_stream(engine, f"{tag}-{i}", p, params or _greedy(), seen)) for i, p in enumerate(prompts)]
     extra = None
     if during is not None:
-        while len(seen) < NUM_STREAMS or min(n for n, _ in seen.values()) < 5:
+        while len(seen) < NUM_STREAMS or min(len(times) for times in seen.values()) < 5:
             await asyncio.sleep(0.01)
         extra = await during(seen)
     results = await asyncio.gather(*tasks)
@@ -65,6 +65,8 @@ def _with_engine(body, **overrides):
     async def main():
         engine = _engine(**overrides)
         await engine.start()
+        if engine.core.config.num_spare_ranks:  # the spare comes up a few seconds after the group
+            assert await asyncio.to_thread(engine.core.executor.spares_ready, 120) == engine.core.config.num_spare_ranks
         try:
             return await body(engine)
         finally:
@@ -86,43 +88,99 @@ def reference(ray_cluster):
 async def _first_token_after(seen: dict, t0: float, counts: dict) -> float:
     """Seconds from t0 until some stream gets a token past what it had at t0."""
     while True:
-        for rid, (n, t) in seen.items():
-            if n > counts[rid] and t > t0:
-                return t - t0
+        for rid, times in seen.items():
+            if len(times) > counts[rid] and times[-1] > t0:
+                return times[-1] - t0
         await asyncio.sleep(0.005)
 
 
-def test_killed_worker_resumes_every_stream(ray_cluster, reference):
+def _pause_after(seen: dict, t0: float) -> float:
+    """The pause the streams saw: the longest gap between two tokens of a stream that ends after t0."""
+    return max(b - a for times in seen.values() for a, b in zip(times, times[1:]) if b > t0)
+
+
+def _kill_and_resume(engine: AsyncEngine, rank: int, sig=signal.SIGKILL):
+    """A `during` for _run_all: signal one rank once some stream has a token after the mended group's first step;
+    returns (when it was signalled, the pids before)."""
+
+    async def during(seen):
+        pids = await asyncio.to_thread(engine.core.executor.worker_pids)
+        counts = {rid: len(times) for rid, times in seen.items()}
+        t0 = time.monotonic()
+        os.kill(pids[rank], sig)
+        await _first_token_after(seen, t0 + 0.05, counts)  # (a token already on its way may arrive at once)
+        return t0, pids
+
+    return during
+
+
+def test_killed_worker_is_replaced_and_the_survivor_keeps_everything(ray_cluster, reference):
+    """A killed rank is replaced by a spare: the survivor keeps its process, shard and KV cache, the spare maps the
+    dead rank's, no computed token is thrown away, and every stream ends as without the fault."""
+
     async def run(engine):
-        async def kill(seen):
-            pids = await asyncio.to_thread(engine.core.executor.worker_pids)
-            counts = {rid: n for rid, (n, _) in seen.items()}
-            t0 = time.monotonic()
-            os.kill(pids[1], signal.SIGKILL)
-            return await _first_token_after(seen, t0, counts)
+        results, info = await _run_all(engine, "kill", during=_kill_and_resume(engine, 1))
+        t0, before = info["during"]
+        resume_s = _pause_after(info["seen"], t0)
+        after = await asyncio.to_thread(engine.core.executor.worker_pids)
+        return results, resume_s, before, after, engine.core.supervisor.recoveries, engine.core.recomputed_tokens
 
-        results, info = await _run_all(engine, "kill", during=kill)
-        return results, info["during"], engine.core.supervisor.restarts, engine.tp_size
-
-    results, resume_s, restarts, tp = _with_engine(run)
-    print(f"kill -> first resumed token: {resume_s:.2f}s")
+    results, resume_s, before, after, recoveries, recomputed = _with_engine(run)
+    print(f"kill: the streams paused {resume_s:.2f}s")
     assert results == reference
-    assert restarts == 1
+    assert recoveries == {"replace": 1}
+    assert after[0] == before[0] and after[1] != before[1]  # the survivor's process is the same one
+    assert recomputed == 0
+
+
+def test_without_spares_a_killed_worker_rebuilds_the_group(ray_cluster, reference):
+    async def run(engine):
+        results, _ = await _run_all(engine, "rebuild", during=_kill_and_resume(engine, 1))
+        return results, engine.core.supervisor.recoveries, engine.core.recomputed_tokens, engine.tp_size
+
+    results, recoveries, recomputed, tp = _with_engine(run, num_spare_ranks=0)
+    assert results == reference
+    assert recoveries == {"rebuild": 1}
+    assert recomputed > 0  # every running stream was prefilled again
     assert tp == 2
 
 
-def test_hung_worker_is_caught_by_the_step_deadline(ray_cluster, reference):
+def test_rank_0_then_rank_1_killed_while_the_next_spare_starts(ray_cluster, reference):
+    """Two kills in a row: rank 0 (which makes the rendezvous), then, as soon as the group is mended, rank 1, whose
+    spare is still starting; the group waits for it and every stream still ends as without the faults."""
+
+    longer = SamplingParams(max_tokens=3 * MAX_TOKENS, temperature=0.0, ignore_eos=True)  # room for two kills
+
     async def run(engine):
-        async def hang(seen):
-            pids = await asyncio.to_thread(engine.core.executor.worker_pids)
-            os.kill(pids[0], signal.SIGSTOP)  # rank 0 stops answering; it is killed by the rebuild
+        async def twice(seen):
+            first = await _kill_and_resume(engine, 0)(seen)
+            second = await _kill_and_resume(engine, 1)(seen)
+            return first, second
 
-        results, _ = await _run_all(engine, "hang", during=hang)
-        return results, engine.core.supervisor.restarts
+        expected, _ = await _run_all(engine, "no-fault", params=longer)
+        results, _ = await _run_all(engine, "twice", during=twice, params=longer)
+        return expected, results, engine.core.supervisor.recoveries, engine.core.recomputed_tokens
 
-    results, restarts = _with_engine(run, step_timeout_s=3.0)
+    expected, results, recoveries, recomputed = _with_engine(run)
+    assert [r[:MAX_TOKENS] for r in expected] == reference
+    assert results == expected
+    assert recoveries == {"replace": 2}
+    assert recomputed == 0
+
+
+def test_hung_worker_is_caught_from_step_times_and_replaced(ray_cluster, reference):
+    """SIGSTOP of a rank with the step timeout at its default (60 s): the watchdog's limit comes from the measured
+    step times, the stopped rank does not answer a ping and is replaced; streams resume within 3 s."""
+
+    async def run(engine):
+        results, info = await _run_all(engine, "hang", during=_kill_and_resume(engine, 1, signal.SIGSTOP))
+        return results, _pause_after(info["seen"], info["during"][0]), engine.core.supervisor.recoveries
+
+    results, resume_s, recoveries = _with_engine(run, step_timeout_s=60.0)
+    print(f"SIGSTOP: the streams paused {resume_s:.2f}s")
     assert results == reference
-    assert restarts == 1
+    assert recoveries == {"replace": 1}
+    assert resume_s < 3.0
 
 
 def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
@@ -255,11 +313,13 @@ def test_served_replica_answers_503_while_recovering_and_streams_carry_on(ray_cl
 
 
 def test_groups_leave_no_shared_memory_behind(ray_cluster):
-    """TP=1 makes no segment; TP=2 unlinks its segment once both ranks have it mapped, rebuilds included."""
+    """TP=1 makes no segment; TP=2 unlinks its segment once both ranks have it mapped, and removes its ranks'
+    stores with the group, rebuilds included."""
     import glob
 
     def segments() -> set[str]:
-        return set(glob.glob("/dev/shm/raytp-tp-*"))
+        # The communicators' segments, and the ranks' shard and KV stores (raytp-group-*).
+        return set(glob.glob("/dev/shm/raytp-tp-*")) | set(glob.glob("/dev/shm/raytp-group-*"))
 
     before = segments()
 
