@@ -372,3 +372,30 @@ def test_attention_cost_per_pair_of_the_bench_model():
     args = ModelArgs.from_hf_config(llama_config(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4,
                                                  vocab=32000, bos_id=1, eos_id=2))
     assert args.attention_cost_per_pair() == pytest.approx(1 / 3072)
+
+
+def test_roll_back_returns_the_lost_steps_sequences_to_where_those_steps_started():
+    """Two steps in flight are lost with a rank but the KV cache survives: a running sequence goes back to the start
+    of its first lost step (keeping its blocks), one the lost steps admitted goes back to the queue, the tokens they
+    sampled never arrived, and the blocks they were filling are no longer offered as cached prefixes."""
+    sched = make_scheduler(num_blocks=32, block_size=4, max_num_seqs=4, prefix_caching=True)
+    a = make_seq("a", 6, 0.0)
+    sched.add(a)
+    advance(sched, sched.schedule())  # a's prompt; its first token arrived
+    first_lost = sched.schedule()  # a decodes (in flight)...
+    b = Sequence("b", list(range(100, 109)), PARAMS, arrival_time=1.0)  # no prefix in common with a
+    sched.add(b)
+    second_lost = sched.schedule()  # ...and decodes again with b admitted (in flight)
+    assert names(first_lost) == ["a"] and names(second_lost) == ["a", "b"] and second_lost[1].admitted
+    blocks_a, cached_b = list(a.block_table), sched.blocks.lookup(b.block_hashes)
+    assert a.num_pending == 2 and cached_b  # b's full blocks were indexed when scheduled
+
+    sched.roll_back([first_lost, second_lost])
+
+    assert a.status is SeqStatus.RUNNING and a.block_table == blocks_a
+    assert a.num_computed == first_lost[0].start == 6 and a.num_pending == 0 and a.output_token_ids == [7]
+    assert b.status is SeqStatus.WAITING and list(sched.waiting) == [b] and b.block_table == [] and b.num_preemptions == 0
+    assert sched.blocks.lookup(b.block_hashes) == []  # never computed: nobody may find b's prefix
+    replay = sched.schedule()
+    assert names(replay) == ["a", "b"] and replay[0].token_ids == [7] and replay[0].start == 6
+    assert replay[1].start == 0 and len(replay[1].token_ids) == 9

@@ -84,3 +84,57 @@ def test_checkpoint_error_is_not_transient():
     from raytp.cluster.supervisor import TRANSIENT
 
     assert not issubclass(CheckpointError, TRANSIENT) and issubclass(GroupFailure, TRANSIENT)
+
+
+class PoisonedExecutor(LocalExecutor):
+    """A LocalExecutor whose group fails, as when a rank dies, in every step that carries request "poison"; the
+    failed rank is replaced (the KV cache survives, as with a spare on CPU)."""
+
+    failures = 0
+
+    def execute(self, seqs):
+        if any(s.request_id == "poison" for s in seqs):
+            PoisonedExecutor.failures += 1
+            raise GroupFailure("a rank died in a step with the poisoned request")
+        return super().execute(seqs)
+
+    def replace_lost_ranks(self, known_lost=()):
+        return {"detect": 0.0}
+
+
+def test_requests_in_every_failed_step_are_failed_past_the_cap_and_the_rest_served(tmp_path):
+    """A request that brings the group down in every step it is in: past max_recoveries failures, the requests that
+    were in every failed step get an error (here the poisoned one and one that ran beside it from the start: while
+    the poisoned request runs, no step succeeds); a request that came after the first failure is served, with the
+    tokens of a run without faults, and the engine goes on serving. Every failure was a replacement: nothing was
+    recomputed."""
+    path = write_llama(tmp_path)
+    config = EngineConfig(model=path, device="cpu", tensor_parallel_size=1, max_model_len=64, max_recoveries=2)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def collect(engine, rid, prompt):
+        tokens = []
+        async for out in engine.generate(prompt, params, rid):
+            tokens.extend(out.delta_token_ids)
+        return tokens
+
+    async def go():
+        engine = AsyncEngine(config, lambda c, p, n: PoisonedExecutor(c, p, n))
+        await engine.start()
+        expected = await collect(engine, "reference", [9, 10, 11, 12])
+        poisoned = asyncio.create_task(collect(engine, "poison", [3, 4]))
+        beside = asyncio.create_task(collect(engine, "beside", [5, 6, 7]))
+        while PoisonedExecutor.failures < 1:
+            await asyncio.sleep(0.001)
+        late = await collect(engine, "late", [9, 10, 11, 12])
+        errors = await asyncio.gather(poisoned, beside, return_exceptions=True)
+        after = await collect(engine, "after", [9, 10, 11, 12])
+        stats = engine.core.supervisor.recoveries, engine.core.recomputed_tokens, engine.failed
+        await engine.shutdown()
+        return expected, late, after, errors, stats
+
+    expected, late, after, errors, (recoveries, recomputed, failed) = asyncio.run(go())
+    assert late == expected and after == expected
+    assert [str(e).split(" was ")[0] for e in errors] == ["request poison", "request beside"]
+    assert all("in every one of the 3 steps that brought the TP group down" in str(e) for e in errors)
+    assert recoveries == {"replace": 3} and recomputed == 0 and failed is None  # the third one mends too
