@@ -58,6 +58,21 @@ def worker_pids() -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def rank_pids() -> dict[int, int]:
+    """The serving ranks' processes by pid -> rank: those that map a rank's KV cache file (raytp-group-*/rankN.kv;
+    a CPU group's ranks do, its warm spares do not), else every TPWorker process."""
+    ranks = {}
+    for pid in worker_pids():
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                found = re.search(r"raytp-group-\w+/rank(\d+)\.kv", f.read())
+        except OSError:
+            continue
+        if found:
+            ranks[pid] = int(found.group(1))
+    return ranks or {pid: -1 for pid in worker_pids()}
+
+
 async def stream_tokens(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
                         progress: dict, key: int) -> list[int]:
     """One streaming completion; returns the generated token ids in order."""
@@ -100,10 +115,10 @@ async def run_round(url: str, model: str, prompts: list[list[int]], max_tokens: 
                     if all(t.done() for t in tasks):
                         break
                     await asyncio.sleep(0.005)
-                pids = worker_pids()
-                if not pids:
+                ranks = rank_pids()
+                if not ranks:
                     raise RuntimeError("no ray::TPWorker process found on this machine")
-                victim = random.choice(pids)
+                victim = random.choice(sorted(ranks))
                 signalled = time.monotonic()
                 os.kill(victim, kill_signal)
             results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -126,6 +141,7 @@ def chaos(url: str, model: str, args: argparse.Namespace) -> dict | None:
     failed = changed = 0
     gaps = []
     for i in range(args.rounds):
+        time.sleep(args.settle_s)  # the replica's spare rank comes up (a few seconds after the last replacement)
         out = asyncio.run(run_round(url, model, prompts, args.max_tokens, kill_signal))
         errors = [r for r in out["results"] if isinstance(r, BaseException)]
         diffs = sum(1 for r, ref in zip(out["results"], reference) if not isinstance(r, BaseException) and r != ref)
@@ -207,6 +223,8 @@ def main() -> int:
     ap.add_argument("--kill-signal", choices=("KILL", "STOP"), default="KILL",
                     help="SIGKILL the worker, or SIGSTOP it (a hung rank; killed after the round if still there)")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--settle-s", type=float, default=10.0,
+                    help="seconds before each round, so that the replica has its warm spare again (0: back to back)")
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

@@ -83,6 +83,7 @@ RAYTP_HISTOGRAMS = frozenset(
         "raytp_request_queue_time_seconds",
         "raytp_allreduce_seconds",
         "raytp_step_seconds",
+        "raytp_recovery_seconds",
     }
 )
 RAYTP_GAUGES = frozenset(
@@ -101,6 +102,8 @@ RAYTP_COUNTERS = frozenset(
         "raytp_tp_group_restarts",
         "raytp_prefix_cache_queries",
         "raytp_prefix_cache_hits",
+        "raytp_recoveries",
+        "raytp_recomputed_tokens",
     }
 )
 # Ray Serve's own metrics as a Ray 2.60 metrics port exports them (names taken

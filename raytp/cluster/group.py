@@ -329,10 +329,11 @@ class TPGroup(Executor):
     def check_health(self) -> None:
         if not self.workers:
             raise GroupFailure("the TP group is not running")
-        try:
-            ray.get([w.ping.remote() for w in self.workers], timeout=10)
-        except (GetTimeoutError, RayError) as err:
-            raise GroupFailure(f"a TP worker does not answer: {type(err).__name__}") from err
+        t0 = time.monotonic()
+        lost = self.unresponsive_ranks()
+        if lost:
+            raise GroupFailure(f"TP rank(s) {lost} do not answer a ping: dead or hung", tuple(lost),
+                               detect_s=time.monotonic() - t0)
 
     def worker_pids(self) -> list[int]:
         return [info["pid"] for info in ray.get([w.node_info.remote() for w in self.workers], timeout=10)]

@@ -32,17 +32,21 @@ class SparePool:
             log.info("starting a spare TP rank (%d of %d)", len(self._spares), self.size)
 
     def take(self, timeout_s: float) -> ray.actor.ActorHandle | None:
-        """A spare that is up (waiting up to timeout_s for one still starting), or None; a spare that failed to
-        start is dropped."""
-        while self._spares:
+        """A spare that is up (waiting up to timeout_s for one still starting), or None. A spare that died or did
+        not come up is dropped and another one started in its place, once."""
+        for _ in range(self.size + 1):
+            if not self._spares:
+                return None
             spare, ready = self._spares.pop(0)
             try:
                 pid = ray.get(ready, timeout=timeout_s)
+                ray.get(spare.ping.remote(), timeout=timeout_s)  # up once is not up now: a spare can die too
                 log.info("spare TP rank pid %d takes over", pid)
                 return spare
-            except Exception as err:  # noqa: BLE001 - a spare that did not come up is of no use: try the next
-                log.warning("a spare TP rank did not come up (%s): dropped", type(err).__name__)
+            except Exception as err:  # noqa: BLE001 - a spare that is not up is of no use: the next one
+                log.warning("a spare TP rank is not up (%s): dropped, another one starts", type(err).__name__)
                 ray.kill(spare, no_restart=True)
+                self.fill()
         return None
 
     def wait_ready(self, timeout_s: float) -> int:

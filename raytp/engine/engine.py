@@ -312,6 +312,7 @@ class AsyncEngine:
         self.failed: str | None = None  # why the group cannot be rebuilt (a permanent error), once that happened
         self.pacer = StepPacer()
         self._replaying_since: float | None = None  # when a mended group started on the steps that were lost
+        self._found_unhealthy: GroupFailure | None = None  # a failure the health check found, for the loop to mend
 
     @property
     def model_name(self) -> str:
@@ -379,14 +380,20 @@ class AsyncEngine:
             self._wake.set()
 
     async def check_health(self) -> None:
+        """EngineNotReady unless the group can run a step now. A rank found dead or hung here is recovered like one
+        a step found (the step loop mends the group at its next boundary), so the check reports not-ready
+        (recovering), never a failure that Serve would answer by replacing the replica: only `failed` is one."""
         if self.failed:
             raise EngineNotReady(self.failed)
         if not self.ready:
-            raise EngineNotReady("the TP group is not ready")
+            raise EngineNotReady("the TP group is not ready (starting or recovering)")
         try:
             await asyncio.to_thread(self.core.executor.check_health)
         except GroupFailure as err:
-            raise EngineNotReady(str(err)) from err
+            log.warning("health check: %s; the group is mended at the next step boundary", err)
+            self._found_unhealthy = err
+            self._wake.set()
+            raise EngineNotReady(f"the TP group is recovering: {err}") from err
 
     def _refresh_gauges(self) -> None:
         """While idle: gauges not set for a while drop out of Ray's export, so set them again."""
@@ -399,6 +406,7 @@ class AsyncEngine:
         """A step failed with these steps in flight (in the order sent): mend the group off the event loop, which
         keeps taking requests, and resume every request; the scheduler's state is only touched on the loop."""
         self.ready = False
+        self._found_unhealthy = None  # whatever the health check found, this recovery mends
         core = self.core
         culprits = core.supervisor.note_failure({s.seq.request_id for batch in lost for s in batch})
         core.roll_back(lost)
@@ -454,6 +462,10 @@ class AsyncEngine:
             try:
                 rebuild = core.supervisor.wanted_rebuild()
                 if in_flight is None:  # a step boundary with nothing running
+                    if self._found_unhealthy is not None:  # (while steps run, their own failure comes first)
+                        failure, self._found_unhealthy = self._found_unhealthy, None
+                        await self._recover(failure, [])
+                        continue
                     if rebuild is not None:
                         core.supervisor.take_rebuild()
                         await self._rebuild(rebuild, recovery=False)

@@ -123,7 +123,13 @@ class RaytpServer:
         try:
             await self.engine.check_health()
         except EngineNotReady as err:
-            raise RuntimeError(f"the TP group is unhealthy: {err}") from err
+            # A dead or hung rank: the engine mends the group (replace, else rebuild) while requests wait. Serve
+            # must not replace the replica meanwhile (that would fail every request it holds), so this counts
+            # toward the recovery grace above, not as a failure.
+            if self.engine.failed:
+                raise RuntimeError(f"the TP group is unhealthy: {err}") from err
+            log.warning("health check: %s", err)
+            self._not_ready_since = time.monotonic()
 
     async def engine_stats(self) -> dict:
         """Counters for tests and operators (call through a deployment handle)."""

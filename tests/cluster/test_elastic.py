@@ -183,6 +183,28 @@ def test_hung_worker_is_caught_from_step_times_and_replaced(ray_cluster, referen
     assert resume_s < 3.0
 
 
+def test_a_rank_hung_while_idle_is_found_by_the_health_check_and_replaced(ray_cluster, reference):
+    """No step runs, so no watchdog sees a SIGSTOPped rank: the health check does, says the group is recovering
+    (not failed: Serve must not replace the replica), and the loop replaces the rank; then streams run as before."""
+    from raytp.engine.engine import EngineNotReady
+
+    async def run(engine):
+        pids = await asyncio.to_thread(engine.core.executor.worker_pids)
+        os.kill(pids[1], signal.SIGSTOP)
+        with pytest.raises(EngineNotReady, match="recovering"):
+            await engine.check_health()
+        deadline = time.monotonic() + 30
+        while not engine.core.supervisor.recoveries and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await engine.check_health()  # healthy again
+        results, _ = await _run_all(engine, "after-idle-hang")
+        return results, engine.core.supervisor.recoveries, engine.failed
+
+    results, recoveries, failed = _with_engine(run)
+    assert recoveries == {"replace": 1} and failed is None
+    assert results == reference
+
+
 def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
     async def run(engine):
         sizes = []
@@ -263,7 +285,9 @@ def test_served_replica_answers_503_while_recovering_and_streams_carry_on(ray_cl
     app = "raytp-elastic-http"
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     base = f"http://127.0.0.1:{_get_global_client().http_config.port}"
-    serve.run(build_app({"model": "tiny", "tensor_parallel_size": 2, "device": "cpu", "max_model_len": 256}),
+    # Without a spare the group is rebuilt: long enough to see the 503s (a replacement takes ~0.1 s).
+    serve.run(build_app({"model": "tiny", "tensor_parallel_size": 2, "device": "cpu", "max_model_len": 256,
+                         "num_spare_ranks": 0}),
               name=app, route_prefix="/")
     handle = serve.get_deployment_handle("RaytpServer", app_name=app)
 

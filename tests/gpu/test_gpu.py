@@ -52,6 +52,29 @@ def test_nccl_world_of_one(nccl):
         nccl.all_reduce(torch.zeros(2, dtype=torch.float64, device=DEVICE))
 
 
+@pytest.mark.timeout(120)
+def test_nccl_abort_from_another_thread_then_a_new_communicator_works():
+    """The path a replacement takes on GPU: abort() from another thread (ncclCommAbort, as the actor's Ray thread
+    does while the step thread is stuck) fails the later collectives with CollectiveAborted, and the same process
+    joins a new communicator whose collectives work."""
+    pytest.importorskip("cupy")
+    import threading
+
+    from raytp.cluster.comm import CollectiveAborted, NcclCommunicator, nccl_unique_id
+
+    first = NcclCommunicator(nccl_unique_id(), 0, 1)
+    aborter = threading.Thread(target=first.abort)
+    aborter.start()
+    aborter.join(30)
+    with pytest.raises(CollectiveAborted):
+        first.all_reduce(torch.ones(4, device=DEVICE))
+    second = NcclCommunicator(nccl_unique_id(), 0, 1)
+    x = torch.arange(4.0, device=DEVICE)
+    assert torch.equal(second.all_reduce(x.clone()), x)
+    torch.cuda.synchronize()
+    second.close()
+
+
 # ---- the model on CUDA ----
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import schema_checks as sc  # noqa: E402
@@ -78,10 +80,16 @@ def test_required_panels_present():
         "ray_raytp_prompt_tokens_total", "ray_raytp_generation_tokens_total",
         "ray_raytp_num_requests_running", "ray_raytp_num_requests_waiting", "ray_raytp_kv_cache_usage_perc",
         "ray_raytp_tensor_parallel_size", "ray_raytp_tp_group_restarts_total",
+        "ray_raytp_recovery_seconds_bucket", "ray_raytp_recoveries_total", "ray_raytp_recomputed_tokens_total",
     }
     assert {"ray_serve_deployment_replica_healthy", "ray_serve_num_http_requests_total",
             "ray_serve_num_http_error_requests_total"} <= used
     assert "increase(ray_raytp_tp_group_restarts_total" in exprs
+    # Recoveries (next to the restarts): time by phase, count by kind, recomputed tokens.
+    assert "histogram_quantile(0.5, sum by (le, model_name, phase) (" in exprs
+    assert "increase(ray_raytp_recovery_seconds_bucket" in exprs
+    assert "sum by (model_name, kind) (" in exprs and "increase(ray_raytp_recoveries_total" in exprs
+    assert "increase(ray_raytp_recomputed_tokens_total" in exprs
 
 
 def test_raytp_queries_filter_by_model_and_use_rate_interval():
@@ -146,3 +154,56 @@ def test_every_expr_is_valid_promql(tmp_path):
     bad = sc.promtool_check_rules([{"name": "bad", "rules": [{"record": "x:y", "expr": "sum(rate(a[1m])"}]}],
                                   tmp_path)
     assert bad.returncode != 0
+
+
+def _expr_of(metric: str) -> str:
+    (expr,) = [e for _, e in sc.dashboard_exprs(DASH) if metric in e]
+    return sc.grafana_expr_to_promql(expr)
+
+
+# Recoveries are rare, and Ray exports a counter (and a histogram's buckets) only from its first record: the first
+# recovery of a replica makes new series at 1, and increase() of a new series is 0. The panels must show it anyway.
+# Series values: `a+bxN` starts at a and adds b, N times; `_` is no sample. One sample per 15 s; $__rate_interval
+# is 1m. Model m (replica w1): a spare replaces a rank at 5m (shard_load 0.75 s) and at 10m (0.25 s). Model q
+# (replica w2): a rebuild at 10m (start 3 s) that recomputes 40 tokens.
+def _buckets(model: str, worker: str, phase: str, values: dict[str, str]) -> list[dict]:
+    return [{"series": f'ray_raytp_recovery_seconds_bucket{{model_name="{model}", phase="{phase}", le="{le}", '
+                       f'WorkerId="{worker}"}}', "values": v} for le, v in values.items()]
+
+
+RECOVERY_SERIES = [
+    {"series": 'ray_raytp_tp_group_restarts_total{model_name="m", WorkerId="w1"}', "values": "_x20 1x19 2x20"},
+    {"series": 'ray_raytp_tp_group_restarts_total{model_name="q", WorkerId="w2"}', "values": "_x40 1x19"},
+    {"series": 'ray_raytp_recoveries_total{model_name="m", kind="replace", WorkerId="w1"}',
+     "values": "_x20 1x19 2x20"},
+    {"series": 'ray_raytp_recoveries_total{model_name="q", kind="rebuild", WorkerId="w2"}', "values": "_x40 1x19"},
+    {"series": 'ray_raytp_recomputed_tokens_total{model_name="q", WorkerId="w2"}', "values": "_x40 40x19"},
+    *_buckets("m", "w1", "shard_load", {"0.5": "_x20 0x19 1x20", "1.0": "_x20 1x19 2x20",
+                                         "5.0": "_x20 1x19 2x20", "+Inf": "_x20 1x19 2x20"}),
+    *_buckets("q", "w2", "start", {"0.5": "_x40 0x19", "1.0": "_x40 0x19", "5.0": "_x40 1x19", "+Inf": "_x40 1x19"}),
+]
+RECOVERY_EXPECTED = {  # metric -> eval time -> [(labels, value)]
+    "ray_raytp_tp_group_restarts_total": {
+        "4m": [], "5m30s": [('{model_name="m"}', 1)], "7m": [('{model_name="m"}', 0)],
+        "10m30s": [('{model_name="m"}', 1), ('{model_name="q"}', 1)]},
+    "ray_raytp_recoveries_total": {
+        "4m": [], "5m30s": [('{model_name="m", kind="replace"}', 1)], "7m": [('{model_name="m", kind="replace"}', 0)],
+        "10m30s": [('{model_name="m", kind="replace"}', 1), ('{model_name="q", kind="rebuild"}', 1)]},
+    "ray_raytp_recomputed_tokens_total": {"5m30s": [], "10m30s": [('{model_name="q"}', 40)]},
+    "ray_raytp_recovery_seconds_bucket": {  # bucket interpolation: the middle of the one observation's bucket
+        "4m": [], "5m30s": [('{model_name="m", phase="shard_load"}', 0.75)], "7m": [],
+        "10m30s": [('{model_name="m", phase="shard_load"}', 0.25), ('{model_name="q", phase="start"}', 3.0)]},
+}
+
+
+@pytest.mark.skipif(sc.promtool() is None, reason="promtool not on PATH (Debian/Ubuntu: apt-get install prometheus)")
+def test_recovery_panels_show_a_single_recovery(tmp_path):
+    cases = [{"expr": _expr_of(metric), "eval_time": t,
+              "exp_samples": [{"labels": labels, "value": value} for labels, value in samples]}
+             for metric, by_time in RECOVERY_EXPECTED.items() for t, samples in by_time.items()]
+    tests = tmp_path / "tests.yaml"
+    tests.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "15s", "tests": [
+        {"interval": "15s", "input_series": RECOVERY_SERIES, "promql_expr_test": cases}]}, sort_keys=False))
+    result = subprocess.run([sc.promtool(), "test", "rules", str(tests)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
