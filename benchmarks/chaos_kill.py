@@ -110,30 +110,33 @@ async def run_round(url: str, model: str, prompts: list[list[int]], max_tokens: 
         async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), trust_env=False) as client:
             tasks = [asyncio.create_task(stream_tokens(client, url, model, p, max_tokens, progress, i))
                      for i, p in enumerate(prompts)]
+            # Every stream is past its prompt: the fault comes here (and the reference run's gaps count from here).
+            while len(progress) < len(prompts) or min(len(t) for t in progress.values()) < 3:
+                if all(t.done() for t in tasks):
+                    break
+                await asyncio.sleep(0.005)
+            signalled = time.monotonic()
             if kill_signal is not None:
-                while len(progress) < len(prompts) or min(len(t) for t in progress.values()) < 3:
-                    if all(t.done() for t in tasks):
-                        break
-                    await asyncio.sleep(0.005)
                 ranks = rank_pids()
                 if not ranks:
                     raise RuntimeError("no ray::TPWorker process found on this machine")
                 victim = random.choice(sorted(ranks))
-                signalled = time.monotonic()
                 os.kill(victim, kill_signal)
             results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         if kill_signal == signal.SIGSTOP and victim in worker_pids():  # a stopped rank must not linger
             os.kill(victim, signal.SIGKILL)
-    since = signalled if kill_signal is not None else 0.0
-    return {"results": results, "max_gap_s": max((longest_gap_after(t, since) for t in progress.values()), default=0.0)}
+    return {"results": results,
+            "max_gap_s": max((longest_gap_after(t, signalled) for t in progress.values()), default=0.0)}
 
 
 def chaos(url: str, model: str, args: argparse.Namespace) -> dict | None:
     """The reference run and args.rounds kill rounds against url; None if the reference run failed."""
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(3, 1000) for _ in range(rng.randrange(4, 48))] for _ in range(args.streams)]
-    reference = asyncio.run(run_round(url, model, prompts, args.max_tokens, None))["results"]
+    no_fault = asyncio.run(run_round(url, model, prompts, args.max_tokens, None))
+    reference = no_fault["results"]
+    print(f"no-fault run: longest gap between tokens once every stream is past its prompt {no_fault['max_gap_s']:.2f}s")
     if any(isinstance(r, BaseException) for r in reference):
         print("reference run failed:", [r for r in reference if isinstance(r, BaseException)][:3])
         return None

@@ -33,6 +33,10 @@ DEPLOYMENT_OPTIONS: dict[str, Any] = {
     "max_ongoing_requests": 256,
     "graceful_shutdown_timeout_s": 30,
     "graceful_shutdown_wait_loop_s": 1,
+    # Serve replaces a replica after a few failed checks in a row. check_health fails only for what the engine
+    # cannot recover (a permanent error, or not ready for longer than a rebuild may take: _recovery_grace_s); a
+    # dead or hung rank it finds is mended by the engine meanwhile (a replacement takes ~0.1 s on CPU). Its own
+    # ping of the ranks waits at most a second, so 30 s of timeout leave room for a busy replica.
     "health_check_period_s": 10,
     "health_check_timeout_s": 30,
 }
