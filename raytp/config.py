@@ -87,7 +87,8 @@ class EngineConfig(BaseModel):
     )
     max_recoveries: int = Field(
         default=5, ge=1, description="Recoveries allowed within recovery_window_s; one more fails the requests that "
-        "were in every failed step (the likely cause) with an error, and the rest are served on."
+        "were in every failed step (the likely cause) with an error, and the rest are served on (failures with no "
+        "request in common go on being mended)."
     )
     recovery_window_s: float = Field(default=120.0, gt=0, description="The window max_recoveries counts in.")
     init_timeout_s: float = Field(default=120.0, gt=0, description="How long workers may take to start, connect and load weights.")

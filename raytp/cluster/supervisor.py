@@ -73,10 +73,10 @@ class Supervisor:
             log.warning("running degraded at tensor_parallel_size=%d (target %d)", self.executor.tp_size, self.target_tp)
         self.on_new_group(self.executor.num_kv_blocks)
 
-    def note_failure(self, request_ids: set[str]) -> set[str] | None:
-        """A step with these requests in it failed. Within the cap: an empty set. Past max_recoveries failures in
-        recovery_window_s: the requests that were in every one of them (the engine fails those alone), or None if
-        no request was (the group keeps failing on its own: recovery cannot help)."""
+    def note_failure(self, request_ids: set[str]) -> set[str]:
+        """A step with these requests in it failed. Past max_recoveries failures in recovery_window_s: the requests
+        that were in every one of them (the engine fails those alone), else none. Failures with no request in
+        common are not a request's doing (chaos, a flaky node): the group goes on being mended."""
         now = time.monotonic()
         self._failures = [(t, ids) for t, ids in self._failures if now - t <= self.config.recovery_window_s]
         self._failures.append((now, frozenset(request_ids)))
@@ -85,8 +85,9 @@ class Supervisor:
         culprits = frozenset.intersection(*(ids for _, ids in self._failures))
         log.error("%d recoveries within %gs; requests in every failed step: %s", len(self._failures),
                   self.config.recovery_window_s, sorted(culprits) or "none")
-        self._failures = []
-        return set(culprits) or None
+        if culprits:
+            self._failures = []
+        return set(culprits)
 
     def replace(self, failure: GroupFailure) -> bool:
         """Mend the group by replacing its lost ranks (runs off the event loop); False where that cannot be done

@@ -410,9 +410,6 @@ class AsyncEngine:
         core = self.core
         culprits = core.supervisor.note_failure({s.seq.request_id for batch in lost for s in batch})
         core.roll_back(lost)
-        if culprits is None:
-            self._fail_all(f"the TP group failed {self.config.max_recoveries + 1} times within "
-                           f"{self.config.recovery_window_s:g}s, with no request common to the failed steps: {failure}")
         for rid in sorted(culprits):
             self._fail_request(rid, f"request {rid} was in every one of the {self.config.max_recoveries + 1} steps "
                                f"that brought the TP group down within {self.config.recovery_window_s:g}s: it is "

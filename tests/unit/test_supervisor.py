@@ -138,3 +138,16 @@ def test_requests_in_every_failed_step_are_failed_past_the_cap_and_the_rest_serv
     assert [str(e).split(" was ")[0] for e in errors] == ["request poison", "request beside"]
     assert all("in every one of the 3 steps that brought the TP group down" in str(e) for e in errors)
     assert recoveries == {"replace": 3} and recomputed == 0 and failed is None  # the third one mends too
+
+
+def test_failures_with_no_request_in_common_keep_being_mended(tmp_path):
+    """Past the cap, only requests common to every failed step are singled out; independent faults (a flaky node,
+    chaos testing) leave nobody to blame, and the group goes on being mended."""
+    from raytp.cluster.supervisor import Supervisor
+    from raytp.model.loader import read_model_args
+
+    path = write_llama(tmp_path)
+    config = EngineConfig(model=path, device="cpu", max_recoveries=2)
+    supervisor = Supervisor(config, read_model_args(path), LocalExecutor(config, path, 64), lambda blocks: None)
+    assert [supervisor.note_failure(ids) for ids in ({"a", "x"}, {"b", "x"}, {"c", "x"})] == [set(), set(), {"x"}]
+    assert [supervisor.note_failure(ids) for ids in ({"a"}, {"b"}, {"c"}, {"d"})] == [set(), set(), set(), set()]
