@@ -296,8 +296,8 @@ class TPGroup(Executor):
                 self.workers[rank] = spare
             phase("spare_join")
             taken = ray.get([self.workers[rank].take_over.remote(
-                rank, self.tp_size, self.model_path, self.config.attention_backend, self.store_dir,
-                self.num_kv_blocks, self.config.block_size) for rank in lost], timeout=timeout)
+                rank, self.tp_size, self.store_dir, self.num_kv_blocks, self.config.block_size) for rank in lost],
+                timeout=timeout)
             phase("shard_load")
             phases["kv_restore"] = max(info["kv_s"] for info in taken)
             phases["shard_load"] -= phases["kv_restore"]

@@ -46,9 +46,8 @@ def kv_path(store_dir: str, rank: int) -> str:
     return os.path.join(store_dir, f"rank{rank}.kv")
 
 
-def save_shard(model: torch.nn.Module, path: str) -> int:
-    """Write the rank's parameters and packed weights to `path` (complete or absent: written aside, then renamed).
-    Returns the bytes written."""
+def save_shard(model: torch.nn.Module, path: str) -> None:
+    """Write the rank's parameters and packed weights to `path` (complete or absent: written aside, then renamed)."""
     from raytp.model.layers import PackableLinear
 
     tensors = {name: p.detach() for name, p in model.named_parameters()}  # a tied weight once
@@ -59,7 +58,6 @@ def save_shard(model: torch.nn.Module, path: str) -> int:
     partial = f"{path}.{os.getpid()}.partial"
     save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
     os.replace(partial, path)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,

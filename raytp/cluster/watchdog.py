@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 
-
-def size_class(num_tokens: int) -> int:
-    return max(1, num_tokens).bit_length()
+from raytp.engine.step import size_class
 
 
 class StepWatchdog:

@@ -150,6 +150,7 @@ class TPWorker:
         self.generator = torch.Generator().manual_seed(seed)  # the same seed on every rank: the same samples
         self.store_dir: str | None = None  # where this rank's shard and KV cache outlive it (CPU), if anywhere
         self._store = None  # rank 0: the rendezvous' store, listening from make_rendezvous until init_communicator
+        self._spare_models: dict[int, LlamaModel] = {}  # a spare: every rank's model over the store, until it takes one
         self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
         self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
 
@@ -252,15 +253,14 @@ class TPWorker:
         load_shard(model, shard_path(store_dir, rank))
         return model
 
-    def take_over(self, rank: int, world_size: int, model_path: str, attention_backend: str, store_dir: str,
-                  num_kv_blocks: int, block_size: int) -> dict:
-        """A spare becomes rank `rank` of a group that lost it: the dead rank's shard and KV cache come from its
-        store (no checkpoint read, no packing, no cache to fill again). It joins the communicator next."""
+    def take_over(self, rank: int, world_size: int, store_dir: str, num_kv_blocks: int, block_size: int) -> dict:
+        """A spare becomes rank `rank` of a group that lost it: the dead rank's shard (built by prepare_spare) and KV
+        cache come from its store (no checkpoint read, no packing, no cache to fill again). It joins the
+        communicator next."""
         t0 = time.perf_counter()
-        prepared = getattr(self, "_spare_models", {})
-        self.model = prepared.pop(rank, None)
-        if self.model is None:
-            self.model = self._model_from_store(model_path, attention_backend, store_dir, rank, world_size)
+        if rank not in self._spare_models:
+            raise RuntimeError(f"spare asked to take rank {rank} before prepare_spare built its model")
+        self.model = self._spare_models[rank]
         self._spare_models = {}  # the other ranks' models were only for this moment
         self.rank, self.world_size, self.comm = rank, world_size, self.model.comm
         shard_s = time.perf_counter() - t0

@@ -61,7 +61,7 @@ class TPWorkerActor(TPWorker):
             self._start_step_thread()
 
     def _start_step_thread(self) -> None:
-        threading.Thread(target=self._run_steps, args=(self._bind_cores,), name="raytp-steps", daemon=True).start()
+        threading.Thread(target=self._run_steps, name="raytp-steps", daemon=True).start()
 
     def run_step(self, epoch: int, number: int, seqs: list[SeqStep]) -> StepResult:
         """Run step `number` (0, 1, ... since the rank joined this epoch's communicator) once every earlier step
@@ -107,10 +107,10 @@ class TPWorkerActor(TPWorker):
                 result.set_exception(CollectiveAborted(f"rank {self.rank}: {why}"))
             self._queued.clear()
 
-    def _run_steps(self, bind_cores: bool) -> None:
+    def _run_steps(self) -> None:
         if self.device == "cuda":
             torch.cuda.set_device(self.cuda_index)  # the current device is per thread
-        elif self.num_threads and bind_cores:
+        elif self.num_threads and self._bind_cores:
             # This thread computes the steps (and starts torch's threads, which inherit the binding); the thread
             # count TPWorker set is the process's.
             bind_rank(self.num_threads, group_cores=self.world_size * self.num_threads)
@@ -132,4 +132,3 @@ class TPWorkerActor(TPWorker):
             with self._queue_changed:
                 self._running = False
                 self._queue_changed.notify_all()
-

@@ -75,9 +75,7 @@ class KVCacheManager:
         blocks = []
         for _ in range(n):
             block, _ = self.free.popitem(last=False)
-            h = self.block_hash.pop(block, None)
-            if h is not None:
-                del self.cached[h]  # evicted: its content is about to be overwritten
+            self.forget(block)  # evicted: its content is about to be overwritten
             self.ref_count[block] = 1
             blocks.append(block)
         return blocks
@@ -94,7 +92,8 @@ class KVCacheManager:
                     self.free.move_to_end(block, last=False)
 
     def forget(self, block: int) -> None:
-        """`block` no longer holds the prefix it was named by (the step computing it was lost): no lookup finds it."""
+        """`block` no longer holds the prefix it was named by (evicted, or the step computing it was lost): no lookup
+        finds it."""
         h = self.block_hash.pop(block, None)
         if h is not None:
             del self.cached[h]

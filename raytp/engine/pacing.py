@@ -29,6 +29,8 @@ import asyncio
 import time
 from collections import deque
 
+from raytp.engine.step import size_class
+
 # The margin to start from (and the in-process executor's, whose ranks do not report their lead): what the next step
 # needs before the ranks can start it, scheduling, the send to every rank and their unpacking (~1 ms in-process).
 # Ranks that wait this long for a step lose as much as they would have without scheduling ahead; being early costs
@@ -37,11 +39,6 @@ DEFAULT_MARGIN_S = 0.004
 EWMA_WEIGHT = 0.3  # of the newest measurement: tracks the slow growth of attention cost as contexts grow
 MARGIN_UP_S, MARGIN_DOWN_S = 0.0004, 0.0001  # after a late / a timely held-back step: 1 in 5 late at equilibrium
 MARGIN_RANGE_S = (0.001, 0.030)
-
-
-def size_class(num_tokens: int) -> int:
-    """Steps of 2^(k-1) to 2^k - 1 tokens share an estimate."""
-    return max(1, num_tokens).bit_length()
 
 
 class StepPacer:

@@ -30,6 +30,12 @@ from raytp.sampling import SamplingParams
 PREVIOUS_TOKEN = -1
 
 
+def size_class(num_tokens: int) -> int:
+    """Steps of 2^(k-1) to 2^k - 1 tokens take about as long as each other: they share an estimate (the engine's
+    pacing) and a limit (the ranks' watchdog)."""
+    return max(1, num_tokens).bit_length()
+
+
 @dataclass
 class SeqStep:
     """One sequence's work in a step: compute `token_ids` at positions start.., then sample one token."""
