@@ -65,8 +65,7 @@ class TPGroup(Executor):
         self.spares: SparePool | None = None
         self._refill: threading.Timer | None = None  # the spare pool's refill after a replacement
         self._refill_lock = threading.Lock()
-        self.watchdog = StepWatchdog(config.hang_detection_multiple, config.hang_detection_floor_s,
-                                     config.step_timeout_s)
+        self.watchdog: StepWatchdog | None = None  # step times of the current group (start() makes it)
 
     # ---- building ----------------------------------------------------------------
 
@@ -109,6 +108,9 @@ class TPGroup(Executor):
         self._place(tp_size)
         try:
             self.epoch, self.steps_sent = 0, 0
+            # A new group (perhaps of another TP degree) measures its own step times.
+            cfg = self.config
+            self.watchdog = StepWatchdog(cfg.hang_detection_multiple, cfg.hang_detection_floor_s, cfg.step_timeout_s)
             self.workers = [
                 self._new_rank(rank, tp_size, PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
                                self.config.cpus_per_rank)
