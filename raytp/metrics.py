@@ -49,6 +49,10 @@ class EngineMetrics:
         self.recoveries = Counter("raytp_recoveries", description="Recoveries of the TP group by kind: replace (a spare "
                                   "took a lost rank's place), rebuild, degrade (rebuilt smaller).",
                                   tag_keys=keys + ("kind",))
+        self.health_checks = Counter("raytp_health_checks", description="Serve's health checks of the replica by "
+                                     "result: ok, recovering (a fault the engine is mending: reported healthy, so "
+                                     "Serve keeps the replica) or failed (beyond repair: Serve replaces it).",
+                                     tag_keys=keys + ("result",))
         self.recomputed = Counter("raytp_recomputed_tokens", description="Tokens whose KV a completed step had computed "
                                   "and a recovery lost, so they were computed again.", tag_keys=keys)
 
@@ -96,6 +100,9 @@ class EngineMetrics:
     def on_recomputed(self, num_tokens: int) -> None:
         if num_tokens:
             self.recomputed.inc(num_tokens, tags=self.tags)
+
+    def on_health_check(self, result: str) -> None:
+        self.health_checks.inc(1, tags={**self.tags, "result": result})
 
     def on_group(self, tp_size: int, restarted: bool) -> None:
         self.tp_size.set(tp_size, tags=self.tags)

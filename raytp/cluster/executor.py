@@ -101,6 +101,10 @@ class Executor(ABC):
         survives); the seconds each phase took. GroupFailure where it cannot: the group must be rebuilt."""
         raise GroupFailure(f"{type(self).__name__} cannot replace a rank")
 
+    def spares_ready(self, timeout_s: float) -> int:
+        """Wait up to timeout_s for the group's spare ranks to be up; how many are (none without spares)."""
+        return 0
+
     @abstractmethod
     def worker_pids(self) -> list[int]:
         """Process id of each rank, in rank order."""

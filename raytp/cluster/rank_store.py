@@ -14,7 +14,11 @@ A rank that dies takes its process with it, but not these files in /dev/shm
   and only the steps that were in flight are computed again.
 
 The engine removes the folder with the group (`remove_store`, on the ranks'
-node). GPU ranks keep their cache on the device: this store is for CPU ranks.
+node). A replica that dies before it can (killed by Serve, a crashed node
+agent) leaves its folder behind: every process that uses a folder marks it
+with its pid (`mark_user`), and a new group sweeps folders none of whose users
+is alive (`sweep_stale_stores`). GPU ranks keep their cache on the device:
+this store is for CPU ranks.
 """
 from __future__ import annotations
 
@@ -36,6 +40,32 @@ _PACKED = ".packed"  # suffix of a packed weight's key, beside the parameter it 
 def new_store_dir(root: str = STORE_ROOT) -> str | None:
     """A fresh folder name for one group build's stores (created by the ranks), or None where root is missing."""
     return os.path.join(root, STORE_PREFIX + uuid.uuid4().hex[:12]) if os.path.isdir(root) else None
+
+
+def mark_user(store_dir: str) -> None:
+    """Record that this process uses the folder (a rank or a spare): the folder is stale once none of them runs."""
+    os.makedirs(store_dir, exist_ok=True)
+    open(os.path.join(store_dir, f"{os.getpid()}.pid"), "w").close()
+
+
+def sweep_stale_stores(root: str = STORE_ROOT) -> list[str]:
+    """Remove the folders on this node whose every user has exited (a group whose replica died before removing
+    them); folders with no user recorded yet are being created and are kept. Returns the folders removed."""
+    from raytp.cluster.comm import process_alive
+
+    removed = []
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        path = os.path.join(root, name)
+        if not name.startswith(STORE_PREFIX):
+            continue
+        try:
+            pids = [int(f[:-4]) for f in os.listdir(path) if f.endswith(".pid")]
+        except (OSError, ValueError):
+            continue
+        if pids and not any(process_alive(pid) for pid in pids):
+            remove_store(path)
+            removed.append(path)
+    return removed
 
 
 def shard_path(store_dir: str, rank: int) -> str:

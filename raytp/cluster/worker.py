@@ -34,7 +34,8 @@ from raytp.cluster.comm import (
 )
 from raytp.cluster.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
 from raytp.cluster.memory import MemoryProfile
-from raytp.cluster.rank_store import kv_path, load_shard, map_kv_cache, save_shard, shard_path
+from raytp.cluster.rank_store import (kv_path, load_shard, map_kv_cache, mark_user, save_shard, shard_path,
+                                      sweep_stale_stores)
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.layers import build_gemm_kernels
 from raytp.model.llama import LlamaModel
@@ -233,6 +234,10 @@ class TPWorker:
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
                                 attention=attention, pack_weights=pack_weights)
         if store_dir is not None and device == "cpu":
+            if self.rank == 0:
+                for stale in sweep_stale_stores(os.path.dirname(store_dir)):
+                    log.warning("removed %s: a store left behind by a group whose processes all exited", stale)
+            mark_user(store_dir)
             save_shard(self.model, shard_path(store_dir, self.rank))
             self.store_dir = store_dir
         return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.name}
@@ -240,6 +245,7 @@ class TPWorker:
     def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int) -> None:
         """A spare builds every rank's model from the group's shard store ahead of time (the weights are the store's
         pages, mapped: no copy, no extra memory), so that taking a rank's place costs nothing of the model's size."""
+        mark_user(store_dir)
         self._spare_models = {rank: self._model_from_store(model_path, attention_backend, store_dir, rank, world_size)
                               for rank in range(world_size)}
 

@@ -313,6 +313,7 @@ class AsyncEngine:
         self.pacer = StepPacer()
         self._replaying_since: float | None = None  # when a mended group started on the steps that were lost
         self._found_unhealthy: GroupFailure | None = None  # a failure the health check found, for the loop to mend
+        self._unhealthy = asyncio.Event()  # set with _found_unhealthy: ends the wait for a step that will not finish
 
     @property
     def model_name(self) -> str:
@@ -381,17 +382,24 @@ class AsyncEngine:
 
     async def check_health(self) -> None:
         """EngineNotReady unless the group can run a step now. A rank found dead or hung here is recovered like one
-        a step found (the step loop mends the group at its next boundary), so the check reports not-ready
+        a step found (the step loop stops waiting on a step that needs the rank and mends the group), so the check
+        reports not-ready
         (recovering), never a failure that Serve would answer by replacing the replica: only `failed` is one."""
         if self.failed:
             raise EngineNotReady(self.failed)
         if not self.ready:
             raise EngineNotReady("the TP group is not ready (starting or recovering)")
+        group_before = self.core.supervisor.restarts
         try:
             await asyncio.to_thread(self.core.executor.check_health)
         except GroupFailure as err:
-            log.warning("health check: %s; the group is mended at the next step boundary", err)
+            if self.core.supervisor.restarts != group_before or not self.ready:
+                # The group was mended (or is being) while the ranks were asked: the finding is about ranks that
+                # are gone already, and acting on it would kill their healthy replacements.
+                raise EngineNotReady(f"the TP group is recovering: {err}") from err
+            log.warning("health check: %s; the group is mended now", err)
             self._found_unhealthy = err
+            self._unhealthy.set()
             self._wake.set()
             raise EngineNotReady(f"the TP group is recovering: {err}") from err
 
@@ -407,6 +415,7 @@ class AsyncEngine:
         keeps taking requests, and resume every request; the scheduler's state is only touched on the loop."""
         self.ready = False
         self._found_unhealthy = None  # whatever the health check found, this recovery mends
+        self._unhealthy.clear()
         core = self.core
         culprits = core.supervisor.note_failure({s.seq.request_id for batch in lost for s in batch})
         core.roll_back(lost)
@@ -459,9 +468,8 @@ class AsyncEngine:
             try:
                 rebuild = core.supervisor.wanted_rebuild()
                 if in_flight is None:  # a step boundary with nothing running
-                    if self._found_unhealthy is not None:  # (while steps run, their own failure comes first)
-                        failure, self._found_unhealthy = self._found_unhealthy, None
-                        await self._recover(failure, [])
+                    if self._found_unhealthy is not None:
+                        await self._recover(self._found_unhealthy, [])
                         continue
                     if rebuild is not None:
                         core.supervisor.take_rebuild()
@@ -493,7 +501,7 @@ class AsyncEngine:
                     continue
                 done_batch, done_step = previous
                 try:
-                    result = await done_step
+                    result = await self._step_result(done_step)
                 except GroupFailure as err:
                     lost = [done_batch] + ([in_flight[0]] if in_flight is not None else [])
                     _discard(in_flight)
@@ -528,10 +536,28 @@ class AsyncEngine:
                     core.abort(rid)
                 await asyncio.sleep(1.0)
 
+    async def _step_result(self, step: asyncio.Future) -> StepResult:
+        """The step's result, or GroupFailure: the step's own (a rank died, or the watchdog found one hung) or what
+        the health check found meanwhile (a rank that does not answer its ping), whichever comes first. Either is
+        mended the same way; waiting on for the watchdog would only lengthen the pause."""
+        found = asyncio.ensure_future(self._unhealthy.wait())
+        try:
+            await asyncio.wait({step, found}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            found.cancel()
+        if step.done():
+            return step.result()
+        _discard((None, step))
+        raise self._found_unhealthy
+
     async def shutdown(self) -> None:
+        """Stop stepping and release the group (workers, placement group, shared memory). Streams still open get
+        a clear error now instead of hanging until the replica's process is gone."""
         if self._loop_task is not None:
             self._loop_task.cancel()
         self.ready = False
+        for rid in list(self._queues):
+            self._fail_request(rid, "the server is shutting down this replica: the request was not finished; retry it")
         await asyncio.to_thread(self.core.shutdown)
 
 

@@ -33,10 +33,13 @@ DEPLOYMENT_OPTIONS: dict[str, Any] = {
     "max_ongoing_requests": 256,
     "graceful_shutdown_timeout_s": 30,
     "graceful_shutdown_wait_loop_s": 1,
-    # Serve replaces a replica after a few failed checks in a row. check_health fails only for what the engine
-    # cannot recover (a permanent error, or not ready for longer than a rebuild may take: _recovery_grace_s); a
-    # dead or hung rank it finds is mended by the engine meanwhile (a replacement takes ~0.1 s on CPU). Its own
-    # ping of the ranks waits at most a second, so 30 s of timeout leave room for a busy replica.
+    # Serve replaces a replica after 3 failed checks in a row (a constant of Serve's, not a deployment option) and
+    # counts a check that outlasts health_check_timeout_s as failed. raytp keeps the two policies from fighting by
+    # what check_health reports, not by long periods: it fails only for what the engine cannot recover (a permanent
+    # error, or not ready for longer than a rebuild may take: _recovery_grace_s); a dead or hung rank is reported
+    # healthy-but-recovering while the engine mends it (a replacement takes ~0.1-1 s on CPU, a rebuild as long as
+    # loading the model). The check itself waits at most ~1 s on the ranks' pings, so 30 s of timeout leave room
+    # for a busy replica, and 10 s x 3 detects a replica that is truly gone within ~30 s.
     "health_check_period_s": 10,
     "health_check_timeout_s": 30,
 }
@@ -49,6 +52,7 @@ class ReplicaMetrics(EngineMetrics):
         super().__init__(model_name)
         self.admitted = 0
         self.finished: dict[str, int] = {}
+        self.health_check_results: dict[str, int] = {}
 
     def on_admitted(self, prompt_tokens: int) -> None:
         super().on_admitted(prompt_tokens)
@@ -57,6 +61,10 @@ class ReplicaMetrics(EngineMetrics):
     def on_finished(self, reason: str, e2e: float) -> None:
         super().on_finished(reason, e2e)
         self.finished[reason] = self.finished.get(reason, 0) + 1
+
+    def on_health_check(self, result: str) -> None:
+        super().on_health_check(result)
+        self.health_check_results[result] = self.health_check_results.get(result, 0) + 1
 
 
 def _replica_engine():
@@ -109,7 +117,16 @@ class RaytpServer:
         return self.config.placement_timeout_s + self.config.init_timeout_s + 30.0
 
     async def check_health(self) -> None:
-        """Serve's health check: raises (so Serve restarts the replica) when the engine cannot recover."""
+        """Serve's health check: raises (so Serve replaces the replica) only when the engine cannot recover."""
+        try:
+            recovering = await self._recovering()
+        except Exception:
+            self.metrics.on_health_check("failed")
+            raise
+        self.metrics.on_health_check("recovering" if recovering else "ok")
+
+    async def _recovering(self) -> bool:
+        """Whether the engine is mending a fault (healthy for Serve); raises for a fault it cannot mend."""
         from raytp.engine.engine import EngineNotReady
 
         if self.engine is None:
@@ -122,7 +139,8 @@ class RaytpServer:
             waited = time.monotonic() - self._not_ready_since
             if waited > self._recovery_grace_s():
                 raise RuntimeError(f"the TP group has not been ready for {waited:.0f}s")
-            return
+            log.warning("health check: the TP group is recovering (%.0fs so far); reported healthy", waited)
+            return True
         self._not_ready_since = None
         try:
             await self.engine.check_health()
@@ -132,8 +150,10 @@ class RaytpServer:
             # toward the recovery grace above, not as a failure.
             if self.engine.failed:
                 raise RuntimeError(f"the TP group is unhealthy: {err}") from err
-            log.warning("health check: %s", err)
+            log.warning("health check: %s; reported healthy while the engine mends it", err)
             self._not_ready_since = time.monotonic()
+            return True
+        return False
 
     async def engine_stats(self) -> dict:
         """Counters for tests and operators (call through a deployment handle)."""
@@ -148,6 +168,9 @@ class RaytpServer:
             "model": self.engine.model_name,
             "pid": os.getpid(),
             "worker_pids": self.engine.core.executor.worker_pids(),
+            "spares_ready": self.engine.core.executor.spares_ready(0),
+            "recoveries": dict(self.engine.core.supervisor.recoveries),
+            "health_checks": dict(self.metrics.health_check_results),
             "ready": self.engine.ready,
             "tp_size": self.engine.tp_size,
             "num_requests": len(core.requests),
