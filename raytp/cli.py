@@ -12,7 +12,7 @@ import argparse
 import os
 import signal
 import sys
-import threading
+import time
 import types
 import typing
 from dataclasses import dataclass
@@ -131,20 +131,35 @@ def _node_metrics_port() -> int | None:
 def _wait_for_signal() -> int:
     """Block until SIGINT or SIGTERM; returns the signal number."""
     got: list[int] = []
-    event = threading.Event()
 
     def handler(signum, frame):
+        # Only a list append: the handler runs between two bytecodes of the main thread, which may hold any lock
+        # at that moment (an Event's, while it waits), so taking one here can deadlock the process for good.
         got.append(signum)
-        event.set()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not event.wait(0.5):
-            pass
+        while not got:
+            time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     return got[0]
+
+
+def _check_model(config: EngineConfig, remote_ok: bool) -> None:
+    """Read the model's config (and a GGUF file's tokenizer) here, so that a missing, corrupt or unsupported
+    checkpoint is one clear error now. Joining a cluster, a path missing here may exist on its nodes."""
+    from raytp.engine.tokenizer import Tokenizer
+    from raytp.model.llama import check_tp_degree
+    from raytp.model.loader import read_model_args
+    from raytp.named_models import resolve_model_path
+
+    path = resolve_model_path(config.model)
+    if remote_ok and not os.path.exists(path):
+        return
+    check_tp_degree(read_model_args(path), config.tensor_parallel_size)
+    Tokenizer.from_dir(path)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -155,6 +170,11 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
 
     joining = bool(os.environ.get("RAY_ADDRESS"))
+    try:
+        _check_model(config, remote_ok=joining)
+    except ValueError as err:  # CheckpointError, ModelShapeError: before any process starts, not a retried replica
+        print(f"raytp serve: error: {err}", file=sys.stderr)
+        return 2
     ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     if not joining and not ray_running and "ray.serve" not in sys.modules:
         choose_ingress(args.ingress, say=_say)
@@ -175,9 +195,9 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     else:
         _say("starting a local Ray")
-        if config.resolved_device() == "cpu" and config.cpu_binding:
+        if config.resolved_device() == "cpu" and config.binds_cores():
             # Ray's processes inherit this: the proxy, the replica and the daemons stay off the ranks' cores.
-            rest = keep_off_rank_cores(config.tensor_parallel_size * config.cpus_per_rank)
+            rest = keep_off_rank_cores(config.tensor_parallel_size * config.rank_threads())
             if rest:
                 _say(f"Ray's processes run on cores {rest}; the ranks get cores of their own")
         ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=args.dashboard,

@@ -93,8 +93,10 @@ class EngineConfig(BaseModel):
     recovery_window_s: float = Field(default=120.0, gt=0, description="The window max_recoveries counts in.")
     init_timeout_s: float = Field(default=120.0, gt=0, description="How long workers may take to start, connect and load weights.")
     require_nvlink: bool = Field(default=False, description="Refuse (instead of warn) when the GPUs are not all NVLink-connected.")
-    cpus_per_rank: int = Field(
-        default=1, ge=1, le=256, description="CPUs reserved for each rank's bundle; on CPU also its torch threads."
+    cpus_per_rank: float = Field(
+        default=1, gt=0, le=256, description="CPUs reserved for each rank's bundle; on CPU also its torch threads. "
+        "A fraction (e.g. 0.5) lets more ranks than cores share them, one thread each and unpinned: TP=3 on a "
+        "2-core machine, at the price of ranks waiting for a core in every collective."
     )
     attention_backend: Literal["auto", "reference", "cpu", "cuda"] = Field(
         default="auto", description="Paged attention: auto picks the compiled kernel of the device (the C++ op on CPU, "
@@ -130,6 +132,9 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
+        if self.cpus_per_rank > 1 and self.cpus_per_rank != int(self.cpus_per_rank):
+            raise ValueError(f"cpus_per_rank={self.cpus_per_rank:g}: must be a whole number of CPUs, or a fraction "
+                             f"below 1 (ranks that share cores)")
         if self.min_tensor_parallel_size > self.tensor_parallel_size:
             raise ValueError(
                 f"min_tensor_parallel_size={self.min_tensor_parallel_size} is larger than "
@@ -148,6 +153,14 @@ class EngineConfig(BaseModel):
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 256 if self.resolved_device() == "cpu" else 4096
+
+    def rank_threads(self) -> int:
+        """Torch threads of a CPU rank: its whole CPUs, and one for a rank that shares a core."""
+        return max(1, int(self.cpus_per_rank))
+
+    def binds_cores(self) -> bool:
+        """Whether CPU ranks are pinned to cores of their own (not when they share cores)."""
+        return self.cpu_binding and self.cpus_per_rank >= 1
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -137,10 +137,3 @@ def ensure_tiny_checkpoint(cache_dir: str | None = None) -> str:
     """Return ``<cache_dir>/tiny-v1`` (default ~/.cache/raytp), writing the checkpoint there first if missing."""
     final = os.path.join(os.path.abspath(cache_dir or default_cache_dir()), TINY_VERSION)
     return ensure_dir(final, _write_checkpoint, os.path.isdir)
-
-
-def resolve_model_path(model: str) -> str:
-    """Map the model argument to a checkpoint directory ("tiny" -> the built-in one)."""
-    if model == TINY_MODEL_NAME:
-        return ensure_tiny_checkpoint()
-    return model

@@ -89,11 +89,87 @@ def write_mistral(tmp, **overrides) -> str:
     return write_checkpoint(tmp, MistralConfig, MistralForCausalLM, **overrides)
 
 
+# GGUF tensor types write_gguf uses by default: every kind of block format the llama.cpp files use that the gguf
+# package can also write (K-quants it only reads), so one checkpoint exercises them all.
+GGUF_TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "Q5_0", "ffn_gate": "F16",
+              "ffn_up": "BF16", "ffn_down": "Q5_1", "token_embd": "Q8_0", "output": "F32"}
+
+
+def write_gguf(hf_dir: str, types: dict[str, str] | None = None, architecture: str = "llama") -> str:
+    """Convert the Llama checkpoint at `hf_dir` to `<hf_dir>.gguf` the way llama.cpp's converter lays it out (GGUF
+    names, Q/K rows permuted for its rotary convention, weights quantized per `types`); returns the file's path.
+    Tests load it with transformers as the reference, which undoes all of it on its own."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    types = {**GGUF_TYPES, **(types or {})}
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    weights = load_file(os.path.join(hf_dir, "model.safetensors"))
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    out = hf_dir.rstrip("/") + ".gguf"
+    w = gguf.GGUFWriter(out, architecture)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    w.add_vocab_size(cfg["vocab_size"])
+
+    def permute(t: torch.Tensor, n_heads: int) -> torch.Tensor:  # HF -> llama.cpp row order, per head
+        return t.reshape(n_heads, 2, t.shape[0] // n_heads // 2, -1).swapaxes(1, 2).reshape(t.shape)
+
+    def add(name: str, kind: str, t: torch.Tensor) -> None:
+        qtype = gguf.GGMLQuantizationType[types.get(kind, "F32") if t.dim() == 2 else "F32"]
+        data = t.float().numpy()
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, data)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            try:
+                blocks = gguf.quants.quantize(data, qtype)
+            except NotImplementedError:  # a type the gguf package only reads: zero blocks of the right size
+                blocks = np.zeros(gguf.quants.quant_shape_to_byte_shape(data.shape, qtype), dtype=np.uint8)
+            w.add_tensor(name, blocks, raw_dtype=qtype)
+
+    add("token_embd.weight", "token_embd", weights["model.embed_tokens.weight"])
+    add("output_norm.weight", "norm", weights["model.norm.weight"])
+    if "lm_head.weight" in weights:
+        add("output.weight", "output", weights["lm_head.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", "norm", weights[p + "input_layernorm.weight"])
+        add(f"blk.{i}.ffn_norm.weight", "norm", weights[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", "attn_q", permute(weights[p + "self_attn.q_proj.weight"], heads))
+        add(f"blk.{i}.attn_k.weight", "attn_k", permute(weights[p + "self_attn.k_proj.weight"], kv_heads))
+        add(f"blk.{i}.attn_v.weight", "attn_v", weights[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", "attn_output", weights[p + "self_attn.o_proj.weight"])
+        for kind, hf in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+            add(f"blk.{i}.{kind}.weight", kind, weights[p + f"mlp.{hf}.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def load_reference(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The transformers model at `path`, in eval mode (the reference raytp is compared with)."""
+    """The transformers model at `path` (a checkpoint directory or a GGUF file), in eval mode (the reference raytp
+    is compared with)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if path.endswith(".gguf"):
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
 
 
 class ShardOnly(Communicator):

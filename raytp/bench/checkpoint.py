@@ -16,7 +16,7 @@ import json
 import os
 
 from raytp.random_checkpoint import default_cache_dir, ensure_dir, llama_config, write_llama
-from raytp.tiny import resolve_model_path
+from raytp.named_models import resolve_model_path
 
 BENCH_MODEL_NAME = "bench-58m"
 # Part of config.json: bump when the weights or the shapes below change, so an old cache is rewritten.

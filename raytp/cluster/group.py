@@ -85,6 +85,8 @@ class TPGroup(Executor):
                 f"({per_rank} per rank); "
                 f"the largest node has {largest:g} {resource}s in total and the cluster has {free:g} free "
                 f"(waited {self.config.placement_timeout_s:g}s)"
+                + ("; on CPU, cpus_per_rank below 1 (e.g. 0.5) lets more ranks than cores share them"
+                   if self.device == "cpu" else "")
             ) from None
 
     def _new_rank(self, rank: int, tp_size: int, scheduling_strategy, num_cpus: float):
@@ -94,7 +96,7 @@ class TPGroup(Executor):
             num_gpus=1 if self.device == "cuda" else 0,
             scheduling_strategy=scheduling_strategy,
         ).remote(rank, tp_size, self.device, self.dtype, self.config.seed,
-                 self.config.cpus_per_rank if self.device == "cpu" else None, self.config.cpu_binding)
+                 self.config.rank_threads() if self.device == "cpu" else None, self.config.binds_cores())
 
     def _start_spare(self):
         # On the ranks' node, reserving nothing while it waits: it computes on a dead rank's bundle (spares.py).

@@ -27,7 +27,7 @@ from raytp.outputs import RequestOutput, TokenLogprob
 from raytp.sampling import SamplingParams
 from raytp.engine.kv_cache import KVCacheManager
 from raytp.engine.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
-from raytp.tiny import resolve_model_path
+from raytp.named_models import resolve_model_path
 from raytp.engine.tokenizer import Tokenizer
 from raytp.engine.step import PREVIOUS_TOKEN, SeqStep, StepResult
 from raytp.engine.structured import GrammarCompiler, GrammarError, GrammarMasks

@@ -1,4 +1,4 @@
-"""Tokenizer: tokenizer.json + chat template, and UTF-8-safe incremental detokenization.
+"""Tokenizer: tokenizer.json (or a GGUF file's vocabulary) + chat template, and UTF-8-safe incremental detokenization.
 
 We read a checkpoint's files directly with the `tokenizers` library and jinja2
 instead of depending on transformers at run time. The rules below mirror what
@@ -96,9 +96,29 @@ class Tokenizer:
             self.eos_token_ids = [tokenizer.token_to_id(eos)]
 
     @classmethod
+    def from_gguf(cls, file: str) -> Tokenizer:
+        """The tokenizer, special tokens, stop ids and chat template a GGUF file's metadata describe."""
+        from raytp.engine import gguf_vocab
+        from raytp.model.checkpoint_error import CheckpointError
+        from raytp.model.gguf_checkpoint import gguf_checkpoint
+
+        value = gguf_checkpoint(file).value
+        try:
+            tokenizer = gguf_vocab.byte_level_bpe(value)
+        except gguf_vocab.VocabError as err:
+            raise CheckpointError(f"{file}: {err}") from None
+        return cls(tokenizer, gguf_vocab.special_tokens(value), gguf_vocab.stop_token_ids(value),
+                   value("tokenizer.chat_template"), value("tokenizer.ggml.bos_token_id"))
+
+    @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer | None:
-        """Load from a checkpoint dir; None when it has no tokenizer.json (token-id prompts only)."""
+        """Load from a checkpoint dir (or GGUF file); None when it has no tokenizer.json (token-id prompts only)."""
+        from raytp.model.gguf_checkpoint import find_gguf
+
         path = os.fspath(path)
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return cls.from_gguf(gguf_file)
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             return None

@@ -1,8 +1,8 @@
-"""Load a Hugging Face checkpoint directory onto one TP rank.
+"""Load a checkpoint onto one TP rank: a Hugging Face directory (safetensors) or a GGUF file.
 
-Each rank opens the safetensors files and reads only the slices it owns
-(`safe_open(...).get_slice`), so its peak memory is about its shard, not the
-whole model. Only safetensors are read: never pickle.
+Each rank reads only the slices it owns (`safe_open(...).get_slice`, or a GGUF
+tensor's rows), so its peak memory is about its shard, not the whole model.
+Only safetensors and GGUF are read: never pickle.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from raytp.cluster.comm import Communicator
 from raytp.model.attention import AttentionBackend
+from raytp.model.checkpoint_error import CheckpointError
+from raytp.model.gguf_checkpoint import find_gguf, gguf_checkpoint
 from raytp.model.llama import LlamaModel, ModelArgs, check_tp_degree, expected_shapes, weight_plan
 
 log = logging.getLogger(__name__)
@@ -24,13 +26,14 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CheckpointError(ValueError):
-    """The directory is not a checkpoint raytp can load; the message says why."""
-
-
 def read_hf_config(path: str) -> dict:
+    """config.json of a checkpoint directory, or the same read from a GGUF file's metadata."""
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return gguf_checkpoint(gguf_file).config
     if not os.path.isdir(path):
-        raise CheckpointError(f"model path {path!r} is not a directory (expected a Hugging Face checkpoint directory or 'tiny')")
+        raise CheckpointError(f"model path {path!r} is not a directory or a .gguf file (expected a Hugging Face "
+                              f"checkpoint directory, a GGUF file, 'tiny' or 'smollm2')")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{path!r} is not a Hugging Face checkpoint: it has no config.json")
@@ -44,7 +47,8 @@ def read_model_args(path: str) -> ModelArgs:
     except (KeyError, ValueError) as err:
         if isinstance(err, CheckpointError):
             raise
-        raise CheckpointError(f"{path}/config.json: {err}") from None
+        source = path if find_gguf(path) else os.path.join(path, "config.json")
+        raise CheckpointError(f"{source}: {err}") from None
 
 
 def tensor_files(path: str) -> dict[str, str]:
@@ -63,6 +67,25 @@ def tensor_files(path: str) -> dict[str, str]:
     raise CheckpointError(f"{path!r} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
+def _tensor_slices(path: str, stack: ExitStack):
+    """name -> a slice handle (get_shape(), [a:b], [:, a:b]) of the checkpoint's tensor, by its Hugging Face name."""
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return gguf_checkpoint(gguf_file).get_slice
+    files = tensor_files(path)
+    handles = {}
+
+    def get_slice(name: str):
+        file = files.get(name)
+        if file is None:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
+        if file not in handles:
+            handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+        return handles[file].get_slice(name)
+
+    return get_slice
+
+
 def load_model(path: str, comm: Communicator, dtype: str = "float32", device: str = "cpu", progress: bool = True,
                attention: AttentionBackend | None = None, pack_weights: bool = True) -> LlamaModel:
     """Build this rank's shard of the model at `path` and fill it from the checkpoint.
@@ -75,8 +98,8 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
         check_tp_degree(args, comm.world_size)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    files = tensor_files(path)
     shapes = expected_shapes(args)
+    config_source = "the GGUF metadata" if find_gguf(path) else "config.json"
     torch_dtype = DTYPES[dtype]
     with torch.device(device):
         model = LlamaModel(args, comm, torch_dtype, attention)
@@ -84,22 +107,17 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
     params = dict(model.named_parameters())
 
     with ExitStack() as stack, torch.no_grad():
-        handles = {}
+        get_slice = _tensor_slices(path, stack)
         bar = tqdm(plan.items(), desc=f"rank {comm.rank}: loading {os.path.basename(path)}", unit="tensor",
                    disable=not progress or comm.rank != 0)
         for param_name, pieces in bar:
             param = params[param_name]
             for piece in pieces:
-                file = files.get(piece.name)
-                if file is None:
-                    raise CheckpointError(f"{path}: tensor {piece.name!r} is missing from the checkpoint")
-                if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-                sl = handles[file].get_slice(piece.name)
+                sl = get_slice(piece.name)
                 shape = tuple(sl.get_shape())
                 if shape != shapes[piece.name]:
                     raise CheckpointError(
-                        f"{path}: tensor {piece.name!r} has shape {list(shape)} but config.json implies {list(shapes[piece.name])}"
+                        f"{path}: tensor {piece.name!r} has shape {list(shape)} but {config_source} implies {list(shapes[piece.name])}"
                     )
                 part = sl[piece.start : piece.stop] if piece.dim == 0 else sl[:, piece.start : piece.stop]
                 param.data.narrow(piece.dim, piece.dst, piece.stop - piece.start).copy_(part.to(torch_dtype))

@@ -62,7 +62,7 @@ def server(ray_cluster):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from raytp.tiny import resolve_model_path
+    from raytp.named_models import resolve_model_path
     from raytp.engine.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(resolve_model_path(MODEL))

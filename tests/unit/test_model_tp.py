@@ -1,4 +1,4 @@
-"""raytp's TP model vs transformers on random checkpoints, at TP = 1, 2 and 4 on CPU (gloo).
+"""raytp's TP model vs transformers on random checkpoints (safetensors, and GGUF), at TP = 1, 2 and 4 on CPU (gloo).
 
 For each checkpoint: the prefill logits of a 20-token prompt match
 transformers' full-sequence logits (fp32, 1e-4 relative), and 16 greedy
@@ -16,7 +16,7 @@ import torch
 from raytp.cluster.comm import Communicator, SingleRank
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
-from tests.helpers import RankPool, load_reference, write_llama, write_mistral, write_qwen2
+from tests.helpers import RankPool, load_reference, write_gguf, write_llama, write_mistral, write_qwen2
 
 PROMPT_LEN, NEW_TOKENS, BLOCK_SIZE, NUM_BLOCKS = 20, 16, 4, 16
 RTOL = 1e-4
@@ -37,6 +37,8 @@ CASES = {
     "qwen2_tied": lambda tmp: write_qwen2(tmp, seed=4, tie_word_embeddings=True, initializer_range=0.2),
     "mistral_window": lambda tmp: write_mistral(tmp, seed=5, sliding_window=8),
     "llama_vocab101": lambda tmp: write_llama(tmp, seed=6, vocab_size=101),
+    # llama.cpp's format: GGUF names, permuted Q/K rows, and a different block format in every linear.
+    "llama_gguf": lambda tmp: write_gguf(write_llama(tmp, seed=7)),
 }
 
 

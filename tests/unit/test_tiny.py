@@ -6,7 +6,8 @@ import os
 import pytest
 from safetensors import safe_open
 
-from raytp.tiny import TINY_MODEL_NAME, TINY_VERSION, ensure_tiny_checkpoint, resolve_model_path
+from raytp.named_models import resolve_model_path
+from raytp.tiny import TINY_MODEL_NAME, TINY_VERSION, ensure_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

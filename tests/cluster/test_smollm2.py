@@ -1,0 +1,174 @@
+"""The real model out of the box: SmolLM2-135M-Instruct from its GGUF (`--model smollm2`), where a random model
+proves nothing: greedy tokens equal transformers' on chat prompts at TP 1 and 3, and over the OpenAI API the chat
+template, the stop at <|im_end|>, streaming, structured outputs, a forced tool call and logprobs."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from raytp.engine.tokenizer import Tokenizer
+from raytp.llm import LLM
+from raytp.named_models import smollm2_path
+from raytp.sampling import SamplingParams
+
+pytestmark = pytest.mark.timeout(300)
+
+NEW_TOKENS = 32
+NEAR_TIE = 1e-4  # where raytp and transformers pick different tokens, their top two logprobs must be this close
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in one sentence.",
+    "List three primary colours.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a Python function that reverses a string.",
+    "Who wrote Romeo and Juliet?",
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers (fp32, reading the same GGUF): chat prompt ids, greedy tokens, and each step's top-2 logprob gap."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path = smollm2_path()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    # raytp's tokenizer for the prompts: tests/unit/test_gguf.py shows it equals transformers' for this file (whose
+    # GGUF conversion takes transformers ~8 s).
+    tok = Tokenizer.from_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # all 32 tokens, past <|im_end|>, as with ignore_eos
+    config = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=2,
+                              output_scores=True, return_dict_in_generate=True)
+    prompts, tokens, gaps = [], [], []
+    for q in QUESTIONS:
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 generation_config=config)
+        top2 = [torch.log_softmax(s[0].float(), -1).topk(2).values for s in out.scores]  # per step: (2,)
+        prompts.append(ids)
+        tokens.append(out.sequences[0, len(ids):].tolist())
+        gaps.append([float(t[0] - t[1]) for t in top2])
+    return {"tokenizer": tok, "prompts": prompts, "tokens": tokens, "gaps": gaps}
+
+
+def _assert_greedy_equal(tp: int, outputs: list[list[int]], reference: dict) -> None:
+    for q, got, expected, gaps in zip(QUESTIONS, outputs, reference["tokens"], reference["gaps"]):
+        if got == expected:
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+        # A different token is only acceptable where transformers itself had two near-equal candidates.
+        assert gaps[i] < NEAR_TIE, (f"TP={tp}, {q!r}: token {i} is {got[i]} where transformers gives {expected[i]} "
+                                    f"(its top-2 logprob gap {gaps[i]:.2e} is no near-tie)\nraytp: {got}\nhf:    {expected}")
+        print(f"TP={tp} {q!r}: differs at token {i}, a near-tie (gap {gaps[i]:.2e})")
+
+
+def test_greedy_tokens_equal_transformers_at_tp1(ray_cluster, reference):
+    llm = LLM("smollm2", device="cpu", dtype="float32", tensor_parallel_size=1, max_model_len=512)
+    try:
+        outs = llm.generate(reference["prompts"], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    finally:
+        llm.shutdown()
+    _assert_greedy_equal(1, [o.outputs[0].token_ids for o in outs], reference)
+
+
+# ---- over the OpenAI API -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(ray_cluster):
+    from openai import OpenAI
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from raytp.cluster.comm import free_port
+    from raytp.serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve.run(build_app({"model": "smollm2", "tensor_parallel_size": 3, "device": "cpu", "max_model_len": 1024,
+                         "num_spare_ranks": 0}), name="raytp-smollm2", route_prefix="/")
+    yield OpenAI(base_url=f"http://127.0.0.1:{_get_global_client().http_config.port}/v1", api_key="none")
+    serve.delete("raytp-smollm2")
+
+
+def test_greedy_tokens_equal_transformers_at_tp3(client, reference):
+    """The served replica (TP=3, as README's main job runs it), all 8 prompts at once."""
+    import concurrent.futures
+
+    def complete(prompt: list[int]) -> list[int]:
+        out = client.completions.create(model="smollm2", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0.0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        return out.choices[0].model_extra["token_ids"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        outputs = list(pool.map(complete, reference["prompts"]))
+    _assert_greedy_equal(3, outputs, reference)
+
+
+def _chat(client, question: str, **kw):
+    return client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],
+                                          temperature=0.0, **kw)
+
+
+def test_chat_answers_with_the_reference_tokens_and_stops_at_im_end(client, reference):
+    out = _chat(client, QUESTIONS[0], max_tokens=NEW_TOKENS)
+    choice = out.choices[0]
+    tok = reference["tokenizer"]
+    expected = reference["tokens"][0]
+    im_end = tok.eos_token_ids[0]  # <|im_end|>
+    assert im_end in expected, "the reference answer ends its turn within 32 tokens"
+    answer = expected[: expected.index(im_end)]
+    assert choice.finish_reason == "stop"
+    assert choice.message.content == tok.decode(answer)  # the template's prompt, greedy, cut at <|im_end|>
+    assert "Paris" in choice.message.content
+    assert out.usage.prompt_tokens == len(reference["prompts"][0])
+    assert out.usage.completion_tokens == len(answer) + 1  # the stop token counts, and is not shown
+
+
+def test_streamed_chat_equals_the_whole_answer(client):
+    whole = _chat(client, QUESTIONS[3], max_tokens=NEW_TOKENS).choices[0].message.content
+    chunks = list(_chat(client, QUESTIONS[3], max_tokens=NEW_TOKENS, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_parse_with_a_pydantic_model_returns_the_object(client):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    out = client.chat.completions.parse(
+        model="smollm2", messages=[{"role": "user", "content": "Give the capital of France as JSON with name and country."}],
+        response_format=City, max_tokens=60, temperature=0.0)
+    city = out.choices[0].message.parsed
+    assert isinstance(city, City)
+    assert city.name == "Paris"
+
+
+def test_forced_tool_call_has_arguments_that_parse(client):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                       "additionalProperties": False}}}]
+    out = _chat(client, "What's the weather in Paris?", tools=tools, max_tokens=40,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = out.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_logprobs_rank_the_greedy_token_first(client, reference):
+    out = _chat(client, QUESTIONS[0], max_tokens=8, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == reference["tokenizer"].decode(reference["tokens"][0][:8], False)
+    for c in content:
+        assert len(c.top_logprobs) == 3
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+        assert c.logprob <= 0
