@@ -82,7 +82,7 @@ def reference(ray_cluster):
     async def run(engine):
         return (await _run_all(engine, "ref"))[0]
 
-    return _with_engine(run)
+    return _with_engine(run, num_spare_ranks=0)
 
 
 async def _first_token_after(seen: dict, t0: float, counts: dict) -> float:
@@ -225,7 +225,7 @@ def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
         results, _ = await _run_all(engine, "resize", during=resize)
         return results, sizes, engine.core.supervisor.restarts
 
-    results, sizes, restarts = _with_engine(run)
+    results, sizes, restarts = _with_engine(run, num_spare_ranks=0)  # a resize rebuilds: spares play no part
     assert sizes == [1, 2]
     assert results == reference
     assert restarts == 2
@@ -243,7 +243,7 @@ def test_degraded_group_comes_back_smaller_then_grows(ray_cluster, reference):
     ray.get([h.ping.remote() for h in holders])
 
     async def main():
-        engine = _engine(placement_timeout_s=2.0)
+        engine = _engine(placement_timeout_s=2.0, num_spare_ranks=0)
         await engine.start()
         first_tp = engine.tp_size
         engine.core.supervisor.grow_check_interval_s = 0.5
@@ -370,7 +370,7 @@ def test_unseeded_sampling_keeps_the_ranks_in_step(ray_cluster):
         results, _ = await _run_all(engine, "sampled", params=params)
         return results, engine.core.supervisor.restarts
 
-    results, restarts = _with_engine(run)
+    results, restarts = _with_engine(run, num_spare_ranks=0)
     assert restarts == 0
     assert [len(r) for r in results] == [MAX_TOKENS] * NUM_STREAMS
     assert len({tuple(r) for r in results}) == NUM_STREAMS  # sampled, not one greedy answer

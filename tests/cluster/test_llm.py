@@ -39,7 +39,8 @@ class OneLLM:
         if key != self.key:
             self.close()
             # executor_factory=None: the Ray TPGroup, on the session's cluster.
-            self.llm = LLM(model, executor_factory=None, device="cpu", **config)
+            # No spare ranks: no test here kills a rank (test_elastic.py does).
+            self.llm = LLM(model, executor_factory=None, device="cpu", num_spare_ranks=0, **config)
             self.key = key
         return self.llm
 

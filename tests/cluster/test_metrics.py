@@ -75,7 +75,7 @@ def deploy(user_config: dict | None = None) -> None:
     schema = ServeDeploySchema.model_validate({"applications": [{
         "name": APP, "route_prefix": "/", "import_path": "raytp.serve.app:build_app",
         "args": {"model": "tiny", "served_model_name": MODEL, "tensor_parallel_size": 2, "device": "cpu",
-                 "max_model_len": 128},
+                 "max_model_len": 128, "num_spare_ranks": 0},  # no rank is killed here: no spare needed
         "deployments": [deployment],
     }]})
     _get_global_client().deploy_apps(schema)

@@ -54,7 +54,9 @@ def server(ray_cluster):
     from raytp.serve.app import build_app
 
     port = start_serve()
-    app = build_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "max_model_len": MAX_MODEL_LEN})
+    # No spare rank: nothing here kills a rank, and a spare's start-up would only slow the module down.
+    app = build_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "max_model_len": MAX_MODEL_LEN,
+                     "num_spare_ranks": 0})
     serve.run(app, name=APP_NAME, route_prefix="/")
     yield Server(f"http://127.0.0.1:{port}")
     serve.shutdown()  # the next module (or the CLI) starts Serve with its own HTTP options
