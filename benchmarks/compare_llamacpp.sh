@@ -56,24 +56,7 @@ mkdir -p "$out"
 port=8393
 server_pid=""
 
-wait_ready() {  # until /v1/models answers, or the server died
-  for _ in $(seq 1 600); do
-    if curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; then return 0; fi
-    if ! kill -0 "$server_pid" 2>/dev/null; then echo "server exited; log: $1" >&2; tail -30 "$1" >&2; exit 1; fi
-    sleep 1
-  done
-  echo "server not ready after 600 s; log: $1" >&2; exit 1
-}
-
-stop_server() {
-  [ -n "$server_pid" ] || return 0
-  kill -INT -- "-$server_pid" 2>/dev/null || true
-  for _ in $(seq 1 60); do kill -0 "$server_pid" 2>/dev/null || break; sleep 1; done
-  kill -KILL -- "-$server_pid" 2>/dev/null || true
-  server_pid=""
-  sleep 3  # let the cores go quiet before the next server
-}
-trap stop_server EXIT
+source benchmarks/server_lib.sh  # wait_ready, stop_server
 
 start_raytp() {  # log dtype
   setsid raytp serve --model smollm2 --dtype "$2" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 \

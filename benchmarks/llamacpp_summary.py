@@ -5,13 +5,12 @@ server's ratio to llama.cpp at one thread (throughput: higher is better; latency
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vllm_summary import LATENCY, load  # noqa: E402  (the same file layout and run summaries)
+from vllm_summary import LATENCY, finish, load  # noqa: E402  (the same file layout and run summaries)
 
 BASELINE = "llamacpp1"
 SERVERS = ["raytpf32", "raytpbf16", "llamacpp1", "llamacppall"]
@@ -43,11 +42,7 @@ def main(out_dir: str) -> int:
                 cells.append(f"{medians[s]:>11.1f}{ratio}")
             summary[f"{workload} {name}"] = {s: medians[s] for s in medians}
             print(f"{workload:9}  {name:12}  " + "  ".join(cells))
-    failed = sum(r["failed"] for rs in runs.values() for r in rs)
-    print(f"failed requests: {failed}")
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return 0 if failed == 0 else 1
+    return finish(out_dir, runs, summary)
 
 
 if __name__ == "__main__":

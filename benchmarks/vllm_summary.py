@@ -48,6 +48,11 @@ def main(out_dir: str) -> int:
             a, b = statistics.median(vals["raytp"]), statistics.median(vals["vllm"])
             summary[f"{workload} {name}"] = {"raytp": vals["raytp"], "vllm": vals["vllm"], "ratio": a / b}
             print(f"{workload:13}  {name:9}  {a:9.1f}  {b:9.1f}  {a / b:9.2f}x")
+    return finish(out_dir, runs, summary)
+
+
+def finish(out_dir: str, runs: dict, summary: dict) -> int:
+    """Print the failed requests, write summary.json; the exit status (1 if any request failed)."""
     failed = sum(r["failed"] for rs in runs.values() for r in rs)
     print(f"failed requests: {failed}")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
