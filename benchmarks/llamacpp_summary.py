@@ -25,7 +25,7 @@ def main(out_dir: str) -> int:
     runs = load(out_dir)
     servers = [s for s in SERVERS if any(key[0] == s for key in runs)]
     summary: dict = {}
-    print(f"{'workload':9}  {'metric':12}  " + "  ".join(f"{s:>11}" for s in servers) + f"   (median of rounds; ms; "
+    print(f"{'workload':9}  {'metric':12}  " + "  ".join(f"{s:>19}" for s in servers) + f"   (median of rounds; ms; "
           f"ratio to {BASELINE} in brackets)")
     for workload, metrics in METRICS.items():
         for name, get in metrics:
@@ -36,10 +36,10 @@ def main(out_dir: str) -> int:
             cells = []
             for s in servers:
                 if s not in medians:
-                    cells.append(f"{'-':>11}")
+                    cells.append(f"{'-':>19}")
                     continue
-                ratio = f" ({medians[s] / base:.2f}x)" if base else ""
-                cells.append(f"{medians[s]:>11.1f}{ratio}")
+                ratio = f" ({medians[s] / base:5.2f}x)" if base else ""
+                cells.append(f"{medians[s]:>10.1f}{ratio}")
             summary[f"{workload} {name}"] = {s: medians[s] for s in medians}
             print(f"{workload:9}  {name:12}  " + "  ".join(cells))
     return finish(out_dir, runs, summary)
