@@ -46,8 +46,8 @@ if [ ! -x "$server_bin" ]; then
   cmake -S "$src" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
     -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
     -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >"$cache/cmake.log"
-  cmake --build "$cache/build" --target llama-server -j "$(nproc)" >"$cache/build.log"
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >"$cache/cmake.log" 2>&1
+  cmake --build "$cache/build" --target llama-server -j "$(nproc)" >"$cache/build.log" 2>&1
 fi
 
 gguf=$(python -c "from raytp.named_models import smollm2_path; print(smollm2_path())")
