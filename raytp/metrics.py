@@ -11,6 +11,11 @@ LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0
 TOKEN_LATENCY_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                          0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 80.0]
 COLLECTIVE_BUCKETS = [0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]
+# Recovery phases run from milliseconds (a replacement) to minutes (a rebuild). Ray reports a histogram's sum from
+# its buckets' midpoints, so the 1-5 s range (a hang's detection, a small model's rebuild) needs steps of its own:
+# with 1.0 then 5.0, a 1 s detection read as 3 s.
+RECOVERY_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+                    120.0]
 
 
 class EngineMetrics:
@@ -45,7 +50,7 @@ class EngineMetrics:
         self.recovery = Histogram(
             "raytp_recovery_seconds", description="Time each phase of a recovery took (detect, abort, spare_join, "
             "shard_load, kv_restore, communicator, replay; teardown and start for a rebuild).",
-            boundaries=COLLECTIVE_BUCKETS + [10.0, 30.0, 60.0, 120.0], tag_keys=keys + ("phase",))
+            boundaries=RECOVERY_BUCKETS, tag_keys=keys + ("phase",))
         self.recoveries = Counter("raytp_recoveries", description="Recoveries of the TP group by kind: replace (a spare "
                                   "took a lost rank's place), rebuild, degrade (rebuilt smaller).",
                                   tag_keys=keys + ("kind",))
