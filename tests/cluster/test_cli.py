@@ -78,6 +78,16 @@ def test_cli_bad_option_names_field_and_value():
     assert "tensor_parallel_size=0" in out.stderr
 
 
+def test_cli_refuses_a_corrupt_gguf_before_starting_anything(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    out = subprocess.run([sys.executable, "-m", "raytp.cli", "serve", "--model", str(bad)],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 2
+    assert f"{bad}: not a readable GGUF file" in out.stderr
+    assert "starting a local Ray" not in out.stdout + out.stderr
+
+
 def test_cli_serve_joins_cluster_answers_and_stops_on_ctrl_c(ray_cluster):
     import ray
     from ray import serve
