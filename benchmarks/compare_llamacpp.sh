@@ -56,7 +56,7 @@ mkdir -p "$out"
 port=8393
 server_pid=""
 
-source benchmarks/server_lib.sh  # wait_ready, stop_server
+source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds
 
 start_raytp() {  # log dtype
   setsid raytp serve --model smollm2 --dtype "$2" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 \
@@ -83,19 +83,8 @@ bench() {  # name workload round
     poisson) args+=(--num-prompts 96 --prompt-len 16:128 --output-len 16:96 --request-rate 3 --concurrency 96) ;;
     *) echo "unknown workload $2" >&2; exit 2 ;;
   esac
-  echo "== round $3: $1 $2 (load: $(cut -d' ' -f1-3 /proc/loadavg))"
-  raytp bench "${args[@]}" --out-json "$out/$1_$2_r$3.json" | grep -E "^http " || true
+  bench_run "$1" "$2" "$3" "${args[@]}"
 }
 
-echo "load before: $(uptime)"
-for round in $(seq 1 "$rounds"); do
-  for server in ${servers//,/ }; do
-    log="$out/$server-server-r$round.log"
-    "start_$server" "$log"
-    wait_ready "$log"
-    for workload in ${workloads//,/ }; do bench "$server" "$workload" "$round"; done
-    stop_server
-  done
-done
-echo "load after: $(uptime)"
+run_rounds ${servers//,/ }
 python benchmarks/llamacpp_summary.py "$out"

@@ -1,5 +1,6 @@
 # Shared by the compare_*.sh scripts (sourced): one server at a time on $port, its process group in $server_pid.
-# The caller sets port and server_pid="" first, and starts servers with `setsid ... &; server_pid=$!`.
+# The caller sets port, out, rounds, workloads and server_pid="" first, defines start_<server> (`setsid ... &;
+# server_pid=$!`) and bench (name workload round -> bench_run with its workload's options).
 
 wait_ready() {  # log: until /v1/models answers, or the server died
   for _ in $(seq 1 600); do
@@ -19,3 +20,24 @@ stop_server() {  # Ctrl-C to the server's process group, then SIGKILL after a mi
   sleep 3  # let the cores go quiet before the next server
 }
 trap stop_server EXIT
+
+bench_run() {  # name workload round args...: one `raytp bench` into $out/<name>_<workload>_r<round>.json
+  local name=$1 workload=$2 round=$3
+  shift 3
+  echo "== round $round: $name $workload (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+  raytp bench "$@" --out-json "$out/${name}_${workload}_r${round}.json" | grep -E "^http " || true
+}
+
+run_rounds() {  # servers...: $rounds rounds, each server in turn (start_<server>) through every workload (bench)
+  echo "load before: $(uptime)"
+  for round in $(seq 1 "$rounds"); do
+    for server in "$@"; do
+      log="$out/$server-server-r$round.log"
+      "start_$server" "$log"
+      wait_ready "$log"
+      for workload in ${workloads//,/ }; do bench "$server" "$workload" "$round"; done
+      stop_server
+    done
+  done
+  echo "load after: $(uptime)"
+}

@@ -383,8 +383,8 @@ class AsyncEngine:
     async def check_health(self) -> None:
         """EngineNotReady unless the group can run a step now. A rank found dead or hung here is recovered like one
         a step found (the step loop stops waiting on a step that needs the rank and mends the group), so the check
-        reports not-ready
-        (recovering), never a failure that Serve would answer by replacing the replica: only `failed` is one."""
+        reports not-ready (recovering), never a failure that Serve would answer by replacing the replica: only
+        `failed` is one."""
         if self.failed:
             raise EngineNotReady(self.failed)
         if not self.ready:

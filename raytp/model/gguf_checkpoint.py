@@ -32,7 +32,6 @@ GGUF_SUFFIX = ".gguf"
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 # What llama.cpp's common files use; each is dequantized by the gguf package's reference code.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",

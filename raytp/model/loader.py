@@ -67,9 +67,9 @@ def tensor_files(path: str) -> dict[str, str]:
     raise CheckpointError(f"{path!r} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def _tensor_slices(path: str, stack: ExitStack):
-    """name -> a slice handle (get_shape(), [a:b], [:, a:b]) of the checkpoint's tensor, by its Hugging Face name."""
-    gguf_file = find_gguf(path)
+def _tensor_slices(path: str, gguf_file: str | None, stack: ExitStack):
+    """name -> a slice handle (get_shape(), [a:b], [:, a:b]) of the checkpoint's tensor, by its Hugging Face name
+    (gguf_file: the GGUF file `path` names, if it names one)."""
     if gguf_file is not None:
         return gguf_checkpoint(gguf_file).get_slice
     files = tensor_files(path)
@@ -99,7 +99,8 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
     shapes = expected_shapes(args)
-    config_source = "the GGUF metadata" if find_gguf(path) else "config.json"
+    gguf_file = find_gguf(path)
+    config_source = "the GGUF metadata" if gguf_file else "config.json"
     torch_dtype = DTYPES[dtype]
     with torch.device(device):
         model = LlamaModel(args, comm, torch_dtype, attention)
@@ -107,7 +108,7 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
     params = dict(model.named_parameters())
 
     with ExitStack() as stack, torch.no_grad():
-        get_slice = _tensor_slices(path, stack)
+        get_slice = _tensor_slices(path, gguf_file, stack)
         bar = tqdm(plan.items(), desc=f"rank {comm.rank}: loading {os.path.basename(path)}", unit="tensor",
                    disable=not progress or comm.rank != 0)
         for param_name, pieces in bar:
