@@ -40,7 +40,9 @@ class EngineConfig(BaseModel):
     )
     device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="cpu (gloo), cuda (NCCL) or auto.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weights and activations dtype; auto is float32 on CPU and bfloat16 on CUDA."
+        default="auto", description="Weights and activations dtype. auto follows the checkpoint: on CPU bfloat16 for a "
+        "bfloat16 or float16 checkpoint (and a quantized GGUF) where the CPU computes bfloat16 natively (AVX512-BF16 "
+        "or AMX), else float32; on CUDA float16 for a float16 checkpoint, else bfloat16."
     )
     max_num_seqs: int = Field(default=32, ge=1, le=4096, description="Most sequences in one batch.")
     max_model_len: int | None = Field(
@@ -169,10 +171,20 @@ class EngineConfig(BaseModel):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def resolved_dtype(self) -> str:
+    def resolved_dtype(self, checkpoint_dtype: str | None = None) -> str:
+        """The dtype to serve in: `dtype`, or for auto the checkpoint's own (`checkpoint_dtype`, its config's
+        torch_dtype) where this device computes it fast. On CPU that is bfloat16 only where the CPU has
+        AVX512-BF16 or AMX (raytp's linear op and attention read bfloat16 there at half float32's bytes, and
+        elsewhere bfloat16 is emulated and slower than float32); a float16 checkpoint runs in bfloat16 there too
+        (CPUs rarely have float16 arithmetic; vLLM's CPU build does the same). Chosen in the replica's process,
+        for the ranks' node: both are expected to have the same kind of CPU."""
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.resolved_device() == "cuda" else "float32"
+        if self.resolved_device() == "cuda":
+            return "float16" if checkpoint_dtype == "float16" else "bfloat16"
+        if checkpoint_dtype in ("bfloat16", "float16") and cpu_computes_bf16():
+            return "bfloat16"
+        return "float32"
 
     def model_name(self) -> str:
         if self.served_model_name:
@@ -180,3 +192,11 @@ class EngineConfig(BaseModel):
         import os
 
         return os.path.basename(os.path.normpath(self.model))
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX tiles)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

@@ -17,6 +17,7 @@ from typing import Awaitable
 from raytp.config import EngineConfig
 from raytp.engine.step import SeqStep, StepResult
 from raytp.cluster.worker import TPWorker
+from raytp.model.loader import checkpoint_dtype
 
 
 class GroupFailure(RuntimeError):
@@ -78,6 +79,7 @@ def profile_seq_lens(config: EngineConfig, max_model_len: int) -> list[int]:
 class Executor(ABC):
     tp_size: int
     num_kv_blocks: int
+    dtype: str  # what the ranks compute in (config.resolved_dtype for this checkpoint)
 
     @abstractmethod
     def start(self, tp_size: int) -> None:
@@ -124,6 +126,7 @@ class LocalExecutor(Executor):
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int, num_threads: int | None = None):
         self.config, self.model_path, self.max_model_len = config, model_path, max_model_len
         self.num_threads = num_threads
+        self.dtype = config.resolved_dtype(checkpoint_dtype(model_path))
         self.worker: TPWorker | None = None
         self.tp_size, self.num_kv_blocks = 1, 0
         # One thread, so submitted steps run one after another, in order, off the event loop.
@@ -133,7 +136,7 @@ class LocalExecutor(Executor):
         if tp_size != 1:
             raise ValueError(f"LocalExecutor runs one rank; tensor_parallel_size={tp_size} needs the Ray TPGroup")
         cfg = self.config
-        w = TPWorker(0, 1, cfg.resolved_device(), cfg.resolved_dtype(), cfg.seed, self.num_threads)
+        w = TPWorker(0, 1, cfg.resolved_device(), self.dtype, cfg.seed, self.num_threads)
         w.init_communicator(None)
         w.load(self.model_path, cfg.attention_backend, cfg.pack_weights)
         capacity = w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))

@@ -33,6 +33,7 @@ from raytp.cluster.spares import SparePool
 from raytp.cluster.watchdog import StepWatchdog
 from raytp.engine.step import SeqStep, StepResult
 from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, SPARE_RANK, TPWorkerActor
+from raytp.model.loader import checkpoint_dtype
 
 SPARE_REFILL_DELAY_S = 3.0
 PING_TIMEOUT_S = 1.0  # a live rank answers a ping in milliseconds, even mid-step (its Ray calls have threads of their own)
@@ -53,7 +54,7 @@ def _bundle(device: str, cpus: int) -> dict[str, float]:
 class TPGroup(Executor):
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int):
         self.config, self.model_path, self.max_model_len = config, model_path, max_model_len
-        self.device, self.dtype = config.resolved_device(), config.resolved_dtype()
+        self.device, self.dtype = config.resolved_device(), config.resolved_dtype(checkpoint_dtype(model_path))
         self.pg = None
         self.workers: list = []
         self.tp_size, self.num_kv_blocks = 0, 0
@@ -161,8 +162,8 @@ class TPGroup(Executor):
         if self.store_dir is not None:
             self.spares = SparePool(self._start_spare, self.config.num_spare_ranks)
             self.spares.fill()
-        log.info("TP group ready: tp=%d, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.num_kv_blocks, bs,
-                 time.monotonic() - t0)
+        log.info("TP group ready: tp=%d, %s, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.dtype,
+                 self.num_kv_blocks, bs, time.monotonic() - t0)
 
     # ---- running -----------------------------------------------------------------
 

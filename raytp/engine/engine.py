@@ -434,6 +434,7 @@ class AsyncEngine:
         """Rebuild the group off the event loop, which keeps taking requests, until it works; a permanent error
         fails every request with its message and leaves the engine failed (Serve then replaces the replica)."""
         self.ready = False
+        self._replaying_since = None  # a rebuild recomputes everything: no replay of lost steps to time
         # On the loop thread: the queues are only ever touched from here.
         self.core.preempt_all()
         try:

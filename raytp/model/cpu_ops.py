@@ -1,8 +1,8 @@
 """raytp's compiled CPU ops: built once per machine with torch's C++ extension loader, cached on disk.
 
 Two small C++ sources, each a module of its own: paged attention over the
-block KV cache (attention/paged_attention_cpu.cpp) and float32 linear layers
-that stream their packed weight (linear_cpu.cpp). Each is compiled for this
+block KV cache (attention/paged_attention_cpu.cpp) and float32 and bfloat16
+linear layers that stream their packed weight (linear_cpu.cpp). Each is compiled for this
 CPU (-march=native) by g++ and ninja the first time a process here asks for
 it (about a minute), into a directory keyed by the source, the flags and the
 CPU's instruction set, so a restarted rank loads the built .so in
@@ -65,16 +65,16 @@ def load_extension(source: str):
     return load(name, [source], extra_cflags=_FLAGS, build_directory=build_dir, verbose=False)
 
 
-@functools.lru_cache(maxsize=1)
-def linear_op():
-    """The float32 linear op, or None where it cannot serve (no toolchain to build it, no AVX-512 on this CPU):
-    then linear layers keep oneDNN (layers.PackableLinear)."""
+@functools.lru_cache(maxsize=None)
+def linear_op(dtype: str = "float32"):
+    """The linear op for "float32" or "bfloat16", or None where it cannot serve (no toolchain to build it, no
+    AVX-512, or for bfloat16 no AVX512-BF16 on this CPU): then linear layers keep oneDNN (layers.PackableLinear)."""
     try:
         op = load_extension(LINEAR_SOURCE)
     except Exception as err:  # noqa: BLE001 - any build failure means: use oneDNN
         log.warning("could not build raytp's CPU linear op (%s); linear layers use oneDNN", err)
         return None
-    return op if op.available() else None
+    return op if op.available(dtype) else None
 
 
 def prebuild(attention: bool, linear: bool) -> None:

@@ -141,9 +141,21 @@ class GGUFCheckpoint:
             "rope_parameters": rope,
             "max_position_embeddings": int(self._arch("context_length", 4096)),
             "tie_word_embeddings": "lm_head.weight" not in self.tensors,
+            "torch_dtype": self._weights_dtype(),
             "bos_token_id": self.value("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.value("tokenizer.ggml.eos_token_id"),
         }
+
+    def _weights_dtype(self) -> str:
+        """What the file's matrices are stored as, as a torch dtype name: float32, float16, or bfloat16 for BF16
+        and the quantized types, whose 4-8 bits per weight bfloat16 holds with a rounding (2^-9 of the value) about
+        the size of their own quantization step or below."""
+        types = {t.tensor_type.name for t in self.tensors.values() if len(t.shape) > 1}
+        if types <= {"F32"}:
+            return "float32"
+        if types <= {"F16", "F32"}:
+            return "float16"
+        return "bfloat16"
 
     # ---- tensors ---------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from raytp.model import cpu_ops
 
 # oneDNN's packed-weight GEMM wants a typical row count to choose its blocking; any count works.
 _PACK_BATCH_HINT = 32
+# The dtypes raytp's own linear op (cpu_ops.linear_op) may have a kernel for.
+_OP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
 def padded_rows(rows: int) -> int:
@@ -72,14 +74,14 @@ class PackableLinear(nn.Module):
     """A linear layer's weight (out, in), optionally repacked once for a faster CPU kernel.
 
     On CPUs torch's F.linear calls MKL's sgemm, which on AMD CPUs takes a slow
-    generic path. In float32 on a CPU with AVX-512, raytp's own op
-    (linear_cpu.cpp) streams a weight packed in 16-column blocks: as fast as
-    oneDNN from 64 rows up and up to 1.8x faster for the few rows of a decode
-    step, where oneDNN reads the weight at half the memory's speed
-    (benchmarks/README.md). Elsewhere (bfloat16, no AVX-512, no compiler)
-    oneDNN's inner product with the weight packed ahead of time. `pack()` is
-    called after the weights are loaded; the original weight stays (the
-    loader, tied embeddings and tests read it).
+    generic path. In float32 on a CPU with AVX-512, and in bfloat16 on one
+    with AVX512-BF16, raytp's own op (linear_cpu.cpp) streams a weight packed
+    in 16-column blocks: as fast as oneDNN from 64 rows up and up to 1.8x
+    faster for the few rows of a decode step, where oneDNN reads the weight at
+    half the memory's speed (benchmarks/README.md). Elsewhere (float16, no
+    AVX-512, no compiler) oneDNN's inner product with the weight packed ahead
+    of time. `pack()` is called after the weights are loaded; the original
+    weight stays (the loader, tied embeddings and tests read it).
     """
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype):
@@ -91,9 +93,10 @@ class PackableLinear(nn.Module):
     def pack(self) -> None:
         if self.weight.device.type != "cpu":
             return
-        op = cpu_ops.linear_op() if self.weight.dtype == torch.float32 else None
+        op = cpu_ops.linear_op(_OP_DTYPES.get(self.weight.dtype, ""))
         if op is not None:
-            self.packed, self.kernel = op.pack(self.weight.detach()), "raytp"  # (ceil(out / 16), in, 16)
+            # float32: (ceil(out / 16), in, 16); bfloat16: (ceil(out / 16), ceil(in / 2), 32)
+            self.packed, self.kernel = op.pack(self.weight.detach()), "raytp"
         elif onednn_linear_available(self.weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_BATCH_HINT)
             self.kernel = "onednn"
@@ -101,7 +104,7 @@ class PackableLinear(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: (T, in) -> (T, out)
         if self.kernel == "raytp":
-            y = cpu_ops.linear_op().linear(x, self.packed, self.weight.shape[0])
+            y = cpu_ops.linear_op(_OP_DTYPES[x.dtype]).linear(x, self.packed, self.weight.shape[0])
             return y if bias is None else y + bias
         if self.kernel == "torch":
             return F.linear(x, self.weight, bias)

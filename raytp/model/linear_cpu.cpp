@@ -1,15 +1,21 @@
-// Float32 linear layers, y = x W^T, streaming the weight once.
+// Linear layers y = x W^T for a few rows (decode), streaming the weight once: float32, and bfloat16 where the CPU
+// has AVX512-BF16.
 //
 // With a handful of rows (a decode step) the product is bound by reading W from memory: every weight is read once
 // for a few FMAs. oneDNN's packed GEMM reads the weight at 10-12 GB/s there on this machine's cores, where a plain
 // streaming pass reaches ~25 GB/s (benchmarks/README.md); this kernel gets close to the latter. From 64 rows up
 // both are at the core's FMA peak, so PackableLinear uses it for every row count.
 //
-// The weight (N, K) is packed once as (ceil(N / 16), K, 16): block b holds output columns 16b .. 16b+15, for each
-// k the 16 weights that x's element k multiplies, so one 64-byte load feeds 16 columns. A tile of up to 8 rows of
-// x times 2 column blocks keeps 2 x 8 accumulators in registers over the whole of K: per k, 2 weight loads, one
-// broadcast per row, 2 FMAs per row. The weight blocks of a column pair stream from memory once and stay in L2
+// float32: the weight (N, K) is packed once as (ceil(N / 16), K, 16): block b holds output columns 16b .. 16b+15,
+// for each k the 16 weights that x's element k multiplies, so one 64-byte load feeds 16 columns. A tile of up to 8
+// rows of x times 2 column blocks keeps 2 x 8 accumulators in registers over the whole of K: per k, 2 weight loads,
+// one broadcast per row, 2 FMAs per row. The weight blocks of a column pair stream from memory once and stay in L2
 // while the row tiles go over them.
+//
+// bfloat16: the same tiles over pairs of k. The weight is packed as (ceil(N / 16), ceil(K / 2), 16, 2): per pair of
+// k, each column's two weights side by side, so one 64-byte load holds 16 columns x 2 k, and one vdpbf16ps adds
+// x[2k] w[2k] + x[2k+1] w[2k+1] to 16 float32 accumulators. Half the bytes of float32 per weight, and twice the
+// products per instruction; the sums stay float32 and are rounded to bfloat16 once, at the end (as oneDNN does).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -49,6 +55,35 @@ using TileFn = void (*)(const float*, int64_t, int64_t, const float*, const floa
 constexpr TileFn kTiles[kMaxTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>,
                                          tile<8>};
 
+#if defined(__AVX512BF16__)
+// As tile(), over k pairs: x is (MT, K2 pairs) bfloat16, w0 and w1 packed blocks (K2, 16, 2); out bfloat16.
+template <int MT>
+void tile_bf16(const at::BFloat16* x, int64_t ldx, int64_t K2, const at::BFloat16* w0, const at::BFloat16* w1,
+               at::BFloat16* out, int64_t ldo, __mmask16 mask0, __mmask16 mask1) {
+  __m512 acc0[MT], acc1[MT];
+  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  const int32_t* xpairs = reinterpret_cast<const int32_t*>(x);  // x[m, 2k .. 2k+1] as one 32-bit lane
+  for (int64_t k = 0; k < K2; ++k) {
+    const __m512bh a = (__m512bh)_mm512_loadu_si512(w0 + 2 * kBlock * k);
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(w1 + 2 * kBlock * k);
+    for (int m = 0; m < MT; ++m) {
+      const __m512bh xm = (__m512bh)_mm512_set1_epi32(xpairs[m * (ldx / 2) + k]);
+      acc0[m] = _mm512_dpbf16_ps(acc0[m], xm, a);
+      acc1[m] = _mm512_dpbf16_ps(acc1[m], xm, b);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    _mm256_mask_storeu_epi16(out + m * ldo, mask0, (__m256i)_mm512_cvtneps_pbh(acc0[m]));
+    _mm256_mask_storeu_epi16(out + m * ldo + kBlock, mask1, (__m256i)_mm512_cvtneps_pbh(acc1[m]));
+  }
+}
+
+using TileBf16Fn = void (*)(const at::BFloat16*, int64_t, int64_t, const at::BFloat16*, const at::BFloat16*,
+                            at::BFloat16*, int64_t, __mmask16, __mmask16);
+constexpr TileBf16Fn kTilesBf16[kMaxTile + 1] = {nullptr, tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>,
+                                                 tile_bf16<5>, tile_bf16<6>, tile_bf16<7>, tile_bf16<8>};
+#endif
+
 inline __mmask16 columns_mask(int64_t n0, int64_t N) {
   const int64_t n = std::max<int64_t>(0, std::min<int64_t>(kBlock, N - n0));
   return static_cast<__mmask16>((1u << n) - 1);
@@ -57,29 +92,45 @@ inline __mmask16 columns_mask(int64_t n0, int64_t N) {
 
 }  // namespace
 
-// Whether this build has the kernel (AVX-512); without it callers keep their other path.
-bool available() {
+// Whether this build has the kernel for `dtype` ("float32": AVX-512; "bfloat16": AVX512-BF16); without it callers
+// keep their other path.
+bool available(const std::string& dtype) {
+  if (dtype == "float32") {
 #if defined(__AVX512F__)
-  return true;
-#else
-  return false;
+    return true;
 #endif
+  } else if (dtype == "bfloat16") {
+#if defined(__AVX512BF16__)
+    return true;
+#endif
+  }
+  return false;
 }
 
-// w: (N, K) float32 -> (ceil(N / 16), K, 16), columns past N zero.
+// w: (N, K) float32 -> (ceil(N / 16), K, 16); bfloat16 -> (ceil(N / 16), ceil(K / 2), 32). Columns past N (and
+// a k past K) are zero.
 torch::Tensor pack(torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "w must be a 2-d float32 tensor");
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "w must be a 2-d float32 or bfloat16 tensor");
   const int64_t N = w.size(0), K = w.size(1), blocks = (N + kBlock - 1) / kBlock;
-  auto padded = torch::zeros({blocks * kBlock, K}, w.options());
-  padded.narrow(0, 0, N).copy_(w);
-  return padded.view({blocks, kBlock, K}).transpose(1, 2).contiguous();
+  if (w.scalar_type() == at::kFloat) {
+    auto padded = torch::zeros({blocks * kBlock, K}, w.options());
+    padded.narrow(0, 0, N).copy_(w);
+    return padded.view({blocks, kBlock, K}).transpose(1, 2).contiguous();
+  }
+  const int64_t K2 = (K + 1) / 2;
+  auto padded = torch::zeros({blocks * kBlock, 2 * K2}, w.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+  // (blocks, 16 columns, K2, 2) -> (blocks, K2, 16 columns, 2)
+  return padded.view({blocks, kBlock, K2, 2}).permute({0, 2, 1, 3}).contiguous().view({blocks, K2, 2 * kBlock});
 }
 
-// x: (M, K) float32, packed: pack(W) with W (N, K) -> x W^T (M, N).
-torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a 2-d float32 tensor");
+namespace {
+
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor packed, int64_t N) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlock && packed.size(1) == x.size(1) &&
-                  packed.size(0) == (N + kBlock - 1) / kBlock && packed.is_contiguous(),
+                  packed.size(0) == (N + kBlock - 1) / kBlock && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kFloat,
               "packed does not match x and N");
 #if defined(__AVX512F__)
   x = x.contiguous();
@@ -107,9 +158,52 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
 #endif
 }
 
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N) {
+  const int64_t K2 = (x.size(1) + 1) / 2;
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && packed.size(1) == K2 &&
+                  packed.size(0) == (N + kBlock - 1) / kBlock && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kBFloat16,
+              "packed does not match x and N");
+#if defined(__AVX512BF16__)
+  if (x.size(1) % 2) x = torch::constant_pad_nd(x, {0, 1});  // (M, 2 K2): the pad multiplies packed zeros
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = packed.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t pairs = (blocks + 1) / 2;
+  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1);
+      const int64_t n0 = b0 * kBlock;
+      const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? 0 : columns_mask(n0 + kBlock, N);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
+        const int64_t rows = std::min(kMaxTile, M - m0);
+        kTilesBf16[rows](xp + m0 * K, K, K2, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N,
+                         mask0, mask1);
+      }
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "built without AVX512-BF16: use available(\"bfloat16\") first");
+#endif
+}
+
+}  // namespace
+
+// x: (M, K) float32 or bfloat16, packed: pack(W) with W (N, K) of x's dtype -> x W^T (M, N) in x's dtype.
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
+  TORCH_CHECK(x.dim() == 2, "x must be a 2-d tensor");
+  if (x.scalar_type() == at::kBFloat16) return linear_bf16(x, packed, N);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
+  return linear_f32(x, packed, N);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("available", &available, "whether the kernel was built (AVX-512)");
-  m.def("pack", &pack, "pack a (N, K) float32 weight for linear");
-  m.def("linear", &linear, "x W^T in float32, with a packed weight",
+  m.def("available", &available, "whether the kernel for this dtype was built");
+  m.def("pack", &pack, "pack a (N, K) float32 or bfloat16 weight for linear");
+  m.def("linear", &linear, "x W^T with a packed weight (float32 or bfloat16)",
         py::call_guard<py::gil_scoped_release>());
 }

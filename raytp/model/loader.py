@@ -41,6 +41,14 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
+def checkpoint_dtype(path: str) -> str | None:
+    """The dtype the checkpoint's weights were saved in (config.json's torch_dtype, or dtype as transformers 5
+    writes it; a GGUF file's tensor types), where it says."""
+    config = read_hf_config(path)
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    return dtype if dtype in DTYPES else None
+
+
 def read_model_args(path: str) -> ModelArgs:
     try:
         return ModelArgs.from_hf_config(read_hf_config(path))

@@ -173,6 +173,7 @@ class RaytpServer:
             "health_checks": dict(self.metrics.health_check_results),
             "ready": self.engine.ready,
             "tp_size": self.engine.tp_size,
+            "dtype": self.engine.core.executor.dtype,
             "num_requests": len(core.requests),
             "num_running": len(sched.running),
             "num_waiting": len(sched.waiting),

@@ -75,14 +75,23 @@ def _with_engine(body, **overrides):
     return asyncio.run(main())
 
 
+LONGER = SamplingParams(max_tokens=3 * MAX_TOKENS, temperature=0.0, ignore_eos=True)  # room for two faults
+
+
 @pytest.fixture(scope="module")
-def reference(ray_cluster):
-    """Tokens of the streams in a run without faults (TP=2)."""
+def long_reference(ray_cluster):
+    """Tokens of the streams in a run without faults (TP=2), 3 * MAX_TOKENS each."""
 
     async def run(engine):
-        return (await _run_all(engine, "ref"))[0]
+        return (await _run_all(engine, "ref", params=LONGER))[0]
 
     return _with_engine(run, num_spare_ranks=0)
+
+
+@pytest.fixture(scope="module")
+def reference(long_reference):
+    """The same streams cut at MAX_TOKENS (greedy: a shorter stream is the longer one's start)."""
+    return [tokens[:MAX_TOKENS] for tokens in long_reference]
 
 
 async def _first_token_after(seen: dict, t0: float, counts: dict) -> float:
@@ -145,11 +154,9 @@ def test_without_spares_a_killed_worker_rebuilds_the_group(ray_cluster, referenc
     assert tp == 2
 
 
-def test_rank_0_then_rank_1_killed_while_the_next_spare_starts(ray_cluster, reference):
+def test_rank_0_then_rank_1_killed_while_the_next_spare_starts(ray_cluster, long_reference):
     """Two kills in a row: rank 0 (which makes the rendezvous), then, as soon as the group is mended, rank 1, whose
     spare is still starting; the group waits for it and every stream still ends as without the faults."""
-
-    longer = SamplingParams(max_tokens=3 * MAX_TOKENS, temperature=0.0, ignore_eos=True)  # room for two kills
 
     async def run(engine):
         async def twice(seen):
@@ -157,13 +164,11 @@ def test_rank_0_then_rank_1_killed_while_the_next_spare_starts(ray_cluster, refe
             second = await _kill_and_resume(engine, 1)(seen)
             return first, second
 
-        expected, _ = await _run_all(engine, "no-fault", params=longer)
-        results, _ = await _run_all(engine, "twice", during=twice, params=longer)
-        return expected, results, engine.core.supervisor.recoveries, engine.core.recomputed_tokens
+        results, _ = await _run_all(engine, "twice", during=twice, params=LONGER)
+        return results, engine.core.supervisor.recoveries, engine.core.recomputed_tokens
 
-    expected, results, recoveries, recomputed = _with_engine(run)
-    assert [r[:MAX_TOKENS] for r in expected] == reference
-    assert results == expected
+    results, recoveries, recomputed = _with_engine(run)
+    assert results == long_reference
     assert recoveries == {"replace": 2}
     assert recomputed == 0
 
@@ -205,30 +210,60 @@ def test_a_rank_hung_while_idle_is_found_by_the_health_check_and_replaced(ray_cl
     assert results == reference
 
 
-def test_live_resize_2_1_2_keeps_outputs(ray_cluster, reference):
+async def _until(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def _pid_of_a_new_rank(executor, old_workers: list) -> int:
+    """The process id of the last rank of a group that is starting (its actors, none of old_workers, exist)."""
+    deadline = time.monotonic() + 60
+    while True:
+        workers = list(executor.workers)
+        if workers and not set(map(id, workers)) & set(map(id, old_workers)):
+            return ray.get(workers[-1].node_info.remote(), timeout=60)["pid"]
+        assert time.monotonic() < deadline, "no new group started"
+        time.sleep(0.005)
+
+
+def test_live_resize_2_1_2_with_a_kill_during_each_keeps_outputs(ray_cluster, long_reference):
+    """Streams run on while the group is resized 2 -> 1 -> 2 (each resize rebuilds it: weights resharded, every
+    request re-prefilled). Into the first, a rank of the old group is killed as the resize is asked (it is replaced
+    by the spare, then the resize goes on); into the second, a rank of the new group is killed while that group
+    starts (the start fails and is tried again). Every stream ends as without the faults and resizes."""
+
     async def run(engine):
-        sizes = []
+        sizes, killed = [], []
 
-        async def resize(seen):
+        async def resize_with_kills(seen):
+            pids = await asyncio.to_thread(engine.core.executor.worker_pids)
+            os.kill(pids[1], signal.SIGKILL)
             await engine.resize(1)
-            while engine.tp_size != 1 or not engine.ready:
-                await asyncio.sleep(0.01)
+            await _until(lambda: engine.tp_size == 1 and engine.ready)
             sizes.append(engine.tp_size)
-            print(f"resize 2 -> 1: group rebuilt in {engine.core.supervisor.last_recovery_s:.2f}s")
-            await asyncio.sleep(0.2)
+            print(f"kill + resize 2 -> 1: group rebuilt in {engine.core.supervisor.last_recovery_s:.2f}s")
+            old = list(engine.core.executor.workers)
             await engine.resize(2)
-            while engine.tp_size != 2 or not engine.ready:
-                await asyncio.sleep(0.01)
+            killed.append(await asyncio.to_thread(_pid_of_a_new_rank, engine.core.executor, old))
+            os.kill(killed[-1], signal.SIGKILL)
+            t0 = time.monotonic()
+            await _until(lambda: engine.tp_size == 2 and engine.ready)
             sizes.append(engine.tp_size)
-            print(f"resize 1 -> 2: group rebuilt in {engine.core.supervisor.last_recovery_s:.2f}s")
+            print(f"resize 1 -> 2, a rank killed while the group starts: back {time.monotonic() - t0:.2f}s after "
+                  f"the kill (the last start took {engine.core.supervisor.last_recovery_s:.2f}s)")
 
-        results, _ = await _run_all(engine, "resize", during=resize)
-        return results, sizes, engine.core.supervisor.restarts
+        results, _ = await _run_all(engine, "resize", during=resize_with_kills, params=LONGER)
+        after = await asyncio.to_thread(engine.core.executor.worker_pids)
+        return results, sizes, killed, after, engine.core.supervisor.restarts, engine.core.supervisor.recoveries
 
-    results, sizes, restarts = _with_engine(run, num_spare_ranks=0)  # a resize rebuilds: spares play no part
+    results, sizes, killed, after, restarts, recoveries = _with_engine(run)
     assert sizes == [1, 2]
-    assert results == reference
-    assert restarts == 2
+    assert results == long_reference
+    assert recoveries == {"replace": 1}  # the second kill hit a group still starting: no recovery of a running one
+    assert restarts == 3  # the replacement and the two resizes
+    assert killed[0] not in after
 
 
 @ray.remote(num_cpus=1)

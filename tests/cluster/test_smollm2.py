@@ -19,6 +19,9 @@ pytestmark = pytest.mark.timeout(300)
 
 NEW_TOKENS = 32
 NEAR_TIE = 1e-4  # where raytp and transformers pick different tokens, their top two logprobs must be this close
+# In bfloat16 against transformers in float32 (this GGUF's logits round to ~0.1 there): measured, raytp's first
+# different token came where float32's top two were 0.07-0.11 apart, transformers' own bfloat16 run's up to 0.56.
+NEAR_TIE_BF16 = 0.3
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -59,13 +62,13 @@ def reference():
     return {"tokenizer": tok, "prompts": prompts, "tokens": tokens, "gaps": gaps}
 
 
-def _assert_greedy_equal(tp: int, outputs: list[list[int]], reference: dict) -> None:
+def _assert_greedy_equal(tp: int, outputs: list[list[int]], reference: dict, near_tie: float = NEAR_TIE) -> None:
     for q, got, expected, gaps in zip(QUESTIONS, outputs, reference["tokens"], reference["gaps"]):
         if got == expected:
             continue
         i = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
         # A different token is only acceptable where transformers itself had two near-equal candidates.
-        assert gaps[i] < NEAR_TIE, (f"TP={tp}, {q!r}: token {i} is {got[i]} where transformers gives {expected[i]} "
+        assert gaps[i] < near_tie, (f"TP={tp}, {q!r}: token {i} is {got[i]} where transformers gives {expected[i]} "
                                     f"(its top-2 logprob gap {gaps[i]:.2e} is no near-tie)\nraytp: {got}\nhf:    {expected}")
         print(f"TP={tp} {q!r}: differs at token {i}, a near-tie (gap {gaps[i]:.2e})")
 
@@ -100,8 +103,17 @@ def client(ray_cluster):
     serve.delete("raytp-smollm2")
 
 
-def test_greedy_tokens_equal_transformers_at_tp3(client, reference):
-    """The served replica (TP=3, as README's main job runs it), all 8 prompts at once."""
+@pytest.fixture(scope="module")
+def served_dtype(client) -> str:
+    """What the replica computes in: dtype auto, as in README's main job (bfloat16 where the CPU has AVX512-BF16)."""
+    from ray import serve
+
+    stats = serve.get_deployment_handle("RaytpServer", app_name="raytp-smollm2").engine_stats.remote().result(timeout_s=30)
+    return stats["dtype"]
+
+
+def test_greedy_tokens_equal_transformers_at_tp3(client, served_dtype, reference):
+    """The served replica (TP=3, dtype auto, as README's main job runs it), all 8 prompts at once."""
     import concurrent.futures
 
     def complete(prompt: list[int]) -> list[int]:
@@ -111,7 +123,8 @@ def test_greedy_tokens_equal_transformers_at_tp3(client, reference):
 
     with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
         outputs = list(pool.map(complete, reference["prompts"]))
-    _assert_greedy_equal(3, outputs, reference)
+    print(f"served in {served_dtype}")
+    _assert_greedy_equal(3, outputs, reference, NEAR_TIE if served_dtype == "float32" else NEAR_TIE_BF16)
 
 
 def _chat(client, question: str, **kw):
@@ -135,8 +148,9 @@ def test_chat_answers_with_the_reference_tokens_and_stops_at_im_end(client, refe
 
 
 def test_streamed_chat_equals_the_whole_answer(client):
-    whole = _chat(client, QUESTIONS[3], max_tokens=NEW_TOKENS).choices[0].message.content
-    chunks = list(_chat(client, QUESTIONS[3], max_tokens=NEW_TOKENS, stream=True))
+    # (The question whose answer ends within NEW_TOKENS in float32 and bfloat16 alike.)
+    whole = _chat(client, QUESTIONS[0], max_tokens=NEW_TOKENS).choices[0].message.content
+    chunks = list(_chat(client, QUESTIONS[0], max_tokens=NEW_TOKENS, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
 

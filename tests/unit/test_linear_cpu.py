@@ -1,4 +1,4 @@
-"""raytp's float32 CPU linear op (linear_cpu.cpp) against torch's matmul in float64."""
+"""raytp's CPU linear op (linear_cpu.cpp), float32 and bfloat16, against torch's matmul in float64."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,9 @@ from raytp.model import cpu_ops
 from raytp.model.layers import ColumnParallelLinear
 
 op = cpu_ops.linear_op()
+op_bf16 = cpu_ops.linear_op("bfloat16")
 pytestmark = pytest.mark.skipif(op is None, reason="raytp's linear op needs AVX-512 and a C++ toolchain")
+needs_bf16 = pytest.mark.skipif(op_bf16 is None, reason="the bfloat16 kernel needs AVX512-BF16")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 100])
@@ -54,3 +56,30 @@ def test_a_weight_packed_for_another_shape_is_refused():
         op.linear(torch.randn(2, 48), packed, 32)
     with pytest.raises(RuntimeError, match="packed does not match"):
         op.linear(torch.randn(2, 64), packed, 48)
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("out_features,in_features", [(16, 64), (17, 3), (40, 1), (512, 1536), (1000, 97)])
+def test_bf16_linear_is_the_exact_product_rounded_once(rows, out_features, in_features):
+    """bfloat16 in, float32 sums, one rounding to bfloat16 at the end: within half a bfloat16 step (plus float32
+    summation error) of the exact product of the same bfloat16 numbers. Odd K and N exercise the padding."""
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    out = op_bf16.linear(x, op_bf16.pack(w), out_features)
+    exact = x.double() @ w.double().T
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-5 * in_features**0.5)
+
+
+@needs_bf16
+def test_a_bf16_layer_packs_for_it_and_matches_onednn():
+    layer = ColumnParallelLinear(96, 50, bias=True, dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(5, 96).bfloat16()
+    expected = F.linear(x, layer.weight, layer.bias)
+    layer.pack()
+    assert layer.kernel == "raytp" and layer.packed.dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x), expected, rtol=2**-7, atol=1e-2)

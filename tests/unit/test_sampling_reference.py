@@ -56,7 +56,7 @@ class PoolExecutor(Executor):
 
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int, pool: RankPool):
         self.config, self.model_path, self.max_model_len, self.pool = config, model_path, max_model_len, pool
-        self.tp_size, self.num_kv_blocks = pool.world, 0
+        self.tp_size, self.num_kv_blocks, self.dtype = pool.world, 0, "float32"
 
     def start(self, tp_size: int) -> None:
         assert tp_size == self.pool.world

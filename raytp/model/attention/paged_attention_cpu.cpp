@@ -17,7 +17,8 @@
 // all heads at once. A cache slot holds every KV head of its token
 // contiguously (GQA heads share their KV head's row). Per row: scores in one
 // pass, then a softmax, then the weighted sum of values (exact, no online
-// rescaling). Float32 on AVX-512 has its own kernel (attend_group_avx512),
+// rescaling). Float32 and bfloat16 on AVX-512 have their own kernel (attend_group_avx512; bfloat16 keys
+// and values are widened to float32 as they are loaded, queries and sums are float32),
 // which goes over a group's keys tile by tile, and within a tile row by row,
 // so rows that read the same blocks find them in L1; everything else runs the
 // group row by row, in plain loops over head_dim, the contiguous axis, that
@@ -100,13 +101,20 @@ inline __m512 sum_lanes16(const __m512* v) {
                        _mm512_shuffle_ps(c01, c23, _MM_SHUFFLE(3, 2, 3, 2)));
 }
 
-// Float32 rows whose sequences share their first cache block (a cached prefix, or one sequence's chunk), all heads,
+// 16 cache values as float32: loaded as they are, or (bfloat16) widened, which is exact (a shift into the high half).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// Rows (queries and output in float32, the KV cache in float32 or bfloat16) whose sequences share their first cache block (a cached prefix, or one sequence's chunk), all heads,
 // head_dim = 16 * NC. The passes go key tile by key tile, and within a tile row by row, so that rows
 // reading the same blocks find them in L1 instead of streaming the shared prefix once per row. Scores for 16 keys
 // at a time (a dot product per key and head, summed 16 at once), an exact softmax per row, then the weighted sum
 // of values accumulated in out.
-template <int NC>
-void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float* k_cache, const float* v_cache,
+template <int NC, typename kv_t>
+void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t* k_cache, const kv_t* v_cache,
                          int64_t block_size, int64_t H, int64_t Hkv, float scale,
                          std::vector<std::vector<int64_t>>& slots,   // scratch: each row's key slots
                          std::vector<std::vector<float>>& scores,    // scratch: each row's (H, keys) scores
@@ -130,7 +138,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float
       const int64_t n = slots[r].size();
       if (j0 >= n) continue;
       const int64_t m = std::min<int64_t>(16, n - j0);
-      const float* keys[16];
+      const kv_t* keys[16];
       for (int64_t t = 0; t < 16; ++t) keys[t] = k_cache + slots[r][j0 + std::min(t, m - 1)] * slot_stride;
       const float* qr = q + rows[r].index * H * D;
       // The next tile's keys into L2, a part per head so that few requests are in flight at once. This pass goes
@@ -141,15 +149,15 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t t = h * per_head; t < std::min(ahead, (h + 1) * per_head); ++t) {
           const char* slot = reinterpret_cast<const char*>(k_cache + slots[r][j0 + 16 + t] * slot_stride);
-          for (int64_t b = 0; b < slot_stride * 4; b += 64) _mm_prefetch(slot + b, _MM_HINT_T1);
+          for (int64_t b = 0; b < slot_stride * int64_t(sizeof(kv_t)); b += 64) _mm_prefetch(slot + b, _MM_HINT_T1);
         }
         __m512 qh[NC], dots[16];
         for (int c = 0; c < NC; ++c) qh[c] = _mm512_loadu_ps(qr + h * D + 16 * c);
         const int64_t head_offset = (h / G) * D;
         for (int t = 0; t < 16; ++t) {
-          const float* k = keys[t] + head_offset;
-          __m512 acc = _mm512_mul_ps(qh[0], _mm512_loadu_ps(k));
-          for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(qh[c], _mm512_loadu_ps(k + 16 * c), acc);
+          const kv_t* k = keys[t] + head_offset;
+          __m512 acc = _mm512_mul_ps(qh[0], load16(k));
+          for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(qh[c], load16(k + 16 * c), acc);
           dots[t] = acc;
         }
         _mm512_mask_storeu_ps(scores[r].data() + h * n + j0, static_cast<__mmask16>((1u << m) - 1),
@@ -168,7 +176,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float
   const int64_t pair = G % 2 == 0 ? 2 : 1;
   for (int64_t j0 = 0; j0 < longest; j0 += kValueTile) {
     for (int64_t h = 0; h < H; h += pair) {
-      const float* v_head = v_cache + (h / G) * D;
+      const kv_t* v_head = v_cache + (h / G) * D;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t n = slots[r].size();
         if (j0 >= n) continue;
@@ -177,7 +185,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float
         const int64_t per_part = (ahead + parts - 1) / parts, part = h / pair;
         for (int64_t t = part * per_part; t < std::min(ahead, (part + 1) * per_part); ++t) {
           const char* slot = reinterpret_cast<const char*>(v_cache + slots[r][j0 + kValueTile + t] * slot_stride);
-          for (int64_t b = 0; b < slot_stride * 4; b += 64) _mm_prefetch(slot + b, _MM_HINT_T1);
+          for (int64_t b = 0; b < slot_stride * int64_t(sizeof(kv_t)); b += 64) _mm_prefetch(slot + b, _MM_HINT_T1);
         }
         float* o0 = out + (rows[r].index * H + h) * D;
         float* o1 = o0 + (pair - 1) * D;
@@ -186,10 +194,10 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const float
         __m512 a0[NC], a1[NC];
         for (int c = 0; c < NC; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
         for (int64_t j = j0; j < std::min<int64_t>(j0 + kValueTile, n); ++j) {
-          const float* v = v_head + slots[r][j] * slot_stride;
+          const kv_t* v = v_head + slots[r][j] * slot_stride;
           const __m512 w0 = _mm512_set1_ps(p0[j]), w1 = _mm512_set1_ps(p1[j]);
           for (int c = 0; c < NC; ++c) {
-            const __m512 vc = _mm512_loadu_ps(v + 16 * c);
+            const __m512 vc = load16(v + 16 * c);
             a0[c] = _mm512_fmadd_ps(w0, vc, a0[c]);
             a1[c] = _mm512_fmadd_ps(w1, vc, a1[c]);
           }
@@ -238,35 +246,46 @@ void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar
   for (int64_t i = 0; i < H * D; ++i) out[i] = static_cast<scalar_t>(acc[i]);
 }
 
-// A group of rows (see attend_group_avx512): the AVX-512 kernel for float32 and head_dim a multiple of 16 up to
-// 128, else the generic one row by row.
-template <typename scalar_t>
-void attend_group(const Row* rows, int64_t R, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-                  int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
-                  std::vector<std::vector<int64_t>>& slots, std::vector<std::vector<float>>& scores,
-                  std::vector<float>& acc, std::vector<float>& qf, scalar_t* out) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    switch (D) {
-#define RAYTP_GROUP(NC)                                                                                       \
-  case 16 * NC:                                                                                              \
-    return attend_group_avx512<NC>(rows, R, q, k_cache, v_cache, block_size, H, Hkv, scale, slots, scores, out);
-      RAYTP_GROUP(1) RAYTP_GROUP(2) RAYTP_GROUP(3) RAYTP_GROUP(4)
-      RAYTP_GROUP(5) RAYTP_GROUP(6) RAYTP_GROUP(7) RAYTP_GROUP(8)
+// The AVX-512 kernel for head_dim = 16 * NC, NC chosen at run time (head_dim a multiple of 16 up to 128).
+template <typename kv_t>
+void attend_group_fast(const Row* rows, int64_t R, const float* q, const kv_t* k_cache, const kv_t* v_cache,
+                       int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
+                       std::vector<std::vector<int64_t>>& slots, std::vector<std::vector<float>>& scores, float* out) {
+  switch (D) {
+#define RAYTP_GROUP(NC)                                                                                          \
+  case 16 * NC:                                                                                                 \
+    return attend_group_avx512<NC, kv_t>(rows, R, q, k_cache, v_cache, block_size, H, Hkv, scale, slots, scores, \
+                                         out);
+    RAYTP_GROUP(1) RAYTP_GROUP(2) RAYTP_GROUP(3) RAYTP_GROUP(4)
+    RAYTP_GROUP(5) RAYTP_GROUP(6) RAYTP_GROUP(7) RAYTP_GROUP(8)
 #undef RAYTP_GROUP
-      default:
-        break;
-    }
   }
+  TORCH_CHECK(false, "no AVX-512 attention kernel for head_dim ", D);
+}
 #endif
-  slots.resize(1);
-  scores.resize(1);
+
+// Whether attend_group_fast serves a step of this dtype and head_dim.
+bool has_fast_kernel(at::ScalarType dtype, int64_t D) {
+#if defined(__AVX512F__)
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && D % 16 == 0 && D <= 128;
+#else
+  return false;
+#endif
+}
+
+// A group of rows in any dtype and head_dim, row by row.
+template <typename scalar_t>
+void attend_group_generic(const Row* rows, int64_t R, const scalar_t* q, const scalar_t* k_cache,
+                          const scalar_t* v_cache, int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
+                          std::vector<int64_t>& slots, std::vector<float>& scores, std::vector<float>& acc,
+                          std::vector<float>& qf, scalar_t* out) {
   for (int64_t r = 0; r < R; ++r) {
-    key_slots(rows[r].table, block_size, rows[r].first_key, rows[r].last_key, slots[0]);
-    const int64_t n = slots[0].size();
-    scores[0].resize(H * n);
-    attend_row_generic<scalar_t>(q + rows[r].index * H * D, k_cache, v_cache, slots[0].data(), n, H, Hkv, D, scale,
-                                 scores[0].data(), acc, qf, out + rows[r].index * H * D);
+    key_slots(rows[r].table, block_size, rows[r].first_key, rows[r].last_key, slots);
+    const int64_t n = slots.size();
+    scores.resize(H * n);
+    attend_row_generic<scalar_t>(q + rows[r].index * H * D, k_cache, v_cache, slots.data(), n, H, Hkv, D, scale,
+                                 scores.data(), acc, qf, out + rows[r].index * H * D);
   }
 }
 
@@ -279,6 +298,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
                               int64_t block_size, double scale, int64_t window, torch::Tensor skip) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q and caches must be 3-d");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must have one dtype");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && query_start.scalar_type() == torch::kInt32 &&
                   seq_lens.scalar_type() == torch::kInt32, "block_tables, query_start and seq_lens must be int32");
   TORCH_CHECK(skip.scalar_type() == torch::kBool && skip.numel() == seq_lens.numel(), "skip must be (B,) bool");
@@ -320,18 +341,43 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   group_start.push_back(rows.size());
   const int64_t num_groups = static_cast<int64_t>(group_start.size()) - 1;
 
+#if defined(__AVX512F__)
+  if (has_fast_kernel(q.scalar_type(), D)) {
+    // Queries and sums in float32 (a bfloat16 step's q is widened once here, its output rounded once at the end);
+    // the cache is read in its own dtype.
+    const bool is_float = q.scalar_type() == at::kFloat;
+    auto qf = is_float ? q : q.to(at::kFloat);
+    auto outf = is_float ? out : torch::empty(q.sizes(), q.options().dtype(at::kFloat));
+    auto run = [&](auto* kp, auto* vp) {
+      at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+        std::vector<std::vector<int64_t>> slots;
+        std::vector<std::vector<float>> scores;
+        for (int64_t g = begin; g < end; ++g) {
+          attend_group_fast(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qf.data_ptr<float>(),
+                            kp, vp, block_size, H, Hkv, D, static_cast<float>(scale), slots, scores,
+                            outf.data_ptr<float>());
+        }
+      });
+    };
+    if (is_float) {
+      run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+    } else {
+      run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+    }
+    return is_float ? out : outf.to(q.scalar_type());
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<std::vector<int64_t>> slots;
-      std::vector<std::vector<float>> scores;
-      std::vector<float> acc, qf;
+      std::vector<int64_t> slots;
+      std::vector<float> scores, acc, qf;
       for (int64_t g = begin; g < end; ++g) {
-        attend_group<scalar_t>(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qp, kp, vp,
-                               block_size, H, Hkv, D, static_cast<float>(scale), slots, scores, acc, qf, op);
+        attend_group_generic<scalar_t>(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qp, kp, vp,
+                                       block_size, H, Hkv, D, static_cast<float>(scale), slots, scores, acc, qf, op);
       }
     });
   });

@@ -1,0 +1,73 @@
+"""Per-op timing of the CPU linear kernels, one thread: raytp's op (linear_cpu.cpp) and oneDNN's packed GEMM, in
+float32 and bfloat16, over the weight shapes of several models and a range of row counts.
+
+    python benchmarks/linear_kernels.py [--rows 1,8,32,128,512] [--repeat 30]
+
+Prints, per shape and row count, the median time of each kernel and the weight bytes read per second (what a
+decode step is bound by). Every kernel runs alternately in one process, so the machine's drift hits them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from raytp.model.layers import PackableLinear
+
+# (model, layer, out_features, in_features) per rank at TP=1
+SHAPES = [
+    ("smollm2-135m", "gate/up", 1536, 576),
+    ("smollm2-135m", "down", 576, 1536),
+    ("smollm2-135m", "lm_head", 49152, 576),
+    ("llama-0.5b", "qkv", 2560, 1536),
+    ("llama-0.5b", "gate/up", 4096, 1536),
+    ("llama-0.5b", "down", 1536, 4096),
+]
+
+
+def _layer(out_f: int, in_f: int, dtype: torch.dtype, kernel: str) -> PackableLinear:
+    layer = PackableLinear(out_f, in_f, dtype)
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    if kernel == "onednn":
+        layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 32)
+        layer.kernel = "onednn"
+    else:
+        layer.pack()
+        assert layer.kernel == kernel, (dtype, layer.kernel)
+    return layer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1,4,16,32,128,512")
+    ap.add_argument("--repeat", type=int, default=30)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    rows_list = [int(r) for r in a.rows.split(",")]
+    print(f"{'model':14} {'layer':8} {'N x K':>12} {'rows':>5} " + " ".join(
+        f"{name:>22}" for name in ("raytp fp32", "oneDNN fp32", "raytp bf16", "oneDNN bf16")))
+    with torch.inference_mode():
+        for model, name, out_f, in_f in SHAPES:
+            kernels = [(torch.float32, "raytp"), (torch.float32, "onednn"), (torch.bfloat16, "raytp"),
+                       (torch.bfloat16, "onednn")]
+            layers = [_layer(out_f, in_f, dtype, kernel) for dtype, kernel in kernels]
+            for rows in rows_list:
+                xs = [torch.randn(rows, in_f).to(dtype) for dtype, _ in kernels]
+                times: list[list[float]] = [[] for _ in kernels]
+                for _ in range(a.repeat):
+                    for i, (layer, x) in enumerate(zip(layers, xs)):
+                        t = time.perf_counter()
+                        layer.matmul(x)
+                        times[i].append(time.perf_counter() - t)
+                cells = []
+                for (dtype, _), ts in zip(kernels, times):
+                    med = statistics.median(ts)
+                    gbs = out_f * in_f * torch.finfo(dtype).bits / 8 / med / 1e9
+                    cells.append(f"{med * 1e3:8.3f} ms {gbs:5.1f} GB/s")
+                print(f"{model:14} {name:8} {f'{out_f}x{in_f}':>12} {rows:5d} " + " ".join(f"{c:>22}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
