@@ -14,9 +14,11 @@
 # its model worker to one core itself. vLLM is a baseline only: nothing of it is imported by raytp.
 #
 #   bash benchmarks/compare_vllm_cpu.sh [--rounds N] [--workloads LIST] [--max-num-batched-tokens N]
-#                                       [--vllm-venv DIR] [--out DIR]
+#                                       [--shape NAME] [--dtype float32|bfloat16] [--vllm-venv DIR] [--out DIR]
 # --workloads: comma list (default burst,poisson). --max-num-batched-tokens: the step budget of both servers
-# (default: each one's own). vLLM runs with chunked prefill and prefix caching on (its defaults, said explicitly).
+# (default: each one's own). --shape: bench-58m (default) or a random Llama of raytp.random_checkpoint's
+# RANDOM_LLAMA_SHAPES (20m, 87m, 0.5b), written on first use. --dtype: what both servers compute in (default
+# float32; the checkpoints are float32, so both are told). vLLM runs with chunked prefill and prefix caching on (its defaults, said explicitly).
 # Writes one JSON per server, workload and round under --out, then prints the table and ratios
 # (benchmarks/vllm_summary.py).
 set -euo pipefail
@@ -24,6 +26,8 @@ cd "$(dirname "$0")/.."
 rounds=2
 workloads=burst,poisson
 budget=""
+shape=bench-58m
+dtype=float32
 venv="$HOME/.cache/raytp/vllm-venv"
 out=benchmarks/results/vllm_cpu
 while [ $# -gt 0 ]; do
@@ -31,6 +35,8 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --workloads) workloads=$2; shift 2 ;;
     --max-num-batched-tokens) budget=$2; shift 2 ;;
+    --shape) shape=$2; shift 2 ;;
+    --dtype) dtype=$2; shift 2 ;;
     --vllm-venv) venv=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -45,7 +51,11 @@ if ! "$venv/bin/python" -c "import vllm" >/dev/null 2>&1; then
   "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 
-model=$(raytp bench checkpoint | tail -1)
+if [ "$shape" = bench-58m ]; then
+  model=$(raytp bench checkpoint | tail -1)
+else
+  model=$(python -c "import sys; from raytp.random_checkpoint import ensure_random_llama; print(ensure_random_llama(sys.argv[1]))" "$shape")
+fi
 mkdir -p "$out"
 port=8391
 server_pid=""
@@ -53,15 +63,15 @@ server_pid=""
 source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds
 
 start_raytp() {
-  setsid raytp serve --model "$model" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 --port "$port" \
-    --metrics-export-port 8392 ${budget:+--max-num-batched-tokens "$budget"} >"$1" 2>&1 &
+  setsid raytp serve --model "$model" --dtype "$dtype" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 \
+    --port "$port" --metrics-export-port 8392 ${budget:+--max-num-batched-tokens "$budget"} >"$1" 2>&1 &
   server_pid=$!
 }
 
 start_vllm() {
   # VLLM_CPU_KVCACHE_SPACE: its default reserves a fraction of the NUMA node's memory, more than is free here.
   VLLM_CPU_KVCACHE_SPACE=2 setsid "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
-    --dtype float32 --skip-tokenizer-init --max-num-seqs 32 --enable-chunked-prefill --enable-prefix-caching \
+    --dtype "$dtype" --skip-tokenizer-init --max-num-seqs 32 --enable-chunked-prefill --enable-prefix-caching \
     ${budget:+--max-num-batched-tokens "$budget"} --host 127.0.0.1 --port "$port" >"$1" 2>&1 &
   server_pid=$!
 }

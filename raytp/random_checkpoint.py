@@ -1,5 +1,6 @@
 """Write random-weight Llama checkpoints: the built-in `tiny` model, the `bench-58m` benchmark model and the
-random Llamas by size that benchmarks/chaos_kill.py --shapes serves (RANDOM_LLAMA_SHAPES).
+random Llamas by size that benchmarks/chaos_kill.py --shapes and compare_vllm_cpu.sh --shape serve
+(RANDOM_LLAMA_SHAPES).
 
 All are real Hugging Face checkpoint directories (config.json,
 generation_config.json, model.safetensors, optionally a tokenizer), written
@@ -133,10 +134,12 @@ def ensure_dir(final: str, write: Callable[[str], None], is_current: Callable[[s
     return final
 
 
-# Random Llamas by size, for benchmarks that sweep the model size (benchmarks/chaos_kill.py --shapes).
+# Random Llamas by size, for benchmarks that sweep the model size or want a shape nobody tuned for
+# (benchmarks/chaos_kill.py --shapes, compare_vllm_cpu.sh --shape).
 # Vocab 32000, untied embeddings, float32; every count divides by TP 2 and 4.
 RANDOM_LLAMA_SHAPES: dict[str, dict[str, int]] = {
     "20m": dict(hidden=256, intermediate=1024, layers=4, heads=8, kv_heads=4),  # 20.3M parameters, 81 MB
+    "87m": dict(hidden=768, intermediate=2048, layers=6, heads=12, kv_heads=4),  # 86.9M parameters, 348 MB
     "0.5b": dict(hidden=1536, intermediate=4096, layers=16, heads=12, kv_heads=4),  # 501M parameters, 2.0 GB
 }
 RANDOM_LLAMA_SEED = 0
