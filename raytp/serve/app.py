@@ -94,8 +94,9 @@ class RaytpServer:
         t0 = time.monotonic()
         await engine.start()
         self.engine = engine
-        log.info("raytp replica ready: model %s, tensor_parallel_size=%d, max_model_len=%d (%.1fs)",
-                 engine.model_name, engine.tp_size, engine.max_model_len, time.monotonic() - t0)
+        log.info("raytp replica ready: model %s, tensor_parallel_size=%d, %s, max_model_len=%d (%.1fs)",
+                 engine.model_name, engine.tp_size, engine.core.executor.dtype, engine.max_model_len,
+                 time.monotonic() - t0)
 
     async def reconfigure(self, user_config: dict | None) -> None:
         """Serve's user_config: {"tensor_parallel_size": N} reshards this replica at the next step."""
