@@ -134,7 +134,7 @@ def load_shard(model: torch.nn.Module, path: str) -> None:
         if not isinstance(module, PackableLinear):
             continue
         if name + _PACKED in tensors:
-            module.packed, module.kernel = tensors[name + _PACKED], "raytp"
+            module.adopt(tensors[name + _PACKED])
         else:
             module.pack()
 

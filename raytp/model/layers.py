@@ -74,14 +74,17 @@ class PackableLinear(nn.Module):
     """A linear layer's weight (out, in), optionally repacked once for a faster CPU kernel.
 
     On CPUs torch's F.linear calls MKL's sgemm, which on AMD CPUs takes a slow
-    generic path. In float32 on a CPU with AVX-512, and in bfloat16 on one
-    with AVX512-BF16, raytp's own op (linear_cpu.cpp) streams a weight packed
-    in 16-column blocks: as fast as oneDNN from 64 rows up and up to 1.8x
-    faster for the few rows of a decode step, where oneDNN reads the weight at
-    half the memory's speed (benchmarks/README.md). Elsewhere (float16, no
-    AVX-512, no compiler) oneDNN's inner product with the weight packed ahead
-    of time. `pack()` is called after the weights are loaded; the original
-    weight stays (the loader, tied embeddings and tests read it).
+    generic path. In float32 on a CPU with AVX-512, and in bfloat16 (an even
+    number of input features) on one with AVX512-BF16, raytp's own op
+    (linear_cpu.cpp) streams a weight packed in 16-column blocks: as fast as
+    oneDNN from 64 rows up and up to 1.8x faster for the few rows of a decode
+    step, where oneDNN reads the weight at half the memory's speed
+    (benchmarks/README.md; measured on a CPU without AMX, whose tiles would
+    likely make oneDNN the faster one from a few dozen bfloat16 rows up).
+    Elsewhere oneDNN's inner product with the weight packed ahead of time, and
+    for float16 torch's F.linear. `pack()` is called after the weights are
+    loaded; the original weight stays (the loader, tied embeddings and tests
+    read it).
     """
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype):
@@ -93,13 +96,28 @@ class PackableLinear(nn.Module):
     def pack(self) -> None:
         if self.weight.device.type != "cpu":
             return
-        op = cpu_ops.linear_op(_OP_DTYPES.get(self.weight.dtype, ""))
+        op = self._op()
         if op is not None:
             # float32: (ceil(out / 16), in, 16); bfloat16: (ceil(out / 16), ceil(in / 2), 32)
             self.packed, self.kernel = op.pack(self.weight.detach()), "raytp"
         elif onednn_linear_available(self.weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_BATCH_HINT)
             self.kernel = "onednn"
+
+    def _op(self):
+        """raytp's linear op for this weight, or None: not built here, no kernel for the dtype on this CPU, or (the
+        bfloat16 kernel takes k in pairs) an odd number of input features."""
+        if self.weight.dtype == torch.bfloat16 and self.weight.shape[1] % 2:
+            return None
+        return cpu_ops.linear_op(_OP_DTYPES.get(self.weight.dtype, ""))
+
+    def adopt(self, packed: torch.Tensor) -> None:
+        """Compute with a weight packed for raytp's op in another process (a lost rank's shard); where this
+        process has no kernel for it, pack again for whatever it has."""
+        if self._op() is None:
+            self.pack()
+        else:
+            self.packed, self.kernel = packed, "raytp"
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: (T, in) -> (T, out)
@@ -219,8 +237,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (T, hidden) -> (T, hidden)
+        if x.device.type == "cpu" and x.dtype in _OP_DTYPES and (op := cpu_ops.norm_op()) is not None:
+            return op.rms_norm(x, self.weight, self.eps)  # one pass a row (norm_cpu.cpp), the roundings below
         if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalize in float32 (as the reference does), scale in the model dtype.
         dtype = x.dtype
         x = x.float()

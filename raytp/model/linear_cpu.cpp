@@ -4,7 +4,8 @@
 // With a handful of rows (a decode step) the product is bound by reading W from memory: every weight is read once
 // for a few FMAs. oneDNN's packed GEMM reads the weight at 10-12 GB/s there on this machine's cores, where a plain
 // streaming pass reaches ~25 GB/s (benchmarks/README.md); this kernel gets close to the latter. From 64 rows up
-// both are at the core's FMA peak, so PackableLinear uses it for every row count.
+// both are at the core's FMA peak, so PackableLinear uses it for every row count (measured on a CPU without AMX:
+// there oneDNN's bfloat16 tiles would likely be the faster from a few dozen rows up).
 //
 // float32: the weight (N, K) is packed once as (ceil(N / 16), K, 16): block b holds output columns 16b .. 16b+15,
 // for each k the 16 weights that x's element k multiplies, so one 64-byte load feeds 16 columns. A tile of up to 8
@@ -12,12 +13,15 @@
 // one broadcast per row, 2 FMAs per row. The weight blocks of a column pair stream from memory once and stay in L2
 // while the row tiles go over them.
 //
-// bfloat16: the same tiles over pairs of k. The weight is packed as (ceil(N / 16), ceil(K / 2), 16, 2): per pair of
-// k, each column's two weights side by side, so one 64-byte load holds 16 columns x 2 k, and one vdpbf16ps adds
+// bfloat16 (K even): the same tiles over pairs of k. The weight is packed as (ceil(N / 16), K / 2, 16, 2): per pair
+// of k, each column's two weights side by side, so one 64-byte load holds 16 columns x 2 k, and one vdpbf16ps adds
 // x[2k] w[2k] + x[2k+1] w[2k+1] to 16 float32 accumulators. Half the bytes of float32 per weight, and twice the
 // products per instruction; the sums stay float32 and are rounded to bfloat16 once, at the end (as oneDNN does).
+// vdpbf16ps treats denormal inputs as zero.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include <cstring>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -62,12 +66,13 @@ void tile_bf16(const at::BFloat16* x, int64_t ldx, int64_t K2, const at::BFloat1
                at::BFloat16* out, int64_t ldo, __mmask16 mask0, __mmask16 mask1) {
   __m512 acc0[MT], acc1[MT];
   for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
-  const int32_t* xpairs = reinterpret_cast<const int32_t*>(x);  // x[m, 2k .. 2k+1] as one 32-bit lane
   for (int64_t k = 0; k < K2; ++k) {
     const __m512bh a = (__m512bh)_mm512_loadu_si512(w0 + 2 * kBlock * k);
     const __m512bh b = (__m512bh)_mm512_loadu_si512(w1 + 2 * kBlock * k);
     for (int m = 0; m < MT; ++m) {
-      const __m512bh xm = (__m512bh)_mm512_set1_epi32(xpairs[m * (ldx / 2) + k]);
+      int32_t pair;  // x[m, 2k .. 2k+1] as one 32-bit lane (memcpy: x need not be 4-byte aligned)
+      std::memcpy(&pair, x + m * ldx + 2 * k, sizeof(pair));
+      const __m512bh xm = (__m512bh)_mm512_set1_epi32(pair);
       acc0[m] = _mm512_dpbf16_ps(acc0[m], xm, a);
       acc1[m] = _mm512_dpbf16_ps(acc1[m], xm, b);
     }
@@ -107,8 +112,8 @@ bool available(const std::string& dtype) {
   return false;
 }
 
-// w: (N, K) float32 -> (ceil(N / 16), K, 16); bfloat16 -> (ceil(N / 16), ceil(K / 2), 32). Columns past N (and
-// a k past K) are zero.
+// w: (N, K) float32 -> (ceil(N / 16), K, 16); bfloat16 (K even) -> (ceil(N / 16), K / 2, 32). Columns past N are
+// zero.
 torch::Tensor pack(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
               "w must be a 2-d float32 or bfloat16 tensor");
@@ -118,9 +123,10 @@ torch::Tensor pack(torch::Tensor w) {
     padded.narrow(0, 0, N).copy_(w);
     return padded.view({blocks, kBlock, K}).transpose(1, 2).contiguous();
   }
-  const int64_t K2 = (K + 1) / 2;
-  auto padded = torch::zeros({blocks * kBlock, 2 * K2}, w.options());
-  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+  TORCH_CHECK(K % 2 == 0, "a bfloat16 weight needs an even number of input features (k goes in pairs)");
+  const int64_t K2 = K / 2;
+  auto padded = torch::zeros({blocks * kBlock, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
   // (blocks, 16 columns, K2, 2) -> (blocks, K2, 16 columns, 2)
   return padded.view({blocks, kBlock, K2, 2}).permute({0, 2, 1, 3}).contiguous().view({blocks, K2, 2 * kBlock});
 }
@@ -159,15 +165,13 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor packed, int64_t N) {
 }
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N) {
-  const int64_t K2 = (x.size(1) + 1) / 2;
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && packed.size(1) == K2 &&
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && 2 * packed.size(1) == x.size(1) &&
                   packed.size(0) == (N + kBlock - 1) / kBlock && packed.is_contiguous() &&
                   packed.scalar_type() == at::kBFloat16,
               "packed does not match x and N");
 #if defined(__AVX512BF16__)
-  if (x.size(1) % 2) x = torch::constant_pad_nd(x, {0, 1});  // (M, 2 K2): the pad multiplies packed zeros
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
+  const int64_t M = x.size(0), K = x.size(1), K2 = K / 2, blocks = packed.size(0);
   auto out = torch::empty({M, N}, x.options());
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = packed.data_ptr<at::BFloat16>();

@@ -140,6 +140,8 @@ def test_chat_answers_with_the_reference_tokens_and_stops_at_im_end(client, refe
     im_end = tok.eos_token_ids[0]  # <|im_end|>
     assert im_end in expected, "the reference answer ends its turn within 32 tokens"
     answer = expected[: expected.index(im_end)]
+    # Why the exact answer is expected in bfloat16 too: no token of it is a near-tie even at bfloat16's tolerance.
+    assert min(reference["gaps"][0][: len(answer) + 1]) > NEAR_TIE_BF16
     assert choice.finish_reason == "stop"
     assert choice.message.content == tok.decode(answer)  # the template's prompt, greedy, cut at <|im_end|>
     assert "Paris" in choice.message.content

@@ -69,8 +69,8 @@ def test_a_failing_step_raises_in_its_call_and_the_next_step_runs(checkpoint):
 
 
 def test_warm_up_runs_every_onednn_gemm_size_of_each_weight_shape(checkpoint, monkeypatch):
-    """Where linears run on oneDNN (float16, or no AVX-512 for raytp's own op), whose kernels are built per row
-    count, the warm-up runs every row bucket of every weight shape."""
+    """Where linears run on oneDNN (no AVX-512 for raytp's own op), whose kernels are built per row count, the
+    warm-up runs every row bucket of every weight shape."""
     from raytp.model import cpu_ops
     from raytp.model.layers import PackableLinear, ParallelLMHead, padded_rows, row_buckets
 

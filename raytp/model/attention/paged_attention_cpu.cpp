@@ -310,7 +310,6 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(2) == D, "head shapes do not match");
   const int64_t B = seq_lens.size(0);
   const int64_t max_blocks = block_tables.size(1);
-  auto out = torch::empty_like(q);
 
   // The rows this call computes, grouped by their sequence's first cache block (rows of one sequence, and
   // sequences that share a cached prefix, go together); groups are the work items split across threads.
@@ -347,7 +346,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     // the cache is read in its own dtype.
     const bool is_float = q.scalar_type() == at::kFloat;
     auto qf = is_float ? q : q.to(at::kFloat);
-    auto outf = is_float ? out : torch::empty(q.sizes(), q.options().dtype(at::kFloat));
+    auto outf = torch::empty(q.sizes(), q.options().dtype(at::kFloat));
     auto run = [&](auto* kp, auto* vp) {
       at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
         std::vector<std::vector<int64_t>> slots;
@@ -364,9 +363,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     } else {
       run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
     }
-    return is_float ? out : outf.to(q.scalar_type());
+    return is_float ? outf : outf.to(q.scalar_type());
   }
 #endif
+  auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
