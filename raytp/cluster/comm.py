@@ -179,9 +179,24 @@ class ShmRendezvous:
     slot_bytes: int
 
 
-def create_shm_rendezvous(host: str, world_size: int, slot_bytes: int = 8 * 2**20) -> ShmRendezvous:
-    """Rank 0: create the segment file (in /dev/shm, RAM-backed) before the other ranks open it."""
-    path = f"/dev/shm/raytp-tp-{uuid.uuid4().hex}"
+SEGMENT_PREFIX = "raytp-tp-"
+
+
+def create_shm_rendezvous(host: str, world_size: int, slot_bytes: int = 8 * 2**20,
+                          root: str = "/dev/shm") -> ShmRendezvous:
+    """Rank 0: create the segment file (in /dev/shm, RAM-backed) before the other ranks open it.
+
+    Rank 0 unlinks it once every rank has it mapped, so a segment still there after its creator exited was left by
+    a group that failed while connecting (a rank died first, as in a kill while a group starts): the segment's name
+    carries its creator's pid, and each new one sweeps those first. (This assumes the node's ranks share a pid
+    namespace with their /dev/shm, as Ray's workers on one node or one Kubernetes pod do.)
+    """
+    for name in os.listdir(root):
+        creator = name[len(SEGMENT_PREFIX):].split("-", 1)[0] if name.startswith(SEGMENT_PREFIX) else ""
+        if creator.isdigit() and not process_alive(int(creator)):
+            with contextlib.suppress(FileNotFoundError):  # (another group's rank 0 swept it first)
+                os.unlink(os.path.join(root, name))
+    path = os.path.join(root, f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
     with open(path, "wb") as f:
         f.truncate(ShmCommunicator.segment_bytes(world_size, slot_bytes))
     return ShmRendezvous(GlooRendezvous(host, free_port(host)), path, slot_bytes)

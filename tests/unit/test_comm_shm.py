@@ -143,3 +143,24 @@ def test_abort_releases_every_survivor_and_they_join_a_new_communicator(tmp_path
         assert out["released_after_s"] < 5
         assert torch.equal(out["rejoined"], expected)
     assert torch.equal(torch.load(tmp_path / f"new{world - 1}.pt")["rejoined"], expected)
+
+
+def test_a_new_segment_sweeps_those_whose_creator_exited(tmp_path):
+    """A segment is unlinked once every rank mapped it; one whose creator (its pid in the name) exited was left by
+    a group that failed while connecting, and the next group's rank 0 removes it. Others are kept."""
+    import subprocess
+    import sys
+
+    from raytp.cluster.comm import SEGMENT_PREFIX, create_shm_rendezvous
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: its pid names no process
+    orphan = tmp_path / f"{SEGMENT_PREFIX}{proc.pid}-abc"
+    live = tmp_path / f"{SEGMENT_PREFIX}{os.getpid()}-def"  # being connected by this (live) process
+    other = tmp_path / "unrelated"
+    for f in (orphan, live, other):
+        f.write_bytes(b"\0" * 64)
+    rendezvous = create_shm_rendezvous("127.0.0.1", 2, slot_bytes=4096, root=str(tmp_path))
+    created = os.path.basename(rendezvous.path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, created])
+    assert created.startswith(f"{SEGMENT_PREFIX}{os.getpid()}-")
