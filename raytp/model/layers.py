@@ -17,7 +17,8 @@ from raytp.model import cpu_ops
 
 # oneDNN's packed-weight GEMM wants a typical row count to choose its blocking; any count works.
 _PACK_BATCH_HINT = 32
-# The dtypes raytp's own linear op (cpu_ops.linear_op) may have a kernel for.
+# The dtypes raytp's own CPU ops have kernels for (RMSNorm: both; the linear op: where this CPU has them), by the
+# name cpu_ops.linear_op takes.
 _OP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
@@ -98,7 +99,7 @@ class PackableLinear(nn.Module):
             return
         op = self._op()
         if op is not None:
-            # float32: (ceil(out / 16), in, 16); bfloat16: (ceil(out / 16), ceil(in / 2), 32)
+            # float32: (ceil(out / 16), in, 16); bfloat16: (ceil(out / 16), in / 2, 32)
             self.packed, self.kernel = op.pack(self.weight.detach()), "raytp"
         elif onednn_linear_available(self.weight.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_BATCH_HINT)

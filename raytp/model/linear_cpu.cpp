@@ -93,6 +93,26 @@ inline __mmask16 columns_mask(int64_t n0, int64_t N) {
   const int64_t n = std::max<int64_t>(0, std::min<int64_t>(kBlock, N - n0));
   return static_cast<__mmask16>((1u << n) - 1);
 }
+
+// out (M, N) = x (M, K) times the packed weight, one pair of column blocks per work item, tile by tile of rows;
+// tiles: the dtype's tile functions by row count, whose k runs over `k_steps` (K, or K / 2 pairs).
+template <typename T, typename TileTable>
+void run_tiles(const T* xp, const T* wp, T* op, int64_t M, int64_t N, int64_t K, int64_t k_steps, int64_t blocks,
+               const TileTable& tiles) {
+  const int64_t pairs = (blocks + 1) / 2;
+  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1);  // an odd last block computes itself twice
+      const int64_t n0 = b0 * kBlock;
+      const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? 0 : columns_mask(n0 + kBlock, N);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
+        const int64_t rows = std::min(kMaxTile, M - m0);
+        tiles[rows](xp + m0 * K, K, k_steps, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N, mask0,
+                    mask1);
+      }
+    }
+  });
+}
 #endif
 
 }  // namespace
@@ -118,17 +138,13 @@ torch::Tensor pack(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
               "w must be a 2-d float32 or bfloat16 tensor");
   const int64_t N = w.size(0), K = w.size(1), blocks = (N + kBlock - 1) / kBlock;
-  if (w.scalar_type() == at::kFloat) {
-    auto padded = torch::zeros({blocks * kBlock, K}, w.options());
-    padded.narrow(0, 0, N).copy_(w);
-    return padded.view({blocks, kBlock, K}).transpose(1, 2).contiguous();
-  }
-  TORCH_CHECK(K % 2 == 0, "a bfloat16 weight needs an even number of input features (k goes in pairs)");
-  const int64_t K2 = K / 2;
+  const bool is_float = w.scalar_type() == at::kFloat;
+  TORCH_CHECK(is_float || K % 2 == 0, "a bfloat16 weight needs an even number of input features (k goes in pairs)");
   auto padded = torch::zeros({blocks * kBlock, K}, w.options());
   padded.narrow(0, 0, N).copy_(w);
-  // (blocks, 16 columns, K2, 2) -> (blocks, K2, 16 columns, 2)
-  return padded.view({blocks, kBlock, K2, 2}).permute({0, 2, 1, 3}).contiguous().view({blocks, K2, 2 * kBlock});
+  if (is_float) return padded.view({blocks, kBlock, K}).transpose(1, 2).contiguous();
+  // (blocks, 16 columns, K / 2, 2) -> (blocks, K / 2, 16 columns, 2)
+  return padded.view({blocks, kBlock, K / 2, 2}).permute({0, 2, 1, 3}).contiguous().view({blocks, K / 2, 2 * kBlock});
 }
 
 namespace {
@@ -142,22 +158,7 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor packed, int64_t N) {
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
   auto out = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t pairs = (blocks + 1) / 2;
-  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1);  // an odd last block computes itself twice
-      const int64_t n0 = b0 * kBlock;
-      const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? 0 : columns_mask(n0 + kBlock, N);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
-        const int64_t rows = std::min(kMaxTile, M - m0);
-        kTiles[rows](xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N, mask0,
-                     mask1);
-      }
-    }
-  });
+  run_tiles(x.data_ptr<float>(), packed.data_ptr<float>(), out.data_ptr<float>(), M, N, K, K, blocks, kTiles);
   return out;
 #else
   TORCH_CHECK(false, "built without AVX-512: use available() first");
@@ -171,24 +172,10 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N) {
               "packed does not match x and N");
 #if defined(__AVX512BF16__)
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), K2 = K / 2, blocks = packed.size(0);
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
   auto out = torch::empty({M, N}, x.options());
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const at::BFloat16* wp = packed.data_ptr<at::BFloat16>();
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const int64_t pairs = (blocks + 1) / 2;
-  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1);
-      const int64_t n0 = b0 * kBlock;
-      const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? 0 : columns_mask(n0 + kBlock, N);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
-        const int64_t rows = std::min(kMaxTile, M - m0);
-        kTilesBf16[rows](xp + m0 * K, K, K2, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N,
-                         mask0, mask1);
-      }
-    }
-  });
+  run_tiles(x.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), M, N, K, K / 2,
+            blocks, kTilesBf16);
   return out;
 #else
   TORCH_CHECK(false, "built without AVX512-BF16: use available(\"bfloat16\") first");

@@ -17,8 +17,9 @@
 // all heads at once. A cache slot holds every KV head of its token
 // contiguously (GQA heads share their KV head's row). Per row: scores in one
 // pass, then a softmax, then the weighted sum of values (exact, no online
-// rescaling). Float32 and bfloat16 on AVX-512 have their own kernel (attend_group_avx512; bfloat16 keys
-// and values are widened to float32 as they are loaded, queries and sums are float32),
+// rescaling). Float32 and bfloat16 on AVX-512 have their own kernel
+// (attend_group_avx512; bfloat16 keys and values are widened to float32 as
+// they are loaded, queries and sums are float32),
 // which goes over a group's keys tile by tile, and within a tile row by row,
 // so rows that read the same blocks find them in L1; everything else runs the
 // group row by row, in plain loops over head_dim, the contiguous axis, that
@@ -108,9 +109,10 @@ inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// Rows (queries and output in float32, the KV cache in float32 or bfloat16) whose sequences share their first cache block (a cached prefix, or one sequence's chunk), all heads,
-// head_dim = 16 * NC. The passes go key tile by key tile, and within a tile row by row, so that rows
-// reading the same blocks find them in L1 instead of streaming the shared prefix once per row. Scores for 16 keys
+// Rows (queries and output in float32, the KV cache in float32 or bfloat16) whose sequences share their first
+// cache block (a cached prefix, or one sequence's chunk), all heads, head_dim = 16 * NC. The passes go key tile by
+// key tile, and within a tile row by row, so that rows reading the same blocks find them in L1 instead of
+// streaming the shared prefix once per row. Scores for 16 keys
 // at a time (a dot product per key and head, summed 16 at once), an exact softmax per row, then the weighted sum
 // of values accumulated in out.
 template <int NC, typename kv_t>
