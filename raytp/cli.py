@@ -151,6 +151,7 @@ def _check_model(config: EngineConfig, remote_ok: bool) -> None:
     """Read the model's config (and a GGUF file's tokenizer) here, so that a missing, corrupt or unsupported
     checkpoint is one clear error now. Joining a cluster, a path missing here may exist on its nodes."""
     from raytp.engine.tokenizer import Tokenizer
+    from raytp.model import cpu_ops
     from raytp.model.llama import check_tp_degree
     from raytp.model.loader import read_model_args
     from raytp.named_models import resolve_model_path
@@ -160,6 +161,8 @@ def _check_model(config: EngineConfig, remote_ok: bool) -> None:
         return
     check_tp_degree(read_model_args(path), config.tensor_parallel_size)
     Tokenizer.from_dir(path)
+    if not remote_ok:  # the ranks run here: so does the quantized op's build
+        cpu_ops.check_quantization(config.quantization, config.resolved_device())
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -44,6 +44,11 @@ class EngineConfig(BaseModel):
         "bfloat16 or float16 checkpoint (and a quantized GGUF) where the CPU computes bfloat16 natively (AVX512-BF16 "
         "or AMX), else float32; on CUDA float16 for a float16 checkpoint, else bfloat16."
     )
+    quantization: Literal["none", "int8"] = Field(
+        default="none", description="int8: linear weights quantized per output column and activations per 32 "
+        "values, multiplied with AVX512-VNNI (CPU only; needs AVX512-VNNI and AVX512-BF16): ~1.6x the linears' speed "
+        "of bfloat16 in a decode step, at a small cost in accuracy (README)."
+    )
     max_num_seqs: int = Field(default=32, ge=1, le=4096, description="Most sequences in one batch.")
     max_model_len: int | None = Field(
         default=None, ge=2, description="Longest prompt plus output; defaults to the checkpoint's max_position_embeddings."
@@ -137,6 +142,9 @@ class EngineConfig(BaseModel):
         if self.cpus_per_rank > 1 and self.cpus_per_rank != int(self.cpus_per_rank):
             raise ValueError(f"cpus_per_rank={self.cpus_per_rank:g}: must be a whole number of CPUs, or a fraction "
                              f"below 1 (ranks that share cores)")
+        if self.quantization != "none" and (self.device == "cuda" or not self.pack_weights):
+            raise ValueError(f"quantization={self.quantization!r} runs in raytp's CPU linear op: it needs device cpu "
+                             f"or auto (not {self.device!r}) and pack_weights true (not {self.pack_weights})")
         if self.min_tensor_parallel_size > self.tensor_parallel_size:
             raise ValueError(
                 f"min_tensor_parallel_size={self.min_tensor_parallel_size} is larger than "

@@ -43,6 +43,7 @@ APP_CONFIG_KEYS = frozenset(
         "recovery_window_s",
         "device",
         "dtype",
+        "quantization",
         "max_num_seqs",
         "max_model_len",
         "max_num_batched_tokens",

@@ -138,7 +138,7 @@ class LocalExecutor(Executor):
         cfg = self.config
         w = TPWorker(0, 1, cfg.resolved_device(), self.dtype, cfg.seed, self.num_threads)
         w.init_communicator(None)
-        w.load(self.model_path, cfg.attention_backend, cfg.pack_weights)
+        w.load(self.model_path, cfg.attention_backend, cfg.pack_weights, quantization=cfg.quantization)
         capacity = w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))
         self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, capacity)
         w.init_kv_cache(self.num_kv_blocks, cfg.block_size)

@@ -139,7 +139,7 @@ class TPGroup(Executor):
             replaceable = self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
             self.store_dir = new_store_dir() if replaceable else None
             ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
-                                   self.store_dir) for w in self.workers], timeout=timeout)
+                                   self.store_dir, self.config.quantization) for w in self.workers], timeout=timeout)
             bs = self.config.block_size
             profile = profile_seq_lens(self.config, self.max_model_len)
             capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization, profile)

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 STORE_ROOT = "/dev/shm"
 STORE_PREFIX = "raytp-group-"
 _PACKED = ".packed"  # suffix of a packed weight's key, beside the parameter it was packed from
+_SCALES = ".scales"  # and of an int8 packed weight's column scales
 
 
 def new_store_dir(root: str = STORE_ROOT) -> str | None:
@@ -82,8 +83,10 @@ def save_shard(model: torch.nn.Module, path: str) -> None:
 
     tensors = {name: p.detach() for name, p in model.named_parameters()}  # a tied weight once
     for name, module in model.named_modules():
-        if isinstance(module, PackableLinear) and module.kernel == "raytp":
+        if isinstance(module, PackableLinear) and module.kernel in ("raytp", "int8"):
             tensors[name + _PACKED] = module.packed
+            if module.scales is not None:
+                tensors[name + _SCALES] = module.scales
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.{os.getpid()}.partial"
     save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
@@ -134,7 +137,7 @@ def load_shard(model: torch.nn.Module, path: str) -> None:
         if not isinstance(module, PackableLinear):
             continue
         if name + _PACKED in tensors:
-            module.adopt(tensors[name + _PACKED])
+            module.adopt(tensors[name + _PACKED], tensors.get(name + _SCALES))
         else:
             module.pack()
 

@@ -226,13 +226,13 @@ class TPWorker:
     # ---- weights and KV cache -------------------------------------------------
 
     def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True,
-             store_dir: str | None = None) -> dict:
+             store_dir: str | None = None, quantization: str = "none") -> dict:
         """Load this rank's shard from the checkpoint; with store_dir (CPU), also write it where a replacement finds
         it (rank_store.py)."""
         device = "cuda" if self.device == "cuda" else "cpu"
         attention = select_backend(device, attention_backend, DTYPES[self.dtype])
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
-                                attention=attention, pack_weights=pack_weights)
+                                attention=attention, pack_weights=pack_weights, quantization=quantization)
         if store_dir is not None and device == "cpu":
             if self.rank == 0:
                 for stale in sweep_stale_stores(os.path.dirname(store_dir)):

@@ -60,6 +60,7 @@ class EngineCore:
         self.tokenizer = Tokenizer.from_dir(self.model_path)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.model_name = config.served_model_name or ("tiny" if config.model == "tiny" else config.model_name())
+        cpu_ops.check_quantization(config.quantization, config.resolved_device())
         if config.resolved_device() == "cpu":
             cpu_ops.prebuild(attention=config.attention_backend in ("auto", "cpu"), linear=config.pack_weights)
         self.executor = executor_factory(config, self.model_path, self.max_model_len)

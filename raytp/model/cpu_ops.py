@@ -67,10 +67,14 @@ def load_extension(source: str):
     return load(name, [source], extra_cflags=_FLAGS, build_directory=build_dir, verbose=False)
 
 
+INT8_NEEDS = "raytp's int8 linear op needs a CPU with AVX512-VNNI and AVX512-BF16 and a C++ toolchain to build it"
+
+
 @functools.lru_cache(maxsize=None)
 def linear_op(dtype: str = "float32"):
-    """The linear op for "float32" or "bfloat16", or None where it cannot serve (no toolchain to build it, no
-    AVX-512, or for bfloat16 no AVX512-BF16 on this CPU): then linear layers keep oneDNN (layers.PackableLinear)."""
+    """The linear op for "float32", "bfloat16" or "int8" weights, or None where it cannot serve (no toolchain to
+    build it, no AVX-512, for bfloat16 no AVX512-BF16, for int8 no AVX512-VNNI on this CPU): then linear layers
+    keep oneDNN (layers.PackableLinear), and int8 is refused (check_quantization)."""
     try:
         op = load_extension(LINEAR_SOURCE)
     except Exception as err:  # noqa: BLE001 - any build failure means: use oneDNN
@@ -87,6 +91,16 @@ def norm_op():
     except Exception as err:  # noqa: BLE001 - any build failure means: use torch
         log.warning("could not build raytp's CPU RMSNorm op (%s); RMSNorm uses torch's ops", err)
         return None
+
+
+def check_quantization(quantization: str, device: str) -> None:
+    """Raise ValueError where `quantization` cannot run on `device` here (call before any rank starts)."""
+    if quantization == "none":
+        return
+    if device != "cpu":
+        raise ValueError(f"quantization={quantization!r} runs on CPU only (device is {device!r})")
+    if linear_op("int8") is None:
+        raise ValueError(f"quantization={quantization!r}: {INT8_NEEDS}; this one cannot (use quantization none)")
 
 
 def prebuild(attention: bool, linear: bool) -> None:

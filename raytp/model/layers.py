@@ -92,10 +92,20 @@ class PackableLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.packed: torch.Tensor | None = None
-        self.kernel = "torch"  # which packing `packed` holds: "raytp", "onednn", or none ("torch")
+        self.scales: torch.Tensor | None = None  # int8: the weight's column scales
+        self.kernel = "torch"  # which packing `packed` holds: "raytp", "int8", "onednn", or none ("torch")
 
-    def pack(self) -> None:
+    def pack(self, quantization: str = "none") -> None:
+        """Pack the loaded weight for the fastest kernel here; quantization "int8": quantized per output column for
+        raytp's int8 op (CPUs with AVX512-VNNI; a layer whose input width is not a multiple of 32 keeps its dtype)."""
         if self.weight.device.type != "cpu":
+            return
+        if quantization == "int8" and self.weight.shape[1] % 32 == 0:
+            op = cpu_ops.linear_op("int8")
+            if op is None:
+                raise RuntimeError(f"quantization int8: {cpu_ops.INT8_NEEDS}")
+            self.packed, self.scales = op.pack_int8(self.weight.detach())
+            self.kernel = "int8"
             return
         op = self._op()
         if op is not None:
@@ -112,10 +122,14 @@ class PackableLinear(nn.Module):
             return None
         return cpu_ops.linear_op(_OP_DTYPES.get(self.weight.dtype, ""))
 
-    def adopt(self, packed: torch.Tensor) -> None:
-        """Compute with a weight packed for raytp's op in another process (a lost rank's shard); where this
-        process has no kernel for it, pack again for whatever it has."""
-        if self._op() is None:
+    def adopt(self, packed: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        """Compute with a weight packed for raytp's op in another process (a lost rank's shard; `scales` with an
+        int8 one); where this process has no kernel for it, pack again for whatever it has."""
+        if scales is not None:
+            self.packed, self.scales, self.kernel = packed, scales, "int8"  # no int8 kernel: pack() raises
+            if cpu_ops.linear_op("int8") is None:
+                self.pack("int8")
+        elif self._op() is None:
             self.pack()
         else:
             self.packed, self.kernel = packed, "raytp"
@@ -124,6 +138,9 @@ class PackableLinear(nn.Module):
         # x: (T, in) -> (T, out)
         if self.kernel == "raytp":
             y = cpu_ops.linear_op(_OP_DTYPES[x.dtype]).linear(x, self.packed, self.weight.shape[0])
+            return y if bias is None else y + bias
+        if self.kernel == "int8":
+            y = cpu_ops.linear_op("int8").linear_int8(x, self.packed, self.scales, self.weight.shape[0])
             return y if bias is None else y + bias
         if self.kernel == "torch":
             return F.linear(x, self.weight, bias)

@@ -18,10 +18,22 @@
 // x[2k] w[2k] + x[2k+1] w[2k+1] to 16 float32 accumulators. Half the bytes of float32 per weight, and twice the
 // products per instruction; the sums stay float32 and are rounded to bfloat16 once, at the end (as oneDNN does).
 // vdpbf16ps treats denormal inputs as zero.
+//
+// int8 (`quantization: int8`, where the CPU has AVX512-VNNI): the weight is quantized once per output column,
+// w[n, k] ~ sw[n] * q[n, k] with q in [-127, 127], stored as q + 128 (unsigned) and packed (ceil(N / 16), K / 4,
+// 16, 4): per quad of k, each column's four weights side by side. x is quantized as it comes, per row and per
+// group of 32 k (as llama.cpp's Q8_0): x[m, k] ~ sx[m, g] * p[m, k], p in [-127, 127]. One vpdpbusd adds four
+// products (q + 128) p to 16 int32 sums, 64 multiply-adds against vdpbf16ps's 32, and needs no conversion of the
+// weight, a quarter of float32's bytes: a decode step's linears stay bound by the memory. Per group, the int32 sums
+// lose the 128 * sum(p) the offset added and are scaled by sx into float32 sums; at the end by sw, then rounded to
+// x's dtype once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstring>
+#include <tuple>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -94,31 +106,140 @@ inline __mmask16 columns_mask(int64_t n0, int64_t N) {
   return static_cast<__mmask16>((1u << n) - 1);
 }
 
-// out (M, N) = x (M, K) times the packed weight, one pair of column blocks per work item, tile by tile of rows;
-// tiles: the dtype's tile functions by row count, whose k runs over `k_steps` (K, or K / 2 pairs).
-template <typename T, typename TileTable>
-void run_tiles(const T* xp, const T* wp, T* op, int64_t M, int64_t N, int64_t K, int64_t k_steps, int64_t blocks,
-               const TileTable& tiles) {
+// Calls pair_fn(b0, b1, n0, mask0, mask1) for every pair of packed column blocks (columns n0 .. n0 + 31: blocks b0
+// and b1; an odd last block is its own pair, its copy masked out), the pairs split over the threads.
+template <typename PairFn>
+void for_block_pairs(int64_t N, int64_t blocks, const PairFn& pair_fn) {
   const int64_t pairs = (blocks + 1) / 2;
   at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1);  // an odd last block computes itself twice
+      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1);
       const int64_t n0 = b0 * kBlock;
-      const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? 0 : columns_mask(n0 + kBlock, N);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
-        const int64_t rows = std::min(kMaxTile, M - m0);
-        tiles[rows](xp + m0 * K, K, k_steps, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N, mask0,
-                    mask1);
+      pair_fn(b0, b1, n0, columns_mask(n0, N), b1 == b0 ? __mmask16(0) : columns_mask(n0 + kBlock, N));
+    }
+  });
+}
+
+// out (M, N) = x (M, K) times the packed weight, tile by tile of rows; tiles: the dtype's tile functions by row
+// count, whose k runs over `k_steps` (K, or K / 2 pairs).
+template <typename T, typename TileTable>
+void run_tiles(const T* xp, const T* wp, T* op, int64_t M, int64_t N, int64_t K, int64_t k_steps, int64_t blocks,
+               const TileTable& tiles) {
+  for_block_pairs(N, blocks, [&](int64_t b0, int64_t b1, int64_t n0, __mmask16 mask0, __mmask16 mask1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
+      const int64_t rows = std::min(kMaxTile, M - m0);
+      tiles[rows](xp + m0 * K, K, k_steps, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N, mask0,
+                  mask1);
+    }
+  });
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+constexpr int64_t kGroup = 32;      // k per activation scale
+constexpr int64_t kMaxTileInt8 = 4;  // rows per int8 tile: 4 x 2 float32 and 4 x 2 int32 sums in registers
+
+// x's rows quantized per group of 32 k: p (M, K) int8, sx (M, K / 32) float32, offset (M, K / 32) int32 =
+// 128 * sum of the group's p (what the weights' +128 adds to a group's sums).
+struct QuantizedRows {
+  std::vector<int8_t> p;
+  std::vector<float> sx;
+  std::vector<int32_t> offset;
+};
+
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
+  const int64_t groups = K / kGroup;
+  QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<int32_t>(M * groups)};
+  for (int64_t i = 0; i < M * groups; ++i) {
+    const T* xg = x + i * kGroup;  // rows are contiguous: group i of the whole (M, K) is row i / groups's
+    float values[kGroup], absmax = 0.f;
+    for (int64_t k = 0; k < kGroup; ++k) {
+      values[k] = static_cast<float>(xg[k]);
+      absmax = std::max(absmax, std::abs(values[k]));
+    }
+    const float scale = absmax / 127.f, inverse = absmax > 0.f ? 127.f / absmax : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < kGroup; ++k) {
+      const int32_t p = static_cast<int32_t>(std::nearbyint(values[k] * inverse));
+      r.p[i * kGroup + k] = static_cast<int8_t>(p);
+      sum += p;
+    }
+    r.sx[i] = scale;
+    r.offset[i] = 128 * sum;
+  }
+  return r;
+}
+
+inline void store_row(float* out, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(out, mask, v); }
+inline void store_row(at::BFloat16* out, __mmask16 mask, __m512 v) {
+  _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// out[m, n0 .. n0+31] for the tile's MT rows: w0, w1 the two packed blocks (K / 4, 64) of q + 128, sw0, sw1 their
+// column scales; x quantized (p rows of K, sx and offset rows of K / 32).
+template <int MT, typename T>
+void tile_int8(const int8_t* p, const float* sx, const int32_t* offset, int64_t K, const uint8_t* w0,
+               const uint8_t* w1, const float* sw0, const float* sw1, T* out, int64_t ldo, __mmask16 mask0,
+               __mmask16 mask1) {
+  const int64_t groups = K / kGroup;
+  __m512 acc0[MT], acc1[MT];
+  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i sum0[MT], sum1[MT];
+    for (int m = 0; m < MT; ++m) sum0[m] = sum1[m] = _mm512_setzero_si512();
+    for (int64_t quad = g * kGroup / 4; quad < (g + 1) * kGroup / 4; ++quad) {
+      const __m512i a = _mm512_loadu_si512(w0 + 64 * quad), b = _mm512_loadu_si512(w1 + 64 * quad);
+      for (int m = 0; m < MT; ++m) {
+        int32_t four;  // p[m, 4 quad .. 4 quad + 3] as one 32-bit lane
+        std::memcpy(&four, p + m * K + 4 * quad, sizeof(four));
+        const __m512i xm = _mm512_set1_epi32(four);
+        sum0[m] = _mm512_dpbusd_epi32(sum0[m], a, xm);
+        sum1[m] = _mm512_dpbusd_epi32(sum1[m], b, xm);
       }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const __m512i off = _mm512_set1_epi32(offset[m * groups + g]);
+      const __m512 scale = _mm512_set1_ps(sx[m * groups + g]);
+      acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum0[m], off)), scale, acc0[m]);
+      acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum1[m], off)), scale, acc1[m]);
+    }
+  }
+  const __m512 s0 = _mm512_loadu_ps(sw0), s1 = _mm512_loadu_ps(sw1);
+  for (int m = 0; m < MT; ++m) {
+    store_row(out + m * ldo, mask0, _mm512_mul_ps(acc0[m], s0));
+    store_row(out + m * ldo + kBlock, mask1, _mm512_mul_ps(acc1[m], s1));
+  }
+}
+
+template <typename T>
+using TileInt8Fn = void (*)(const int8_t*, const float*, const int32_t*, int64_t, const uint8_t*, const uint8_t*,
+                            const float*, const float*, T*, int64_t, __mmask16, __mmask16);
+template <typename T>
+constexpr TileInt8Fn<T> kTilesInt8[kMaxTileInt8 + 1] = {nullptr, tile_int8<1, T>, tile_int8<2, T>, tile_int8<3, T>,
+                                                       tile_int8<4, T>};
+
+template <typename T>
+void run_int8(const T* x, const uint8_t* q, const float* sw, T* out, int64_t M, int64_t N, int64_t K,
+              int64_t blocks) {
+  const QuantizedRows r = quantize_rows(x, M, K);
+  const int64_t groups = K / kGroup, block_size = K * kBlock;
+  for_block_pairs(N, blocks, [&](int64_t b0, int64_t b1, int64_t n0, __mmask16 mask0, __mmask16 mask1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxTileInt8) {
+      kTilesInt8<T>[std::min(kMaxTileInt8, M - m0)](r.p.data() + m0 * K, r.sx.data() + m0 * groups,
+                                                     r.offset.data() + m0 * groups, K, q + b0 * block_size,
+                                                     q + b1 * block_size, sw + b0 * kBlock, sw + b1 * kBlock,
+                                                     out + m0 * N + n0, N, mask0, mask1);
     }
   });
 }
 #endif
 
+#endif
+
 }  // namespace
 
-// Whether this build has the kernel for `dtype` ("float32": AVX-512; "bfloat16": AVX512-BF16); without it callers
-// keep their other path.
+// Whether this build has the kernel for `dtype` ("float32": AVX-512; "bfloat16": AVX512-BF16; "int8" weights, with
+// float32 or bfloat16 x: AVX512-VNNI and AVX512-BF16); without it callers keep their other path.
 bool available(const std::string& dtype) {
   if (dtype == "float32") {
 #if defined(__AVX512F__)
@@ -126,6 +247,10 @@ bool available(const std::string& dtype) {
 #endif
   } else if (dtype == "bfloat16") {
 #if defined(__AVX512BF16__)
+    return true;
+#endif
+  } else if (dtype == "int8") {
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
     return true;
 #endif
   }
@@ -145,6 +270,23 @@ torch::Tensor pack(torch::Tensor w) {
   if (is_float) return padded.view({blocks, kBlock, K}).transpose(1, 2).contiguous();
   // (blocks, 16 columns, K / 2, 2) -> (blocks, K / 2, 16 columns, 2)
   return padded.view({blocks, kBlock, K / 2, 2}).permute({0, 2, 1, 3}).contiguous().view({blocks, K / 2, 2 * kBlock});
+}
+
+// w: (N, K) float32 or bfloat16, K a multiple of 32 -> (q, sw): q (ceil(N / 16), K / 4, 64) uint8, the weight
+// quantized per output column and offset by 128 (layout above); sw (ceil(N / 16) * 16,) float32, max |w[n]| / 127
+// (0 for the padding columns and all-zero ones).
+std::tuple<torch::Tensor, torch::Tensor> pack_int8(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "w must be a 2-d float32 or bfloat16 tensor");
+  const int64_t N = w.size(0), K = w.size(1), blocks = (N + kBlock - 1) / kBlock;
+  TORCH_CHECK(K % 32 == 0, "an int8 weight needs a multiple of 32 input features (x is quantized per 32)");
+  auto wf = torch::zeros({blocks * kBlock, K}, w.options().dtype(at::kFloat));
+  wf.narrow(0, 0, N).copy_(w);
+  auto sw = wf.abs().amax(1) / 127.0;  // (blocks * 16,)
+  auto inverse = torch::where(sw > 0, 1.0 / sw, torch::zeros_like(sw));
+  auto q = (wf * inverse.unsqueeze(1)).round_().clamp_(-127, 127).add_(128).to(at::kByte);
+  q = q.view({blocks, kBlock, K / 4, 4}).permute({0, 2, 1, 3}).contiguous().view({blocks, K / 4, 4 * kBlock});
+  return {q, sw.contiguous()};
 }
 
 namespace {
@@ -184,6 +326,33 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N) {
 
 }  // namespace
 
+// x: (M, K) float32 or bfloat16, (q, sw): pack_int8(W) with W (N, K) -> x W^T (M, N) in x's dtype, x quantized per
+// row and group of 32 k.
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor sw, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a 2-d float32 or bfloat16 tensor");
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == 4 * kBlock && 4 * q.size(1) == x.size(1) &&
+                  q.size(0) == (N + kBlock - 1) / kBlock && q.is_contiguous() && q.scalar_type() == at::kByte &&
+                  sw.dim() == 1 && sw.size(0) == q.size(0) * kBlock && sw.is_contiguous() &&
+                  sw.scalar_type() == at::kFloat && x.size(1) % 32 == 0,
+              "q and sw do not match x and N");
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), blocks = q.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    run_int8(x.data_ptr<float>(), q.data_ptr<uint8_t>(), sw.data_ptr<float>(), out.data_ptr<float>(), M, N, K,
+             blocks);
+  } else {
+    run_int8(x.data_ptr<at::BFloat16>(), q.data_ptr<uint8_t>(), sw.data_ptr<float>(), out.data_ptr<at::BFloat16>(), M,
+             N, K, blocks);
+  }
+  return out;
+#else
+  TORCH_CHECK(false, "built without AVX512-VNNI: use available(\"int8\") first");
+#endif
+}
+
 // x: (M, K) float32 or bfloat16, packed: pack(W) with W (N, K) of x's dtype -> x W^T (M, N) in x's dtype.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
   TORCH_CHECK(x.dim() == 2, "x must be a 2-d tensor");
@@ -195,6 +364,9 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether the kernel for this dtype was built");
   m.def("pack", &pack, "pack a (N, K) float32 or bfloat16 weight for linear");
+  m.def("pack_int8", &pack_int8, "quantize a (N, K) weight to int8 per output column and pack it for linear_int8");
+  m.def("linear_int8", &linear_int8, "x W^T with W from pack_int8, x quantized per row and 32 k",
+        py::call_guard<py::gil_scoped_release>());
   m.def("linear", &linear, "x W^T with a packed weight (float32 or bfloat16)",
         py::call_guard<py::gil_scoped_release>());
 }

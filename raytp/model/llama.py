@@ -215,11 +215,12 @@ class LlamaModel(nn.Module):
         self.lm_head = ParallelLMHead(self.embed_tokens, args.tie_word_embeddings, args.hidden_size, dtype)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope)
 
-    def pack_weights(self) -> None:
-        """Repack every linear weight for the fastest kernel on this device (after loading; see PackableLinear)."""
+    def pack_weights(self, quantization: str = "none") -> None:
+        """Repack every linear weight for the fastest kernel on this device, quantized where asked (after loading;
+        see PackableLinear)."""
         for module in self.modules():
             if isinstance(module, PackableLinear):
-                module.pack()
+                module.pack(quantization)
 
     def kv_cache_shape(self, num_slots: int) -> tuple[int, ...]:
         """One tensor for all layers: (layers, 2, slots, kv_heads on this rank, head_dim)."""

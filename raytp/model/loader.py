@@ -95,11 +95,13 @@ def _tensor_slices(path: str, gguf_file: str | None, stack: ExitStack):
 
 
 def load_model(path: str, comm: Communicator, dtype: str = "float32", device: str = "cpu", progress: bool = True,
-               attention: AttentionBackend | None = None, pack_weights: bool = True) -> LlamaModel:
+               attention: AttentionBackend | None = None, pack_weights: bool = True,
+               quantization: str = "none") -> LlamaModel:
     """Build this rank's shard of the model at `path` and fill it from the checkpoint.
 
     `attention` is the paged-attention backend (default: the reference);
-    `pack_weights` repacks the linear weights for the device's fastest kernel.
+    `pack_weights` repacks the linear weights for the device's fastest kernel, quantized to int8 with
+    quantization "int8" (CPU).
     """
     args = read_model_args(path)
     try:
@@ -131,7 +133,7 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
                 part = sl[piece.start : piece.stop] if piece.dim == 0 else sl[:, piece.start : piece.stop]
                 param.data.narrow(piece.dim, piece.dst, piece.stop - piece.start).copy_(part.to(torch_dtype))
     if pack_weights:
-        model.pack_weights()
+        model.pack_weights(quantization)
     log.info("rank %d/%d loaded %s (%.1f MiB of weights, %s on %s)", comm.rank, comm.world_size, path,
              weight_bytes(model) / 2**20, dtype, device)
     return model

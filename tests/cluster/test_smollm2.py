@@ -22,6 +22,9 @@ NEAR_TIE = 1e-4  # where raytp and transformers pick different tokens, their top
 # In bfloat16 against transformers in float32 (this GGUF's logits round to ~0.1 there): measured, raytp's first
 # different token came where float32's top two were 0.07-0.11 apart, transformers' own bfloat16 run's up to 0.56.
 NEAR_TIE_BF16 = 0.3
+# quantization int8 (weights per column, activations per 32 values) against transformers in float32: measured, the
+# first different token came where float32's top two were 0.09-0.44 apart (bf16 and fp32 activations alike).
+NEAR_TIE_INT8 = 0.5
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -73,15 +76,29 @@ def _assert_greedy_equal(tp: int, outputs: list[list[int]], reference: dict, nea
         print(f"TP={tp} {q!r}: differs at token {i}, a near-tie (gap {gaps[i]:.2e})")
 
 
-def test_greedy_tokens_equal_transformers_at_tp1(reference):
+def _greedy_at_tp1(prompts: list[list[int]], **settings) -> list:
     # In this process (no Ray actor to start): TP=1 is one rank either way.
-    llm = LLM("smollm2", executor_factory=LocalExecutor, device="cpu", dtype="float32", tensor_parallel_size=1,
-              max_model_len=512)
+    llm = LLM("smollm2", executor_factory=LocalExecutor, device="cpu", tensor_parallel_size=1, max_model_len=512,
+              **settings)
     try:
-        outs = llm.generate(reference["prompts"], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+        return llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     finally:
         llm.shutdown()
+
+
+def test_greedy_tokens_equal_transformers_at_tp1(reference):
+    outs = _greedy_at_tp1(reference["prompts"], dtype="float32")
     _assert_greedy_equal(1, [o.outputs[0].token_ids for o in outs], reference)
+
+
+def test_int8_greedy_tokens_equal_transformers_but_at_near_ties(reference):
+    from raytp.model import cpu_ops
+
+    if cpu_ops.linear_op("int8") is None:
+        pytest.skip("quantization int8 needs AVX512-VNNI and AVX512-BF16")
+    outs = _greedy_at_tp1(reference["prompts"], quantization="int8")  # dtype auto: bfloat16 here
+    _assert_greedy_equal(1, [o.outputs[0].token_ids for o in outs], reference, NEAR_TIE_INT8)
+    assert "Paris" in outs[0].outputs[0].text
 
 
 # ---- over the OpenAI API -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""raytp's CPU linear op (linear_cpu.cpp), float32 and bfloat16, against torch's matmul in float64."""
+"""raytp's CPU linear op (linear_cpu.cpp), float32, bfloat16 and int8, against torch's matmul in float64."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +11,9 @@ from raytp.model.layers import ColumnParallelLinear
 op = cpu_ops.linear_op()
 op_bf16 = cpu_ops.linear_op("bfloat16")
 pytestmark = pytest.mark.skipif(op is None, reason="raytp's linear op needs AVX-512 and a C++ toolchain")
+op_int8 = cpu_ops.linear_op("int8")
 needs_bf16 = pytest.mark.skipif(op_bf16 is None, reason="the bfloat16 kernel needs AVX512-BF16")
+needs_int8 = pytest.mark.skipif(op_int8 is None, reason="the int8 kernel needs AVX512-VNNI and AVX512-BF16")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 100])
@@ -103,3 +105,94 @@ def test_a_bf16_layer_packs_for_it_and_matches_onednn():
     layer.pack()
     assert layer.kernel == "raytp" and layer.packed.dtype == torch.bfloat16
     torch.testing.assert_close(layer(x), expected, rtol=2**-7, atol=1e-2)
+
+
+# ---- int8: weights per output column, x per row and 32 k --------------------------------------------------------
+
+
+def _integer_operands(rows: int, out_features: int, in_features: int, gen: torch.Generator):
+    """x and w whose int8 quantization is exact: integers in [-127, 127], every weight row and every 32 values of
+    an x row reaching 127 (so each scale is exactly 1)."""
+    x = torch.randint(-127, 128, (rows, in_features), generator=gen).float()
+    w = torch.randint(-127, 128, (out_features, in_features), generator=gen).float()
+    x.view(rows, -1, 32)[..., 0] = 127
+    w[:, 0] = -127
+    return x, w
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("out_features,in_features", [(16, 32), (17, 64), (40, 96), (512, 1536), (1000, 576)])
+def test_int8_linear_is_exact_where_the_quantization_is(rows, out_features, in_features):
+    """Integer operands within the int8 range are their own quantization: the int32 sums are the exact product,
+    so the float32 result is exact (all values below 2^24). N not a multiple of 16 exercises the column masks, row
+    counts past 4 the row tiles."""
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x, w = _integer_operands(rows, out_features, in_features, gen)
+    q, scales = op_int8.pack_int8(w)
+    assert q.dtype == torch.uint8 and scales.dtype == torch.float32
+    assert torch.equal(scales[:out_features], torch.ones(out_features))
+    out = op_int8.linear_int8(x, q, scales, out_features)
+    assert out.shape == (rows, out_features)
+    assert torch.equal(out.double(), x.double() @ w.double().T)
+
+
+@needs_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_int8_linear_error_is_within_the_quantization_bound(dtype, rows):
+    """Real-valued operands: each weight is off by at most half its column's step (max |w[n]| / 254) and each x
+    value by half its group's (max |x[m, g]| / 254); the product may be off by the sum of those terms, plus one
+    rounding to the output dtype."""
+    gen = torch.Generator().manual_seed(rows)
+    N, K = 300, 576
+    x = torch.randn(rows, K, generator=gen).to(dtype)
+    w = torch.randn(N, K, generator=gen).to(dtype)
+    q, scales = op_int8.pack_int8(w)
+    out = op_int8.linear_int8(x, q, scales, N)
+    assert out.dtype == dtype
+    xd, wd = x.double(), w.double()
+    dw = wd.abs().amax(1) / 254  # (N,)
+    dx = (xd.view(rows, -1, 32).abs().amax(-1, keepdim=True) / 254).expand(rows, K // 32, 32).reshape(rows, K)
+    bound = xd.abs() @ dw.expand(K, N) + dx @ wd.abs().T + dx @ dw.expand(K, N)  # (rows, N)
+    exact = xd @ wd.T
+    rounding = exact.abs() * (2**-8 if dtype == torch.bfloat16 else 1e-6) + 1e-4
+    assert ((out.double() - exact).abs() <= bound + rounding).all()
+    assert (out.double() - exact).abs().mean() < 0.25 * bound.mean()  # and well inside it on average
+
+
+@needs_int8
+def test_int8_refuses_mismatched_operands():
+    q, scales = op_int8.pack_int8(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="do not match"):
+        op_int8.linear_int8(torch.randn(2, 96), q, scales, 32)
+    with pytest.raises(RuntimeError, match="do not match"):
+        op_int8.linear_int8(torch.randn(2, 64), q, scales, 48)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        op_int8.pack_int8(torch.randn(32, 48))
+
+
+@needs_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int8_layer_quantizes_where_it_can(dtype):
+    layer = ColumnParallelLinear(64, 40, bias=True, dtype=dtype)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(3, 64).to(dtype)
+    expected = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    layer.pack("int8")
+    assert layer.kernel == "int8"
+    torch.testing.assert_close(layer(x).double(), expected, rtol=0.05, atol=0.15)
+    narrow = ColumnParallelLinear(48, 16, bias=False, dtype=dtype)  # 48 is no multiple of 32: keeps its dtype
+    narrow.pack("int8")
+    assert narrow.kernel in ("raytp", "onednn")
+
+
+@pytest.mark.parametrize("settings,named", [(dict(device="cuda"), "device"), (dict(pack_weights=False), "pack_weights")])
+def test_int8_quantization_is_refused_where_the_op_cannot_run(settings, named):
+    from raytp.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match=f"quantization='int8'.*{named}"):
+        EngineConfig.parse(dict(model="tiny", quantization="int8", **settings))
+    with pytest.raises(ValueError, match="CPU only"):
+        cpu_ops.check_quantization("int8", "cuda")

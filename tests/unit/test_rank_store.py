@@ -1,11 +1,21 @@
-"""The CPU ranks' shared-memory stores: folders left by a group whose processes all exited are swept."""
+"""The CPU ranks' shared-memory stores: folders left by a group whose processes all exited are swept; a quantized
+shard round-trips."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
-from raytp.cluster.rank_store import STORE_PREFIX, mark_user, sweep_stale_stores
+import pytest
+import torch
+
+from raytp.cluster.comm import SingleRank
+from raytp.cluster.rank_store import STORE_PREFIX, load_shard, mark_user, save_shard, sweep_stale_stores
+from raytp.model import cpu_ops
+from raytp.model.layers import PackableLinear
+from raytp.model.llama import LlamaModel
+from raytp.model.loader import load_model, read_model_args
+from tests.helpers import write_llama
 
 
 def _exited_pid() -> int:
@@ -32,3 +42,21 @@ def test_sweep_removes_only_folders_whose_every_user_exited(tmp_path):
     assert removed == [str(dead)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (alive, mixed, creating, other))
     assert sweep_stale_stores(str(tmp_path / "missing")) == []
+
+
+def test_an_int8_shard_round_trips_through_the_store(tmp_path):
+    """A spare maps a quantized rank's shard: its linears compute with the int8 weights and scales the rank packed
+    (not quantized again from the stored weights), so its logits are the rank's own."""
+    if cpu_ops.linear_op("int8") is None:
+        pytest.skip("the int8 kernel needs AVX512-VNNI and AVX512-BF16")
+    path = write_llama(tmp_path, hidden_size=64, intermediate_size=128)
+    rank = load_model(path, SingleRank(), progress=False, quantization="int8")
+    kernels = {m.kernel for m in rank.modules() if isinstance(m, PackableLinear)}
+    assert kernels == {"int8"}
+    save_shard(rank, str(tmp_path / "store" / "rank0.shard.safetensors"))
+
+    spare = LlamaModel(read_model_args(path), SingleRank(), torch.float32)
+    load_shard(spare, str(tmp_path / "store" / "rank0.shard.safetensors"))
+    assert {m.kernel for m in spare.modules() if isinstance(m, PackableLinear)} == {"int8"}
+    hidden = torch.randn(3, 64)
+    assert torch.equal(spare.compute_logits(hidden), rank.compute_logits(hidden))
