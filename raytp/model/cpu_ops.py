@@ -1,9 +1,10 @@
 """raytp's compiled CPU ops: built once per machine with torch's C++ extension loader, cached on disk.
 
 Three small C++ sources, each a module of its own: paged attention over the
-block KV cache (attention/paged_attention_cpu.cpp), float32 and bfloat16
-linear layers that stream their packed weight (linear_cpu.cpp), and RMSNorm
-in one pass a row (norm_cpu.cpp). Each is compiled for this
+block KV cache (attention/paged_attention_cpu.cpp), float32, bfloat16 and
+int8 linear layers that stream their packed weight (linear_cpu.cpp), and a
+layer's per-token ops in one pass each (rowwise_cpu.cpp: RMSNorm, residual
+add + RMSNorm, rotary with the KV cache write, SiLU * up). Each is compiled for this
 CPU (-march=native) by g++ and ninja the first time a process here asks for
 it (about a minute), into a directory keyed by the source, the flags and the
 CPU's instruction set, so a restarted rank loads the built .so in
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 _HERE = os.path.dirname(__file__)
 ATTENTION_SOURCE = os.path.join(_HERE, "attention", "paged_attention_cpu.cpp")
 LINEAR_SOURCE = os.path.join(_HERE, "linear_cpu.cpp")
-NORM_SOURCE = os.path.join(_HERE, "norm_cpu.cpp")
+ROWWISE_SOURCE = os.path.join(_HERE, "rowwise_cpu.cpp")
 
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
 
@@ -84,12 +85,13 @@ def linear_op(dtype: str = "float32"):
 
 
 @functools.lru_cache(maxsize=1)
-def norm_op():
-    """The RMSNorm op, or None where it cannot be built (then RMSNorm uses torch's ops)."""
+def rowwise_op():
+    """The per-token ops (RMSNorm, add + RMSNorm, rotary with the KV cache write, SiLU * up), or None where they
+    cannot be built (then the layers use torch's ops)."""
     try:
-        return load_extension(NORM_SOURCE)
+        return load_extension(ROWWISE_SOURCE)
     except Exception as err:  # noqa: BLE001 - any build failure means: use torch
-        log.warning("could not build raytp's CPU RMSNorm op (%s); RMSNorm uses torch's ops", err)
+        log.warning("could not build raytp's CPU per-token ops (%s); the layers use torch's ops", err)
         return None
 
 
@@ -104,7 +106,7 @@ def check_quantization(quantization: str, device: str) -> None:
 
 
 def prebuild(attention: bool, linear: bool) -> None:
-    """Build the ops the CPU ranks will load (the attention op, the linear op, the RMSNorm op) in this process
+    """Build the ops the CPU ranks will load (the attention op, the linear op, the per-token ops) in this process
     before they start, so that their one-time compile is not spent inside the ranks' start-up timeout; the ranks
     then load them from the disk cache."""
     if attention:
@@ -114,4 +116,4 @@ def prebuild(attention: bool, linear: bool) -> None:
             log.warning("could not build the CPU paged-attention op here: %s", err)
     if linear:
         linear_op()
-    norm_op()
+    rowwise_op()

@@ -17,8 +17,8 @@ from raytp.model import cpu_ops
 
 # oneDNN's packed-weight GEMM wants a typical row count to choose its blocking; any count works.
 _PACK_BATCH_HINT = 32
-# The dtypes raytp's own CPU ops have kernels for (RMSNorm: both; the linear op: where this CPU has them), by the
-# name cpu_ops.linear_op takes.
+# The dtypes raytp's own CPU ops have kernels for (the per-token ops: both; the linear op: where this CPU has them),
+# by the name cpu_ops.linear_op takes.
 _OP_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
@@ -256,8 +256,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (T, hidden) -> (T, hidden)
-        if x.device.type == "cpu" and x.dtype in _OP_DTYPES and (op := cpu_ops.norm_op()) is not None:
-            return op.rms_norm(x, self.weight, self.eps)  # one pass a row (norm_cpu.cpp), the roundings below
+        if (op := rowwise_op(x)) is not None:
+            return op.rms_norm(x, self.weight, self.eps)  # one pass a row (rowwise_cpu.cpp), the roundings below
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalize in float32 (as the reference does), scale in the model dtype.
@@ -265,6 +265,26 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and this norm: (x + h, norm(x + h)); x: (T, hidden) is updated in place on CPU."""
+        if (op := rowwise_op(x)) is not None and x.is_contiguous() and h.is_contiguous():
+            return x, op.add_rms_norm_(x, h, self.weight, self.eps)
+        x = x + h
+        return x, self(x)
+
+
+def rowwise_op(x: torch.Tensor):
+    """raytp's per-token CPU ops (rowwise_cpu.cpp) where they serve x: a CPU tensor of a dtype they have, and built."""
+    return cpu_ops.rowwise_op() if x.device.type == "cpu" and x.dtype in _OP_DTYPES else None
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: (T, 2 I), gate then up -> silu(gate) * up (T, I)."""
+    if (op := rowwise_op(gate_up)) is not None and gate_up.is_contiguous():
+        return op.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:

@@ -22,7 +22,7 @@ from raytp.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
-    apply_rotary,
+    silu_mul,
 )
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -163,14 +163,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache, meta: AttentionMetadata):
         # x: (T, hidden)
-        T = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) D) on this rank's heads
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
-        qk = apply_rotary(qk.view(T, -1, self.head_dim), cos, sin)  # (T, H + Hkv, D): q and k rotated together
-        q, k = qk.split([self.heads, self.kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
-        v = v.view(T, -1, self.head_dim)  # (T, Hkv, D)
-        out = self.backend.forward(q, k, v, cache, meta, self.scale)  # (T, H * D)
+        q = self.backend.rotate_and_cache(qkv, cos, sin, self.heads, cache, meta)  # (T, H, D); K/V into the cache
+        out = self.backend.attend(q, cache, meta, self.scale).reshape(q.shape[0], -1)  # (T, H * D)
         return self.o_proj(out)  # all-reduce inside: (T, hidden)
 
 
@@ -181,8 +176,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(layout.intermediate, args.hidden_size, args.mlp_bias, dtype, comm)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I / p) each
-        return self.down_proj(F.silu(gate) * up)  # all-reduce inside: (T, hidden)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # (T, 2 I / p) -> (T, I / p) -> all-reduce: (T, hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -195,8 +189,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args, layout, comm, dtype)
 
     def forward(self, x, cos, sin, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), cos, sin,
+                                                                                  cache, meta))
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

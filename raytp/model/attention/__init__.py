@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raytp.model.layers import apply_rotary
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("reference", "cpu", "cuda")
@@ -90,15 +92,30 @@ def build_metadata(
 
 
 class AttentionBackend:
-    """Writes a layer's new K/V into the cache, then attends over each sequence's whole context."""
+    """Rotates a layer's new q and k and writes its new K/V into the cache (rotate_and_cache), then attends over
+    each sequence's whole context (attend)."""
 
     name = "base"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: (T, H, D), k/v: (T, Hkv, D), cache: (2, slots, Hkv, D) -> (T, H * D)."""
+    def rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                         cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv: (T, (H + 2 Hkv) D), cos/sin: (T, 1, D), cache: (2, slots, Hkv, D) -> rotated q (T, H, D)."""
+        T, (_, kv_heads, D) = qkv.shape[0], cache.shape[1:]
+        qk, v = qkv.split([(heads + kv_heads) * D, kv_heads * D], dim=-1)
+        qk = apply_rotary(qk.view(T, -1, D), cos, sin)  # (T, H + Hkv, D): q and k rotated together
+        q, k = qk.split([heads, kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
+        self.write_cache(k, v.view(T, kv_heads, D), cache, meta)
+        return q
+
+    def write_cache(self, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """k/v: (T, Hkv, D) into cache (2, slots, Hkv, D) at the step's slots."""
         cache[0].index_copy_(0, meta.slot_mapping, k)
         cache[1].index_copy_(0, meta.slot_mapping, v)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Already rotated q: (T, H, D), k/v: (T, Hkv, D), cache: (2, slots, Hkv, D) -> (T, H * D)."""
+        self.write_cache(k, v, cache, meta)
         return self.attend(q, cache, meta, scale).reshape(q.shape[0], -1)
 
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from raytp.model.attention import AttentionBackend, AttentionMetadata
 from raytp.model.cpu_ops import ATTENTION_SOURCE, load_extension
-from raytp.model.layers import onednn_linear_available, padded_rows
+from raytp.model.layers import onednn_linear_available, padded_rows, rowwise_op
 
 
 def load_op():
@@ -72,6 +72,15 @@ class CpuPagedAttention(AttentionBackend):
 
     def __init__(self):
         self.op = load_op()
+
+    def rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                         cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """As the base class, in one call of raytp's per-token op (rowwise_cpu.cpp) where it serves this dtype."""
+        op = rowwise_op(qkv)
+        if op is None or not (qkv.is_contiguous() and cache.is_contiguous()):
+            return super().rotate_and_cache(qkv, cos, sin, heads, cache, meta)
+        # cos/sin (T, 1, D) as (T, D); cache[0], cache[1]: (slots, Hkv, D)
+        return op.rotary_write_kv(qkv, cos.squeeze(1), sin.squeeze(1), heads, cache[0], cache[1], meta.slot_mapping)
 
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)

@@ -1,0 +1,211 @@
+// The small per-token ops of a decoder layer on the CPU, each in one pass, float32 or bfloat16: RMSNorm (alone, and
+// after the residual add), rotary embedding of q and k with the KV cache write, and SiLU(gate) * up.
+//
+// In torch each of these is several ops (RMSNorm: pow, mean, add, rsqrt, mul, mul; rotary: two slices, a negation,
+// a concatenation, two products and a sum, then a split and two index_copy_ into the cache), each a few
+// microseconds of dispatch for a decode step's few rows: a 30-layer model's decode step spent about as long in
+// them as in its linears' arithmetic. Here each is one call.
+//
+// The roundings follow Hugging Face's Llama modules, the reference raytp is tested against, op by op: in bfloat16
+// every torch op rounds its result to bfloat16, so each intermediate below that was a tensor there is rounded
+// here (round_trip); sums of squares are float32, as there.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+// float <-> the dtype, in plain integer arithmetic so that the loops below vectorise (c10::BFloat16's own
+// conversions do not): bfloat16 is a float's high half, rounded to nearest even (the values here are finite).
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16); }
+inline float round_to(float v, float) { return v; }
+inline at::BFloat16 round_to(float v, at::BFloat16) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, v);
+  return at::BFloat16(static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16), at::BFloat16::from_bits());
+}
+inline float round_trip(float v, float) { return v; }
+inline float round_trip(float v, at::BFloat16) {  // v rounded to bfloat16, as a float
+  const uint32_t bits = __builtin_bit_cast(uint32_t, v);
+  return __builtin_bit_cast(float, (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u);
+}
+
+template <typename scalar_t>
+void rms_norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t rows, int64_t H, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * H;
+      scalar_t* o = out + r * H;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < H; ++i) {
+        const float v = to_float(xr[i]);
+        sum += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(H) + eps);
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) {
+        const float normed = round_trip(to_float(xr[i]) * inv, scalar_t());  // rounded to the dtype
+        o[i] = round_to(to_float(w[i]) * normed, scalar_t());
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void add_rms_norm_rows(scalar_t* x, const scalar_t* h, const scalar_t* w, scalar_t* out, int64_t rows, int64_t H,
+                       float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* xr = x + r * H;
+      const scalar_t* hr = h + r * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) xr[i] = round_to(to_float(xr[i]) + to_float(hr[i]), scalar_t());
+    }
+  });
+  rms_norm_rows(x, w, out, rows, H, eps);
+}
+
+// Rotary embedding (Hugging Face's rotate-half convention) of each row's q and k heads, k and v stored in the cache.
+template <typename scalar_t>
+void rotary_rows(const scalar_t* qkv, const scalar_t* cos, const scalar_t* sin, const int64_t* slots, scalar_t* q,
+                 scalar_t* k_cache, scalar_t* v_cache, int64_t T, int64_t H, int64_t Hkv, int64_t D) {
+  const int64_t half = D / 2, width = (H + 2 * Hkv) * D;
+  at::parallel_for(0, T, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* row = qkv + t * width;
+      const scalar_t *c = cos + t * D, *s = sin + t * D;
+      for (int64_t head = 0; head < H + Hkv; ++head) {
+        const scalar_t* x = row + head * D;
+        scalar_t* dst = head < H ? q + (t * H + head) * D : k_cache + (slots[t] * Hkv + head - H) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) {
+          const float rotated = i < half ? -to_float(x[i + half]) : to_float(x[i - half]);
+          const float a = round_trip(to_float(x[i]) * to_float(c[i]), scalar_t());
+          const float b = round_trip(rotated * to_float(s[i]), scalar_t());
+          dst[i] = round_to(a + b, scalar_t());
+        }
+      }
+      std::copy(row + (H + Hkv) * D, row + width, v_cache + slots[t] * Hkv * D);
+    }
+  });
+}
+
+template <typename scalar_t>
+void silu_mul_rows(const scalar_t* gate_up, scalar_t* out, int64_t rows, int64_t I) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t *g = gate_up + r * 2 * I, *u = g + I;
+      scalar_t* o = out + r * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        const float gi = to_float(g[i]);
+        const float silu = round_trip(gi / (1.f + std::exp(-gi)), scalar_t());
+        o[i] = round_to(silu * to_float(u[i]), scalar_t());
+      }
+    }
+  });
+}
+
+void check_dtype(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name, " must be float32 or bfloat16");
+}
+
+// Calls fn with the dtype's C++ type (float or at::BFloat16) as the type of its argument.
+template <typename Fn>
+void with_dtype(const torch::Tensor& x, const Fn& fn) {
+  if (x.scalar_type() == at::kFloat) {
+    fn(float());
+  } else {
+    fn(at::BFloat16());
+  }
+}
+
+}  // namespace
+
+// x: (..., H) float32 or bfloat16, weight: (H,) of x's dtype -> weight * x / sqrt(mean(x^2) + eps), x's shape.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_dtype(x, "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.scalar_type() == x.scalar_type() && weight.size(0) == x.size(-1),
+              "weight must be (hidden,) in x's dtype");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  auto out = torch::empty_like(x);
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
+  with_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    rms_norm_rows(x.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(), rows, H, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// x, h: (T, H) contiguous, one dtype: x += h (rounded to the dtype) in place; returns rms_norm(x, weight, eps).
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor h, torch::Tensor weight, double eps) {
+  check_dtype(x, "x");
+  TORCH_CHECK(x.is_contiguous() && h.is_contiguous() && x.sizes() == h.sizes() && h.scalar_type() == x.scalar_type(),
+              "x and h must be contiguous tensors of one shape and dtype");
+  TORCH_CHECK(weight.dim() == 1 && weight.scalar_type() == x.scalar_type() && weight.size(0) == x.size(-1) &&
+                  weight.is_contiguous(),
+              "weight must be (hidden,) in x's dtype");
+  auto out = torch::empty_like(x);
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
+  with_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    add_rms_norm_rows(x.data_ptr<T>(), h.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(), rows, H,
+                      static_cast<float>(eps));
+  });
+  return out;
+}
+
+// qkv: (T, (H + 2 Hkv) D) contiguous (q heads, k heads, v heads), cos, sin: (T, D), k_cache, v_cache: (slots, Hkv,
+// D) contiguous, slots: (T,) int64, all of one dtype but slots -> q (T, H, D) rotated; k rotated and v stored at
+// each row's slot.
+torch::Tensor rotary_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads,
+                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  check_dtype(qkv, "qkv");
+  const int64_t T = qkv.size(0), Hkv = k_cache.size(1), D = k_cache.size(2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (heads + 2 * Hkv) * D && D % 2 == 0,
+              "qkv must be (T, (heads + 2 kv_heads) head_dim), contiguous");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D &&
+                  cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
+              "cos and sin must be (T, head_dim) in qkv's dtype, contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  k_cache.dim() == 3 && k_cache.scalar_type() == qkv.scalar_type() &&
+                  v_cache.scalar_type() == qkv.scalar_type(),
+              "k_cache and v_cache must be (slots, kv_heads, head_dim) in qkv's dtype, contiguous");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "slots must be (T,) int64");
+  auto q = torch::empty({T, heads, D}, qkv.options());
+  with_dtype(qkv, [&](auto t) {
+    using S = decltype(t);
+    rotary_rows(qkv.data_ptr<S>(), cos.data_ptr<S>(), sin.data_ptr<S>(), slots.data_ptr<int64_t>(), q.data_ptr<S>(),
+                k_cache.data_ptr<S>(), v_cache.data_ptr<S>(), T, heads, Hkv, D);
+  });
+  return q;
+}
+
+// gate_up: (T, 2 I) contiguous, gate then up -> silu(gate) * up (T, I).
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check_dtype(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up must be (T, 2 intermediate), contiguous");
+  const int64_t rows = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = torch::empty({rows, I}, gate_up.options());
+  with_dtype(gate_up, [&](auto t) {
+    using T = decltype(t);
+    silu_mul_rows(gate_up.data_ptr<T>(), out.data_ptr<T>(), rows, I);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row (float32 or bfloat16)", py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm_", &add_rms_norm_, "x += h in place, then RMSNorm of each row of x",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rotary_write_kv", &rotary_write_kv, "rotary embedding of q and k; k and v written to the KV cache",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of each row", py::call_guard<py::gil_scoped_release>());
+}
