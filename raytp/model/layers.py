@@ -101,12 +101,10 @@ class PackableLinear(nn.Module):
         if self.weight.device.type != "cpu":
             return
         if quantization == "int8" and self.weight.shape[1] % 32 == 0:
-            op = cpu_ops.linear_op("int8")
-            if op is None:
-                raise RuntimeError(f"quantization int8: {cpu_ops.INT8_NEEDS}")
-            self.packed, self.scales = op.pack_int8(self.weight.detach())
+            self.packed, self.scales = _int8_op().pack_int8(self.weight.detach())
             self.kernel = "int8"
             return
+        self.scales = None
         op = self._op()
         if op is not None:
             # float32: (ceil(out / 16), in, 16); bfloat16: (ceil(out / 16), in / 2, 32)
@@ -126,8 +124,7 @@ class PackableLinear(nn.Module):
         """Compute with a weight packed for raytp's op in another process (a lost rank's shard; `scales` with an
         int8 one); where this process has no kernel for it, pack again for whatever it has."""
         if scales is not None:
-            if cpu_ops.linear_op("int8") is None:
-                raise RuntimeError(f"quantization int8: {cpu_ops.INT8_NEEDS}")
+            _int8_op()  # raises where this CPU has no int8 kernel
             self.packed, self.scales, self.kernel = packed, scales, "int8"
         elif self._op() is None:
             self.pack()
@@ -140,7 +137,7 @@ class PackableLinear(nn.Module):
             y = cpu_ops.linear_op(_OP_DTYPES[x.dtype]).linear(x, self.packed, self.weight.shape[0])
             return y if bias is None else y + bias
         if self.kernel == "int8":
-            y = cpu_ops.linear_op("int8").linear_int8(x, self.packed, self.scales, self.weight.shape[0])
+            y = _int8_op().linear_int8(x, self.packed, self.scales, self.weight.shape[0])
             return y if bias is None else y + bias
         if self.kernel == "torch":
             return F.linear(x, self.weight, bias)
@@ -149,6 +146,15 @@ class PackableLinear(nn.Module):
         if padded != rows:
             x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])  # (padded, in); extra rows dropped below
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")[:rows]
+
+
+def _int8_op():
+    """raytp's int8 linear op; RuntimeError where this CPU has none (check_quantization refuses such a config before
+    any rank starts)."""
+    op = cpu_ops.linear_op("int8")
+    if op is None:
+        raise RuntimeError(f"quantization int8: {cpu_ops.INT8_NEEDS}")
+    return op
 
 
 class ColumnParallelLinear(PackableLinear):

@@ -114,15 +114,9 @@ void check_dtype(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, name, " must be float32 or bfloat16");
 }
 
-// Calls fn with the dtype's C++ type (float or at::BFloat16) as the type of its argument.
-template <typename Fn>
-void with_dtype(const torch::Tensor& x, const Fn& fn) {
-  if (x.scalar_type() == at::kFloat) {
-    fn(float());
-  } else {
-    fn(at::BFloat16());
-  }
-}
+// ATen's dispatch over the two dtypes these ops have: the lambda sees the C++ type as scalar_t.
+#define DISPATCH_FLOAT_BF16(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 }  // namespace
 
@@ -135,9 +129,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   weight = weight.contiguous();
   auto out = torch::empty_like(x);
   const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
-  with_dtype(x, [&](auto t) {
-    using T = decltype(t);
-    rms_norm_rows(x.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(), rows, H, static_cast<float>(eps));
+  DISPATCH_FLOAT_BF16(x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, H,
+                  static_cast<float>(eps));
   });
   return out;
 }
@@ -152,10 +146,9 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor h, torch::Tensor weig
               "weight must be (hidden,) in x's dtype");
   auto out = torch::empty_like(x);
   const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
-  with_dtype(x, [&](auto t) {
-    using T = decltype(t);
-    add_rms_norm_rows(x.data_ptr<T>(), h.data_ptr<T>(), weight.data_ptr<T>(), out.data_ptr<T>(), rows, H,
-                      static_cast<float>(eps));
+  DISPATCH_FLOAT_BF16(x.scalar_type(), "add_rms_norm_", [&] {
+    add_rms_norm_rows(x.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                      out.data_ptr<scalar_t>(), rows, H, static_cast<float>(eps));
   });
   return out;
 }
@@ -179,10 +172,9 @@ torch::Tensor rotary_write_kv(torch::Tensor qkv, torch::Tensor cos, torch::Tenso
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T && slots.scalar_type() == at::kLong && slots.is_contiguous(),
               "slots must be (T,) int64");
   auto q = torch::empty({T, heads, D}, qkv.options());
-  with_dtype(qkv, [&](auto t) {
-    using S = decltype(t);
-    rotary_rows(qkv.data_ptr<S>(), cos.data_ptr<S>(), sin.data_ptr<S>(), slots.data_ptr<int64_t>(), q.data_ptr<S>(),
-                k_cache.data_ptr<S>(), v_cache.data_ptr<S>(), T, heads, Hkv, D);
+  DISPATCH_FLOAT_BF16(qkv.scalar_type(), "rotary_write_kv", [&] {
+    rotary_rows(qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
+                q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), T, heads, Hkv, D);
   });
   return q;
 }
@@ -194,9 +186,8 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
               "gate_up must be (T, 2 intermediate), contiguous");
   const int64_t rows = gate_up.size(0), I = gate_up.size(1) / 2;
   auto out = torch::empty({rows, I}, gate_up.options());
-  with_dtype(gate_up, [&](auto t) {
-    using T = decltype(t);
-    silu_mul_rows(gate_up.data_ptr<T>(), out.data_ptr<T>(), rows, I);
+  DISPATCH_FLOAT_BF16(gate_up.scalar_type(), "silu_mul", [&] {
+    silu_mul_rows(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, I);
   });
   return out;
 }
