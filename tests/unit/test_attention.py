@@ -32,7 +32,7 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_
     assert fast.name == "cpu"
     # Which sequences take the GEMM path instead of the row-by-row op: the 17-, 24- and 40-token chunks, all of
     # them (decode rows too), or none.
-    fast.gemm_min_rows, fast.gemm_min_keys = gemm_min_rows, 0
+    fast.gemm_min_rows, fast.gemm_min_keys, fast.prefix_min_rows = gemm_min_rows, 0, gemm_min_rows
     chunks, q, k, v, cache = random_step(MIXED, heads, kv_heads, 32, BLOCK_SIZE, dtype, seed=heads * 10 + kv_heads)
     outs = []
     for backend in (reference, fast):
@@ -51,10 +51,15 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_
 
 @pytest.mark.parametrize("head_dim", [32, 64, 48], ids=["d32", "d64", "d48"])
 @pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
-def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gemm_min_rows", [1000, 6, 2], ids=["op", "prefix-gemm", "prefix-and-chunk-gemm"])
+def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window, dtype, gemm_min_rows):
     """Sequences that share a cached prefix's blocks (what prefix caching hands out), with decode rows and a short
-    chunk after it, beside a sequence of its own: the op computes rows that share blocks together."""
+    chunk after it, beside a sequence of its own: the op computes rows that share blocks together; or (6) the four
+    sequences' 8 rows on the prefix attend to it through GEMMs, the op doing the rest of each row; or (2) the
+    5-token chunk is a GEMM chunk and the other three share the prefix GEMM."""
     reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
+    fast.gemm_min_rows, fast.gemm_min_keys, fast.prefix_min_rows = gemm_min_rows, 0, gemm_min_rows
     prefix = [9, 2, 14, 5, 11]  # 20 cached tokens
     chunks = [
         SeqChunk(20, 1, prefix + [0]),
@@ -65,11 +70,15 @@ def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window)
     ]
     gen = torch.Generator().manual_seed(head_dim)
     T = sum(c.num_new for c in chunks)
-    q, k, v = (torch.randn(T, n, head_dim, generator=gen) for n in (8, 4, 4))
-    cache = torch.randn(2, 19 * BLOCK_SIZE, 4, head_dim, generator=gen)
-    outs = [backend.forward(q, k, v, cache.clone(), build_metadata(chunks, BLOCK_SIZE, CPU, window), 0.1)
-            for backend in (reference, fast)]
-    assert (outs[1] - outs[0]).abs().max().item() < 2e-6
+    q, k, v = (torch.randn(T, n, head_dim, generator=gen).to(dtype) for n in (8, 4, 4))
+    cache = torch.randn(2, 19 * BLOCK_SIZE, 4, head_dim, generator=gen).to(dtype)
+    metas = [build_metadata(chunks, BLOCK_SIZE, CPU, window) for _ in range(2)]
+    outs = [backend.forward(q, k, v, cache.clone(), meta, 0.1) for backend, meta in zip((reference, fast), metas)]
+    plan = metas[1].derived
+    assert len(plan.prefixes) == (gemm_min_rows < 1000 and window is None)
+    assert int(plan.skip.sum()) == (gemm_min_rows == 2)
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    assert (outs[1].float() - outs[0].float()).abs().max().item() < tol
 
 def test_window_and_prefix_change_the_result():
     """The cases above would pass trivially if the window or the cached prefix were ignored by both backends."""

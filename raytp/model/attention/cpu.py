@@ -8,10 +8,16 @@ lines: one call per layer for a step's decode rows and short chunks, GQA and
 sliding windows included. It computes row by row (rows that share their first
 cache block, key tile by key tile, so a shared prefix is read once); a long
 prompt chunk instead gathers its context once and runs through oneDNN's
-GEMMs, which reuse each key across all its queries. It is built once per
-machine and cached on disk (raytp/model/cpu_ops.py).
+GEMMs, which reuse each key across all its queries. So do the rows of
+sequences on one cached prefix (requests admitted together on a shared
+system prompt or document): their attention to the prefix is one GEMM, the
+op computes the rest of each row, and the two parts are merged by their
+log-sum-exps. The op is built once per machine and cached on disk
+(raytp/model/cpu_ops.py).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -42,22 +48,65 @@ class LongChunk:
         self.num_keys = num_keys  # L
 
 
-def long_chunks(meta: AttentionMetadata, min_rows: int, min_keys: int) -> tuple[list[LongChunk], torch.Tensor]:
-    """The step's chunks worth GEMMs (at least min_rows new tokens and min_keys keys), and a (B,) bool flag of their
-    sequences for the op to skip."""
+class SharedPrefix:
+    """Rows of several sequences whose contexts begin with the same cached blocks: their attention to those keys."""
+
+    def __init__(self, rows: torch.Tensor, slots: torch.Tensor, num_keys: int):
+        self.rows = rows  # (R,) int64: the sequences' new tokens' rows in q
+        self.slots = slots  # (L_pad,) cache slot of each prefix position 0 .. L-1, then padding keys (masked out)
+        self.num_keys = num_keys  # L: every row sees all of them (they precede each sequence's new tokens)
+
+
+@dataclass
+class GemmPlan:
+    """What a step computes with GEMMs (derived once per step): long chunks (the op skips their sequences) and shared
+    prefixes (the op starts their sequences' rows at key_start)."""
+
+    chunks: list[LongChunk]
+    prefixes: list[SharedPrefix]
+    skip: torch.Tensor  # (B,) bool
+    key_start: torch.Tensor  # (B,) int32
+
+
+def _context_slots(meta: AttentionMetadata, b: int, num_keys: int) -> torch.Tensor:
+    """(L_pad,) cache slots of sequence b's positions 0 .. num_keys - 1, padded to a KEY_BUCKET multiple with the
+    slot of position 0 (real, finite values, to be masked out)."""
+    blocks = meta.block_tables[b, : -(-num_keys // meta.block_size)].long()
+    slots = (blocks[:, None] * meta.block_size + torch.arange(meta.block_size)).reshape(-1)[:num_keys]  # (L,)
+    return torch.cat([slots, slots[:1].expand(-num_keys % KEY_BUCKET)])
+
+
+def plan_gemms(meta: AttentionMetadata, min_rows: int, min_keys: int, prefix_min_rows: int) -> GemmPlan:
+    """Which of the step's rows go through GEMMs: a chunk of at least min_rows new tokens on at least min_keys keys
+    (all its attention), and sequences sharing at least min_keys keys of cached prefix with at least prefix_min_rows
+    rows among them (their attention to that prefix; not under a sliding window, where rows see different
+    prefixes)."""
     offsets, lens = meta.query_start.tolist(), meta.seq_lens.tolist()
+    first_blocks = meta.block_tables[:, 0].tolist()
     chunks, skip = [], torch.zeros(len(lens), dtype=torch.bool)
+    on_block: dict[int, list[int]] = {}  # first cache block -> the sequences (not GEMM chunks) starting with it
     for b, seq_len in enumerate(lens):
         num_new = offsets[b + 1] - offsets[b]
-        if num_new < min_rows or seq_len < min_keys:
+        if num_new >= min_rows and seq_len >= min_keys:
+            chunks.append(LongChunk(slice(offsets[b], offsets[b + 1]), _context_slots(meta, b, seq_len), seq_len))
+            skip[b] = True
+        elif seq_len - num_new >= min_keys and meta.sliding_window is None:
+            on_block.setdefault(first_blocks[b], []).append(b)
+    prefixes, key_start = [], torch.zeros(len(lens), dtype=torch.int32)
+    for group in on_block.values():
+        if len(group) < 2 or sum(offsets[b + 1] - offsets[b] for b in group) < prefix_min_rows:
             continue
-        blocks = meta.block_tables[b, : -(-seq_len // meta.block_size)].long()
-        slots = (blocks[:, None] * meta.block_size + torch.arange(meta.block_size)).reshape(-1)[:seq_len]  # (L,)
-        padding = -seq_len % KEY_BUCKET
-        slots = torch.cat([slots, slots[:1].expand(padding)])  # (L_pad,)
-        chunks.append(LongChunk(slice(offsets[b], offsets[b + 1]), slots, seq_len))
-        skip[b] = True
-    return chunks, skip
+        # The blocks all of them hold, within every one's context (positions before its new tokens).
+        context_blocks = min((lens[b] - (offsets[b + 1] - offsets[b])) // meta.block_size for b in group)
+        tables = meta.block_tables[group, :context_blocks]  # (n, C)
+        same = (tables == tables[0]).all(dim=0)  # (C,)
+        num_keys = (context_blocks if bool(same.all()) else int(same.to(torch.int8).argmin())) * meta.block_size
+        if num_keys < min_keys:
+            continue
+        rows = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in group])
+        prefixes.append(SharedPrefix(rows, _context_slots(meta, group[0], num_keys), num_keys))
+        key_start[group] = num_keys
+    return GemmPlan(chunks, prefixes, skip, key_start)
 
 
 class CpuPagedAttention(AttentionBackend):
@@ -69,6 +118,10 @@ class CpuPagedAttention(AttentionBackend):
     # against 4.6).
     gemm_min_rows = 64
     gemm_min_keys = 512
+    # Shared prefixes (of at least gemm_min_keys keys) too, from 64 rows on them: bench-58m, a 768-token prefix, 8
+    # sequences admitted with 32 tokens each, the whole step in bf16 150 -> 123 ms (fp32: even, 221 -> 220); with
+    # 8-40 rows (decode rows and one admission) neither way is ahead (2026-12-03).
+    prefix_min_rows = 64
 
     def __init__(self):
         self.op = load_op()
@@ -85,33 +138,50 @@ class CpuPagedAttention(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)
         if meta.derived is None:
-            meta.derived = long_chunks(meta, self.gemm_min_rows, self.gemm_min_keys)
-        chunks, skip = meta.derived
-        out = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
-                                      meta.block_size, scale, meta.sliding_window or 0, skip)
-        for chunk in chunks:
-            out[chunk.rows] = self._chunk_attention(q[chunk.rows], cache, chunk, scale, meta.sliding_window or 0)
-        return out
+            meta.derived = plan_gemms(meta, self.gemm_min_rows, self.gemm_min_keys, self.prefix_min_rows)
+        plan: GemmPlan = meta.derived
+        # out (T, H, D), lse (T, H): float32
+        out, lse = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
+                                           meta.block_size, scale, meta.sliding_window or 0, plan.skip, plan.key_start)
+        for chunk in plan.chunks:
+            out[chunk.rows], _ = self._gemm_attention(q[chunk.rows], cache, chunk.slots, chunk.num_keys, scale,
+                                                      causal=True, window=meta.sliding_window or 0)
+        for prefix in plan.prefixes:
+            # softmax over prefix + rest = each part's softmax, weighted by its share of the exp-sum: sigmoid of
+            # the difference of their log-sum-exps.
+            o_prefix, lse_prefix = self._gemm_attention(q[prefix.rows], cache, prefix.slots, prefix.num_keys, scale,
+                                                        causal=False)
+            o_rest = out[prefix.rows]  # (R, H, D)
+            weight = torch.sigmoid(lse_prefix - lse[prefix.rows]).unsqueeze(-1)  # (R, H, 1)
+            out[prefix.rows] = o_rest + (o_prefix - o_rest) * weight
+        return out.to(q.dtype)
 
-    def _chunk_attention(self, q: torch.Tensor, cache: torch.Tensor, chunk: LongChunk, scale: float,
-                         window: int) -> torch.Tensor:
-        """One sequence's chunk, one KV head at a time: q (M, H, D) -> (M, H, D)."""
+    def _gemm_attention(self, q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, num_keys: int, scale: float,
+                        causal: bool, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows' attention to the keys at `slots` (num_keys real ones, then padding), one KV head at a time:
+        q (M, H, D) -> out (M, H, D) and, unless causal, each row's log-sum-exp of scores (M, H) float32.
+
+        causal: the rows are one chunk's new tokens, the last M of the keys (which each sees up to its own, within
+        `window`); else every row sees every key (a prefix before all of them)."""
         M, H, D = q.shape
         Hkv = cache.shape[2]
         G = H // Hkv  # query heads per KV head
         M_pad = padded_rows(M)
         q_pad = q.new_zeros(M_pad, H, D)
         q_pad[:M] = q * scale
-        out = torch.empty_like(q)
+        out, lse = torch.empty_like(q), q.new_empty(M, H, dtype=torch.float32)
         for h in range(Hkv):
-            k = cache[0][:, h].index_select(0, chunk.slots)  # (L_pad, D)
-            v_t = cache[1][:, h].index_select(0, chunk.slots).T.contiguous()  # (D, L_pad)
+            k = cache[0][:, h].index_select(0, slots)  # (L_pad, D)
+            v_t = cache[1][:, h].index_select(0, slots).T.contiguous()  # (D, L_pad)
             qh = q_pad[:, h * G : (h + 1) * G].transpose(0, 1).reshape(G * M_pad, D)  # (G*M_pad, D), head-major
-            scores = _matmul_t(qh, k).float()  # (G*M_pad, L_pad)
-            self.op.causal_softmax_(scores, M, M_pad, chunk.num_keys, window)  # the probabilities, 0 where masked
+            scores = _matmul_t(qh, k).float()  # (G*M_pad, L_pad); the probabilities after the softmax, 0 if masked
+            if causal:
+                self.op.causal_softmax_(scores, M, M_pad, num_keys, window)
+            else:
+                lse[:, h * G : (h + 1) * G] = self.op.softmax_lse_(scores, num_keys).view(G, M_pad)[:, :M].T
             o = _matmul_t(scores.to(q.dtype), v_t).view(G, M_pad, D)  # (G, M_pad, D)
             out[:, h * G : (h + 1) * G] = o[:, :M].transpose(0, 1)
-        return out
+        return out, lse
 
 
 def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

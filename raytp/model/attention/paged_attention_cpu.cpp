@@ -10,7 +10,11 @@
 //
 // Sequences flagged in skip (B,) bool are left out, their output rows
 // unwritten: the caller computes those long prompt chunks with GEMMs, which
-// reuse each key across many queries (see cpu.py).
+// reuse each key across many queries (see cpu.py). Sequence b's rows see no
+// key before key_start[b] either: the caller computes their attention to a
+// cached prefix shared by several sequences with GEMMs and merges the two
+// parts by each row's log-sum-exp of scores, which the op returns beside its
+// output (both float32, whatever the dtype of q and the cache).
 //
 // Work items are groups of query rows whose sequences share their first cache
 // block (one sequence's chunk; sequences on a cached prefix), at most 16 rows,
@@ -39,8 +43,9 @@
 
 namespace {
 
-// s[0..n) <- softmax(s[0..n)), in place (n >= 1). exp is vectorised (-ffast-math, libmvec).
-inline void softmax_(float* s, int64_t n) {
+// s[0..n) <- softmax(s[0..n)), in place (n >= 1); returns log(sum(exp(s))) of the scores it was given. exp is
+// vectorised (-ffast-math, libmvec).
+inline float softmax_(float* s, int64_t n) {
   float mx = s[0];
   for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
   float sum = 0.f;
@@ -52,6 +57,7 @@ inline void softmax_(float* s, int64_t n) {
   const float inv = 1.f / sum;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+  return mx + std::log(sum);
 }
 
 // The cache slot of each of a row's keys first_key .. last_key, block by block (no division per key).
@@ -120,7 +126,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
                          int64_t block_size, int64_t H, int64_t Hkv, float scale,
                          std::vector<std::vector<int64_t>>& slots,   // scratch: each row's key slots
                          std::vector<std::vector<float>>& scores,    // scratch: each row's (H, keys) scores
-                         float* out) {
+                         float* out, float* lse) {
   constexpr int64_t D = 16 * NC;
   // Keys per tile of the values' pass: one KV head's values for 64 keys are 16 KiB at head_dim 64, so a group's
   // rows share them in L1, and a row's accumulators go through memory once per 64 keys.
@@ -169,7 +175,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
   }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = slots[r].size();
-    for (int64_t h = 0; h < H; ++h) softmax_(scores[r].data() + h * n, n);
+    for (int64_t h = 0; h < H; ++h) lse[rows[r].index * H + h] = softmax_(scores[r].data() + h * n, n);
     std::fill(out + rows[r].index * H * D, out + (rows[r].index + 1) * H * D, 0.f);
   }
   // Tile by tile (a tile's values come from memory once, for every head), two query heads of the same KV head at
@@ -218,9 +224,9 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
 template <typename scalar_t>
 void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* slots,
                         int64_t n, int64_t H, int64_t Hkv, int64_t D, float scale, float* scores,
-                        std::vector<float>& acc, std::vector<float>& qf, scalar_t* out) {
+                        std::vector<float>& qf, float* out, float* lse) {
   const int64_t G = H / Hkv;  // query heads per KV head (GQA)
-  acc.assign(H * D, 0.f);
+  std::fill(out, out + H * D, 0.f);
   qf.resize(H * D);
   for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(q[i]);
   for (int64_t j = 0; j < n; ++j) {
@@ -234,18 +240,17 @@ void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar
       scores[h * n + j] = dot * scale;
     }
   }
-  for (int64_t h = 0; h < H; ++h) softmax_(scores + h * n, n);
+  for (int64_t h = 0; h < H; ++h) lse[h] = softmax_(scores + h * n, n);
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t* vslot = v_cache + slots[j] * Hkv * D;
     for (int64_t h = 0; h < H; ++h) {
       const float p = scores[h * n + j];
       const scalar_t* vrow = vslot + (h / G) * D;
-      float* a = acc.data() + h * D;
+      float* a = out + h * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(vrow[d]);
     }
   }
-  for (int64_t i = 0; i < H * D; ++i) out[i] = static_cast<scalar_t>(acc[i]);
 }
 
 #if defined(__AVX512F__)
@@ -253,12 +258,13 @@ void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar
 template <typename kv_t>
 void attend_group_fast(const Row* rows, int64_t R, const float* q, const kv_t* k_cache, const kv_t* v_cache,
                        int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
-                       std::vector<std::vector<int64_t>>& slots, std::vector<std::vector<float>>& scores, float* out) {
+                       std::vector<std::vector<int64_t>>& slots, std::vector<std::vector<float>>& scores, float* out,
+                       float* lse) {
   switch (D) {
 #define RAYTP_GROUP(NC)                                                                                          \
   case 16 * NC:                                                                                                 \
     return attend_group_avx512<NC, kv_t>(rows, R, q, k_cache, v_cache, block_size, H, Hkv, scale, slots, scores, \
-                                         out);
+                                         out, lse);
     RAYTP_GROUP(1) RAYTP_GROUP(2) RAYTP_GROUP(3) RAYTP_GROUP(4)
     RAYTP_GROUP(5) RAYTP_GROUP(6) RAYTP_GROUP(7) RAYTP_GROUP(8)
 #undef RAYTP_GROUP
@@ -280,24 +286,26 @@ bool has_fast_kernel(at::ScalarType dtype, int64_t D) {
 template <typename scalar_t>
 void attend_group_generic(const Row* rows, int64_t R, const scalar_t* q, const scalar_t* k_cache,
                           const scalar_t* v_cache, int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
-                          std::vector<int64_t>& slots, std::vector<float>& scores, std::vector<float>& acc,
-                          std::vector<float>& qf, scalar_t* out) {
+                          std::vector<int64_t>& slots, std::vector<float>& scores, std::vector<float>& qf, float* out,
+                          float* lse) {
   for (int64_t r = 0; r < R; ++r) {
     key_slots(rows[r].table, block_size, rows[r].first_key, rows[r].last_key, slots);
     const int64_t n = slots.size();
     scores.resize(H * n);
     attend_row_generic<scalar_t>(q + rows[r].index * H * D, k_cache, v_cache, slots.data(), n, H, Hkv, D, scale,
-                                 scores.data(), acc, qf, out + rows[r].index * H * D);
+                                 scores.data(), qf, out + rows[r].index * H * D, lse + rows[r].index * H);
   }
 }
 
 }  // namespace
 
 // q: (T, H, D); k_cache, v_cache: (slots, Hkv, D); block_tables: (B, max_blocks) int32;
-// query_start: (B + 1,) int32; seq_lens: (B,) int32. Returns (T, H, D).
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor block_tables, torch::Tensor query_start, torch::Tensor seq_lens,
-                              int64_t block_size, double scale, int64_t window, torch::Tensor skip) {
+// query_start: (B + 1,) int32; seq_lens: (B,) int32; skip: (B,) bool; key_start: (B,) int32.
+// Returns out (T, H, D) and each row's log-sum-exp of scores lse (T, H), both float32.
+std::tuple<torch::Tensor, torch::Tensor> paged_attention(
+    torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+    torch::Tensor query_start, torch::Tensor seq_lens, int64_t block_size, double scale, int64_t window,
+    torch::Tensor skip, torch::Tensor key_start) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q and caches must be 3-d");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
@@ -305,6 +313,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && query_start.scalar_type() == torch::kInt32 &&
                   seq_lens.scalar_type() == torch::kInt32, "block_tables, query_start and seq_lens must be int32");
   TORCH_CHECK(skip.scalar_type() == torch::kBool && skip.numel() == seq_lens.numel(), "skip must be (B,) bool");
+  TORCH_CHECK(key_start.scalar_type() == torch::kInt32 && key_start.numel() == seq_lens.numel(),
+              "key_start must be (B,) int32");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
@@ -320,6 +330,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   skip = skip.contiguous();
   const bool* skipped = skip.data_ptr<bool>();
+  key_start = key_start.contiguous();
+  const int32_t* starts = key_start.data_ptr<int32_t>();
   std::vector<int64_t> seqs;  // the sequences computed here, ordered by first block
   for (int64_t b = 0; b < B; ++b)
     if (!skipped[b]) seqs.push_back(b);
@@ -335,20 +347,22 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       // A group holds at most kMaxGroupRows rows, so that its rows' scores stay in L2.
       if (static_cast<int64_t>(rows.size()) - group_start.back() == kMaxGroupRows) group_start.push_back(rows.size());
       const int64_t pos = lens[b] - num_new + (r - qs[b]);
-      const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      const int64_t first = std::max<int64_t>(starts[b], window > 0 ? pos - window + 1 : 0);
+      TORCH_CHECK(first <= pos, "key_start past a row's own position");
       rows.push_back(Row{r, tables + b * max_blocks, first, pos});
     }
   }
   group_start.push_back(rows.size());
   const int64_t num_groups = static_cast<int64_t>(group_start.size()) - 1;
 
+  // Sums in float32; the caller rounds the output once, after any merge.
+  auto out = torch::empty(q.sizes(), q.options().dtype(at::kFloat));
+  auto lse = torch::empty({T, H}, q.options().dtype(at::kFloat));
 #if defined(__AVX512F__)
   if (has_fast_kernel(q.scalar_type(), D)) {
-    // Queries and sums in float32 (a bfloat16 step's q is widened once here, its output rounded once at the end);
-    // the cache is read in its own dtype.
+    // Queries in float32 (a bfloat16 step's q is widened once here); the cache is read in its own dtype.
     const bool is_float = q.scalar_type() == at::kFloat;
     auto qf = is_float ? q : q.to(at::kFloat);
-    auto outf = torch::empty(q.sizes(), q.options().dtype(at::kFloat));
     auto run = [&](auto* kp, auto* vp) {
       at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
         std::vector<std::vector<int64_t>> slots;
@@ -356,7 +370,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
         for (int64_t g = begin; g < end; ++g) {
           attend_group_fast(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qf.data_ptr<float>(),
                             kp, vp, block_size, H, Hkv, D, static_cast<float>(scale), slots, scores,
-                            outf.data_ptr<float>());
+                            out.data_ptr<float>(), lse.data_ptr<float>());
         }
       });
     };
@@ -365,25 +379,24 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     } else {
       run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
     }
-    return is_float ? outf : outf.to(q.scalar_type());
+    return {out, lse};
   }
 #endif
-  auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> slots;
-      std::vector<float> scores, acc, qf;
+      std::vector<float> scores, qf;
       for (int64_t g = begin; g < end; ++g) {
         attend_group_generic<scalar_t>(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qp, kp, vp,
-                                       block_size, H, Hkv, D, static_cast<float>(scale), slots, scores, acc, qf, op);
+                                       block_size, H, Hkv, D, static_cast<float>(scale), slots, scores, qf,
+                                       out.data_ptr<float>(), lse.data_ptr<float>());
       }
     });
   });
-  return out;
+  return {out, lse};
 }
 
 // The softmax of a long chunk's scores, in place, with its causal (and sliding-window) mask applied on the fly.
@@ -413,10 +426,31 @@ void causal_softmax_(torch::Tensor scores, int64_t num_new, int64_t rows_per_hea
   });
 }
 
+// The softmax of each row's first num_keys scores, in place, the padding keys after them set to 0; returns each
+// row's log-sum-exp of those scores (R,). scores: (R, L_pad) contiguous float32 (a shared prefix's, see cpu.py).
+torch::Tensor softmax_lse_(torch::Tensor scores, int64_t num_keys) {
+  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
+              "scores must be a contiguous 2-d float32 tensor");
+  const int64_t R = scores.size(0), L = scores.size(1);
+  TORCH_CHECK(num_keys >= 1 && num_keys <= L, "bad num_keys for these scores");
+  auto lse = torch::empty({R}, scores.options());
+  float* base = scores.data_ptr<float>();
+  float* out = lse.data_ptr<float>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      out[r] = softmax_(base + r * L, num_keys);
+      std::fill(base + r * L + num_keys, base + (r + 1) * L, 0.f);
+    }
+  });
+  return lse;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL while they run (they touch no Python object): a rank's Ray threads unpickle the next step meanwhile.
   m.def("paged_attention", &paged_attention, "varlen paged attention over a block KV cache (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("causal_softmax_", &causal_softmax_, "in-place causal (sliding-window) softmax of a chunk's scores",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("softmax_lse_", &softmax_lse_, "in-place softmax of each row's first num_keys scores, returning log-sum-exps",
         py::call_guard<py::gil_scoped_release>());
 }
