@@ -24,8 +24,9 @@
 // rescaling). Float32 and bfloat16 on AVX-512 have their own kernel
 // (attend_group_avx512; sums are float32; bfloat16 scores come from
 // AVX512-BF16 dot products where the CPU has them, and bfloat16 values are
-// widened to float32 as they are loaded), which goes over a group's keys tile by tile, and within a tile row by row,
-// so rows that read the same blocks find them in L1; everything else runs the
+// widened to float32 as they are loaded), which goes over a group's keys
+// tile by tile, and within a tile row by row, so rows that read the same
+// blocks find them in L1; everything else runs the
 // group row by row, in plain loops over head_dim, the contiguous axis, that
 // the compiler vectorises. It is built with
 // -ffast-math (reassociated sums vectorise, exp comes from libmvec): safe here
