@@ -147,68 +147,6 @@ inline void key_dots(const float* qh, const kv_t* const* keys, int64_t head_offs
   }
 }
 
-#if defined(__AVX512BF16__)
-// Two probabilities as a bfloat16 pair (p_a in the low half, as vdpbf16ps pairs it with the first key's value),
-// rounded to nearest even, in every 32-bit lane.
-inline __m512bh bf16_pair(float p_a, float p_b) {
-  const uint32_t bits = static_cast<uint32_t>(c10::BFloat16(p_a).x) | (static_cast<uint32_t>(c10::BFloat16(p_b).x) << 16);
-  return (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
-}
-#endif
-
-// a0, a1 <- sum over keys j in [j_begin, j_end) of p0[j] * v_j and p1[j] * v_j (two query heads sharing the values'
-// head, head_dim = 16 * NC), v_j at v_head + slots[j] * slot_stride; float32 sums.
-template <int NC, typename kv_t>
-inline void value_sums(const kv_t* v_head, const int64_t* slots, int64_t j_begin, int64_t j_end, int64_t slot_stride,
-                       const float* p0, const float* p1, __m512* a0, __m512* a1) {
-  for (int c = 0; c < NC; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0) {
-    // A bfloat16 cache: two keys at a time, their values interleaved (unpacklo/hi_epi16 pair v_j[d] with
-    // v_j+1[d]) and multiplied with the probabilities rounded to bfloat16 pairs by vdpbf16ps (as torch's bfloat16
-    // attention rounds them before its P V product): about half the instructions of widening every value.
-    // The interleave works within 128-bit lanes, so sums s[2c] hold d = 32c + 8l + i and s[2c+1] d = 32c + 8l + 4 +
-    // i in lane l's element i (l, i < 4); they are put back in order at the end.
-    __m512 s0[NC], s1[NC];
-    for (int c = 0; c < NC; ++c) s0[c] = s1[c] = _mm512_setzero_ps();
-    for (int64_t j = j_begin; j < j_end; j += 2) {
-      const bool both = j + 1 < j_end;
-      const kv_t* va = v_head + slots[j] * slot_stride;
-      const kv_t* vb = both ? v_head + slots[j + 1] * slot_stride : nullptr;
-      const __m512bh w0 = bf16_pair(p0[j], both ? p0[j + 1] : 0.f), w1 = bf16_pair(p1[j], both ? p1[j + 1] : 0.f);
-      for (int c = 0; c < NC / 2; ++c) {
-        const __m512i x = _mm512_loadu_si512(va + 32 * c);
-        const __m512i y = both ? _mm512_loadu_si512(vb + 32 * c) : _mm512_setzero_si512();
-        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(x, y), hi = (__m512bh)_mm512_unpackhi_epi16(x, y);
-        s0[2 * c] = _mm512_dpbf16_ps(s0[2 * c], lo, w0);
-        s0[2 * c + 1] = _mm512_dpbf16_ps(s0[2 * c + 1], hi, w0);
-        s1[2 * c] = _mm512_dpbf16_ps(s1[2 * c], lo, w1);
-        s1[2 * c + 1] = _mm512_dpbf16_ps(s1[2 * c + 1], hi, w1);
-      }
-    }
-    // d = 32c + 0..15 are lanes 0, 1 of s[2c] and s[2c+1] in turn; d = 32c + 16..31 their lanes 2, 3.
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int c = 0; c < NC / 2; ++c) {
-      a0[2 * c] = _mm512_permutex2var_ps(s0[2 * c], first, s0[2 * c + 1]);
-      a0[2 * c + 1] = _mm512_permutex2var_ps(s0[2 * c], second, s0[2 * c + 1]);
-      a1[2 * c] = _mm512_permutex2var_ps(s1[2 * c], first, s1[2 * c + 1]);
-      a1[2 * c + 1] = _mm512_permutex2var_ps(s1[2 * c], second, s1[2 * c + 1]);
-    }
-    return;
-  }
-#endif
-  for (int64_t j = j_begin; j < j_end; ++j) {
-    const kv_t* v = v_head + slots[j] * slot_stride;
-    const __m512 w0 = _mm512_set1_ps(p0[j]), w1 = _mm512_set1_ps(p1[j]);
-    for (int c = 0; c < NC; ++c) {
-      const __m512 vc = load16(v + 16 * c);
-      a0[c] = _mm512_fmadd_ps(w0, vc, a0[c]);
-      a1[c] = _mm512_fmadd_ps(w1, vc, a1[c]);
-    }
-  }
-}
-
 // Rows (queries and output in float32, the KV cache in float32 or bfloat16) whose sequences share their first
 // cache block (a cached prefix, or one sequence's chunk), all heads, head_dim = 16 * NC. The passes go key tile by
 // key tile, and within a tile row by row, so that rows reading the same blocks find them in L1 instead of
@@ -287,8 +225,16 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
         const float* p0 = scores[r].data() + h * n;
         const float* p1 = p0 + (pair - 1) * n;
         __m512 a0[NC], a1[NC];
-        value_sums<NC>(v_head, slots[r].data(), j0, std::min<int64_t>(j0 + kValueTile, n), slot_stride, p0, p1, a0,
-                       a1);
+        for (int c = 0; c < NC; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
+        for (int64_t j = j0; j < std::min<int64_t>(j0 + kValueTile, n); ++j) {
+          const kv_t* v = v_head + slots[r][j] * slot_stride;
+          const __m512 w0 = _mm512_set1_ps(p0[j]), w1 = _mm512_set1_ps(p1[j]);
+          for (int c = 0; c < NC; ++c) {
+            const __m512 vc = load16(v + 16 * c);
+            a0[c] = _mm512_fmadd_ps(w0, vc, a0[c]);
+            a1[c] = _mm512_fmadd_ps(w1, vc, a1[c]);
+          }
+        }
         for (int c = 0; c < NC; ++c) {
           _mm512_storeu_ps(o0 + 16 * c, _mm512_add_ps(_mm512_loadu_ps(o0 + 16 * c), a0[c]));
           if (pair == 2) _mm512_storeu_ps(o1 + 16 * c, _mm512_add_ps(_mm512_loadu_ps(o1 + 16 * c), a1[c]));
