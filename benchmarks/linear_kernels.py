@@ -1,5 +1,5 @@
 """Per-op timing of the CPU linear kernels, one thread: raytp's op (linear_cpu.cpp) and oneDNN's packed GEMM, in
-float32 and bfloat16, and raytp's int8 op (quantization int8, bfloat16 x), over the weight shapes of several models
+float32 and bfloat16, and raytp's int8 and int4 ops (quantization int8 and int4, bfloat16 x), over the weight shapes of several models
 and a range of row counts.
 
     python benchmarks/linear_kernels.py [--rows 1,8,32,128,512] [--repeat 30]
@@ -35,10 +35,10 @@ def _layer(out_f: int, in_f: int, dtype: torch.dtype, kernel: str) -> PackableLi
     if kernel == "onednn":
         layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 32)
         layer.kernel = "onednn"
-    elif kernel == "int8":
-        if cpu_ops.linear_op("int8") is None:
+    elif kernel in ("int8", "int4"):
+        if cpu_ops.linear_op(kernel) is None:
             return None
-        layer.pack("int8")
+        layer.pack(kernel)
     else:
         layer.pack()
     return layer if layer.kernel == kernel else None  # None: this CPU has no such kernel (e.g. no AVX512-BF16)
@@ -52,11 +52,11 @@ def main() -> None:
     torch.set_num_threads(1)
     rows_list = [int(r) for r in a.rows.split(",")]
     print(f"{'model':14} {'layer':8} {'N x K':>12} {'rows':>5} " + " ".join(
-        f"{name:>22}" for name in ("raytp fp32", "oneDNN fp32", "raytp bf16", "oneDNN bf16", "raytp int8")))
+        f"{name:>22}" for name in ("raytp fp32", "oneDNN fp32", "raytp bf16", "oneDNN bf16", "raytp int8", "raytp int4")))
     with torch.inference_mode():
         for model, name, out_f, in_f in SHAPES:
             kernels = [(torch.float32, "raytp"), (torch.float32, "onednn"), (torch.bfloat16, "raytp"),
-                       (torch.bfloat16, "onednn"), (torch.bfloat16, "int8")]
+                       (torch.bfloat16, "onednn"), (torch.bfloat16, "int8"), (torch.bfloat16, "int4")]
             layers = [_layer(out_f, in_f, dtype, kernel) for dtype, kernel in kernels]
             for rows in rows_list:
                 xs = [torch.randn(rows, in_f).to(dtype) for dtype, _ in kernels]
@@ -74,7 +74,8 @@ def main() -> None:
                         cells.append("n/a")
                         continue
                     med = statistics.median(ts)
-                    weight_bits = 8 if kernel == "int8" else torch.finfo(dtype).bits
+                    # int4: 4 bits and a float16 step and minimum per 32 weights
+                    weight_bits = {"int8": 8, "int4": 5}.get(kernel) or torch.finfo(dtype).bits
                     gbs = out_f * in_f * weight_bits / 8 / med / 1e9
                     cells.append(f"{med * 1e3:8.3f} ms {gbs:5.1f} GB/s")
                 print(f"{model:14} {name:8} {f'{out_f}x{in_f}':>12} {rows:5d} " + " ".join(f"{c:>22}" for c in cells))

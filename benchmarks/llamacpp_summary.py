@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vllm_summary import LATENCY, finish, load  # noqa: E402  (the same file layout and run summaries)
 
 BASELINE = "llamacpp1"
-SERVERS = ["raytpf32", "raytpbf16", "raytpint8", "vllmbf16", "llamacpp1", "llamacppall"]
+SERVERS = ["raytpf32", "raytpbf16", "raytpint8", "raytpint4", "vllmbf16", "llamacpp1", "llamacppall"]
 METRICS = {
     "single": [("decode tok/s", lambda s: 1000.0 / s["itl_ms"]["p50"]), ("TTFT p50", lambda s: s["ttft_ms"]["p50"])],
     "burst": [("out tok/s", lambda s: s["output_throughput"]), *LATENCY[:1], *LATENCY[2:4]],

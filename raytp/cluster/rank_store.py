@@ -34,8 +34,11 @@ from safetensors.torch import save_file
 
 STORE_ROOT = "/dev/shm"
 STORE_PREFIX = "raytp-group-"
-_PACKED = ".packed"  # suffix of a packed weight's key, beside the parameter it was packed from
-_SCALES = ".scales"  # and of an int8 packed weight's column scales
+# A packed weight's key: the linear's name, then ".packed_" and the kernel it was packed for (raytp, int8, int4);
+# a quantized one's scales beside it.
+_PACKED = ".packed_"
+_SCALES = ".scales"
+_PACKED_KERNELS = ("raytp", "int8", "int4")
 
 
 def new_store_dir(root: str = STORE_ROOT) -> str | None:
@@ -83,8 +86,8 @@ def save_shard(model: torch.nn.Module, path: str) -> None:
 
     tensors = {name: p.detach() for name, p in model.named_parameters()}  # a tied weight once
     for name, module in model.named_modules():
-        if isinstance(module, PackableLinear) and module.kernel in ("raytp", "int8"):
-            tensors[name + _PACKED] = module.packed
+        if isinstance(module, PackableLinear) and module.kernel in _PACKED_KERNELS:
+            tensors[name + _PACKED + module.kernel] = module.packed
             if module.scales is not None:
                 tensors[name + _SCALES] = module.scales
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -136,8 +139,9 @@ def load_shard(model: torch.nn.Module, path: str) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, PackableLinear):
             continue
-        if name + _PACKED in tensors:
-            module.adopt(tensors[name + _PACKED], tensors.get(name + _SCALES))
+        kernel = next((k for k in _PACKED_KERNELS if name + _PACKED + k in tensors), None)
+        if kernel is not None:
+            module.adopt(kernel, tensors[name + _PACKED + kernel], tensors.get(name + _SCALES))
         else:
             module.pack()
 

@@ -2,7 +2,7 @@
 
 Three small C++ sources, each a module of its own: paged attention over the
 block KV cache (attention/paged_attention_cpu.cpp), float32, bfloat16 and
-int8 linear layers that stream their packed weight (linear_cpu.cpp), and a
+int8/int4 linear layers that stream their packed weight (linear_cpu.cpp), and a
 layer's per-token ops in one pass each (rowwise_cpu.cpp: RMSNorm, residual
 add + RMSNorm, rotary with the KV cache write, SiLU * up). Each is compiled for this
 CPU (-march=native) by g++ and ninja the first time a process here asks for
@@ -68,14 +68,14 @@ def load_extension(source: str):
     return load(name, [source], extra_cflags=_FLAGS, build_directory=build_dir, verbose=False)
 
 
-INT8_NEEDS = "raytp's int8 linear op needs a CPU with AVX512-VNNI and AVX512-BF16 and a C++ toolchain to build it"
+QUANTIZED_NEEDS = "raytp's int8 and int4 linear ops need a CPU with AVX512-VNNI and AVX512-BF16 and a C++ toolchain to build them"
 
 
 @functools.lru_cache(maxsize=None)
 def linear_op(dtype: str = "float32"):
-    """The linear op for "float32", "bfloat16" or "int8" weights, or None where it cannot serve (no toolchain to
-    build it, no AVX-512, for bfloat16 no AVX512-BF16, for int8 no AVX512-VNNI on this CPU): then linear layers
-    keep oneDNN (layers.PackableLinear), and int8 is refused (check_quantization)."""
+    """The linear op for "float32", "bfloat16", "int8" or "int4" weights, or None where it cannot serve (no toolchain
+    to build it, no AVX-512, for bfloat16 no AVX512-BF16, for int8 and int4 no AVX512-VNNI on this CPU): then linear
+    layers keep oneDNN (layers.PackableLinear), and quantization is refused (check_quantization)."""
     try:
         op = load_extension(LINEAR_SOURCE)
     except Exception as err:  # noqa: BLE001 - any build failure means: use oneDNN
@@ -101,8 +101,8 @@ def check_quantization(quantization: str, device: str) -> None:
         return
     if device != "cpu":
         raise ValueError(f"quantization={quantization!r} runs on CPU only (device is {device!r})")
-    if linear_op("int8") is None:
-        raise ValueError(f"quantization={quantization!r}: {INT8_NEEDS}; this one cannot (use quantization none)")
+    if linear_op(quantization) is None:
+        raise ValueError(f"quantization={quantization!r}: {QUANTIZED_NEEDS}; this one cannot (use quantization none)")
 
 
 def prebuild(attention: bool, linear: bool) -> None:

@@ -92,17 +92,17 @@ class PackableLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.packed: torch.Tensor | None = None
-        self.scales: torch.Tensor | None = None  # int8: the weight's column scales
-        self.kernel = "torch"  # which packing `packed` holds: "raytp", "int8", "onednn", or none ("torch")
+        self.scales: torch.Tensor | None = None  # int8: the weight's column scales; int4: its groups' steps and minimums
+        self.kernel = "torch"  # which packing `packed` holds: "raytp", "int8", "int4", "onednn", or none ("torch")
 
     def pack(self, quantization: str = "none") -> None:
-        """Pack the loaded weight for the fastest kernel here; quantization "int8": quantized per output column for
-        raytp's int8 op (CPUs with AVX512-VNNI; a layer whose input width is not a multiple of 32 keeps its dtype)."""
+        """Pack the loaded weight for the fastest kernel here; quantization "int8" or "int4": quantized for raytp's
+        op of that name (CPUs with AVX512-VNNI; a layer whose input width is not a multiple of 32 keeps its dtype)."""
         if self.weight.device.type != "cpu":
             return
-        if quantization == "int8" and self.weight.shape[1] % 32 == 0:
-            self.packed, self.scales = _int8_op().pack_int8(self.weight.detach())
-            self.kernel = "int8"
+        if quantization in QUANTIZED_KERNELS and self.weight.shape[1] % 32 == 0:
+            self.packed, self.scales = getattr(_quantized_op(quantization), f"pack_{quantization}")(self.weight.detach())
+            self.kernel = quantization
             return
         self.scales = None
         op = self._op()
@@ -120,12 +120,12 @@ class PackableLinear(nn.Module):
             return None
         return cpu_ops.linear_op(_OP_DTYPES.get(self.weight.dtype, ""))
 
-    def adopt(self, packed: torch.Tensor, scales: torch.Tensor | None = None) -> None:
-        """Compute with a weight packed for raytp's op in another process (a lost rank's shard; `scales` with an
-        int8 one); where this process has no kernel for it, pack again for whatever it has."""
-        if scales is not None:
-            _int8_op()  # raises where this CPU has no int8 kernel
-            self.packed, self.scales, self.kernel = packed, scales, "int8"
+    def adopt(self, kernel: str, packed: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        """Compute with a weight packed for raytp's op `kernel` in another process (a lost rank's shard; `scales`
+        with a quantized one); where this process has no kernel for a float one, pack again for whatever it has."""
+        if kernel in QUANTIZED_KERNELS:
+            _quantized_op(kernel)  # raises where this CPU has no such kernel
+            self.packed, self.scales, self.kernel = packed, scales, kernel
         elif self._op() is None:
             self.pack()
         else:
@@ -137,7 +137,10 @@ class PackableLinear(nn.Module):
             y = cpu_ops.linear_op(_OP_DTYPES[x.dtype]).linear(x, self.packed, self.weight.shape[0])
             return y if bias is None else y + bias
         if self.kernel == "int8":
-            y = _int8_op().linear_int8(x, self.packed, self.scales, self.weight.shape[0])
+            y = _quantized_op("int8").linear_int8(x, self.packed, self.scales, self.weight.shape[0])
+            return y if bias is None else y + bias
+        if self.kernel == "int4":
+            y = _quantized_op("int4").linear_int4(x, self.packed, self.scales, self.weight.shape[0])
             return y if bias is None else y + bias
         if self.kernel == "torch":
             return F.linear(x, self.weight, bias)
@@ -148,12 +151,16 @@ class PackableLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")[:rows]
 
 
-def _int8_op():
-    """raytp's int8 linear op; RuntimeError where this CPU has none (check_quantization refuses such a config before
-    any rank starts)."""
-    op = cpu_ops.linear_op("int8")
+# The quantized weights raytp's linear op computes with (`quantization` in the config).
+QUANTIZED_KERNELS = ("int8", "int4")
+
+
+def _quantized_op(kernel: str):
+    """raytp's linear op for int8 or int4 weights; RuntimeError where this CPU has none (check_quantization refuses
+    such a config before any rank starts)."""
+    op = cpu_ops.linear_op(kernel)
     if op is None:
-        raise RuntimeError(f"quantization int8: {cpu_ops.INT8_NEEDS}")
+        raise RuntimeError(f"quantization {kernel}: {cpu_ops.QUANTIZED_NEEDS}")
     return op
 
 
@@ -323,14 +330,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (T,) -> cos, sin: (T, 1, head_dim), computed in float32
+        # positions: (T,) -> cos, sin: (T, head_dim), computed in float32
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)  # (T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, D); rotate-half convention of Hugging Face Llama checkpoints."""
+    """x: (T, H, D), cos/sin: (T, D); rotate-half convention of Hugging Face Llama checkpoints."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)

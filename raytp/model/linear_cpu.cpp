@@ -27,6 +27,12 @@
 // weight, a quarter of float32's bytes: a decode step's linears stay bound by the memory. Per group, the int32 sums
 // lose the 128 * sum(p) the offset added and are scaled by sx into float32 sums; at the end by sw, then rounded to
 // x's dtype once.
+//
+// int4 (`quantization: int4`, same CPUs): the weight is quantized per output column and per group of 32 k as
+// llama.cpp's Q4_1 does, w ~ d q + mn with q in 0 .. 15 and a step d and minimum mn per group (float16), 5 bits a
+// weight in all: 0.6 of int8's bytes, for the decode steps that are bound by them. Two quads of k share a byte
+// (low and high nibble); two and-s and a shift unpack them for vpdpbusd. x is quantized as for int8; a group adds
+// sx (d sum(p q) + mn sum(p)) to the float32 sums.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -138,12 +144,13 @@ void run_tiles(const T* xp, const T* wp, T* op, int64_t M, int64_t N, int64_t K,
 constexpr int64_t kGroup = 32;      // k per activation scale
 constexpr int64_t kMaxTileInt8 = 4;  // rows per int8 tile: 4 x 2 float32 and 4 x 2 int32 sums in registers
 
-// x's rows quantized per group of 32 k: p (M, K) int8, sx (M, K / 32) float32, offset (M, K / 32) int32 =
-// 128 * sum of the group's p (what the weights' +128 adds to a group's sums).
+// x's rows quantized per group of 32 k: p (M, K) int8, sx (M, K / 32) float32, psum (M, K / 32) int32 = the sum of
+// the group's p (int8: 128 psum is what the weights' +128 adds to a group's sums; int4: what the group's minimum
+// multiplies).
 struct QuantizedRows {
   std::vector<int8_t> p;
   std::vector<float> sx;
-  std::vector<int32_t> offset;
+  std::vector<int32_t> psum;
 };
 
 template <typename T>
@@ -165,7 +172,7 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
       sum += p;
     }
     r.sx[i] = scale;
-    r.offset[i] = 128 * sum;
+    r.psum[i] = sum;
   }
   return r;
 }
@@ -176,9 +183,9 @@ inline void store_row(at::BFloat16* out, __mmask16 mask, __m512 v) {
 }
 
 // out[m, n0 .. n0+31] for the tile's MT rows: w0, w1 the two packed blocks (K / 4, 64) of q + 128, sw0, sw1 their
-// column scales; x quantized (p rows of K, sx and offset rows of K / 32).
+// column scales; x quantized (p rows of K, sx and psum rows of K / 32).
 template <int MT, typename T>
-void tile_int8(const int8_t* p, const float* sx, const int32_t* offset, int64_t K, const uint8_t* w0,
+void tile_int8(const int8_t* p, const float* sx, const int32_t* psum, int64_t K, const uint8_t* w0,
                const uint8_t* w1, const float* sw0, const float* sw1, T* out, int64_t ldo, __mmask16 mask0,
                __mmask16 mask1) {
   const int64_t groups = K / kGroup;
@@ -198,7 +205,7 @@ void tile_int8(const int8_t* p, const float* sx, const int32_t* offset, int64_t 
       }
     }
     for (int m = 0; m < MT; ++m) {
-      const __m512i off = _mm512_set1_epi32(offset[m * groups + g]);
+      const __m512i off = _mm512_set1_epi32(128 * psum[m * groups + g]);
       const __m512 scale = _mm512_set1_ps(sx[m * groups + g]);
       acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum0[m], off)), scale, acc0[m]);
       acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum1[m], off)), scale, acc1[m]);
@@ -226,9 +233,80 @@ void run_int8(const T* x, const uint8_t* q, const float* sw, T* out, int64_t M, 
   for_block_pairs(N, blocks, [&](int64_t b0, int64_t b1, int64_t n0, __mmask16 mask0, __mmask16 mask1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxTileInt8) {
       kTilesInt8<T>[std::min(kMaxTileInt8, M - m0)](r.p.data() + m0 * K, r.sx.data() + m0 * groups,
-                                                     r.offset.data() + m0 * groups, K, q + b0 * block_size,
+                                                     r.psum.data() + m0 * groups, K, q + b0 * block_size,
                                                      q + b1 * block_size, sw + b0 * kBlock, sw + b1 * kBlock,
                                                      out + m0 * N + n0, N, mask0, mask1);
+    }
+  });
+}
+
+// int4: out[m, n0 .. n0+31] for the tile's MT rows. w0, w1: the two packed blocks (K / 8, 64): per group of 32 k,
+// four 64-byte rows whose low nibbles hold quads 0-3 of the group and high nibbles quads 4-7; s0, s1: their scales
+// (K / 32, 2, 16) float16, per group the 16 columns' steps d, then their minimums mn (w ~ d q + mn, q in 0 .. 15).
+// Per group: sum_k sx p_k (d q_k + mn) = sx (d sum(p q) + mn psum), with sum(p q) from vpdpbusd (q unsigned, p
+// signed, no offset to take off).
+template <int MT, typename T>
+void tile_int4(const int8_t* p, const float* sx, const int32_t* psum, int64_t K, const uint8_t* w0,
+               const uint8_t* w1, const at::Half* s0, const at::Half* s1, T* out, int64_t ldo, __mmask16 mask0,
+               __mmask16 mask1) {
+  const int64_t groups = K / kGroup;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  __m512 acc0[MT], acc1[MT];
+  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i sum0[MT], sum1[MT];
+    for (int m = 0; m < MT; ++m) sum0[m] = sum1[m] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < 4; ++j) {
+      const __m512i a = _mm512_loadu_si512(w0 + 64 * (4 * g + j)), b = _mm512_loadu_si512(w1 + 64 * (4 * g + j));
+      // quads j and j + 4 of the group: the low and the high nibbles
+      const __m512i a_lo = _mm512_and_si512(a, low_nibbles), a_hi = _mm512_and_si512(_mm512_srli_epi16(a, 4), low_nibbles);
+      const __m512i b_lo = _mm512_and_si512(b, low_nibbles), b_hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low_nibbles);
+      for (int m = 0; m < MT; ++m) {
+        int32_t lo, hi;  // p[m, k] of quads j and j + 4 as 32-bit lanes
+        std::memcpy(&lo, p + m * K + kGroup * g + 4 * j, sizeof(lo));
+        std::memcpy(&hi, p + m * K + kGroup * g + 4 * (j + 4), sizeof(hi));
+        const __m512i x_lo = _mm512_set1_epi32(lo), x_hi = _mm512_set1_epi32(hi);
+        sum0[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum0[m], a_lo, x_lo), a_hi, x_hi);
+        sum1[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum1[m], b_lo, x_lo), b_hi, x_hi);
+      }
+    }
+    const __m512 d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s0 + 32 * g)));
+    const __m512 mn0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s0 + 32 * g + kBlock)));
+    const __m512 d1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s1 + 32 * g)));
+    const __m512 mn1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s1 + 32 * g + kBlock)));
+    for (int m = 0; m < MT; ++m) {
+      const __m512 group_sum = _mm512_set1_ps(static_cast<float>(psum[m * groups + g]));
+      const __m512 scale = _mm512_set1_ps(sx[m * groups + g]);
+      const __m512 t0 = _mm512_fmadd_ps(mn0, group_sum, _mm512_mul_ps(_mm512_cvtepi32_ps(sum0[m]), d0));
+      const __m512 t1 = _mm512_fmadd_ps(mn1, group_sum, _mm512_mul_ps(_mm512_cvtepi32_ps(sum1[m]), d1));
+      acc0[m] = _mm512_fmadd_ps(t0, scale, acc0[m]);
+      acc1[m] = _mm512_fmadd_ps(t1, scale, acc1[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    store_row(out + m * ldo, mask0, acc0[m]);
+    store_row(out + m * ldo + kBlock, mask1, acc1[m]);
+  }
+}
+
+template <typename T>
+using TileInt4Fn = void (*)(const int8_t*, const float*, const int32_t*, int64_t, const uint8_t*, const uint8_t*,
+                            const at::Half*, const at::Half*, T*, int64_t, __mmask16, __mmask16);
+template <typename T>
+constexpr TileInt4Fn<T> kTilesInt4[kMaxTileInt8 + 1] = {nullptr, tile_int4<1, T>, tile_int4<2, T>, tile_int4<3, T>,
+                                                       tile_int4<4, T>};
+
+template <typename T>
+void run_int4(const T* x, const uint8_t* q, const at::Half* scales, T* out, int64_t M, int64_t N, int64_t K,
+              int64_t blocks) {
+  const QuantizedRows r = quantize_rows(x, M, K);
+  const int64_t groups = K / kGroup, block_bytes = K / 2 * kBlock, block_scales = 2 * groups * kBlock;
+  for_block_pairs(N, blocks, [&](int64_t b0, int64_t b1, int64_t n0, __mmask16 mask0, __mmask16 mask1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxTileInt8) {
+      kTilesInt4<T>[std::min(kMaxTileInt8, M - m0)](r.p.data() + m0 * K, r.sx.data() + m0 * groups,
+                                                     r.psum.data() + m0 * groups, K, q + b0 * block_bytes,
+                                                     q + b1 * block_bytes, scales + b0 * block_scales,
+                                                     scales + b1 * block_scales, out + m0 * N + n0, N, mask0, mask1);
     }
   });
 }
@@ -238,8 +316,8 @@ void run_int8(const T* x, const uint8_t* q, const float* sw, T* out, int64_t M, 
 
 }  // namespace
 
-// Whether this build has the kernel for `dtype` ("float32": AVX-512; "bfloat16": AVX512-BF16; "int8" weights, with
-// float32 or bfloat16 x: AVX512-VNNI and AVX512-BF16); without it callers keep their other path.
+// Whether this build has the kernel for `dtype` ("float32": AVX-512; "bfloat16": AVX512-BF16; "int8" or "int4"
+// weights, with float32 or bfloat16 x: AVX512-VNNI and AVX512-BF16); without it callers keep their other path.
 bool available(const std::string& dtype) {
   if (dtype == "float32") {
 #if defined(__AVX512F__)
@@ -249,7 +327,7 @@ bool available(const std::string& dtype) {
 #if defined(__AVX512BF16__)
     return true;
 #endif
-  } else if (dtype == "int8") {
+  } else if (dtype == "int8" || dtype == "int4") {
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
     return true;
 #endif
@@ -287,6 +365,31 @@ std::tuple<torch::Tensor, torch::Tensor> pack_int8(torch::Tensor w) {
   auto q = (wf * inverse.unsqueeze(1)).round_().clamp_(-127, 127).add_(128).to(at::kByte);
   q = q.view({blocks, kBlock, K / 4, 4}).permute({0, 2, 1, 3}).contiguous().view({blocks, K / 4, 4 * kBlock});
   return {q, sw.contiguous()};
+}
+
+// w: (N, K) float32 or bfloat16, K a multiple of 32 -> (q, scales): the weight quantized to 4 bits per output column
+// and group of 32 k, w ~ d q + mn with q in 0 .. 15, d = (max - min) / 15 and mn = min of the group (stored as
+// float16; q is rounded against the stored values). q (ceil(N / 16), K / 8, 64) uint8 and scales (ceil(N / 16),
+// K / 32, 2, 16) float16, laid out as tile_int4 reads them. Columns past N are zero.
+std::tuple<torch::Tensor, torch::Tensor> pack_int4(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "w must be a 2-d float32 or bfloat16 tensor");
+  const int64_t N = w.size(0), K = w.size(1), blocks = (N + kBlock - 1) / kBlock, groups = K / 32;
+  TORCH_CHECK(K % 32 == 0, "an int4 weight needs a multiple of 32 input features (it is quantized per 32)");
+  auto wf = torch::zeros({blocks * kBlock, K}, w.options().dtype(at::kFloat));
+  wf.narrow(0, 0, N).copy_(w);
+  auto grouped = wf.view({blocks * kBlock, groups, 32});
+  auto mn = grouped.amin(-1).to(at::kHalf);  // (blocks * 16, groups)
+  auto d = ((grouped.amax(-1) - mn.to(at::kFloat)) / 15.0).to(at::kHalf);
+  auto inverse = torch::where(d.to(at::kFloat) > 0, 1.0 / d.to(at::kFloat), torch::zeros_like(d, at::kFloat));
+  auto q = ((grouped - mn.to(at::kFloat).unsqueeze(-1)) * inverse.unsqueeze(-1)).round_().clamp_(0, 15).to(at::kByte);
+  // (blocks, 16 columns, groups, 8 quads, 4) -> (blocks, groups, 8 quads, 16 columns, 4); quads 4-7 go high
+  q = q.view({blocks, kBlock, groups, 8, 4}).permute({0, 2, 3, 1, 4});
+  auto nibbles = q.narrow(2, 0, 4).bitwise_or(q.narrow(2, 4, 4).bitwise_left_shift(4)).contiguous();
+  // (blocks, 16 columns, groups) d and mn -> (blocks, groups, 2, 16)
+  auto scales = torch::stack({d.view({blocks, kBlock, groups}), mn.view({blocks, kBlock, groups})}, 2)
+                    .permute({0, 3, 2, 1}).contiguous();
+  return {nibbles.view({blocks, K / 8, 4 * kBlock}), scales};
 }
 
 namespace {
@@ -361,11 +464,43 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
   return linear_f32(x, packed, N);
 }
 
+// x: (M, K) float32 or bfloat16, (q, scales): pack_int4(W) with W (N, K) -> x W^T (M, N) in x's dtype, x quantized
+// per row and group of 32 k.
+torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a 2-d float32 or bfloat16 tensor");
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == blocks && 8 * q.size(1) == x.size(1) && q.size(2) == 4 * kBlock &&
+                  q.is_contiguous() && q.scalar_type() == at::kByte && scales.dim() == 4 &&
+                  scales.size(0) == blocks && 32 * scales.size(1) == x.size(1) && scales.size(2) == 2 &&
+                  scales.size(3) == kBlock && scales.is_contiguous() && scales.scalar_type() == at::kHalf &&
+                  x.size(1) % 32 == 0,
+              "q and scales do not match x and N");
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto out = torch::empty({M, N}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    run_int4(x.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), out.data_ptr<float>(), M, N, K,
+             blocks);
+  } else {
+    run_int4(x.data_ptr<at::BFloat16>(), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+             out.data_ptr<at::BFloat16>(), M, N, K, blocks);
+  }
+  return out;
+#else
+  TORCH_CHECK(false, "built without AVX512-VNNI: use available(\"int4\") first");
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether the kernel for this dtype was built");
   m.def("pack", &pack, "pack a (N, K) float32 or bfloat16 weight for linear");
   m.def("pack_int8", &pack_int8, "quantize a (N, K) weight to int8 per output column and pack it for linear_int8");
   m.def("linear_int8", &linear_int8, "x W^T with W from pack_int8, x quantized per row and 32 k",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("pack_int4", &pack_int4, "quantize a (N, K) weight to 4 bits per output column and 32 k, pack it for linear_int4");
+  m.def("linear_int4", &linear_int4, "x W^T with W from pack_int4, x quantized per row and 32 k",
         py::call_guard<py::gil_scoped_release>());
   m.def("linear", &linear, "x W^T with a packed weight (float32 or bfloat16)",
         py::call_guard<py::gil_scoped_release>());

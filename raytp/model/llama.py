@@ -187,10 +187,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = MLP(args, layout, comm, dtype)
 
-    def forward(self, x, cos, sin, cache, meta):
-        x, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), cos, sin,
-                                                                                  cache, meta))
-        return x + self.mlp(normed)
+    def forward(self, h, residual, cos, sin, cache, meta):
+        """h: the previous layer's MLP output (T, hidden), not yet added to residual, the stream before it (None at
+        the first layer, where h is the embedding) -> this layer's (MLP output, residual stream before it). Each
+        residual add is fused into the norm that follows it (one pass a row on CPU, updating residual in place)."""
+        if residual is None:
+            residual, normed = h, self.input_layernorm(h)
+        else:
+            residual, normed = self.input_layernorm.add_and_norm(residual, h)
+        residual, normed = self.post_attention_layernorm.add_and_norm(residual,
+                                                                      self.self_attn(normed, cos, sin, cache, meta))
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -223,11 +230,11 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """input_ids: (T,) -> hidden states (T, hidden) after the final norm."""
-        x = self.embed_tokens(input_ids)  # (T, hidden), all-reduce inside
-        cos, sin = self.rotary(meta.positions, x.dtype)  # (T, 1, D)
+        h, residual = self.embed_tokens(input_ids), None  # (T, hidden), all-reduce inside
+        cos, sin = self.rotary(meta.positions, h.dtype)  # (T, D)
         for layer, cache in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, cache, meta)
-        return self.norm(x)
+            h, residual = layer(h, residual, cos, sin, cache, meta)
+        return self.norm.add_and_norm(residual, h)[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

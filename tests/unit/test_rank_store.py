@@ -44,19 +44,20 @@ def test_sweep_removes_only_folders_whose_every_user_exited(tmp_path):
     assert sweep_stale_stores(str(tmp_path / "missing")) == []
 
 
-def test_an_int8_shard_round_trips_through_the_store(tmp_path):
-    """A spare maps a quantized rank's shard: its linears compute with the int8 weights and scales the rank packed
-    (not quantized again from the stored weights), so its logits are the rank's own."""
-    if cpu_ops.linear_op("int8") is None:
-        pytest.skip("the int8 kernel needs AVX512-VNNI and AVX512-BF16")
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_a_quantized_shard_round_trips_through_the_store(tmp_path, quantization):
+    """A spare maps a quantized rank's shard: its linears compute with the quantized weights and scales the rank
+    packed (not quantized again from the stored weights), so its logits are the rank's own."""
+    if cpu_ops.linear_op(quantization) is None:
+        pytest.skip(f"the {quantization} kernel needs AVX512-VNNI and AVX512-BF16")
     path = write_llama(tmp_path, hidden_size=64, intermediate_size=128)
-    rank = load_model(path, SingleRank(), progress=False, quantization="int8")
+    rank = load_model(path, SingleRank(), progress=False, quantization=quantization)
     kernels = {m.kernel for m in rank.modules() if isinstance(m, PackableLinear)}
-    assert kernels == {"int8"}
+    assert kernels == {quantization}
     save_shard(rank, str(tmp_path / "store" / "rank0.shard.safetensors"))
 
     spare = LlamaModel(read_model_args(path), SingleRank(), torch.float32)
     load_shard(spare, str(tmp_path / "store" / "rank0.shard.safetensors"))
-    assert {m.kernel for m in spare.modules() if isinstance(m, PackableLinear)} == {"int8"}
+    assert {m.kernel for m in spare.modules() if isinstance(m, PackableLinear)} == {quantization}
     hidden = torch.randn(3, 64)
     assert torch.equal(spare.compute_logits(hidden), rank.compute_logits(hidden))

@@ -81,14 +81,13 @@ def test_rotate_and_cache_matches_transformers_rotary_and_writes_the_cache(dtype
     H, Hkv, D = 6, 2, 64
     step, q, k, v, cache = random_step(chunks, H, Hkv, D, 16, dtype, seed=len(chunks))
     meta = build_metadata(step, 16, torch.device("cpu"))
-    cos, sin = RotaryEmbedding(D, {"rope_theta": 10000.0})(meta.positions, dtype)  # (T, 1, D)
+    cos, sin = RotaryEmbedding(D, {"rope_theta": 10000.0})(meta.positions, dtype)  # (T, D)
     qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)  # (T, (H + 2 Hkv) D)
     got_cache = cache.clone()
     got_q = CpuPagedAttention().rotate_and_cache(qkv, cos, sin, H, got_cache, meta)
 
     # transformers' layout: (batch 1, heads, T, D), cos/sin (1, T, D)
-    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos.squeeze(1)[None],
-                                        sin.squeeze(1)[None])
+    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
     expected_cache = cache.clone()
     expected_cache[0][meta.slot_mapping] = k_ref[0].transpose(0, 1)
     expected_cache[1][meta.slot_mapping] = v

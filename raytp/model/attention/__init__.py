@@ -99,7 +99,7 @@ class AttentionBackend:
 
     def rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                          cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """qkv: (T, (H + 2 Hkv) D), cos/sin: (T, 1, D), cache: (2, slots, Hkv, D) -> rotated q (T, H, D)."""
+        """qkv: (T, (H + 2 Hkv) D), cos/sin: (T, D), cache: (2, slots, Hkv, D) -> rotated q (T, H, D)."""
         T, (_, kv_heads, D) = qkv.shape[0], cache.shape[1:]
         qk, v = qkv.split([(heads + kv_heads) * D, kv_heads * D], dim=-1)
         qk = apply_rotary(qk.view(T, -1, D), cos, sin)  # (T, H + Hkv, D): q and k rotated together

@@ -132,8 +132,8 @@ class CpuPagedAttention(AttentionBackend):
         op = rowwise_op(qkv)
         if op is None or not (qkv.is_contiguous() and cache.is_contiguous()):
             return super().rotate_and_cache(qkv, cos, sin, heads, cache, meta)
-        # cos/sin (T, 1, D) as (T, D); cache[0], cache[1]: (slots, Hkv, D)
-        return op.rotary_write_kv(qkv, cos.squeeze(1), sin.squeeze(1), heads, cache[0], cache[1], meta.slot_mapping)
+        # cos/sin (T, D); cache[0], cache[1]: (slots, Hkv, D)
+        return op.rotary_write_kv(qkv, cos, sin, heads, cache[0], cache[1], meta.slot_mapping)
 
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)
