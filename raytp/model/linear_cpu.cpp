@@ -225,20 +225,6 @@ template <typename T>
 constexpr TileInt8Fn<T> kTilesInt8[kMaxTileInt8 + 1] = {nullptr, tile_int8<1, T>, tile_int8<2, T>, tile_int8<3, T>,
                                                        tile_int8<4, T>};
 
-template <typename T>
-void run_int8(const T* x, const uint8_t* q, const float* sw, T* out, int64_t M, int64_t N, int64_t K,
-              int64_t blocks) {
-  const QuantizedRows r = quantize_rows(x, M, K);
-  const int64_t groups = K / kGroup, block_size = K * kBlock;
-  for_block_pairs(N, blocks, [&](int64_t b0, int64_t b1, int64_t n0, __mmask16 mask0, __mmask16 mask1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxTileInt8) {
-      kTilesInt8<T>[std::min(kMaxTileInt8, M - m0)](r.p.data() + m0 * K, r.sx.data() + m0 * groups,
-                                                     r.psum.data() + m0 * groups, K, q + b0 * block_size,
-                                                     q + b1 * block_size, sw + b0 * kBlock, sw + b1 * kBlock,
-                                                     out + m0 * N + n0, N, mask0, mask1);
-    }
-  });
-}
 
 // int4: out[m, n0 .. n0+31] for the tile's MT rows. w0, w1: the two packed blocks (K / 8, 64): per group of 32 k,
 // four 64-byte rows whose low nibbles hold quads 0-3 of the group and high nibbles quads 4-7; s0, s1: their scales
@@ -296,17 +282,20 @@ template <typename T>
 constexpr TileInt4Fn<T> kTilesInt4[kMaxTileInt8 + 1] = {nullptr, tile_int4<1, T>, tile_int4<2, T>, tile_int4<3, T>,
                                                        tile_int4<4, T>};
 
-template <typename T>
-void run_int4(const T* x, const uint8_t* q, const at::Half* scales, T* out, int64_t M, int64_t N, int64_t K,
-              int64_t blocks) {
+// out (M, N) = x (M, K) times a quantized packed weight: x quantized once, then the tiles of up to 4 rows over each
+// pair of column blocks; a block is q_per_block bytes of q and s_per_block of its scales (S: float32 column scales
+// for int8, float16 group steps and minimums for int4).
+template <typename T, typename S, typename TileTable>
+void run_quantized(const T* x, const uint8_t* q, const S* scales, T* out, int64_t M, int64_t N, int64_t K,
+                   int64_t blocks, int64_t q_per_block, int64_t s_per_block, const TileTable& tiles) {
   const QuantizedRows r = quantize_rows(x, M, K);
-  const int64_t groups = K / kGroup, block_bytes = K / 2 * kBlock, block_scales = 2 * groups * kBlock;
+  const int64_t groups = K / kGroup;
   for_block_pairs(N, blocks, [&](int64_t b0, int64_t b1, int64_t n0, __mmask16 mask0, __mmask16 mask1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxTileInt8) {
-      kTilesInt4<T>[std::min(kMaxTileInt8, M - m0)](r.p.data() + m0 * K, r.sx.data() + m0 * groups,
-                                                     r.psum.data() + m0 * groups, K, q + b0 * block_bytes,
-                                                     q + b1 * block_bytes, scales + b0 * block_scales,
-                                                     scales + b1 * block_scales, out + m0 * N + n0, N, mask0, mask1);
+      tiles[std::min(kMaxTileInt8, M - m0)](r.p.data() + m0 * K, r.sx.data() + m0 * groups,
+                                            r.psum.data() + m0 * groups, K, q + b0 * q_per_block,
+                                            q + b1 * q_per_block, scales + b0 * s_per_block,
+                                            scales + b1 * s_per_block, out + m0 * N + n0, N, mask0, mask1);
     }
   });
 }
@@ -444,11 +433,11 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor sw, in
   const int64_t M = x.size(0), K = x.size(1), blocks = q.size(0);
   auto out = torch::empty({M, N}, x.options());
   if (x.scalar_type() == at::kFloat) {
-    run_int8(x.data_ptr<float>(), q.data_ptr<uint8_t>(), sw.data_ptr<float>(), out.data_ptr<float>(), M, N, K,
-             blocks);
+    run_quantized(x.data_ptr<float>(), q.data_ptr<uint8_t>(), sw.data_ptr<float>(), out.data_ptr<float>(), M, N, K,
+                  blocks, K * kBlock, kBlock, kTilesInt8<float>);
   } else {
-    run_int8(x.data_ptr<at::BFloat16>(), q.data_ptr<uint8_t>(), sw.data_ptr<float>(), out.data_ptr<at::BFloat16>(), M,
-             N, K, blocks);
+    run_quantized(x.data_ptr<at::BFloat16>(), q.data_ptr<uint8_t>(), sw.data_ptr<float>(),
+                  out.data_ptr<at::BFloat16>(), M, N, K, blocks, K * kBlock, kBlock, kTilesInt8<at::BFloat16>);
   }
   return out;
 #else
@@ -481,11 +470,12 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scales
   const int64_t M = x.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
   if (x.scalar_type() == at::kFloat) {
-    run_int4(x.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), out.data_ptr<float>(), M, N, K,
-             blocks);
+    run_quantized(x.data_ptr<float>(), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), out.data_ptr<float>(), M,
+                  N, K, blocks, K / 2 * kBlock, K / kGroup * 2 * kBlock, kTilesInt4<float>);
   } else {
-    run_int4(x.data_ptr<at::BFloat16>(), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
-             out.data_ptr<at::BFloat16>(), M, N, K, blocks);
+    run_quantized(x.data_ptr<at::BFloat16>(), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+                  out.data_ptr<at::BFloat16>(), M, N, K, blocks, K / 2 * kBlock, K / kGroup * 2 * kBlock,
+                  kTilesInt4<at::BFloat16>);
   }
   return out;
 #else
