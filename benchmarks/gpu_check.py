@@ -9,6 +9,9 @@
   all-gather, collective time from CUDA events, abort on close). On CPU: skipped.
 - decode: benchmarks/gpu_decode.py's measurement (raytp against transformers, batch-1 roofline fraction).
 
+engine_tp1 and decode record the attention kernel the rank ran and fail on CUDA when it is the reference (the
+slow fallback of attention_backend auto).
+
     python benchmarks/gpu_check.py --device cuda --out gpu_check.json [--tests-junit tests_gpu.xml]
 """
 from __future__ import annotations
@@ -41,6 +44,11 @@ def pytest_summary(junit_xml: str) -> dict:
             "ok": counts["failures"] == 0 and counts["errors"] == 0}
 
 
+def kernel_ok(device: str, attention_backend: str) -> bool:
+    """On CUDA the check fails on the reference attention: a replica there is slow, whatever its tokens."""
+    return device != "cuda" or attention_backend.startswith("cuda")
+
+
 def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
     from raytp.config import EngineConfig
     from raytp.engine.engine import AsyncEngine
@@ -66,12 +74,13 @@ def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
                 return [t async for out in engine.generate(prompt, params, f"check-{i}") for t in out.delta_token_ids]
 
             outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-            return outs, engine.core.supervisor.executor.num_kv_blocks
+            executor = engine.core.supervisor.executor
+            return outs, executor.num_kv_blocks, executor.attention_backend
         finally:
             await engine.shutdown()
 
     t0 = time.perf_counter()
-    ours, kv_blocks = asyncio.run(generate())
+    ours, kv_blocks, attention = asyncio.run(generate())
     seconds = time.perf_counter() - t0
     ref = load_reference(path, dtype=getattr(torch, dtype), device=device)
     ref.generation_config.eos_token_id = None
@@ -88,8 +97,10 @@ def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
         if same < len(theirs):  # where they part, is raytp's token transformers' runner-up?
             row["near_tie"] = tokens[same] in out.scores[same][0].topk(2).indices.tolist()
         per_prompt.append(row)
-    ok = all(r["matching_prefix"] == r["tokens"] or (r["matching_prefix"] > 0 and r["near_tie"]) for r in per_prompt)
-    return {"ok": ok, "dtype": dtype, "kv_blocks": kv_blocks, "engine_seconds": seconds, "prompts": per_prompt,
+    same_tokens = all(r["matching_prefix"] == r["tokens"] or (r["matching_prefix"] > 0 and r["near_tie"])
+                      for r in per_prompt)
+    return {"ok": same_tokens and kernel_ok(device, attention), "attention_backend": attention,
+            "block_size": cfg.resolved_block_size(), "dtype": dtype, "kv_blocks": kv_blocks, "engine_seconds": seconds, "prompts": per_prompt,
             "tokens_matching": sum(r["matching_prefix"] for r in per_prompt),
             "tokens_total": sum(r["tokens"] for r in per_prompt)}
 
@@ -131,7 +142,7 @@ def decode(device: str, dtype: str, shape: str, checkpoint_dir: str) -> dict:
         r = gpu_decode.measure(shape, device, dtype, [1, 32], 128, 128, checkpoint_dir)
     else:  # dry run: the same code, small
         r = gpu_decode.measure(shape, device, dtype, [1, 2], 16, 8, checkpoint_dir, copy_bytes=64 * 2**20)
-    r["ok"] = all(v > 0 for v in r["raytp_decode_tokens_per_s"].values())
+    r["ok"] = all(v > 0 for v in r["raytp_decode_tokens_per_s"].values()) and kernel_ok(device, r["attention_backend"])
     return r
 
 

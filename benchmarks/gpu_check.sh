@@ -13,6 +13,10 @@
 #
 # --device cpu is a dry run of the same code on CPU (small shapes; NCCL skipped): CI runs it
 # (tests/unit/test_gpu_check_script.py) so the script cannot rot. Exit status 0 only if every check passed.
+#
+# On the lent GPU machine (no Ray, no network, python3 is the one with torch): run `bash benchmarks/gpu_wheels.sh`
+# here first and carry .gpu-wheels (the device tool's carry: [".gpu-wheels"]); the raytp dependencies that machine
+# lacks are installed from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,8 +36,15 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's raytp and tests/, installed or not
 
+if [[ -d .gpu-wheels ]]; then  # carried wheels (gpu_wheels.sh): install each package that is missing here
+  for wheel in .gpu-wheels/*.whl; do
+    name=$(basename "$wheel"); name=${name%%-*}
+    python3 -m pip show -q "$name" >/dev/null 2>&1 || python3 -m pip install -q --no-index --no-deps "$wheel"
+  done
+fi
+
 echo "== tests/gpu"
 # Its failures are counted in the JSON (tests_gpu) rather than stopping the other checks.
-timeout 240 python -m pytest tests/gpu -q -p no:cacheprovider --junitxml="$work/tests_gpu.xml" || true
+timeout 240 python3 -m pytest tests/gpu -q -p no:cacheprovider --junitxml="$work/tests_gpu.xml" || true
 
-timeout 330 python benchmarks/gpu_check.py --device "$device" --tests-junit "$work/tests_gpu.xml" --out "$out" ${extra[@]+"${extra[@]}"}
+timeout 330 python3 benchmarks/gpu_check.py --device "$device" --tests-junit "$work/tests_gpu.xml" --out "$out" ${extra[@]+"${extra[@]}"}

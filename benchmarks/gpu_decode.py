@@ -135,7 +135,9 @@ def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[
     return [torch.randint(10, vocab - 10, (prompt_len,), generator=g).tolist() for _ in range(batch)]
 
 
-def run_raytp(path: str, device: str, dtype: str, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+def run_raytp(path: str, device: str, dtype: str, batches: list[int], prompt_len: int,
+              new_tokens: int) -> tuple[dict, str]:
+    """Decode tokens/s per batch size, and the attention kernel the rank ran (its label)."""
     from raytp.config import EngineConfig
     from raytp.engine.engine import AsyncEngine
     from raytp.cluster.executor import LocalExecutor
@@ -161,7 +163,8 @@ def run_raytp(path: str, device: str, dtype: str, batches: list[int], prompt_len
         await engine.start()
         try:
             await one_batch(engine, 2, "warmup")
-            return {b: decode_rate(await one_batch(engine, b, f"b{b}")) for b in batches}
+            rates = {b: decode_rate(await one_batch(engine, b, f"b{b}")) for b in batches}
+            return rates, engine.core.executor.attention_backend
         finally:
             await engine.shutdown()
 
@@ -220,12 +223,13 @@ def measure(shape: str, device: str, dtype: str, batches: list[int], prompt_len:
     config = json.load(open(os.path.join(path, "config.json")))
     bandwidth = copy_bandwidth(device, copy_bytes)
     roofline = bandwidth / bytes_per_token(config, _DTYPES[dtype], prompt_len + new_tokens // 2)
-    raytp = run_raytp(path, device, dtype, batches, prompt_len, new_tokens)
+    raytp, attention = run_raytp(path, device, dtype, batches, prompt_len, new_tokens)
     _sync(device)
     hf = run_transformers(path, device, dtype, batches, prompt_len, new_tokens)
     result = {"device": device_name(device), "shape": shape, "dtype": dtype, "torch": torch.__version__,
               "prompt_len": prompt_len, "new_tokens": new_tokens,
               "copy_bandwidth_bytes_per_s": bandwidth, "roofline_tokens_per_s": roofline,
+              "attention_backend": attention, "cuda_graphs": False,
               "raytp_decode_tokens_per_s": raytp, "transformers_decode_tokens_per_s": hf}
     if 1 in raytp:
         result["batch1_roofline_fraction"] = {"raytp": raytp[1] / roofline, "transformers": hf[1] / roofline}

@@ -66,7 +66,11 @@ class EngineConfig(BaseModel):
         default=True, description="Share the KV blocks of a prompt prefix already computed (by any request, kept until "
         "evicted least recently used) instead of computing it again."
     )
-    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    block_size: int | None = Field(
+        default=None, ge=1, le=1024, description="Tokens per KV-cache block (and the unit of prefix sharing). Default: "
+        "16, and 256 on CUDA where torch's flash attention reads the paged cache in place (FA2 takes pages of a "
+        "multiple of 256 tokens only; another size on CUDA runs flash attention over keys gathered per layer, slower)."
+    )
     num_kv_blocks: int | None = Field(
         default=None, ge=1, description="KV-cache blocks per rank; default sized from max_num_seqs and max_model_len (CPU) "
         "or from gpu_memory_utilization less the measured peak of the largest step (CUDA)."
@@ -109,7 +113,8 @@ class EngineConfig(BaseModel):
     )
     attention_backend: Literal["auto", "reference", "cpu", "cuda"] = Field(
         default="auto", description="Paged attention: auto picks the compiled kernel of the device (the C++ op on CPU, "
-        "flash-attention varlen on CUDA) and falls back to reference (padded SDPA, slow) where it cannot be built."
+        "flash attention 2 on CUDA) and falls back to reference (padded SDPA, slow) where it cannot run, logged as an "
+        "error and shown in the raytp_attention_backend metric; a backend named here that cannot run is a start-up error."
     )
     pack_weights: bool = Field(
         default=True, description="Repack linear weights on CPU for raytp's float32 op (AVX-512) or oneDNN, 2-2.5x faster than plain "
@@ -165,6 +170,16 @@ class EngineConfig(BaseModel):
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 256 if self.resolved_device() == "cpu" else 4096
+
+    def resolved_block_size(self) -> int:
+        if self.block_size is not None:
+            return self.block_size
+        if self.resolved_device() == "cuda" and self.attention_backend in ("auto", "cuda"):
+            from raytp.model.attention.cuda import PAGE_MULTIPLE, paged_varlen_attn
+
+            if paged_varlen_attn() is not None:
+                return PAGE_MULTIPLE
+        return 16
 
     def rank_threads(self) -> int:
         """Torch threads of a CPU rank: its whole CPUs, and one for a rank that shares a core."""

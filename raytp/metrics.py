@@ -58,6 +58,10 @@ class EngineMetrics:
                                      "result: ok, recovering (a fault the engine is mending: reported healthy, so "
                                      "Serve keeps the replica) or failed (beyond repair: Serve replaces it).",
                                      tag_keys=keys + ("result",))
+        self.attention_backend = Gauge("raytp_attention_backend", description="1 for the attention kernel the "
+                                       "replica's ranks run (cpu, cuda-paged, cuda-gathered, or reference: the slow "
+                                       "fallback where the device's kernel cannot run).", tag_keys=keys + ("backend",))
+        self._backend = ""
         self.recomputed = Counter("raytp_recomputed_tokens", description="Tokens whose KV a completed step had computed "
                                   "and a recovery lost, so they were computed again.", tag_keys=keys)
 
@@ -109,7 +113,12 @@ class EngineMetrics:
     def on_health_check(self, result: str) -> None:
         self.health_checks.inc(1, tags={**self.tags, "result": result})
 
-    def on_group(self, tp_size: int, restarted: bool) -> None:
+    def on_group(self, tp_size: int, restarted: bool, attention_backend: str = "") -> None:
         self.tp_size.set(tp_size, tags=self.tags)
+        if attention_backend:
+            if self._backend and self._backend != attention_backend:
+                self.attention_backend.set(0, tags={**self.tags, "backend": self._backend})
+            self._backend = attention_backend
+            self.attention_backend.set(1, tags={**self.tags, "backend": attention_backend})
         if restarted:
             self.restarts.inc(1, tags=self.tags)

@@ -1,16 +1,22 @@
 """One local Ray cluster per test session (CPU only), shared by every test that asks for it."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import pytest
 
 from raytp.ingress import choose_ingress
 
+# Where Ray is not installed (the lent GPU machine, which runs tests/gpu in-process) no test needs it; a test that
+# asks for the cluster is skipped there.
+HAS_RAY = importlib.util.find_spec("ray") is not None
+
 # The session's cluster fronts Serve with the ingress `raytp serve` starts by default (HAProxy handing connections to
 # the replicas' own HTTP servers), so the Serve tests go the way users' requests go. Set here, before any test module
 # imports ray.serve, whose constants read the environment once.
-choose_ingress("haproxy")
+if HAS_RAY:
+    choose_ingress("haproxy")
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,8 @@ class RayCluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    if not HAS_RAY:
+        pytest.skip("Ray is not installed here")
     import ray
 
     from raytp.cluster.comm import free_port

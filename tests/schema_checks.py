@@ -93,6 +93,7 @@ RAYTP_GAUGES = frozenset(
         "raytp_num_requests_waiting",
         "raytp_kv_cache_usage_perc",
         "raytp_tensor_parallel_size",
+        "raytp_attention_backend",
     }
 )
 RAYTP_COUNTERS = frozenset(

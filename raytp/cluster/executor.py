@@ -8,6 +8,7 @@ where Ray is not installed).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 from abc import ABC, abstractmethod
@@ -19,6 +20,7 @@ from raytp.engine.step import SeqStep, StepResult
 from raytp.cluster.worker import TPWorker
 from raytp.model.loader import checkpoint_dtype
 
+log = logging.getLogger(__name__)
 
 class GroupFailure(RuntimeError):
     """The TP group cannot run steps any more (a worker died, hung or failed). `lost_ranks`: ranks known to be gone
@@ -38,7 +40,7 @@ def choose_num_kv_blocks(config: EngineConfig, max_model_len: int, rank_capacity
     """KV blocks per rank: the configured number; on CUDA all the capacity (memory that gpu_memory_utilization
     set aside for the cache: blocks beyond the running batch's keep more prefixes cached); on CPU, whose memory
     the host shares, enough for max_num_seqs full-length sequences, within capacity."""
-    needed_one = math.ceil(max_model_len / config.block_size)
+    needed_one = math.ceil(max_model_len / config.resolved_block_size())
     if config.num_kv_blocks is not None:
         blocks = config.num_kv_blocks
     elif config.resolved_device() == "cuda":
@@ -52,7 +54,7 @@ def choose_num_kv_blocks(config: EngineConfig, max_model_len: int, rank_capacity
             fix = (f"lower max_model_len, raise gpu_memory_utilization={config.gpu_memory_utilization:g} or "
                    f"tensor_parallel_size, or lower max_num_batched_tokens={config.resolved_max_num_batched_tokens()}")
         raise ValueError(
-            f"KV cache of {blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
+            f"KV cache of {blocks} blocks x {config.resolved_block_size()} tokens cannot hold one sequence of "
             f"max_model_len={max_model_len} ({needed_one} blocks); {fix}"
         )
     if blocks > rank_capacity:
@@ -80,6 +82,7 @@ class Executor(ABC):
     tp_size: int
     num_kv_blocks: int
     dtype: str  # what the ranks compute in (config.resolved_dtype for this checkpoint)
+    attention_backend: str = ""  # the attention kernel the ranks run (its label), once started
 
     @abstractmethod
     def start(self, tp_size: int) -> None:
@@ -138,10 +141,13 @@ class LocalExecutor(Executor):
         cfg = self.config
         w = TPWorker(0, 1, cfg.resolved_device(), self.dtype, cfg.seed, self.num_threads)
         w.init_communicator(None)
-        w.load(self.model_path, cfg.attention_backend, cfg.pack_weights, quantization=cfg.quantization)
-        capacity = w.max_kv_blocks(cfg.block_size, cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))
+        loaded = w.load(self.model_path, cfg.attention_backend, cfg.pack_weights, quantization=cfg.quantization,
+                        block_size=cfg.resolved_block_size())
+        self.attention_backend = loaded["attention"]
+        log.info("attention: %s", loaded["attention_detail"])
+        capacity = w.max_kv_blocks(cfg.resolved_block_size(), cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))
         self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, capacity)
-        w.init_kv_cache(self.num_kv_blocks, cfg.block_size)
+        w.init_kv_cache(self.num_kv_blocks, cfg.resolved_block_size())
         w.warm_up(warm_up_tokens(cfg), kernels_up_to_seqs=cfg.max_num_seqs)
         self.worker = w
 

@@ -138,9 +138,12 @@ class TPGroup(Executor):
             # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them.
             replaceable = self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
             self.store_dir = new_store_dir() if replaceable else None
-            ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
-                                   self.store_dir, self.config.quantization) for w in self.workers], timeout=timeout)
-            bs = self.config.block_size
+            loaded = ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
+                                            self.store_dir, self.config.quantization, self.config.resolved_block_size())
+                              for w in self.workers], timeout=timeout)
+            self.attention_backend = loaded[0]["attention"]
+            log.info("attention: %s", loaded[0]["attention_detail"])
+            bs = self.config.resolved_block_size()
             profile = profile_seq_lens(self.config, self.max_model_len)
             capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization, profile)
                                     for w in self.workers], timeout=timeout))
@@ -301,7 +304,7 @@ class TPGroup(Executor):
                 self.workers[rank] = spare
             phase("spare_join")
             taken = ray.get([self.workers[rank].take_over.remote(
-                rank, self.tp_size, self.store_dir, self.num_kv_blocks, self.config.block_size) for rank in lost],
+                rank, self.tp_size, self.store_dir, self.num_kv_blocks, self.config.resolved_block_size()) for rank in lost],
                 timeout=timeout)
             phase("shard_load")
             phases["kv_restore"] = max(info["kv_s"] for info in taken)

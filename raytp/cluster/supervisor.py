@@ -123,7 +123,7 @@ class Supervisor:
         if kind is not None:
             self.recoveries[kind] += 1
         if self.metrics:
-            self.metrics.on_group(self.executor.tp_size, restarted=True)
+            self.metrics.on_group(self.executor.tp_size, restarted=True, attention_backend=self.executor.attention_backend)
             if kind is not None:
                 self.metrics.on_recovery(kind, phases)
 

@@ -226,11 +226,11 @@ class TPWorker:
     # ---- weights and KV cache -------------------------------------------------
 
     def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True,
-             store_dir: str | None = None, quantization: str = "none") -> dict:
+             store_dir: str | None = None, quantization: str = "none", block_size: int = 16) -> dict:
         """Load this rank's shard from the checkpoint; with store_dir (CPU), also write it where a replacement finds
-        it (rank_store.py)."""
+        it (rank_store.py). The attention backend is chosen for the KV cache's block size."""
         device = "cuda" if self.device == "cuda" else "cpu"
-        attention = select_backend(device, attention_backend, DTYPES[self.dtype])
+        attention = select_backend(device, attention_backend, DTYPES[self.dtype], block_size)
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
                                 attention=attention, pack_weights=pack_weights, quantization=quantization)
         if store_dir is not None and device == "cpu":
@@ -240,7 +240,8 @@ class TPWorker:
             mark_user(store_dir)
             save_shard(self.model, shard_path(store_dir, self.rank))
             self.store_dir = store_dir
-        return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.name}
+        return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.label,
+                "attention_detail": attention.describe()}
 
     def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int) -> None:
         """A spare builds every rank's model from the group's shard store ahead of time (the weights are the store's

@@ -82,7 +82,7 @@ class EngineCore:
     def _use_new_kv_cache(self, num_kv_blocks: int) -> None:
         self._previous_step = set()  # new ranks remember no step
         # A new cache is empty: a rebuilt group's requests find no cached prefix until they compute it again.
-        blocks = KVCacheManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        blocks = KVCacheManager(num_kv_blocks, self.config.resolved_block_size(), self.config.enable_prefix_caching)
         if self.scheduler is None:
             budget = self.config.resolved_max_num_batched_tokens()
             self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len,
@@ -339,7 +339,8 @@ class AsyncEngine:
     async def start(self) -> None:
         await asyncio.to_thread(self.core.start)
         if self.core.metrics:
-            self.core.metrics.on_group(self.core.executor.tp_size, restarted=False)
+            self.core.metrics.on_group(self.core.executor.tp_size, restarted=False,
+                                       attention_backend=self.core.executor.attention_backend)
         self.ready = True
         self._loop_task = asyncio.create_task(self._run())
 
@@ -409,7 +410,7 @@ class AsyncEngine:
         metrics, sched = self.core.metrics, self.core.scheduler
         if metrics:
             metrics.set_load(len(sched.running), len(sched.waiting), sched.blocks.usage())
-            metrics.on_group(self.tp_size, restarted=False)
+            metrics.on_group(self.tp_size, restarted=False, attention_backend=self.core.executor.attention_backend)
 
     async def _recover(self, failure: GroupFailure, lost: list[list[ScheduledSeq]]) -> None:
         """A step failed with these steps in flight (in the order sent): mend the group off the event loop, which

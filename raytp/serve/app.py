@@ -175,6 +175,7 @@ class RaytpServer:
             "ready": self.engine.ready,
             "tp_size": self.engine.tp_size,
             "dtype": self.engine.core.executor.dtype,
+            "attention_backend": self.engine.core.executor.attention_backend,
             "num_requests": len(core.requests),
             "num_running": len(sched.running),
             "num_waiting": len(sched.waiting),

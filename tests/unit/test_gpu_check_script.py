@@ -25,10 +25,12 @@ def test_dry_run_on_cpu_writes_one_passing_json(tmp_path):
     engine = checks["engine_tp1"]
     assert engine["dtype"] == "bfloat16" and engine["tokens_total"] == 4 * 24 and engine["kv_blocks"] > 0
     assert all(p["matching_prefix"] > 0 for p in engine["prompts"])
+    assert engine["attention_backend"] == "cpu" and engine["block_size"] == 16
     assert checks["nccl_world1"]["skipped"].startswith("needs CUDA")
     decode = checks["decode"]
     assert decode["shape"] == "small" and set(decode["raytp_decode_tokens_per_s"]) == {"1", "2"}
     assert 0 < decode["batch1_roofline_fraction"]["raytp"]
+    assert decode["attention_backend"] == "cpu" and decode["cuda_graphs"] is False
 
 
 def test_bad_arguments_are_named():

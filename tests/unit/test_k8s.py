@@ -258,6 +258,7 @@ def test_prometheus_rule_structure():
         "RaytpTimeToFirstTokenP99High",
         "RaytpHighErrorRate",
         "RaytpTensorParallelGroupRestarted",
+        "RaytpAttentionOnReference",
     }
     for name, r in alerts.items():
         assert set(r) == {"alert", "expr", "for", "labels", "annotations"}, name
@@ -266,6 +267,7 @@ def test_prometheus_rule_structure():
     assert "ray_raytp_time_to_first_token_seconds_bucket" in alerts["RaytpTimeToFirstTokenP99High"]["expr"]
     assert "ray_serve_num_http_error_requests_total" in alerts["RaytpHighErrorRate"]["expr"]
     assert "ray_raytp_tp_group_restarts_total" in alerts["RaytpTensorParallelGroupRestarted"]["expr"]
+    assert "ray_raytp_attention_backend" in alerts["RaytpAttentionOnReference"]["expr"]
     names = set().union(*(sc.promql_metric_names(r["expr"]) for r in alerts.values()))
     assert names <= sc.exported_raytp_names() | sc.SERVE_METRICS, names
 
@@ -274,7 +276,7 @@ def test_prometheus_rule_structure():
 def test_promtool_check_rules(tmp_path):
     result = sc.promtool_check_rules(RULES[0]["spec"]["groups"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 3 rules found" in result.stdout
+    assert "SUCCESS: 4 rules found" in result.stdout
 
 
 # Alert behaviour on synthetic series (promtool test rules). Series values:
@@ -282,6 +284,20 @@ def test_promtool_check_rules(tmp_path):
 RULE_TESTS = {
     "evaluation_interval": "1m",
     "tests": [
+        {   # one replica fell back to the reference at 10m; another runs the paged CUDA kernel throughout
+            "interval": "1m",
+            "input_series": [
+                {"series": 'ray_raytp_attention_backend{model_name="m", backend="cuda-paged", WorkerId="w1"}',
+                 "values": "1x30"},
+                {"series": 'ray_raytp_attention_backend{model_name="q", backend="reference", WorkerId="w2"}',
+                 "values": "_x10 1x20"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "8m", "alertname": "RaytpAttentionOnReference", "exp_alerts": []},
+                {"eval_time": "20m", "alertname": "RaytpAttentionOnReference",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning", "model_name": "q"}}]},
+            ],
+        },
         {   # first restart ever: the counter series appears at 1 (Ray does not export 0)
             "interval": "1m",
             "input_series": [

@@ -13,7 +13,9 @@ backends, chosen once at start-up by `select_backend`:
 - `reference`: padded batches through SDPA with a dense mask (reference.py);
   simple and obviously right, the one the others are tested against.
 - `cpu`: a small compiled C++ op that reads the cache in place (cpu.py).
-- `cuda`: torch's flash-attention varlen kernel with a block table (cuda.py).
+- `cuda`: flash attention 2 through torch, reading the paged cache in place
+  where this torch can (pages of 256 tokens), else over keys gathered per
+  layer (cuda.py).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class AttentionMetadata:
     last_token_index: torch.Tensor  # (B,) index into T of each sequence's last new token
     max_query_len: int
     max_seq_len: int
+    num_keys: int  # sum of seq_lens: every key the step's sequences attend to
     block_size: int
     sliding_window: int | None
     # What a backend derives from this metadata at its first layer and reuses for the rest of the step (the
@@ -86,6 +89,7 @@ def build_metadata(
         last_token_index=torch.from_numpy(query_start[1:] - 1).to(device),
         max_query_len=int(num_new.max()),
         max_seq_len=int(seq_lens.max()),
+        num_keys=int(seq_lens.sum()),
         block_size=block_size,
         sliding_window=sliding_window,
     )
@@ -96,6 +100,14 @@ class AttentionBackend:
     each sequence's whole context (attend)."""
 
     name = "base"
+
+    @property
+    def label(self) -> str:
+        """Which kernel runs (metrics, logs, engine_stats): the name, or the name and the kernel's variant."""
+        return self.name
+
+    def describe(self) -> str:
+        return self.label
 
     def rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                          cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -122,33 +134,38 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def select_backend(device: str, name: str = "auto", dtype: torch.dtype = torch.float32) -> AttentionBackend:
-    """The attention backend for this rank: `name`, or for "auto" the fastest one that works on `device` in `dtype`.
+def select_backend(device: str, name: str = "auto", dtype: torch.dtype = torch.float32,
+                   block_size: int = 16) -> AttentionBackend:
+    """The attention backend for this rank: `name`, or for "auto" the fastest one that works on `device` in `dtype`
+    at this KV block size.
 
-    A fast backend that cannot be built or run here (no C++ compiler, a torch
-    without the varlen kernel, flash attention in float32) falls back to the
-    reference, with a warning.
+    An explicit backend that cannot be built or does not pass its check is an
+    error. With "auto", a fast backend that cannot (no C++ compiler, a torch
+    without flash attention, flash attention in float32) falls back to the
+    reference, logged as an error: the reference pads every sequence and copies
+    its whole context each layer, so a replica on it is slow, and its label
+    (metrics, engine_stats) says "reference".
     """
     from raytp.model.attention.reference import ReferenceAttention
 
     if name == "reference":
         return ReferenceAttention()
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     wanted = name if name != "auto" else ("cuda" if device == "cuda" else "cpu")
     try:
         if wanted == "cpu":
             from raytp.model.attention.cpu import CpuPagedAttention
 
             return CpuPagedAttention()
-        if wanted == "cuda":
-            from raytp.model.attention.cuda import CudaVarlenAttention
+        from raytp.model.attention.cuda import CudaFlashAttention
 
-            return CudaVarlenAttention(dtype)
-    except Exception as err:  # noqa: BLE001 - any build or import failure means: use the reference
+        return CudaFlashAttention(dtype, block_size)
+    except Exception as err:  # noqa: BLE001 - any build, import or self-check failure
         if name != "auto":
-            raise
-        log.warning("attention backend %r is not available here (%s); using the reference", wanted, err)
+            raise RuntimeError(f"attention_backend {name!r} cannot run here: {err}") from err
+        log.error("attention backend %r cannot run here (%s): falling back to the reference, which is slow", wanted, err)
         return ReferenceAttention()
-    raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
 
 
 def random_step(chunks_spec: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, block_size: int,
