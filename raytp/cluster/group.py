@@ -38,7 +38,28 @@ from raytp.model.loader import checkpoint_dtype
 SPARE_REFILL_DELAY_S = 3.0
 PING_TIMEOUT_S = 1.0  # a live rank answers a ping in milliseconds, even mid-step (its Ray calls have threads of their own)
 
+KILLED_RANKS_EXIT_S = 30.0  # how long a teardown on GPUs waits for its killed ranks' processes to be gone
+
 log = logging.getLogger(__name__)
+
+
+def wait_until_gone(actors: list, timeout_s: float) -> bool:
+    """Wait until every actor (killed) is dead, so that its process and the GPU memory it held are gone; False if
+    one is still alive after timeout_s. Ray answers a call to a dead actor with RayActorError."""
+    deadline = time.monotonic() + timeout_s
+    for actor in actors:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                ray.get(actor.ping.remote(), timeout=min(1.0, left))
+            except RayActorError:
+                break
+            except GetTimeoutError:
+                continue
+            time.sleep(0.05)  # it answered: not killed yet
+    return True
 
 
 def _largest_node(resource: str) -> tuple[float, float]:
@@ -361,9 +382,13 @@ class TPGroup(Executor):
             self._refill.cancel()
         # ray.kill ends a rank at once, even one blocked in a collective with a dead peer, and runs no Python
         # teardown (so no ncclCommDestroy, which would wait for that peer).
-        for w in self.workers:
+        killed, self.workers = self.workers, []
+        for w in killed:
             ray.kill(w, no_restart=True)
-        self.workers = []
+        if self.device == "cuda" and not wait_until_gone(killed, KILLED_RANKS_EXIT_S):
+            # A group placed on the same GPUs now would size its KV cache around the memory they still hold.
+            log.warning("killed TP ranks still answer after %gs: the next group may find their GPUs' memory taken",
+                        KILLED_RANKS_EXIT_S)
         with self._refill_lock:
             if self.spares is not None:
                 self.spares.shutdown()

@@ -12,6 +12,7 @@ plain Python: cluster.py runs it as a Ray actor (TPWorkerActor, processes named
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -40,6 +41,7 @@ from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.layers import build_gemm_kernels
 from raytp.model.llama import LlamaModel
 from raytp.model.loader import DTYPES, load_model, read_model_args, weight_bytes
+from raytp.outputs import TokenLogprob
 from raytp.sampling import RowContext, SamplingParams, gather_logprobs, sample
 from raytp.engine.step import PREVIOUS_TOKEN, SeqStep, StepLogprobs, StepResult
 from raytp.cluster.topology import check_nvlink
@@ -63,11 +65,14 @@ class TimedCommunicator(Communicator):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
         self.cuda_events = cuda_events
         self._wall_seconds = 0.0
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # this step's, in use
+        self._spare_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # read, for the next steps
 
     def _timed(self, fn, *args):
         if self.cuda_events:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # Two per collective, two collectives a layer: reused from step to step instead of created each time.
+            start, end = (self._spare_events.pop() if self._spare_events
+                          else (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             start.record()  # on the current (the step's) stream, like the collective
             out = fn(*args)
             end.record()
@@ -79,6 +84,8 @@ class TimedCommunicator(Communicator):
         return out
 
     def reset(self) -> None:
+        """Forget the time taken so far; an unread step's events (it failed) are recorded anew before reuse."""
+        self._spare_events += self._events
         self._wall_seconds, self._events = 0.0, []
 
     def take_seconds(self) -> float:
@@ -119,15 +126,40 @@ class NotConnected(Communicator):
     all_reduce = all_gather = broadcast = barrier = _refuse
 
 
-def throwaway_steps(seq_lens: list[int], block_size: int) -> list[SeqStep]:
-    """Greedy prefills of these lengths (token 0 throughout), in consecutive KV blocks from block 0."""
+GREEDY_ONE = SamplingParams(max_tokens=1, temperature=0.0)
+# The KV sizing step's rows ask for what costs a step the most memory besides its activations: top-p/top-k's sort of
+# the vocabulary, sampled logprobs, and prompt logprobs (their logits, PROMPT_LOGITS_ROWS rows at a time). Seeded:
+# the rank's own generator is left as it was.
+MEMORY_HUNGRY = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=50, seed=0, logprobs=20,
+                               prompt_logprobs=20)
+PROMPT_LOGITS_ROWS = 256  # prompt logprobs: logits of at most this many rows at once (each row is vocab floats)
+
+
+def throwaway_steps(seq_lens: list[int], block_size: int, params: SamplingParams = GREEDY_ONE) -> list[SeqStep]:
+    """Prefills of these lengths (token 0 throughout), in consecutive KV blocks from block 0, each with `params`."""
     steps, next_block = [], 0
     for i, n in enumerate(seq_lens):
         blocks = -(-n // block_size)  # ceil
-        steps.append(SeqStep([0] * n, 0, list(range(next_block, next_block + blocks)),
-                             SamplingParams(max_tokens=1, temperature=0.0), 0, f"throwaway-{i}"))
+        steps.append(SeqStep([0] * n, 0, list(range(next_block, next_block + blocks)), params, 0, f"throwaway-{i}",
+                             prompt_len=n, prompt_logprobs=params.prompt_logprobs is not None))
         next_block += blocks
     return steps
+
+
+def on_rank_device(method):
+    """Run a rank's method with the rank's GPU as the calling thread's current device. CUDA's current device is per
+    thread: the actor's constructor sets it on its own thread, but Ray runs a threaded actor's calls (load, the
+    communicator, KV sizing) on threads of its pool, and the steps on the rank's step thread, where it would be
+    device 0: wrong wherever CUDA_VISIBLE_DEVICES does not hold this rank's GPU alone."""
+
+    @functools.wraps(method)
+    def on_device(self, *args, **kwargs):
+        if self.cuda_index is None:
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.cuda_index):
+            return method(self, *args, **kwargs)
+
+    return on_device
 
 
 class TPWorker:
@@ -192,6 +224,7 @@ class TPWorker:
             self._store = open_store(rendezvous, self.world_size)
         return rendezvous
 
+    @on_rank_device
     def init_communicator(self, rendezvous, timeout_s: float = 60.0, epoch: int = 0) -> str:
         """Connect to the group's other ranks. Again after a peer was replaced (epoch > 0): the model's layers keep
         their communicator object and get the new connection inside it, and what the rank remembers of earlier
@@ -218,6 +251,7 @@ class TPWorker:
             self.generator.manual_seed(self.seed + epoch)
         return type(inner).__name__
 
+    @on_rank_device
     def abort_communicator(self) -> None:
         """Release this rank (and, through the shared segment, its peers) from a collective a dead peer blocks."""
         if self.comm is not None:
@@ -225,6 +259,7 @@ class TPWorker:
 
     # ---- weights and KV cache -------------------------------------------------
 
+    @on_rank_device
     def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True,
              store_dir: str | None = None, quantization: str = "none", block_size: int = 16) -> dict:
         """Load this rank's shard from the checkpoint; with store_dir (CPU), also write it where a replacement finds
@@ -260,6 +295,7 @@ class TPWorker:
         load_shard(model, shard_path(store_dir, rank))
         return model
 
+    @on_rank_device
     def take_over(self, rank: int, world_size: int, store_dir: str, num_kv_blocks: int, block_size: int) -> dict:
         """A spare becomes rank `rank` of a group that lost it: the dead rank's shard (built by prepare_spare) and KV
         cache come from its store (no checkpoint read, no packing, no cache to fill again). It joins the
@@ -280,6 +316,7 @@ class TPWorker:
         shape = self.model.kv_cache_shape(block_size)
         return int(torch.Size(shape).numel()) * torch.empty((), dtype=self.model.dtype).element_size()
 
+    @on_rank_device
     def max_kv_blocks(self, block_size: int, gpu_memory_utilization: float, profile_seq_lens: list[int]) -> int:
         """How many KV blocks this rank can hold.
 
@@ -296,18 +333,21 @@ class TPWorker:
 
     def profile_memory(self, seq_lens: list[int], block_size: int) -> MemoryProfile:
         """Run one throw-away step of prefills of these lengths in a scratch KV cache just big enough; read the GPU."""
-        steps = throwaway_steps(seq_lens, block_size)
+        steps = throwaway_steps(seq_lens, block_size, MEMORY_HUNGRY)
         self.init_kv_cache(sum(len(s.block_table) for s in steps), block_size)
         scratch_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         torch.cuda.reset_peak_memory_stats()
         self._run_throwaway(steps)
-        peak_allocated = torch.cuda.max_memory_allocated() - scratch_bytes
+        # Reserved, not allocated: what the caching allocator held at the peak is what the device had to give
+        # (its blocks' rounding and fragmentation included).
+        peak_reserved = torch.cuda.max_memory_reserved() - scratch_bytes
         self.kv_cache = None
         torch.cuda.empty_cache()  # the step's activations go back to the device: `used` is the steady state
         free, total = torch.cuda.mem_get_info()
         return MemoryProfile(total=total, used=total - free, reserved=torch.cuda.memory_reserved(),
-                             peak_allocated=peak_allocated)
+                             peak_reserved=peak_reserved)
 
+    @on_rank_device
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         """A zeroed KV cache; on CPU with a store, mapped from a file that outlives this process (rank_store.py)."""
         self.block_size = block_size
@@ -321,6 +361,7 @@ class TPWorker:
         if self.stream is not None:
             torch.cuda.synchronize()  # weights and cache were written on the default stream; steps read them on self.stream
 
+    @on_rank_device
     def warm_up(self, num_tokens: int, kernels_up_to_seqs: int = 0) -> float:
         """Run one throw-away step of `num_tokens` tokens (short sequences), like a big prefill step; with
         kernels_up_to_seqs, then have oneDNN build the GEMM kernels of every step size up to num_tokens tokens and
@@ -358,6 +399,7 @@ class TPWorker:
     def ping(self) -> int:
         return self.rank
 
+    @on_rank_device
     def execute(self, seqs: list[SeqStep]) -> StepResult:
         t0 = time.perf_counter()
         self.comm.reset()
@@ -425,10 +467,15 @@ class TPWorker:
                 first = int(last_index[i]) - len(ids[i]) + 1
                 spans.append((i, first, len(row_targets)))
                 targets.extend(row_targets)
-        prompt_logits = None
+        prompt_rows: list[TokenLogprob] = []  # rank 0: one per target, in order
         if spans:
             rows = torch.cat([torch.arange(f, f + n) for _, f, n in spans]).to(hidden.device)  # (P,)
-            prompt_logits = self.model.compute_logits(hidden[rows])  # (P, vocab)
+            num_top = max(seqs[i].params.prompt_logprobs for i, _, _ in spans)
+            # A few rows' logits at a time: a long prompt chunk's (P, vocab) floats at once would be GiBs.
+            for lo in range(0, len(rows), PROMPT_LOGITS_ROWS):
+                logits_part = self.model.compute_logits(hidden[rows[lo : lo + PROMPT_LOGITS_ROWS]])  # (<=C, vocab)
+                if self.rank == 0:  # every rank computes the logits (the vocab all-gather is a collective)
+                    prompt_rows += gather_logprobs(logits_part, targets[lo : lo + PROMPT_LOGITS_ROWS], num_top)
         if self.rank != 0:
             return None
         if sampled_rows:  # one batched log-softmax; each row keeps its own top N
@@ -440,11 +487,13 @@ class TPWorker:
                 out.sampled[i] = lp
         offset = 0
         for i, _, n in spans:
-            out.prompt[i] = gather_logprobs(prompt_logits[offset : offset + n], targets[offset : offset + n],
-                                            seqs[i].params.prompt_logprobs)
+            out.prompt[i] = prompt_rows[offset : offset + n]
+            for lp in out.prompt[i]:
+                lp.top = lp.top[: seqs[i].params.prompt_logprobs]
             offset += n
         return out
 
+    @on_rank_device
     def shutdown(self) -> None:
         if self.comm is not None:
             self.comm.close()

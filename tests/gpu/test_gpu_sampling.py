@@ -14,8 +14,10 @@ def test_sampling_on_cuda_logits():
     seeded = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i) for i in range(8)]
     first = sample(logits, seeded, list(range(8)), torch.Generator())
     assert sample(logits, seeded, list(range(8)), torch.Generator().manual_seed(99)) == first
-    bf16 = sample(logits.bfloat16(), [SamplingParams(top_k=1, seed=1)] * 8, [0] * 8, torch.Generator())
-    assert bf16 == logits.bfloat16().float().argmax(-1).tolist()
+    # 128k logits rounded to bf16 may tie at the maximum: top_k=1 may take any of the tied tokens.
+    rounded = logits.bfloat16()
+    bf16 = sample(rounded, [SamplingParams(top_k=1, seed=1)] * 8, [0] * 8, torch.Generator())
+    assert all(rounded[i, t] == rounded[i].max() for i, t in enumerate(bf16))
 
 
 def test_penalties_bias_ban_and_logprobs_on_cuda_equal_cpu():
@@ -52,5 +54,8 @@ def test_grammar_mask_on_cuda_equals_cpu():
     allowed = torch.zeros(1, vocab)
     apply_token_bitmask(allowed, [0], [mask])
     tokens = sample(logits.cuda(), params, [0] * 3, torch.Generator(), contexts)
-    assert tokens == sample(logits, params, [0] * 3, torch.Generator(), contexts)
+    # The greedy rows equal the CPU's; the seeded row draws from CUDA's generator, which is not the CPU's: the same
+    # seed gives the same token again on CUDA, one the mask allows.
+    assert tokens[:2] == sample(logits, params, [0] * 3, torch.Generator(), contexts)[:2]
+    assert tokens == sample(logits.cuda(), params, [0] * 3, torch.Generator(), contexts)
     assert allowed[0, tokens[0]] == 0 and allowed[0, tokens[2]] == 0

@@ -45,3 +45,34 @@ def test_one_gpu_per_rank():
 def test_outside_ray_the_first_visible_device():
     assert cuda_device_index([], None) == 0
     assert cuda_device_index([], "2,3") == 0
+
+
+def test_a_rank_s_calls_run_with_its_gpu_current_on_the_thread_that_runs_them(monkeypatch, tmp_path):
+    """CUDA's current device is per thread, and Ray runs a rank's calls on threads of its own: every call that
+    touches the device enters the rank's GPU itself (here a CPU rank posing as one on GPU 3)."""
+    import contextlib
+    import threading
+
+    import torch
+
+    from raytp.cluster.worker import TPWorker, throwaway_steps
+    from tests.helpers import write_llama
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append((threading.current_thread().name, index))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    worker = TPWorker(0, 1, "cpu", "float32")
+    worker.cuda_index = 3
+    path = write_llama(tmp_path)
+    calls = [("init_communicator", (None,)), ("load", (path,)), ("init_kv_cache", (4, 16)),
+             ("execute", (throwaway_steps([5], 16),)), ("shutdown", ())]
+    for i, (name, args) in enumerate(calls):
+        thread = threading.Thread(target=getattr(worker, name), args=args, name=f"ray-pool-{i}")
+        thread.start()
+        thread.join()
+    assert entered == [(f"ray-pool-{i}", 3) for i in range(len(calls))]

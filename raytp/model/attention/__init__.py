@@ -63,33 +63,48 @@ class AttentionMetadata:
 def build_metadata(
     chunks: list[SeqChunk], block_size: int, device: torch.device, sliding_window: int | None = None
 ) -> AttentionMetadata:
-    """One step's metadata, computed on the host with numpy (no per-token Python) and copied to `device` once."""
-    num_new = np.fromiter((c.num_new for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
-    start = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))  # (B,)
-    query_start = np.zeros(len(chunks) + 1, dtype=np.int64)
-    np.cumsum(num_new, out=query_start[1:])
-    T = int(query_start[-1])
-    seq_of_row = np.repeat(np.arange(len(chunks)), num_new)  # (T,)
-    positions = start[seq_of_row] + np.arange(T) - query_start[seq_of_row]  # (T,)
+    """One step's metadata, computed on the host with numpy (no per-token Python) into one buffer, which goes to
+    `device` as one copy (from pinned memory, not blocking the host, on CUDA) and is read there through views."""
+    B = len(chunks)
+    num_new = np.fromiter((c.num_new for c in chunks), dtype=np.int64, count=B)  # (B,)
+    start = np.fromiter((c.start for c in chunks), dtype=np.int64, count=B)  # (B,)
+    T = int(num_new.sum())
     max_blocks = max(len(c.block_table) for c in chunks)
-    tables = np.zeros((len(chunks), max_blocks), dtype=np.int64)  # (B, max_blocks)
+    # The buffer: int64 positions (T), slots (T) and last-token rows (B), then int32 query starts (B + 1), context
+    # lengths (B), their sums (B + 1) and block tables (B, max_blocks): the int32 ones are what flash attention reads.
+    n64, n32 = 2 * T + B, 3 * B + 2 + B * max_blocks
+    host = torch.empty(8 * n64 + 4 * n32, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
+    i64, i32 = host[: 8 * n64].numpy().view(np.int64), host[8 * n64 :].numpy().view(np.int32)
+    positions, slots, last_row = i64[:T], i64[T : 2 * T], i64[2 * T :]
+    query_start, seq_lens = i32[: B + 1], i32[B + 1 : 2 * B + 1]
+    cu_seq_lens, tables = i32[2 * B + 1 : 3 * B + 2], i32[3 * B + 2 :].reshape(B, max_blocks)
+
+    query_start[0] = 0
+    np.cumsum(num_new, out=query_start[1:])
+    seq_of_row = np.repeat(np.arange(B), num_new)  # (T,)
+    positions[:] = start[seq_of_row] + np.arange(T) - query_start[seq_of_row]
+    tables[:] = 0  # past each sequence's blocks
     for i, c in enumerate(chunks):
         tables[i, : len(c.block_table)] = c.block_table
-    slots = tables[seq_of_row, positions // block_size] * block_size + positions % block_size  # (T,)
-    seq_lens = start + num_new
-    cu_seq_lens = np.zeros(len(chunks) + 1, dtype=np.int32)
+    slots[:] = tables[seq_of_row, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    last_row[:] = query_start[1:] - 1
+    seq_lens[:] = start + num_new
+    cu_seq_lens[0] = 0
     np.cumsum(seq_lens, out=cu_seq_lens[1:])
+
+    buf = host.to(device, non_blocking=True)
+    b64, b32 = buf[: 8 * n64].view(torch.int64), buf[8 * n64 :].view(torch.int32)
     return AttentionMetadata(
-        positions=torch.from_numpy(positions).to(device),
-        slot_mapping=torch.from_numpy(slots).to(device),
-        query_start=torch.from_numpy(query_start.astype(np.int32)).to(device),
-        seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
-        cu_seq_lens=torch.from_numpy(cu_seq_lens).to(device),
-        block_tables=torch.from_numpy(tables.astype(np.int32)).to(device),
-        last_token_index=torch.from_numpy(query_start[1:] - 1).to(device),
+        positions=b64[:T],
+        slot_mapping=b64[T : 2 * T],
+        query_start=b32[: B + 1],
+        seq_lens=b32[B + 1 : 2 * B + 1],
+        cu_seq_lens=b32[2 * B + 1 : 3 * B + 2],
+        block_tables=b32[3 * B + 2 :].view(B, max_blocks),
+        last_token_index=b64[2 * T :],
         max_query_len=int(num_new.max()),
         max_seq_len=int(seq_lens.max()),
-        num_keys=int(seq_lens.sum()),
+        num_keys=int(seq_lens.sum(dtype=np.int64)),
         block_size=block_size,
         sliding_window=sliding_window,
     )
