@@ -33,8 +33,7 @@ def _layer(out_f: int, in_f: int, dtype: torch.dtype, kernel: str) -> PackableLi
     layer = PackableLinear(out_f, in_f, dtype)
     torch.nn.init.normal_(layer.weight, std=0.02)
     if kernel == "onednn":
-        layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 32)
-        layer.kernel = "onednn"
+        layer.use("onednn", torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 32))
     elif kernel in ("int8", "int4"):
         if cpu_ops.linear_op(kernel) is None:
             return None

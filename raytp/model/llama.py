@@ -15,6 +15,7 @@ from raytp.cluster.comm import Communicator
 from raytp.model.attention import AttentionBackend, AttentionMetadata
 from raytp.model.layers import (
     ColumnParallelLinear,
+    DirectCall,
     PackableLinear,
     ParallelLMHead,
     RMSNorm,
@@ -149,7 +150,7 @@ def valid_tp_degrees(args: ModelArgs, up_to: int) -> list[int]:
     return out
 
 
-class Attention(nn.Module):
+class Attention(DirectCall):
     def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype,
                  backend: AttentionBackend):
         super().__init__()
@@ -168,7 +169,7 @@ class Attention(nn.Module):
         return self.o_proj(out)  # all-reduce inside: (T, hidden)
 
 
-class MLP(nn.Module):
+class MLP(DirectCall):
     def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(args.hidden_size, 2 * layout.intermediate, args.mlp_bias, dtype)
@@ -178,7 +179,7 @@ class MLP(nn.Module):
         return self.down_proj(silu_mul(self.gate_up_proj(x)))  # (T, 2 I / p) -> (T, I / p) -> all-reduce: (T, hidden)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(DirectCall):
     def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype,
                  backend: AttentionBackend):
         super().__init__()
