@@ -136,6 +136,7 @@ def test_scrape_has_every_family_with_the_right_values(ray_cluster, served):
     assert total(m, "ray_raytp_recovery_seconds_count", model_name=MODEL) == 0
     assert total(m, "ray_raytp_recomputed_tokens_total", model_name=MODEL) == 0
     assert total(m, "ray_raytp_tensor_parallel_size", model_name=MODEL) == 1
+    assert total(m, "ray_raytp_attention_backend", model_name=MODEL, backend="cpu") == 1  # the compiled op, not the fallback
     assert total(m, "ray_raytp_num_requests_running", model_name=MODEL) == 0
     n = len(usages)
     for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):

@@ -81,6 +81,7 @@ def test_required_panels_present():
         "ray_raytp_num_requests_running", "ray_raytp_num_requests_waiting", "ray_raytp_kv_cache_usage_perc",
         "ray_raytp_tensor_parallel_size", "ray_raytp_tp_group_restarts_total",
         "ray_raytp_recovery_seconds_bucket", "ray_raytp_recoveries_total", "ray_raytp_recomputed_tokens_total",
+        "ray_raytp_attention_backend",
     }
     assert {"ray_serve_deployment_replica_healthy", "ray_serve_num_http_requests_total",
             "ray_serve_num_http_error_requests_total"} <= used
