@@ -22,6 +22,7 @@ from raytp.model.loader import checkpoint_dtype
 
 log = logging.getLogger(__name__)
 
+
 class GroupFailure(RuntimeError):
     """The TP group cannot run steps any more (a worker died, hung or failed). `lost_ranks`: ranks known to be gone
     (a peer saw the process exit, or they did not answer), where known; `detect_s`: how long it took to tell (a hang
@@ -141,13 +142,14 @@ class LocalExecutor(Executor):
         cfg = self.config
         w = TPWorker(0, 1, cfg.resolved_device(), self.dtype, cfg.seed, self.num_threads)
         w.init_communicator(None)
+        bs = cfg.resolved_block_size()
         loaded = w.load(self.model_path, cfg.attention_backend, cfg.pack_weights, quantization=cfg.quantization,
-                        block_size=cfg.resolved_block_size())
+                        block_size=bs)
         self.attention_backend = loaded["attention"]
         log.info("attention: %s", loaded["attention_detail"])
-        capacity = w.max_kv_blocks(cfg.resolved_block_size(), cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))
+        capacity = w.max_kv_blocks(bs, cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))
         self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, capacity)
-        w.init_kv_cache(self.num_kv_blocks, cfg.resolved_block_size())
+        w.init_kv_cache(self.num_kv_blocks, bs)
         w.warm_up(warm_up_tokens(cfg), kernels_up_to_seqs=cfg.max_num_seqs)
         self.worker = w
 

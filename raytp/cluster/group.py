@@ -159,12 +159,12 @@ class TPGroup(Executor):
             # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them.
             replaceable = self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
             self.store_dir = new_store_dir() if replaceable else None
+            bs = self.config.resolved_block_size()
             loaded = ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
-                                            self.store_dir, self.config.quantization, self.config.resolved_block_size())
+                                            self.store_dir, self.config.quantization, bs)
                               for w in self.workers], timeout=timeout)
             self.attention_backend = loaded[0]["attention"]
             log.info("attention: %s", loaded[0]["attention_detail"])
-            bs = self.config.resolved_block_size()
             profile = profile_seq_lens(self.config, self.max_model_len)
             capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization, profile)
                                     for w in self.workers], timeout=timeout))
