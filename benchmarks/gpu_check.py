@@ -49,6 +49,11 @@ def kernel_ok(device: str, attention_backend: str) -> bool:
     return device != "cuda" or attention_backend.startswith("cuda")
 
 
+def graphs_ok(device: str, replays: int) -> bool:
+    """On CUDA decode steps must replay CUDA graphs (cuda_graphs defaults to true)."""
+    return device != "cuda" or replays > 0
+
+
 def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
     from raytp.config import EngineConfig
     from raytp.engine.engine import AsyncEngine
@@ -75,12 +80,13 @@ def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
 
             outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
             executor = engine.core.supervisor.executor
-            return outs, executor.num_kv_blocks, executor.attention_backend
+            graphs = executor.worker.graphs
+            return outs, executor.num_kv_blocks, executor.attention_backend, graphs.replays if graphs else 0
         finally:
             await engine.shutdown()
 
     t0 = time.perf_counter()
-    ours, kv_blocks, attention = asyncio.run(generate())
+    ours, kv_blocks, attention, replays = asyncio.run(generate())
     seconds = time.perf_counter() - t0
     ref = load_reference(path, dtype=getattr(torch, dtype), device=device)
     ref.generation_config.eos_token_id = None
@@ -99,7 +105,8 @@ def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
         per_prompt.append(row)
     same_tokens = all(r["matching_prefix"] == r["tokens"] or (r["matching_prefix"] > 0 and r["near_tie"])
                       for r in per_prompt)
-    return {"ok": same_tokens and kernel_ok(device, attention), "attention_backend": attention,
+    return {"ok": same_tokens and kernel_ok(device, attention) and graphs_ok(device, replays),
+            "attention_backend": attention, "cuda_graph_replays": replays,
             "block_size": cfg.resolved_block_size(), "dtype": dtype, "kv_blocks": kv_blocks, "engine_seconds": seconds, "prompts": per_prompt,
             "tokens_matching": sum(r["matching_prefix"] for r in per_prompt),
             "tokens_total": sum(r["tokens"] for r in per_prompt)}
@@ -142,7 +149,8 @@ def decode(device: str, dtype: str, shape: str, checkpoint_dir: str) -> dict:
         r = gpu_decode.measure(shape, device, dtype, [1, 32], 128, 128, checkpoint_dir)
     else:  # dry run: the same code, small
         r = gpu_decode.measure(shape, device, dtype, [1, 2], 16, 8, checkpoint_dir, copy_bytes=64 * 2**20)
-    r["ok"] = all(v > 0 for v in r["raytp_decode_tokens_per_s"].values()) and kernel_ok(device, r["attention_backend"])
+    r["ok"] = (all(v > 0 for v in r["raytp_decode_tokens_per_s"].values()) and kernel_ok(device, r["attention_backend"])
+               and graphs_ok(device, r["cuda_graph_replays"]))
     return r
 
 

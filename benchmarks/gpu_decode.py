@@ -136,8 +136,9 @@ def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[
 
 
 def run_raytp(path: str, device: str, dtype: str, batches: list[int], prompt_len: int,
-              new_tokens: int) -> tuple[dict, str]:
-    """Decode tokens/s per batch size, and the attention kernel the rank ran (its label)."""
+              new_tokens: int) -> tuple[dict, dict, str, int]:
+    """Decode tokens/s per batch size with decode graphs (the default) and, on the same engine with them turned
+    off, eagerly; the attention kernel the rank ran (its label) and how many graph replays there were."""
     from raytp.config import EngineConfig
     from raytp.engine.engine import AsyncEngine
     from raytp.cluster.executor import LocalExecutor
@@ -164,7 +165,11 @@ def run_raytp(path: str, device: str, dtype: str, batches: list[int], prompt_len
         try:
             await one_batch(engine, 2, "warmup")
             rates = {b: decode_rate(await one_batch(engine, b, f"b{b}")) for b in batches}
-            return rates, engine.core.executor.attention_backend
+            worker = engine.core.executor.worker
+            replays = worker.graphs.replays if worker.graphs is not None else 0
+            worker.graph_limits, worker.graphs = None, None  # the same engine, every step eager
+            eager = {b: decode_rate(await one_batch(engine, b, f"eager-b{b}")) for b in batches}
+            return rates, eager, engine.core.executor.attention_backend, replays
         finally:
             await engine.shutdown()
 
@@ -223,16 +228,18 @@ def measure(shape: str, device: str, dtype: str, batches: list[int], prompt_len:
     config = json.load(open(os.path.join(path, "config.json")))
     bandwidth = copy_bandwidth(device, copy_bytes)
     roofline = bandwidth / bytes_per_token(config, _DTYPES[dtype], prompt_len + new_tokens // 2)
-    raytp, attention = run_raytp(path, device, dtype, batches, prompt_len, new_tokens)
+    raytp, eager, attention, replays = run_raytp(path, device, dtype, batches, prompt_len, new_tokens)
     _sync(device)
     hf = run_transformers(path, device, dtype, batches, prompt_len, new_tokens)
     result = {"device": device_name(device), "shape": shape, "dtype": dtype, "torch": torch.__version__,
               "prompt_len": prompt_len, "new_tokens": new_tokens,
               "copy_bandwidth_bytes_per_s": bandwidth, "roofline_tokens_per_s": roofline,
-              "attention_backend": attention, "cuda_graphs": False,
-              "raytp_decode_tokens_per_s": raytp, "transformers_decode_tokens_per_s": hf}
+              "attention_backend": attention, "cuda_graphs": replays > 0, "cuda_graph_replays": replays,
+              "raytp_decode_tokens_per_s": raytp, "raytp_eager_decode_tokens_per_s": eager,
+              "transformers_decode_tokens_per_s": hf}
     if 1 in raytp:
-        result["batch1_roofline_fraction"] = {"raytp": raytp[1] / roofline, "transformers": hf[1] / roofline}
+        result["batch1_roofline_fraction"] = {"raytp": raytp[1] / roofline, "raytp_eager": eager[1] / roofline,
+                                              "transformers": hf[1] / roofline}
     return result
 
 
@@ -254,12 +261,14 @@ def main() -> None:
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per request, greedy, no EOS")
     print(f"measured copy bandwidth {r['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s -> batch-1 roofline "
           f"{r['roofline_tokens_per_s']:.1f} tokens/s\n")
-    print(f"{'batch':>5} {'raytp tok/s':>12} {'transformers tok/s':>19} {'raytp / transformers':>21}")
+    eager = r["raytp_eager_decode_tokens_per_s"]
+    print(f"{'batch':>5} {'raytp tok/s':>12} {'raytp eager':>12} {'transformers tok/s':>19} {'raytp / transformers':>21}")
     for b in args.batches:
-        print(f"{b:>5} {raytp[b]:>12.1f} {hf[b]:>19.1f} {raytp[b] / hf[b]:>20.2f}x")
+        print(f"{b:>5} {raytp[b]:>12.1f} {eager[b]:>12.1f} {hf[b]:>19.1f} {raytp[b] / hf[b]:>20.2f}x")
     if "batch1_roofline_fraction" in r:
         fraction = r["batch1_roofline_fraction"]
-        print(f"\nbatch 1: raytp at {fraction['raytp']:.0%} of the roofline, transformers at {fraction['transformers']:.0%}")
+        print(f"\nbatch 1: raytp at {fraction['raytp']:.0%} of the roofline (eager {fraction['raytp_eager']:.0%}), "
+              f"transformers at {fraction['transformers']:.0%}")
     if args.out_json:
         with open(args.out_json, "w") as f:
             json.dump(r, f, indent=2)

@@ -116,6 +116,10 @@ class EngineConfig(BaseModel):
         "flash attention 2 on CUDA) and falls back to reference (padded SDPA, slow) where it cannot run, logged as an "
         "error and shown in the raytp_attention_backend metric; a backend named here that cannot run is a start-up error."
     )
+    cuda_graphs: bool = Field(
+        default=True, description="CUDA: decode steps replay CUDA graphs captured per padded batch size (at most "
+        "256 sequences) instead of launching every kernel from Python; false runs every step eagerly."
+    )
     pack_weights: bool = Field(
         default=True, description="Repack linear weights on CPU for raytp's float32 op (AVX-512) or oneDNN, 2-2.5x faster than plain "
         "F.linear; false: plain F.linear."

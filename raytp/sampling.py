@@ -187,11 +187,12 @@ def sample(
     `contexts` carry the rows' tokens and banned ids). Greedy rows then take the argmax. The others are
     sampled in one batch by the Gumbel-max trick (argmax of logits /
     temperature plus Gumbel noise is an exact draw from their softmax), after
-    top-k / top-p filtering. Each row's noise comes from a generator seeded
+    top-k / top-p filtering. A seeded row's noise comes from a generator seeded
     from (seed, num_generated[i]): a seeded request's n-th token does not
     depend on the rest of the batch or on which rank (or rebuilt group)
-    samples it. Unseeded rows draw their seed from `generator`, which every
-    rank advances alike.
+    samples it. The unseeded rows' noise is one draw (one kernel, whatever
+    their number) from a generator seeded from `generator`, which every rank
+    advances alike.
     """
     logits = process_logits(logits, params, contexts)  # (B, V) float32
     out = logits.argmax(dim=-1)  # (B,)
@@ -208,11 +209,18 @@ def sample(
         x = _filter_top_k_top_p(x, top_k, torch.tensor([p.top_p for p in picked], device=device))
     elif any(p.top_k > 0 for p in picked):
         x = _filter_top_k(x, top_k, max(p.top_k for p in picked))
-    noise = torch.empty_like(x)  # (S, V) uniform in (0, 1), one seeded stream per row
-    for j, (i, p) in enumerate(zip(rows, picked)):
-        seed = p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=generator))
-        row_gen = torch.Generator(device=device).manual_seed(_row_seed(seed, num_generated[i]))
-        noise[j].uniform_(generator=row_gen)
+    noise = torch.empty_like(x)  # (S, V) uniform in (0, 1)
+    unseeded = [j for j, p in enumerate(picked) if p.seed is None]
+    if unseeded:  # one draw for all of them (one kernel), from a seed every rank takes alike from `generator`
+        step_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        if len(unseeded) == len(picked):
+            noise.uniform_(generator=step_gen)
+        else:
+            noise[unseeded] = torch.empty(len(unseeded), x.shape[1], device=device).uniform_(generator=step_gen)
+    for j, (i, p) in enumerate(zip(rows, picked)):  # a seeded row: its own stream, from (seed, token index)
+        if p.seed is not None:
+            row_gen = torch.Generator(device=device).manual_seed(_row_seed(p.seed, num_generated[i]))
+            noise[j].uniform_(generator=row_gen)
     gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20)))  # (S, V)
     out[index] = (x + gumbel).argmax(dim=-1)
     return out.tolist()

@@ -59,6 +59,7 @@ APP_CONFIG_KEYS = frozenset(
         "cpu_collectives",
         "cpus_per_rank",
         "attention_backend",
+        "cuda_graphs",
         "pack_weights",
         "cpu_binding",
         "api_key",

@@ -23,11 +23,12 @@ class MemoryProfile:
     used: int  # total - free: torch's reserve plus what torch does not allocate (CUDA context, NCCL, other processes)
     reserved: int  # torch's caching allocator's share of `used`
     peak_reserved: int  # torch's caching allocator at the step's peak (weights, activations, cuBLAS workspace), no KV cache
+    graph_pool: int = 0  # what the decode CUDA graphs hold besides (their static buffers and memory pool)
 
     @property
     def peak(self) -> int:
         """What the rank needs besides its KV cache: torch's peak plus all that torch does not allocate."""
-        return self.peak_reserved + (self.used - self.reserved)
+        return self.peak_reserved + self.graph_pool + (self.used - self.reserved)
 
     def kv_cache_bytes(self, gpu_memory_utilization: float) -> int:
         """gpu_memory_utilization x total - peak, never below 0."""
@@ -35,6 +36,6 @@ class MemoryProfile:
 
     def describe(self, gpu_memory_utilization: float) -> str:
         return (f"gpu_memory_utilization={gpu_memory_utilization:g} x {self.total / GIB:.1f} GiB - peak "
-                f"{self.peak / GIB:.2f} GiB (torch {self.peak_reserved / GIB:.2f} GiB, CUDA context, NCCL and other "
+                f"{self.peak / GIB:.2f} GiB (torch {self.peak_reserved / GIB:.2f} GiB, CUDA graphs {self.graph_pool / GIB:.2f} GiB, CUDA context, NCCL and other "
                 f"processes {(self.used - self.reserved) / GIB:.2f} GiB) = "
                 f"{self.kv_cache_bytes(gpu_memory_utilization) / GIB:.2f} GiB for the KV cache")

@@ -38,6 +38,7 @@ from raytp.cluster.memory import MemoryProfile
 from raytp.cluster.rank_store import (kv_path, load_shard, map_kv_cache, mark_user, save_shard, shard_path,
                                       sweep_stale_stores)
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
+from raytp.model.cuda_graphs import MAX_GATHERED_KEYS, DecodeGraphs, graph_batch_sizes
 from raytp.model.layers import build_gemm_kernels
 from raytp.model.llama import LlamaModel
 from raytp.model.loader import DTYPES, load_model, read_model_args, weight_bytes
@@ -69,6 +70,8 @@ class TimedCommunicator(Communicator):
         self._spare_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # read, for the next steps
 
     def _timed(self, fn, *args):
+        if self.cuda_events and torch.cuda.is_current_stream_capturing():
+            return fn(*args)  # captured into a decode graph: its replays are not timed (events cannot time them)
         if self.cuda_events:
             # Two per collective, two collectives a layer: reused from step to step instead of created each time.
             start, end = (self._spare_events.pop() if self._spare_events
@@ -184,6 +187,8 @@ class TPWorker:
         self.store_dir: str | None = None  # where this rank's shard and KV cache outlive it (CPU), if anywhere
         self._store = None  # rank 0: the rendezvous' store, listening from make_rendezvous until init_communicator
         self._spare_models: dict[int, LlamaModel] = {}  # a spare: every rank's model over the store, until it takes one
+        self.graph_limits: tuple[int, int] | None = None  # (max_num_seqs, max_model_len) where decode steps use graphs
+        self.graphs: DecodeGraphs | None = None  # over the current KV cache and communicator; made when first needed
         self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
         self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
 
@@ -246,6 +251,7 @@ class TPWorker:
             old, self.comm.inner = self.comm.inner, inner
             # The old connection's teardown can wait on the lost peer (gloo's store took 0.5 s once): not in the pause.
             threading.Thread(target=old.close, name="raytp-old-comm-close", daemon=True).start()
+        self.graphs = None  # a graph's collectives are bound to the connection it was captured with
         if epoch:
             self.last_sampled, self.histories = {}, {}
             self.generator.manual_seed(self.seed + epoch)
@@ -277,6 +283,27 @@ class TPWorker:
             self.store_dir = store_dir
         return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.label,
                 "attention_detail": attention.describe()}
+
+    def configure_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> list[int]:
+        """Decode steps replay CUDA graphs from now on (cuda_graphs.py), where the device and the attention kernel
+        allow: on CUDA with the flash-attention backend. Returns the padded batch sizes, [] where graphs cannot run."""
+        if self.device != "cuda" or not self.model.attention.label.startswith("cuda"):
+            return []
+        self.graph_limits = (max_num_seqs, max_model_len)
+        self.graphs = None
+        return list(graph_batch_sizes(max_num_seqs))
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """The decode graphs over the current KV cache (its last block is the padding rows' scratch), if configured."""
+        if self.graph_limits is None or self.kv_cache is None:
+            return None
+        if self.graphs is None:
+            max_num_seqs, max_model_len = self.graph_limits
+            paged = getattr(self.model.attention, "kernel", None) == "paged"
+            scratch_slot = self.kv_cache.shape[2] - self.block_size  # the first slot of the scratch block
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_model_len,
+                                       scratch_slot, gathered_keys_limit=None if paged else MAX_GATHERED_KEYS)
+        return self.graphs
 
     def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int) -> None:
         """A spare builds every rank's model from the group's shard store ahead of time (the weights are the store's
@@ -329,7 +356,8 @@ class TPWorker:
             return _CPU_KV_BUDGET_BYTES // self.kv_block_bytes(block_size)
         profile = self.profile_memory(profile_seq_lens, block_size)
         log.info("rank %d: %s", self.rank, profile.describe(gpu_memory_utilization))
-        return profile.kv_cache_bytes(gpu_memory_utilization) // self.kv_block_bytes(block_size)
+        # One block fewer: init_kv_cache adds the decode graphs' scratch block.
+        return max(0, profile.kv_cache_bytes(gpu_memory_utilization) // self.kv_block_bytes(block_size) - 1)
 
     def profile_memory(self, seq_lens: list[int], block_size: int) -> MemoryProfile:
         """Run one throw-away step of prefills of these lengths in a scratch KV cache just big enough; read the GPU."""
@@ -341,11 +369,27 @@ class TPWorker:
         # Reserved, not allocated: what the caching allocator held at the peak is what the device had to give
         # (its blocks' rounding and fragmentation included).
         peak_reserved = torch.cuda.max_memory_reserved() - scratch_bytes
+        torch.cuda.empty_cache()  # the step's activations go back to the device
+        graph_pool = self._measure_graph_pool()
         self.kv_cache = None
-        torch.cuda.empty_cache()  # the step's activations go back to the device: `used` is the steady state
+        torch.cuda.empty_cache()  # `used` below is the steady state
         free, total = torch.cuda.mem_get_info()
         return MemoryProfile(total=total, used=total - free, reserved=torch.cuda.memory_reserved(),
-                             peak_reserved=peak_reserved)
+                             peak_reserved=peak_reserved, graph_pool=graph_pool)
+
+    def _measure_graph_pool(self) -> int:
+        """Bytes the decode graphs hold beside the steps' own memory (their static buffers and shared pool): the
+        largest graph, captured over the scratch cache and dropped."""
+        graphs = self._decode_graphs()
+        if graphs is None:
+            return 0
+        before = torch.cuda.memory_reserved()
+        graphs.capture(*graphs.largest_shape())
+        torch.cuda.synchronize()
+        used = torch.cuda.memory_reserved() - before
+        self.graphs = None
+        del graphs
+        return used
 
     @on_rank_device
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
@@ -353,7 +397,9 @@ class TPWorker:
         self.block_size = block_size
         self.kv_cache = None  # free the old cache first
         device = "cuda" if self.device == "cuda" else "cpu"
-        shape = self.model.kv_cache_shape(num_blocks * block_size)
+        self.graphs = None  # captured over the old cache
+        # On CUDA one block more, which no sequence owns: the padding rows of decode graphs write their K/V there.
+        shape = self.model.kv_cache_shape((num_blocks + (self.device == "cuda")) * block_size)
         if self.store_dir is not None:
             self.kv_cache = map_kv_cache(kv_path(self.store_dir, self.rank), shape, self.model.dtype, create=True)
         else:
@@ -386,6 +432,12 @@ class TPWorker:
         self._run_throwaway(throwaway_steps([seq_len] * num_seqs, self.block_size))
         if kernels_up_to_seqs:
             build_gemm_kernels(self.model, num_tokens, kernels_up_to_seqs)
+        graphs = self._decode_graphs()
+        if graphs is not None:  # every batch size at the shortest key span; longer spans when first needed
+            with torch.cuda.stream(self.stream):
+                made = graphs.capture_all()
+            log.info("rank %d: captured %d decode graphs (batch sizes %s) in %.2fs", self.rank, made,
+                     graphs.batch_sizes, time.perf_counter() - t0)
         return time.perf_counter() - t0
 
     def _run_throwaway(self, steps: list[SeqStep]) -> None:
@@ -413,14 +465,23 @@ class TPWorker:
     def _step(self, seqs: list[SeqStep]) -> tuple[list[int], StepLogprobs | None]:
         device = self.kv_cache.device
         chunks = [SeqChunk(s.start, len(s.token_ids), s.block_table) for s in seqs]
-        meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
         ids = [[self.last_sampled[s.request_id] if t == PREVIOUS_TOKEN else t for t in s.token_ids] for s in seqs]
-        input_ids = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)  # (T,)
-        hidden = self.model(input_ids, meta, self.kv_cache)  # (T, hidden)
-        logits = self.model.compute_logits(hidden[meta.last_token_index])  # (B, vocab), all-gather inside
+        graphs = self._decode_graphs()
+        shape = graphs.shape_for(chunks) if graphs is not None else None
+        if shape is not None:  # one new token per sequence: a graph replay
+            hidden = graphs.run([row[0] for row in ids], chunks, shape)  # (B, hidden)
+            last_index = torch.arange(len(seqs))  # (B,) each sequence's row of hidden
+            last_hidden = hidden
+        else:
+            meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
+            input_ids = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)  # (T,)
+            hidden = self.model(input_ids, meta, self.kv_cache)  # (T, hidden)
+            last_index = meta.last_token_index
+            last_hidden = hidden[last_index]  # (B, hidden)
+        logits = self.model.compute_logits(last_hidden)  # (B, vocab), all-gather inside
         contexts = self._contexts(seqs, ids)
         tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator, contexts)
-        return tokens, self._logprobs(seqs, ids, tokens, logits, hidden, meta.last_token_index)
+        return tokens, self._logprobs(seqs, ids, tokens, logits, hidden, last_index)
 
     def _contexts(self, seqs: list[SeqStep], ids: list[list[int]]) -> list[RowContext] | None:
         """Each row's tokens so far (penalized rows; kept for the next step), banned ids and grammar mask; None if

@@ -60,12 +60,18 @@ class FakeKernels:
         return torch.cat(outs)
 
     def flash_forward(self, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
-                      return_debug_mask, *, scale=None, window_size_left=None, window_size_right=None, **unused):
+                      return_debug_mask, *, scale=None, window_size_left=None, window_size_right=None,
+                      seqused_k=None, **unused):
         assert dropout_p == 0.0 and window_size_right == 0 and is_causal == (window_size_left == -1)
         assert key.shape[0] == int(cum_seq_k[-1])  # the keys come gathered, one sequence after another
-        self.calls.append({"kind": "gathered", "max_q": max_q})
-        out = torch.cat([flash_rows(query[cum_seq_q[b] : cum_seq_q[b + 1]], key[cum_seq_k[b] : cum_seq_k[b + 1]],
-                                    value[cum_seq_k[b] : cum_seq_k[b + 1]], window_size_left, scale)
+        assert cum_seq_k.dtype == torch.int32 and (seqused_k is None or seqused_k.dtype == torch.int32)
+        self.calls.append({"kind": "gathered", "max_q": max_q, "max_k": max_k, "cum_seq_k": cum_seq_k.tolist(),
+                           "seqused_k": None if seqused_k is None else seqused_k.tolist()})
+        # With seqused_k, FA2 reads only the first seqused_k[b] keys of sequence b's cum_seq_k range.
+        ends = [int(cum_seq_k[b]) + (int(seqused_k[b]) if seqused_k is not None else
+                                     int(cum_seq_k[b + 1] - cum_seq_k[b])) for b in range(len(cum_seq_q) - 1)]
+        out = torch.cat([flash_rows(query[cum_seq_q[b] : cum_seq_q[b + 1]], key[cum_seq_k[b] : ends[b]],
+                                    value[cum_seq_k[b] : ends[b]], window_size_left, scale)
                          for b in range(len(cum_seq_q) - 1)])
         return out, None, None, None, None
 
@@ -168,3 +174,27 @@ def test_block_size_defaults_to_the_paged_kernels_page_on_cuda(kernels, monkeypa
     assert EngineConfig(model="tiny", device="cpu").resolved_block_size() == 16
     monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn_torch_2_11)
     assert EngineConfig(**cuda).resolved_block_size() == 16
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_a_decode_graph_s_fixed_key_span_reads_only_each_sequence_s_keys(kernels, block_size):
+    """Decode graphs (cuda_graphs.py) fix the keys per sequence at key_span; the kernel is told the real lengths."""
+    backend = CudaFlashAttention(torch.bfloat16, block_size, device="cpu")
+    span = 1024
+    for window in (None, 100):
+        chunks, q, k, v, cache = random_step(DECODE, 8, 2, 64, block_size, torch.bfloat16, seed=3)
+        ref = ReferenceAttention().forward(q, k, v, cache.clone(), build_metadata(chunks, block_size, CPU, window), 0.125)
+        meta = build_metadata(chunks, block_size, CPU, window)
+        meta.key_span, meta.max_seq_len = span, span
+        # A graph's block tables are as wide as max_model_len needs: at least the span.
+        meta.block_tables = F.pad(meta.block_tables, (0, span // block_size - meta.block_tables.shape[1]))
+        kernels.calls.clear()
+        out = backend.forward(q, k, v, cache.clone(), meta, 0.125)
+        assert (out.float() - ref.float()).abs().max().item() < 2e-2
+        (call,) = kernels.calls
+        lens = [s + n for s, n in DECODE]
+        if backend.kernel == "gathered":
+            assert call["cum_seq_k"] == [b * span for b in range(len(DECODE) + 1)] and call["seqused_k"] == lens
+            assert call["max_k"] == span
+        else:
+            assert call["seqused_k"] == lens and call["num_splits"] is None

@@ -55,6 +55,9 @@ class AttentionMetadata:
     num_keys: int  # sum of seq_lens: every key the step's sequences attend to
     block_size: int
     sliding_window: int | None
+    # Decode graphs (cuda_graphs.py): every sequence's keys are read as this many slots from its block table (those
+    # past seq_lens ignored by the kernel), so that the step's shapes do not depend on the context lengths.
+    key_span: int | None = None
     # What a backend derives from this metadata at its first layer and reuses for the rest of the step (the
     # reference's padded batches, the CPU backend's long chunks).
     derived: object = None

@@ -123,23 +123,36 @@ class CudaFlashAttention(AttentionBackend):
                                     meta.max_seq_len, scale=scale, window_size=(left, 0), enable_gqa=True,
                                     seqused_k=meta.seq_lens, block_table=meta.block_tables,
                                     num_splits=None if meta.max_query_len == 1 else 1)  # (T, H, D)
-        slots = self._context_slots(meta)  # (K,)
+        slots, cu_seq_k, seqused_k = self._context_slots(meta)  # (K,), (B + 1,), (B,) or None
         keys, values = cache[0].index_select(0, slots), cache[1].index_select(0, slots)  # (K, Hkv, D) each
         # FA2 takes fewer KV heads than query heads (GQA) as they are.
-        out = self.flash_forward(q, keys, values, meta.query_start, meta.cu_seq_lens, meta.max_query_len,
+        out = self.flash_forward(q, keys, values, meta.query_start, cu_seq_k, meta.max_query_len,
                                  meta.max_seq_len, 0.0, left == -1, False, scale=scale, window_size_left=left,
-                                 window_size_right=0)
+                                 window_size_right=0, seqused_k=seqused_k)
         return out[0]  # (T, H, D)
 
     @staticmethod
-    def _context_slots(meta: AttentionMetadata) -> torch.Tensor:
-        """The cache slot of every key of every sequence, sequence after sequence: (K,), K = sum of seq_lens;
-        derived at the step's first layer and reused by the others."""
+    def _context_slots(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The cache slots of the keys to gather, sequence after sequence (K,), their cumulative counts per sequence
+        (B + 1,) and, with a key span, how many of each sequence's are real (B,); derived at the step's first layer
+        and reused by the others.
+
+        Eagerly K is the sum of seq_lens. In a decode graph (meta.key_span) every sequence reads key_span slots
+        (K = B x key_span), a fixed shape; the kernel uses only the first seq_lens[b] of sequence b's."""
         if meta.derived is None:
-            K, device = meta.num_keys, meta.seq_lens.device
-            seq_of_key = torch.repeat_interleave(torch.arange(len(meta.seq_lens), device=device), meta.seq_lens,
-                                                 output_size=K)  # (K,)
-            pos = torch.arange(K, device=device) - meta.cu_seq_lens[:-1].long()[seq_of_key]  # (K,) position in its sequence
-            block = meta.block_tables[seq_of_key, pos // meta.block_size].long()  # (K,)
-            meta.derived = block * meta.block_size + pos % meta.block_size
+            device, bs = meta.seq_lens.device, meta.block_size
+            if meta.key_span is not None:
+                B, span = len(meta.seq_lens), meta.key_span
+                pos = torch.arange(span, device=device)  # (span,)
+                block = meta.block_tables[:, pos // bs].long()  # (B, span); past a sequence's blocks: block 0, unread
+                slots = (block * bs + pos % bs).reshape(-1)  # (B * span,)
+                cu_seq_k = torch.arange(B + 1, dtype=torch.int32, device=device) * span  # (B + 1,)
+                meta.derived = (slots, cu_seq_k, meta.seq_lens)
+            else:
+                K = meta.num_keys
+                seq_of_key = torch.repeat_interleave(torch.arange(len(meta.seq_lens), device=device), meta.seq_lens,
+                                                     output_size=K)  # (K,)
+                pos = torch.arange(K, device=device) - meta.cu_seq_lens[:-1].long()[seq_of_key]  # (K,) position in its sequence
+                block = meta.block_tables[seq_of_key, pos // bs].long()  # (K,)
+                meta.derived = (block * bs + pos % bs, meta.cu_seq_lens, None)
         return meta.derived
