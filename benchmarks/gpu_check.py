@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 
 import torch
@@ -88,6 +91,13 @@ def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
     t0 = time.perf_counter()
     ours, kv_blocks, attention, replays = asyncio.run(generate())
     seconds = time.perf_counter() - t0
+    left = {}
+    if device == "cuda":  # what the engine left on the device once shut down (before and after a gc pass)
+        left = {"allocated_gib": torch.cuda.memory_allocated() / 2**30, "reserved_gib": torch.cuda.memory_reserved() / 2**30}
+        gc.collect()
+        torch.cuda.empty_cache()
+        left.update(allocated_after_gc_gib=torch.cuda.memory_allocated() / 2**30,
+                    reserved_after_gc_gib=torch.cuda.memory_reserved() / 2**30)
     ref = load_reference(path, dtype=getattr(torch, dtype), device=device)
     ref.generation_config.eos_token_id = None
     per_prompt = []
@@ -106,7 +116,7 @@ def engine_tp1(device: str, dtype: str, work_dir: str) -> dict:
     same_tokens = all(r["matching_prefix"] == r["tokens"] or (r["matching_prefix"] > 0 and r["near_tie"])
                       for r in per_prompt)
     return {"ok": same_tokens and kernel_ok(device, attention) and graphs_ok(device, replays),
-            "attention_backend": attention, "cuda_graph_replays": replays,
+            "attention_backend": attention, "cuda_graph_replays": replays, "memory_left_after_shutdown": left,
             "block_size": cfg.resolved_block_size(), "dtype": dtype, "kv_blocks": kv_blocks, "engine_seconds": seconds, "prompts": per_prompt,
             "tokens_matching": sum(r["matching_prefix"] for r in per_prompt),
             "tokens_total": sum(r["tokens"] for r in per_prompt)}
@@ -144,11 +154,19 @@ def nccl_world1(device: str) -> dict:
             "collective_seconds_from_cuda_events": collective_seconds, "abort_seconds": close_seconds}
 
 
-def decode(device: str, dtype: str, shape: str, checkpoint_dir: str) -> dict:
-    if device == "cuda":
-        r = gpu_decode.measure(shape, device, dtype, [1, 32], 128, 128, checkpoint_dir)
-    else:  # dry run: the same code, small
-        r = gpu_decode.measure(shape, device, dtype, [1, 2], 16, 8, checkpoint_dir, copy_bytes=64 * 2**20)
+def decode(device: str, dtype: str, shape: str, checkpoint_dir: str, work_dir: str) -> dict:
+    """gpu_decode.py in a process of its own: its model and KV cache are sized from a device that nothing of the
+    checks before it still holds memory on."""
+    out = os.path.join(work_dir, "decode.json")
+    size = (["--batches", "1", "32", "--prompt-len", "128", "--new-tokens", "128"] if device == "cuda" else
+            ["--batches", "1", "2", "--prompt-len", "16", "--new-tokens", "8", "--copy-mib", "64"])  # dry run: small
+    proc = subprocess.run([sys.executable, gpu_decode.__file__, "--shape", shape, "--device", device, "--dtype", dtype,
+                           "--checkpoint-dir", checkpoint_dir, "--out-json", out, *size], capture_output=True, text=True)
+    print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n", flush=True)
+    if proc.returncode != 0:
+        return {"ok": False, "error": f"gpu_decode.py exited with {proc.returncode}", "stderr": proc.stderr[-4000:]}
+    with open(out) as f:
+        r = json.load(f)
     r["ok"] = (all(v > 0 for v in r["raytp_decode_tokens_per_s"].values()) and kernel_ok(device, r["attention_backend"])
                and graphs_ok(device, r["cuda_graph_replays"]))
     return r
@@ -174,14 +192,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work_dir:
         checks = [("engine_tp1", lambda: engine_tp1(args.device, args.dtype, work_dir)),
                   ("nccl_world1", lambda: nccl_world1(args.device)),
-                  ("decode", lambda: decode(args.device, args.dtype, shape, args.checkpoint_dir))]
+                  ("decode", lambda: decode(args.device, args.dtype, shape, args.checkpoint_dir, work_dir))]
         for name, run in checks:
             print(f"== {name}", flush=True)
             t0 = time.perf_counter()
             try:
                 report["checks"][name] = run()
             except Exception as err:  # noqa: BLE001 - a check that raises is a failed check; the others still run
-                report["checks"][name] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+                report["checks"][name] = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                                          "traceback": traceback.format_exc(limit=-8)}
             report["checks"][name]["seconds"] = round(time.perf_counter() - t0, 2)
             print(json.dumps(report["checks"][name], default=str)[:2000], flush=True)
             report["ok"] = all(c["ok"] for c in report["checks"].values())

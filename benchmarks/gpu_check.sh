@@ -45,6 +45,6 @@ fi
 
 echo "== tests/gpu"
 # Its failures are counted in the JSON (tests_gpu) rather than stopping the other checks.
-timeout 240 python3 -m pytest tests/gpu -q -p no:cacheprovider --junitxml="$work/tests_gpu.xml" || true
+timeout 240 python3 -m pytest tests/gpu -q -rfE --durations=8 -p no:cacheprovider --junitxml="$work/tests_gpu.xml" || true
 
 timeout 330 python3 benchmarks/gpu_check.py --device "$device" --tests-junit "$work/tests_gpu.xml" --out "$out" ${extra[@]+"${extra[@]}"}

@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -136,7 +137,7 @@ def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[
 
 
 def run_raytp(path: str, device: str, dtype: str, batches: list[int], prompt_len: int,
-              new_tokens: int) -> tuple[dict, dict, str, int]:
+              new_tokens: int) -> tuple[dict, dict, str, int, dict]:
     """Decode tokens/s per batch size with decode graphs (the default) and, on the same engine with them turned
     off, eagerly; the attention kernel the rank ran (its label) and how many graph replays there were."""
     from raytp.config import EngineConfig
@@ -165,15 +166,50 @@ def run_raytp(path: str, device: str, dtype: str, batches: list[int], prompt_len
         try:
             await one_batch(engine, 2, "warmup")
             rates = {b: decode_rate(await one_batch(engine, b, f"b{b}")) for b in batches}
+            # The engine loop and the rank's step thread share the GIL: with a shorter switch interval than
+            # Python's 5 ms, a thread waiting for it gets it sooner.
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(SHORT_SWITCH_INTERVAL_S)
+            short_switch = {b: decode_rate(await one_batch(engine, b, f"switch-b{b}")) for b in batches}
+            sys.setswitchinterval(interval)
             worker = engine.core.executor.worker
             replays = worker.graphs.replays if worker.graphs is not None else 0
+            graph_limits = worker.graph_limits
             worker.graph_limits, worker.graphs = None, None  # the same engine, every step eager
             eager = {b: decode_rate(await one_batch(engine, b, f"eager-b{b}")) for b in batches}
-            return rates, eager, engine.core.executor.attention_backend, replays
+            worker.graph_limits = graph_limits  # graphs again, for the rank alone
+            step_ms = await asyncio.to_thread(rank_step_ms, worker, engine.core.executor.num_kv_blocks, prompt_len,
+                                              vocab, min(64, cfg.max_model_len - prompt_len - 2))
+            extra = {"short_switch_interval": short_switch, "rank_alone_step_ms_batch1": step_ms}
+            return rates, eager, engine.core.executor.attention_backend, replays, extra
         finally:
             await engine.shutdown()
 
     return asyncio.run(main())
+
+
+SHORT_SWITCH_INTERVAL_S = 0.0005
+
+
+def rank_step_ms(worker, num_kv_blocks: int, prompt_len: int, vocab: int, steps: int = 64) -> float:
+    """ms per batch-1 decode step of the rank alone (no engine loop), in the engine's last KV blocks (the engine
+    runs nothing meanwhile, and nothing after this)."""
+    from raytp.engine.step import PREVIOUS_TOKEN, SeqStep
+    from raytp.sampling import SamplingParams
+
+    greedy = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    needed = -(-(prompt_len + steps + 2) // worker.block_size)
+    if needed > num_kv_blocks:
+        raise ValueError(f"{steps} steps after a {prompt_len}-token prompt need {needed} KV blocks; there are {num_kv_blocks}")
+    blocks = list(range(num_kv_blocks - needed, num_kv_blocks))
+    prompt = prompts_for(1, prompt_len, vocab, seed=7)[0]
+    worker.execute([SeqStep(prompt, 0, blocks, greedy, 0, "alone", prompt_len=prompt_len)])
+    worker.execute([SeqStep([PREVIOUS_TOKEN], prompt_len, blocks, greedy, 1, "alone", prompt_len=prompt_len)])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        worker.execute([SeqStep([PREVIOUS_TOKEN], prompt_len + 1 + i, blocks, greedy, 2 + i, "alone",
+                                prompt_len=prompt_len)])
+    return (time.perf_counter() - t0) / steps * 1e3
 
 
 def run_transformers(path: str, device: str, dtype: str, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
@@ -228,7 +264,7 @@ def measure(shape: str, device: str, dtype: str, batches: list[int], prompt_len:
     config = json.load(open(os.path.join(path, "config.json")))
     bandwidth = copy_bandwidth(device, copy_bytes)
     roofline = bandwidth / bytes_per_token(config, _DTYPES[dtype], prompt_len + new_tokens // 2)
-    raytp, eager, attention, replays = run_raytp(path, device, dtype, batches, prompt_len, new_tokens)
+    raytp, eager, attention, replays, extra = run_raytp(path, device, dtype, batches, prompt_len, new_tokens)
     _sync(device)
     hf = run_transformers(path, device, dtype, batches, prompt_len, new_tokens)
     result = {"device": device_name(device), "shape": shape, "dtype": dtype, "torch": torch.__version__,
@@ -236,7 +272,7 @@ def measure(shape: str, device: str, dtype: str, batches: list[int], prompt_len:
               "copy_bandwidth_bytes_per_s": bandwidth, "roofline_tokens_per_s": roofline,
               "attention_backend": attention, "cuda_graphs": replays > 0, "cuda_graph_replays": replays,
               "raytp_decode_tokens_per_s": raytp, "raytp_eager_decode_tokens_per_s": eager,
-              "transformers_decode_tokens_per_s": hf}
+              "transformers_decode_tokens_per_s": hf, **extra}
     if 1 in raytp:
         result["batch1_roofline_fraction"] = {"raytp": raytp[1] / roofline, "raytp_eager": eager[1] / roofline,
                                               "transformers": hf[1] / roofline}
@@ -252,10 +288,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--checkpoint-dir", default=default_cache_dir())
+    ap.add_argument("--copy-mib", type=int, default=2048, help="size of the copy that measures the bandwidth")
     ap.add_argument("--out-json", help="write the results here")
     args = ap.parse_args()
 
-    r = measure(args.shape, args.device, args.dtype, args.batches, args.prompt_len, args.new_tokens, args.checkpoint_dir)
+    r = measure(args.shape, args.device, args.dtype, args.batches, args.prompt_len, args.new_tokens, args.checkpoint_dir,
+                copy_bytes=args.copy_mib * 2**20)
     raytp, hf = r["raytp_decode_tokens_per_s"], r["transformers_decode_tokens_per_s"]
     print(f"\n{args.shape}, {args.dtype}, device: {r['device']}, torch {torch.__version__}")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per request, greedy, no EOS")

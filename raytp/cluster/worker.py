@@ -189,6 +189,7 @@ class TPWorker:
         self._spare_models: dict[int, LlamaModel] = {}  # a spare: every rank's model over the store, until it takes one
         self.graph_limits: tuple[int, int] | None = None  # (max_num_seqs, max_model_len) where decode steps use graphs
         self.graphs: DecodeGraphs | None = None  # over the current KV cache and communicator; made when first needed
+        self.memory_profile: MemoryProfile | None = None  # CUDA: what sized the KV cache
         self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
         self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
 
@@ -354,7 +355,7 @@ class TPWorker:
         """
         if self.device != "cuda":
             return _CPU_KV_BUDGET_BYTES // self.kv_block_bytes(block_size)
-        profile = self.profile_memory(profile_seq_lens, block_size)
+        profile = self.memory_profile = self.profile_memory(profile_seq_lens, block_size)
         log.info("rank %d: %s", self.rank, profile.describe(gpu_memory_utilization))
         # One block fewer: init_kv_cache adds the decode graphs' scratch block.
         return max(0, profile.kv_cache_bytes(gpu_memory_utilization) // self.kv_block_bytes(block_size) - 1)
@@ -378,18 +379,21 @@ class TPWorker:
                              peak_reserved=peak_reserved, graph_pool=graph_pool)
 
     def _measure_graph_pool(self) -> int:
-        """Bytes the decode graphs hold beside the steps' own memory (their static buffers and shared pool): the
-        largest graph, captured over the scratch cache and dropped."""
-        graphs = self._decode_graphs()
-        if graphs is None:
+        """Device bytes the decode graphs take beside the steps' own memory: their static buffers, shared pool and
+        instantiated graphs, for what warm-up captures and the largest graph, captured over the scratch cache (as
+        free device memory goes down, so that memory outside torch's allocator counts too) and dropped."""
+        if self.graph_limits is None:
             return 0
-        before = torch.cuda.memory_reserved()
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        graphs = self._decode_graphs()
+        graphs.capture_all()
         graphs.capture(*graphs.largest_shape())
         torch.cuda.synchronize()
-        used = torch.cuda.memory_reserved() - before
+        used = free_before - torch.cuda.mem_get_info()[0]
         self.graphs = None
         del graphs
-        return used
+        return max(0, used)
 
     @on_rank_device
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
@@ -558,3 +562,8 @@ class TPWorker:
     def shutdown(self) -> None:
         if self.comm is not None:
             self.comm.close()
+        if self.device == "cuda":
+            # The GPU's memory goes back now, even where something still holds this object (an in-process engine
+            # started again in the same process sizes its KV cache from what is free).
+            self.graphs = self.kv_cache = self.model = None
+            torch.cuda.empty_cache()

@@ -90,11 +90,11 @@ def test_a_rank_with_graphs_generates_the_tokens_of_a_rank_without(checkpoint):
         prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 30, 61)]
         tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
         out = [w.execute([SeqStep(p, 0, t, GREEDY, 0, f"r{i}", prompt_len=len(p))
-                          for i, (p, t) in enumerate(zip(prompts, tables))]).tokens]
+                          for i, (p, t) in enumerate(zip(prompts, tables))]).token_ids]
         for step in range(1, 40):
             seqs = [SeqStep([PREVIOUS_TOKEN], len(p) + step - 1, t, GREEDY, step, f"r{i}", prompt_len=len(p))
                     for i, (p, t) in enumerate(zip(prompts, tables)) if step < 40 - 10 * i]  # rows finish apart
-            out.append(w.execute(seqs).tokens)
+            out.append(w.execute(seqs).token_ids)
         tokens[graphs] = out
         if graphs:
             assert w.graphs.replays == 39 and (4, 256) in w.graphs.graphs and (2, 256) in w.graphs.graphs
