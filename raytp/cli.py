@@ -159,7 +159,7 @@ def _check_model(config: EngineConfig, remote_ok: bool) -> None:
     path = resolve_model_path(config.model)
     if remote_ok and not os.path.exists(path):
         return
-    check_tp_degree(read_model_args(path), config.tensor_parallel_size)
+    check_tp_degree(read_model_args(path), config.tensor_parallel_size, config.expert_parallel)
     Tokenizer.from_dir(path)
     if not remote_ok:  # the ranks run here: so does the quantized op's build
         cpu_ops.check_quantization(config.quantization, config.resolved_device())

@@ -116,6 +116,11 @@ class EngineConfig(BaseModel):
         "flash attention 2 on CUDA) and falls back to reference (padded SDPA, slow) where it cannot run, logged as an "
         "error and shown in the raytp_attention_backend metric; a backend named here that cannot run is a start-up error."
     )
+    expert_parallel: bool = Field(
+        default=False, description="Mixture-of-experts models (Mixtral, Qwen3-MoE): place whole experts on the ranks "
+        "(tensor_parallel_size must divide the number of experts) instead of a slice of every expert on every rank "
+        "(the default). Both give the same tokens, with one all-reduce per layer either way."
+    )
     cuda_graphs: bool = Field(
         default=True, description="CUDA: decode steps replay CUDA graphs captured per padded batch size (at most "
         "256 sequences) instead of launching every kernel from Python; false runs every step eagerly."

@@ -89,6 +89,28 @@ def write_mistral(tmp, **overrides) -> str:
     return write_checkpoint(tmp, MistralConfig, MistralForCausalLM, **overrides)
 
 
+def write_qwen3(tmp, **overrides) -> str:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return write_checkpoint(tmp, Qwen3Config, Qwen3ForCausalLM, **{"head_dim": 16, **overrides})
+
+
+# Mixture of experts: 8 experts, 2 per token, every layer sparse unless told otherwise.
+def write_mixtral(tmp, **overrides) -> str:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return write_checkpoint(tmp, MixtralConfig, MixtralForCausalLM,
+                            **{"num_local_experts": 8, "num_experts_per_tok": 2, **overrides})
+
+
+def write_qwen3_moe(tmp, **overrides) -> str:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return write_checkpoint(tmp, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                            **{"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16,
+                               "decoder_sparse_step": 1, "mlp_only_layers": [], **overrides})
+
+
 # GGUF tensor types write_gguf uses by default: every kind of block format the llama.cpp files use that the gguf
 # package can also write (K-quants it only reads), so one checkpoint exercises them all.
 GGUF_TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "Q5_0", "ffn_gate": "F16",

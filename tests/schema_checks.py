@@ -60,6 +60,7 @@ APP_CONFIG_KEYS = frozenset(
         "cpus_per_rank",
         "attention_backend",
         "cuda_graphs",
+        "expert_parallel",
         "pack_weights",
         "cpu_binding",
         "api_key",

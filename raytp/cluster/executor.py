@@ -145,7 +145,7 @@ class LocalExecutor(Executor):
         w.init_communicator(None)
         bs = cfg.resolved_block_size()
         loaded = w.load(self.model_path, cfg.attention_backend, cfg.pack_weights, quantization=cfg.quantization,
-                        block_size=bs)
+                        block_size=bs, expert_parallel=cfg.expert_parallel)
         self.attention_backend = loaded["attention"]
         log.info("attention: %s", loaded["attention_detail"])
         if cfg.cuda_graphs:

@@ -124,7 +124,7 @@ class TPGroup(Executor):
         # On the ranks' node, reserving nothing while it waits: it computes on a dead rank's bundle (spares.py).
         spare = self._new_rank(SPARE_RANK, self.tp_size, NodeAffinitySchedulingStrategy(self.node_id, soft=False), 0)
         return spare, spare.prepare_spare.remote(self.model_path, self.config.attention_backend, self.store_dir,
-                                                 self.tp_size)
+                                                 self.tp_size, self.config.expert_parallel)
 
     def start(self, tp_size: int) -> None:
         t0 = time.monotonic()
@@ -161,7 +161,7 @@ class TPGroup(Executor):
             self.store_dir = new_store_dir() if replaceable else None
             bs = self.config.resolved_block_size()
             loaded = ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
-                                            self.store_dir, self.config.quantization, bs)
+                                            self.store_dir, self.config.quantization, bs, self.config.expert_parallel)
                               for w in self.workers], timeout=timeout)
             self.attention_backend = loaded[0]["attention"]
             log.info("attention: %s", loaded[0]["attention_detail"])

@@ -60,7 +60,7 @@ class Supervisor:
 
     def start(self) -> None:
         """Build the group at the target TP degree, or the largest smaller one that fits (degraded mode)."""
-        sizes = [t for t in valid_tp_degrees(self.args, self.target_tp) if t >= self.config.min_tensor_parallel_size]
+        sizes = [t for t in valid_tp_degrees(self.args, self.target_tp, self.config.expert_parallel) if t >= self.config.min_tensor_parallel_size]
         for tp in sorted(sizes, reverse=True):
             try:
                 self.executor.start(tp)
@@ -142,7 +142,7 @@ class Supervisor:
 
     def request_resize(self, tp_size: int) -> bool:
         """Ask for a reshard to tp_size at the next step boundary; False if there is nothing to do."""
-        check_tp_degree(self.args, tp_size)
+        check_tp_degree(self.args, tp_size, self.config.expert_parallel)
         if tp_size == self.target_tp and tp_size == self.tp_size:
             return False
         self.pending_resize = tp_size

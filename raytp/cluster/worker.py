@@ -268,13 +268,15 @@ class TPWorker:
 
     @on_rank_device
     def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True,
-             store_dir: str | None = None, quantization: str = "none", block_size: int = 16) -> dict:
+             store_dir: str | None = None, quantization: str = "none", block_size: int = 16,
+             expert_parallel: bool = False) -> dict:
         """Load this rank's shard from the checkpoint; with store_dir (CPU), also write it where a replacement finds
         it (rank_store.py). The attention backend is chosen for the KV cache's block size."""
         device = "cuda" if self.device == "cuda" else "cpu"
         attention = select_backend(device, attention_backend, DTYPES[self.dtype], block_size)
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
-                                attention=attention, pack_weights=pack_weights, quantization=quantization)
+                                attention=attention, pack_weights=pack_weights, quantization=quantization,
+                                expert_parallel=expert_parallel)
         if store_dir is not None and device == "cpu":
             if self.rank == 0:
                 for stale in sweep_stale_stores(os.path.dirname(store_dir)):
@@ -286,9 +288,13 @@ class TPWorker:
                 "attention_detail": attention.describe()}
 
     def configure_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> list[int]:
-        """Decode steps replay CUDA graphs from now on (cuda_graphs.py), where the device and the attention kernel
-        allow: on CUDA with the flash-attention backend. Returns the padded batch sizes, [] where graphs cannot run."""
+        """Decode steps replay CUDA graphs from now on (cuda_graphs.py), where the device, the attention kernel and
+        the model allow: on CUDA with the flash-attention backend, dense models. Returns the padded batch sizes, []
+        where graphs cannot run."""
         if self.device != "cuda" or not self.model.attention.label.startswith("cuda"):
+            return []
+        if self.model.args.num_experts:  # the experts' grouping reads each expert's token count on the host
+            log.warning("decode steps run eagerly: CUDA graphs do not capture mixture-of-experts layers yet")
             return []
         self.graph_limits = (max_num_seqs, max_model_len)
         self.graphs = None
@@ -306,20 +312,22 @@ class TPWorker:
                                        scratch_slot, gathered_keys_limit=None if paged else MAX_GATHERED_KEYS)
         return self.graphs
 
-    def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int) -> None:
+    def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int,
+                      expert_parallel: bool = False) -> None:
         """A spare builds every rank's model from the group's shard store ahead of time (the weights are the store's
         pages, mapped: no copy, no extra memory), so that taking a rank's place costs nothing of the model's size."""
         mark_user(store_dir)
-        self._spare_models = {rank: self._model_from_store(model_path, attention_backend, store_dir, rank, world_size)
+        self._spare_models = {rank: self._model_from_store(model_path, attention_backend, store_dir, rank, world_size,
+                                                           expert_parallel)
                               for rank in range(world_size)}
 
     def _model_from_store(self, model_path: str, attention_backend: str, store_dir: str, rank: int,
-                          world_size: int) -> LlamaModel:
+                          world_size: int, expert_parallel: bool = False) -> LlamaModel:
         # The communicator object the layers keep; the connection inside comes when the rank joins the group.
         comm = TimedCommunicator(NotConnected(rank, world_size))
         attention = select_backend("cpu", attention_backend, DTYPES[self.dtype])
         with torch.device("cpu"):
-            model = LlamaModel(read_model_args(model_path), comm, DTYPES[self.dtype], attention)
+            model = LlamaModel(read_model_args(model_path), comm, DTYPES[self.dtype], attention, expert_parallel)
         load_shard(model, shard_path(store_dir, rank))
         return model
 

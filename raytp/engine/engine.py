@@ -50,7 +50,7 @@ class EngineCore:
         self.model_path = resolve_model_path(config.model)
         self.args = read_model_args(self.model_path)
         try:
-            check_tp_degree(self.args, config.tensor_parallel_size)
+            check_tp_degree(self.args, config.tensor_parallel_size, config.expert_parallel)
         except ModelShapeError as err:
             raise CheckpointError(f"{self.model_path}: {err}") from None
         limit = self.args.max_position_embeddings

@@ -13,6 +13,7 @@ from torch import nn
 
 from raytp.cluster.comm import Communicator
 from raytp.model.attention import AttentionBackend, AttentionMetadata
+from raytp.model.moe import MoE
 from raytp.model.layers import (
     ColumnParallelLinear,
     DirectCall,
@@ -25,7 +26,12 @@ from raytp.model.layers import (
     silu_mul,
 )
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+# Mixture-of-experts families: where a layer's experts live in the checkpoint, and the names of an expert's
+# gate, up and down projections.
+MOE_NAMES = {"MixtralForCausalLM": ("block_sparse_moe", "w1", "w3", "w2"),
+             "Qwen3MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
 
 class ModelShapeError(ValueError):
@@ -50,6 +56,16 @@ class ModelArgs:
     o_bias: bool
     mlp_bias: bool
     sliding_window: int | None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head before the rotary embedding
+    # Mixture of experts (0 experts: every layer's MLP is dense).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    normalize_top_k: bool = False  # the top-k routing weights renormalised to sum to 1
+    dense_layers: tuple[int, ...] = ()  # layers whose MLP is dense in an MoE model (Qwen3-MoE's mlp_only_layers)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -68,8 +84,18 @@ class ModelArgs:
         attention_bias = bool(cfg.get("attention_bias", False))
         is_qwen2 = arch == "Qwen2ForCausalLM"
         window = cfg.get("sliding_window")
-        if is_qwen2 and not cfg.get("use_sliding_window", False):
+        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
             window = None
+        moe = {}
+        if arch in MOE_NAMES:
+            experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+            step = cfg.get("decoder_sparse_step") or 1
+            dense = tuple(i for i in range(cfg["num_hidden_layers"])
+                          if i in (cfg.get("mlp_only_layers") or []) or (i + 1) % step)
+            moe = dict(num_experts=experts, experts_per_token=cfg["num_experts_per_tok"],
+                       moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+                       normalize_top_k=arch == "MixtralForCausalLM" or bool(cfg.get("norm_topk_prob")),
+                       dense_layers=dense)
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -87,6 +113,8 @@ class ModelArgs:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
+            qk_norm=arch.startswith("Qwen3"),
+            **moe,
         )
 
     def attention_cost_per_pair(self) -> float:
@@ -109,10 +137,13 @@ class TPLayout:
     kv_heads: int  # KV heads on this rank
     kv_head_start: int
     intermediate: int  # MLP columns on this rank
+    experts: range = range(0)  # MoE: the experts this rank holds
+    expert_intermediate: int = 0  # MoE: the columns of each held expert on this rank
+    expert_col_start: int = 0  # MoE: where they start in the expert's intermediate columns
 
     @classmethod
-    def of(cls, args: ModelArgs, rank: int, world: int) -> "TPLayout":
-        check_tp_degree(args, world)
+    def of(cls, args: ModelArgs, rank: int, world: int, expert_parallel: bool = False) -> "TPLayout":
+        check_tp_degree(args, world, expert_parallel)
         heads = args.num_heads // world
         if world <= args.num_kv_heads:
             kv_heads, kv_start = args.num_kv_heads // world, rank * (args.num_kv_heads // world)
@@ -120,11 +151,19 @@ class TPLayout:
             # More ranks than KV heads: each rank keeps the one KV head its query heads use.
             kv_heads, kv_start = 1, rank // (world // args.num_kv_heads)
         inter = args.intermediate_size // world
-        return cls(rank, world, heads, rank * heads, kv_heads, kv_start, inter)
+        if expert_parallel:  # whole experts: E / world of them
+            per_rank = args.num_experts // world
+            experts, expert_inter = range(rank * per_rank, (rank + 1) * per_rank), args.moe_intermediate_size
+            col_start = 0
+        else:  # a slice of every expert
+            experts, expert_inter = range(args.num_experts), args.moe_intermediate_size // world
+            col_start = rank * expert_inter
+        return cls(rank, world, heads, rank * heads, kv_heads, kv_start, inter, experts, expert_inter, col_start)
 
 
-def check_tp_degree(args: ModelArgs, world: int) -> None:
-    """Raise ModelShapeError naming the numbers when `world` cannot shard this model."""
+def check_tp_degree(args: ModelArgs, world: int, expert_parallel: bool = False) -> None:
+    """Raise ModelShapeError naming the numbers when `world` cannot shard this model (its experts whole per rank
+    with expert_parallel, else a slice of each on every rank)."""
     problems = []
     if args.num_heads % world:
         problems.append(f"num_attention_heads={args.num_heads} is not divisible by tensor_parallel_size={world}")
@@ -133,17 +172,24 @@ def check_tp_degree(args: ModelArgs, world: int) -> None:
         problems.append(f"num_key_value_heads={kv} is not divisible by tensor_parallel_size={world}")
     if world > kv and world % kv:
         problems.append(f"tensor_parallel_size={world} is not a multiple of num_key_value_heads={kv}")
-    if args.intermediate_size % world:
+    has_dense = args.num_experts == 0 or len(args.dense_layers) > 0
+    if has_dense and args.intermediate_size % world:
         problems.append(f"intermediate_size={args.intermediate_size} is not divisible by tensor_parallel_size={world}")
+    if args.num_experts and expert_parallel and args.num_experts % world:
+        problems.append(f"with expert_parallel the {args.num_experts} experts are not divisible by "
+                        f"tensor_parallel_size={world}")
+    if args.num_experts and not expert_parallel and args.moe_intermediate_size % world:
+        problems.append(f"the experts' intermediate size {args.moe_intermediate_size} is not divisible by "
+                        f"tensor_parallel_size={world} (expert_parallel: true places whole experts instead)")
     if problems:
         raise ModelShapeError("cannot shard the model: " + "; ".join(problems))
 
 
-def valid_tp_degrees(args: ModelArgs, up_to: int) -> list[int]:
+def valid_tp_degrees(args: ModelArgs, up_to: int, expert_parallel: bool = False) -> list[int]:
     out = []
     for world in range(1, up_to + 1):
         try:
-            check_tp_degree(args, world)
+            check_tp_degree(args, world, expert_parallel)
             out.append(world)
         except ModelShapeError:
             pass
@@ -160,10 +206,22 @@ class Attention(DirectCall):
         qkv_out = (layout.heads + 2 * layout.kv_heads) * args.head_dim
         self.qkv_proj = ColumnParallelLinear(args.hidden_size, qkv_out, args.qkv_bias, dtype)
         self.o_proj = RowParallelLinear(layout.heads * args.head_dim, args.hidden_size, args.o_bias, dtype, comm)
+        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype) if args.qk_norm else None
+
+    def norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen3's QK norm: qkv (T, (H + 2 Hkv) D) -> the same with each query and key head RMS-normalised."""
+        T, D = qkv.shape[0], self.head_dim
+        q, k, v = qkv.view(T, -1, D).split([self.heads, self.kv_heads, self.kv_heads], dim=1)  # (T, H|Hkv, D)
+        q = self.q_norm(q.reshape(T * self.heads, D)).view(T, self.heads, D)
+        k = self.k_norm(k.reshape(T * self.kv_heads, D)).view(T, self.kv_heads, D)
+        return torch.cat([q, k, v], dim=1).view(T, -1)
 
     def forward(self, x, cos, sin, cache, meta: AttentionMetadata):
         # x: (T, hidden)
         qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) D) on this rank's heads
+        if self.q_norm is not None:
+            qkv = self.norm_heads(qkv)
         q = self.backend.rotate_and_cache(qkv, cos, sin, self.heads, cache, meta)  # (T, H, D); K/V into the cache
         out = self.backend.attend(q, cache, meta, self.scale).reshape(q.shape[0], -1)  # (T, H * D)
         return self.o_proj(out)  # all-reduce inside: (T, hidden)
@@ -181,12 +239,16 @@ class MLP(DirectCall):
 
 class DecoderLayer(DirectCall):
     def __init__(self, args: ModelArgs, layout: TPLayout, comm: Communicator, dtype: torch.dtype,
-                 backend: AttentionBackend):
+                 backend: AttentionBackend, moe: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.self_attn = Attention(args, layout, comm, dtype, backend)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.mlp = MLP(args, layout, comm, dtype)
+        if moe:
+            self.mlp = MoE(args.hidden_size, args.num_experts, args.experts_per_token, args.normalize_top_k,
+                           layout.experts, layout.expert_intermediate, dtype, comm)
+        else:
+            self.mlp = MLP(args, layout, comm, dtype)
 
     def forward(self, h, residual, cos, sin, cache, meta):
         """h: the previous layer's MLP output (T, hidden), not yet added to residual, the stream before it (None at
@@ -202,17 +264,18 @@ class DecoderLayer(DirectCall):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs, comm: Communicator, dtype: torch.dtype, attention: AttentionBackend | None = None):
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype: torch.dtype, attention: AttentionBackend | None = None,
+                 expert_parallel: bool = False):
         super().__init__()
         if attention is None:
             from raytp.model.attention.reference import ReferenceAttention
 
             attention = ReferenceAttention()
         self.args, self.comm, self.dtype, self.attention = args, comm, dtype, attention
-        self.layout = TPLayout.of(args, comm.rank, comm.world_size)
+        self.layout = TPLayout.of(args, comm.rank, comm.world_size, expert_parallel)
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype, comm)
-        self.layers = nn.ModuleList(DecoderLayer(args, self.layout, comm, dtype, attention)
-                                    for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, self.layout, comm, dtype, attention, args.is_moe_layer(i))
+                                    for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.lm_head = ParallelLMHead(self.embed_tokens, args.tie_word_embeddings, args.hidden_size, dtype)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope)
@@ -279,6 +342,22 @@ def weight_plan(args: ModelArgs, layout: TPLayout, vocab_rows_per_rank: int) -> 
         plan[f"{dst}.self_attn.o_proj.weight"] = [Piece(f"{src}.self_attn.o_proj.weight", 1, *q)]
         if args.o_bias:
             plan[f"{dst}.self_attn.o_proj.bias"] = [Piece(f"{src}.self_attn.o_proj.bias", 0, 0, args.hidden_size)]
+        if args.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                plan[f"{dst}.self_attn.{norm}.weight"] = [Piece(f"{src}.self_attn.{norm}.weight", 0, 0, D)]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            plan[f"{dst}.{norm}.weight"] = [Piece(f"{src}.{norm}.weight", 0, 0, args.hidden_size)]
+        if args.is_moe_layer(i):
+            moe, gate, up, down = MOE_NAMES[args.architecture]
+            plan[f"{dst}.mlp.gate"] = [Piece(f"{src}.{moe}.gate.weight", 0, 0, args.num_experts)]  # replicated
+            I = lo.expert_intermediate  # noqa: E741
+            cols = (lo.expert_col_start, lo.expert_col_start + I)
+            for local, e in enumerate(lo.experts):
+                expert = f"{src}.{moe}.experts.{e}"
+                plan[f"{dst}.mlp.gate_up.{local}"] = [Piece(f"{expert}.{gate}.weight", 0, *cols, dst=0),
+                                                      Piece(f"{expert}.{up}.weight", 0, *cols, dst=I)]
+                plan[f"{dst}.mlp.down.{local}"] = [Piece(f"{expert}.{down}.weight", 1, *cols)]
+            continue
         for kind in ["weight"] + (["bias"] if args.mlp_bias else []):
             plan[f"{dst}.mlp.gate_up_proj.{kind}"] = [
                 Piece(f"{src}.mlp.gate_proj.{kind}", 0, *inter, dst=0),
@@ -287,8 +366,6 @@ def weight_plan(args: ModelArgs, layout: TPLayout, vocab_rows_per_rank: int) -> 
         plan[f"{dst}.mlp.down_proj.weight"] = [Piece(f"{src}.mlp.down_proj.weight", 1, *inter)]
         if args.mlp_bias:
             plan[f"{dst}.mlp.down_proj.bias"] = [Piece(f"{src}.mlp.down_proj.bias", 0, 0, args.hidden_size)]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            plan[f"{dst}.{norm}.weight"] = [Piece(f"{src}.{norm}.weight", 0, 0, args.hidden_size)]
     return plan
 
 
@@ -307,9 +384,19 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}.self_attn.o_proj.weight"] = (h, args.num_heads * D)
         if args.o_bias:
             shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
-        shapes[f"{p}.mlp.gate_proj.weight"] = (I, h)
-        shapes[f"{p}.mlp.up_proj.weight"] = (I, h)
-        shapes[f"{p}.mlp.down_proj.weight"] = (h, I)
+        if args.qk_norm:
+            shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (D,)
+        if args.is_moe_layer(i):
+            moe, gate, up, down = MOE_NAMES[args.architecture]
+            shapes[f"{p}.{moe}.gate.weight"] = (args.num_experts, h)
+            for e in range(args.num_experts):
+                for name in (gate, up):
+                    shapes[f"{p}.{moe}.experts.{e}.{name}.weight"] = (args.moe_intermediate_size, h)
+                shapes[f"{p}.{moe}.experts.{e}.{down}.weight"] = (h, args.moe_intermediate_size)
+        else:
+            shapes[f"{p}.mlp.gate_proj.weight"] = (I, h)
+            shapes[f"{p}.mlp.up_proj.weight"] = (I, h)
+            shapes[f"{p}.mlp.down_proj.weight"] = (h, I)
         if args.mlp_bias:
             shapes[f"{p}.mlp.gate_proj.bias"] = (I,)
             shapes[f"{p}.mlp.up_proj.bias"] = (I,)

@@ -96,16 +96,16 @@ def _tensor_slices(path: str, gguf_file: str | None, stack: ExitStack):
 
 def load_model(path: str, comm: Communicator, dtype: str = "float32", device: str = "cpu", progress: bool = True,
                attention: AttentionBackend | None = None, pack_weights: bool = True,
-               quantization: str = "none") -> LlamaModel:
+               quantization: str = "none", expert_parallel: bool = False) -> LlamaModel:
     """Build this rank's shard of the model at `path` and fill it from the checkpoint.
 
     `attention` is the paged-attention backend (default: the reference);
     `pack_weights` repacks the linear weights for the device's fastest kernel, quantized to int8 with
-    quantization "int8" (CPU).
+    quantization "int8" (CPU); `expert_parallel` places an MoE model's experts whole on the ranks (moe.py).
     """
     args = read_model_args(path)
     try:
-        check_tp_degree(args, comm.world_size)
+        check_tp_degree(args, comm.world_size, expert_parallel)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
     shapes = expected_shapes(args)
@@ -113,7 +113,7 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
     config_source = "the GGUF metadata" if gguf_file else "config.json"
     torch_dtype = DTYPES[dtype]
     with torch.device(device):
-        model = LlamaModel(args, comm, torch_dtype, attention)
+        model = LlamaModel(args, comm, torch_dtype, attention, expert_parallel)
     plan = weight_plan(args, model.layout, model.embed_tokens.rows_per_rank)
     params = dict(model.named_parameters())
 

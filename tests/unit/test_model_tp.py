@@ -16,7 +16,8 @@ import torch
 from raytp.cluster.comm import Communicator, SingleRank
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
-from tests.helpers import RankPool, load_reference, write_gguf, write_llama, write_mistral, write_qwen2
+from tests.helpers import (RankPool, load_reference, write_gguf, write_llama, write_mistral, write_mixtral, write_qwen2,
+                           write_qwen3, write_qwen3_moe)
 
 PROMPT_LEN, NEW_TOKENS, BLOCK_SIZE, NUM_BLOCKS = 20, 16, 4, 16
 RTOL = 1e-4
@@ -40,6 +41,17 @@ CASES = {
     # llama.cpp's format: GGUF names, permuted Q/K rows, and a different block format in every linear.
     "llama_gguf": lambda tmp: write_gguf(write_llama(tmp, seed=7)),
 }
+# Qwen3 (QK norm) and mixtures of experts (moe.py): 8 experts, top 2, at every TP degree with the experts sliced
+# (expert_parallel false) or whole per rank (true). Wider weights than transformers' default init, so that the
+# routing and the greedy tokens are decided by clear margins.
+MOE_CASES = {
+    "qwen3": lambda tmp: write_qwen3(tmp, seed=8, initializer_range=0.1),
+    "mixtral": lambda tmp: write_mixtral(tmp, seed=9, initializer_range=0.1),
+    # Qwen3-MoE with its top-k weights renormalised and layer 1's MLP dense (mlp_only_layers).
+    "qwen3_moe": lambda tmp: write_qwen3_moe(tmp, seed=10, initializer_range=0.1, norm_topk_prob=True,
+                                             mlp_only_layers=[1]),
+}
+CASES.update(MOE_CASES)
 
 
 def rel_err(a, b) -> float:
@@ -56,9 +68,10 @@ def shuffled_blocks(num_blocks: int, seed: int) -> list[int]:
 
 
 def prefill_and_greedy(comm: Communicator, path: str, prompt: list[int], new_tokens: int, block_table: list[int],
-                       attention: str = "reference"):
+                       attention: str = "reference", expert_parallel: bool = False):
     """Prefill `prompt`, then decode greedily one token per step. Returns (prefill logits (T, V), tokens)."""
-    model = load_model(path, comm, progress=False, attention=select_backend("cpu", attention))
+    model = load_model(path, comm, progress=False, attention=select_backend("cpu", attention),
+                       expert_parallel=expert_parallel)
     window = model.args.sliding_window
     cache = torch.zeros(model.kv_cache_shape(NUM_BLOCKS * BLOCK_SIZE))
 
@@ -186,7 +199,7 @@ def references(tmp_path_factory):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("attention", ["reference", "cpu"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in CASES if c not in MOE_CASES])
 def test_matches_transformers(case, tp, attention, references, pools):
     path, prompt, ref_logits, ref_tokens = references(case)
     n_blocks = math.ceil((PROMPT_LEN + NEW_TOKENS) / BLOCK_SIZE)
@@ -198,6 +211,24 @@ def test_matches_transformers(case, tp, attention, references, pools):
     err = rel_err(logits, ref_logits)
     print(f"{case} tp={tp} {attention}: max relative error {err:.2e}")
     assert err < RTOL, f"{case} at TP={tp} with {attention} attention: relative error {err:.2e}"
+    assert tokens == ref_tokens
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("expert_parallel", [False, True])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_qwen3_and_mixtures_of_experts_match_transformers(case, tp, expert_parallel, references, pools):
+    if expert_parallel and (tp == 1 or case == "qwen3"):
+        pytest.skip("the same split as expert_parallel false (one rank, or no experts)")
+    path, prompt, ref_logits, ref_tokens = references(case)
+    n_blocks = math.ceil((PROMPT_LEN + NEW_TOKENS) / BLOCK_SIZE)
+    table = shuffled_blocks(NUM_BLOCKS, seed=tp)[:n_blocks]
+    logits, tokens = run_on(tp, pools, prefill_and_greedy, path=path, prompt=prompt, new_tokens=NEW_TOKENS,
+                            block_table=table, attention="cpu", expert_parallel=expert_parallel)
+    err = rel_err(logits, ref_logits)
+    print(f"{case} tp={tp} expert_parallel={expert_parallel}: max relative error {err:.2e}")
+    assert err < RTOL, f"{case} at TP={tp}, expert_parallel={expert_parallel}: relative error {err:.2e}"
     assert tokens == ref_tokens
 
 

@@ -1,0 +1,68 @@
+"""Mixtures of experts (raytp/model/moe.py) through the engine, and what is refused before any rank starts.
+tests/unit/test_model_tp.py checks the logits and greedy tokens against transformers at TP 1, 2 and 4, with
+the experts sliced and whole per rank."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from raytp.cluster.executor import LocalExecutor
+from raytp.config import EngineConfig
+from raytp.engine.engine import AsyncEngine
+from raytp.model.checkpoint_error import CheckpointError
+from raytp.model.llama import ModelArgs, check_tp_degree
+from raytp.sampling import SamplingParams
+from tests.helpers import load_reference, write_mixtral, write_qwen3_moe
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    return write_mixtral(tmp_path_factory.mktemp("moe"), seed=11, initializer_range=0.1)
+
+
+@pytest.mark.timeout(120)
+def test_the_engine_serves_mixtral_with_transformers_greedy_tokens(mixtral):
+    prompts = [[5, 9, 33, 17, 2, 81], [7] * 13, list(range(40, 70))]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def generate():
+        engine = AsyncEngine(EngineConfig(model=mixtral, device="cpu", max_num_seqs=4, max_model_len=128),
+                             lambda c, p, m: LocalExecutor(c, p, m))
+        await engine.start()
+        try:
+            async def one(i, prompt):
+                return [t async for out in engine.generate(prompt, params, f"moe-{i}") for t in out.delta_token_ids]
+
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))  # batched steps
+        finally:
+            await engine.shutdown()
+
+    ours = asyncio.run(generate())
+    ref = load_reference(mixtral)
+    ref.generation_config.eos_token_id = None
+    for prompt, tokens in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                               do_sample=False, pad_token_id=0)
+        assert tokens == out[0, len(prompt):].tolist()
+
+
+def test_experts_that_do_not_split_evenly_are_refused_before_any_rank_starts(mixtral, tmp_path):
+    config = EngineConfig(model=mixtral, device="cpu", tensor_parallel_size=3, expert_parallel=True)
+    with pytest.raises(CheckpointError, match="8 experts are not divisible by tensor_parallel_size=3"):
+        AsyncEngine(config, lambda *a: pytest.fail("no executor may be made"))
+    qwen = write_qwen3_moe(tmp_path, moe_intermediate_size=30)
+    args = ModelArgs.from_hf_config(load_reference(qwen).config.to_dict())
+    check_tp_degree(args, 2, expert_parallel=True)  # whole experts: 8 / 2
+    with pytest.raises(ValueError, match="experts' intermediate size 30 is not divisible by tensor_parallel_size=4"):
+        check_tp_degree(args, 4)
+
+
+def test_an_moe_family_raytp_does_not_implement_is_refused_by_name():
+    cfg = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 64,
+           "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 128, "intermediate_size": 128}
+    with pytest.raises(ValueError, match="unsupported architecture \\['Qwen2MoeForCausalLM'\\]"):
+        ModelArgs.from_hf_config(cfg)
