@@ -117,7 +117,7 @@ class EngineConfig(BaseModel):
         "error and shown in the raytp_attention_backend metric; a backend named here that cannot run is a start-up error."
     )
     expert_parallel: bool = Field(
-        default=False, description="Mixture-of-experts models (Mixtral, Qwen3-MoE): place whole experts on the ranks "
+        default=False, description="Mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE): place whole experts on the ranks "
         "(tensor_parallel_size must divide the number of experts) instead of a slice of every expert on every rank "
         "(the default). Both give the same tokens, with one all-reduce per layer either way."
     )

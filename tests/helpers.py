@@ -111,6 +111,14 @@ def write_qwen3_moe(tmp, **overrides) -> str:
                                "decoder_sparse_step": 1, "mlp_only_layers": [], **overrides})
 
 
+def write_olmoe(tmp, **overrides) -> str:
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    return write_checkpoint(tmp, OlmoeConfig, OlmoeForCausalLM,
+                            **{"num_experts": 8, "num_experts_per_tok": 2, "eos_token_id": 1, "pad_token_id": 0,
+                               **overrides})
+
+
 # GGUF tensor types write_gguf uses by default: every kind of block format the llama.cpp files use that the gguf
 # package can also write (K-quants it only reads), so one checkpoint exercises them all.
 GGUF_TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "Q5_0", "ffn_gate": "F16",

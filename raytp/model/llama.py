@@ -27,11 +27,12 @@ from raytp.model.layers import (
 )
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+                           "MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 # Mixture-of-experts families: where a layer's experts live in the checkpoint, and the names of an expert's
 # gate, up and down projections.
 MOE_NAMES = {"MixtralForCausalLM": ("block_sparse_moe", "w1", "w3", "w2"),
-             "Qwen3MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj")}
+             "Qwen3MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj"),
+             "OlmoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
 
 class ModelShapeError(ValueError):
@@ -56,7 +57,10 @@ class ModelArgs:
     o_bias: bool
     mlp_bias: bool
     sliding_window: int | None
-    qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head before the rotary embedding
+    # RMSNorm of the queries and keys before the rotary embedding: "head" over each head (Qwen3), "full" over all
+    # of the query heads and all of the key heads at once (OLMoE); "" none.
+    qk_norm: str = ""
+    clip_qkv: float | None = None  # OLMoE: q, k and v clamped to +-clip_qkv after the norm
     # Mixture of experts (0 experts: every layer's MLP is dense).
     num_experts: int = 0
     experts_per_token: int = 0
@@ -113,7 +117,8 @@ class ModelArgs:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=window,
-            qk_norm=arch.startswith("Qwen3"),
+            qk_norm="head" if arch.startswith("Qwen3") else "full" if arch == "OlmoeForCausalLM" else "",
+            clip_qkv=cfg.get("clip_qkv"),
             **moe,
         )
 
@@ -206,8 +211,16 @@ class Attention(DirectCall):
         qkv_out = (layout.heads + 2 * layout.kv_heads) * args.head_dim
         self.qkv_proj = ColumnParallelLinear(args.hidden_size, qkv_out, args.qkv_bias, dtype)
         self.o_proj = RowParallelLinear(layout.heads * args.head_dim, args.hidden_size, args.o_bias, dtype, comm)
-        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype) if args.qk_norm else None
-        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype) if args.qk_norm else None
+        self.qk_norm, self.clip_qkv, self.comm, self.eps = args.qk_norm, args.clip_qkv, comm, args.rms_norm_eps
+        if args.qk_norm == "head":
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype)
+        elif args.qk_norm == "full":  # this rank's slices of weights over all query / key heads
+            self.q_norm = RMSNorm(layout.heads * args.head_dim, args.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(layout.kv_heads * args.head_dim, args.rms_norm_eps, dtype)
+            self.full_q_width, self.full_k_width = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+            # With more ranks than KV heads each KV head is on world / Hkv ranks: its squares are summed that often.
+            self.kv_copies = max(1, layout.world // args.num_kv_heads)
 
     def norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
         """Qwen3's QK norm: qkv (T, (H + 2 Hkv) D) -> the same with each query and key head RMS-normalised."""
@@ -217,11 +230,28 @@ class Attention(DirectCall):
         k = self.k_norm(k.reshape(T * self.kv_heads, D)).view(T, self.kv_heads, D)
         return torch.cat([q, k, v], dim=1).view(T, -1)
 
+    def norm_full(self, qkv: torch.Tensor) -> torch.Tensor:
+        """OLMoE's QK norm: RMSNorm over all query heads (and over all key heads) at once, which at TP > 1 span
+        the ranks: each rank sums its squares, one all-reduce of (T, 2) sums gives the whole rows'."""
+        D = self.head_dim
+        q, k, v = qkv.split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)  # this rank's columns
+        qf, kf = q.float(), k.float()
+        squares = torch.stack([qf.pow(2).sum(-1), kf.pow(2).sum(-1) / self.kv_copies], dim=1)  # (T, 2)
+        if self.comm.world_size > 1:
+            squares = self.comm.all_reduce(squares)
+        q = self.q_norm.weight * (qf * torch.rsqrt(squares[:, :1] / self.full_q_width + self.eps)).to(q.dtype)
+        k = self.k_norm.weight * (kf * torch.rsqrt(squares[:, 1:] / self.full_k_width + self.eps)).to(k.dtype)
+        return torch.cat([q, k, v], dim=-1)
+
     def forward(self, x, cos, sin, cache, meta: AttentionMetadata):
         # x: (T, hidden)
         qkv = self.qkv_proj(x)  # (T, (H + 2 Hkv) D) on this rank's heads
-        if self.q_norm is not None:
+        if self.qk_norm == "head":
             qkv = self.norm_heads(qkv)
+        elif self.qk_norm == "full":
+            qkv = self.norm_full(qkv)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q = self.backend.rotate_and_cache(qkv, cos, sin, self.heads, cache, meta)  # (T, H, D); K/V into the cache
         out = self.backend.attend(q, cache, meta, self.scale).reshape(q.shape[0], -1)  # (T, H * D)
         return self.o_proj(out)  # all-reduce inside: (T, hidden)
@@ -342,9 +372,12 @@ def weight_plan(args: ModelArgs, layout: TPLayout, vocab_rows_per_rank: int) -> 
         plan[f"{dst}.self_attn.o_proj.weight"] = [Piece(f"{src}.self_attn.o_proj.weight", 1, *q)]
         if args.o_bias:
             plan[f"{dst}.self_attn.o_proj.bias"] = [Piece(f"{src}.self_attn.o_proj.bias", 0, 0, args.hidden_size)]
-        if args.qk_norm:
+        if args.qk_norm == "head":
             for norm in ("q_norm", "k_norm"):
                 plan[f"{dst}.self_attn.{norm}.weight"] = [Piece(f"{src}.self_attn.{norm}.weight", 0, 0, D)]
+        elif args.qk_norm == "full":  # this rank's heads' columns of weights over all heads
+            plan[f"{dst}.self_attn.q_norm.weight"] = [Piece(f"{src}.self_attn.q_norm.weight", 0, *q)]
+            plan[f"{dst}.self_attn.k_norm.weight"] = [Piece(f"{src}.self_attn.k_norm.weight", 0, *kv)]
         for norm in ("input_layernorm", "post_attention_layernorm"):
             plan[f"{dst}.{norm}.weight"] = [Piece(f"{src}.{norm}.weight", 0, 0, args.hidden_size)]
         if args.is_moe_layer(i):
@@ -384,8 +417,11 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}.self_attn.o_proj.weight"] = (h, args.num_heads * D)
         if args.o_bias:
             shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
-        if args.qk_norm:
+        if args.qk_norm == "head":
             shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (D,)
+        elif args.qk_norm == "full":
+            shapes[f"{p}.self_attn.q_norm.weight"] = (args.num_heads * D,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (args.num_kv_heads * D,)
         if args.is_moe_layer(i):
             moe, gate, up, down = MOE_NAMES[args.architecture]
             shapes[f"{p}.{moe}.gate.weight"] = (args.num_experts, h)

@@ -16,8 +16,8 @@ import torch
 from raytp.cluster.comm import Communicator, SingleRank
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.loader import load_model
-from tests.helpers import (RankPool, load_reference, write_gguf, write_llama, write_mistral, write_mixtral, write_qwen2,
-                           write_qwen3, write_qwen3_moe)
+from tests.helpers import (RankPool, load_reference, write_gguf, write_llama, write_mistral, write_mixtral, write_olmoe,
+                           write_qwen2, write_qwen3, write_qwen3_moe)
 
 PROMPT_LEN, NEW_TOKENS, BLOCK_SIZE, NUM_BLOCKS = 20, 16, 4, 16
 RTOL = 1e-4
@@ -50,6 +50,8 @@ MOE_CASES = {
     # Qwen3-MoE with its top-k weights renormalised and layer 1's MLP dense (mlp_only_layers).
     "qwen3_moe": lambda tmp: write_qwen3_moe(tmp, seed=10, initializer_range=0.1, norm_topk_prob=True,
                                              mlp_only_layers=[1]),
+    # OLMoE: QK norm over all heads at once (an all-reduce of squares at TP > 1), q/k/v clipped.
+    "olmoe": lambda tmp: write_olmoe(tmp, seed=12, initializer_range=0.1, clip_qkv=3.0),
 }
 CASES.update(MOE_CASES)
 
