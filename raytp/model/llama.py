@@ -387,9 +387,9 @@ def weight_plan(args: ModelArgs, layout: TPLayout, vocab_rows_per_rank: int) -> 
             cols = (lo.expert_col_start, lo.expert_col_start + I)
             for local, e in enumerate(lo.experts):
                 expert = f"{src}.{moe}.experts.{e}"
-                plan[f"{dst}.mlp.gate_up.{local}"] = [Piece(f"{expert}.{gate}.weight", 0, *cols, dst=0),
-                                                      Piece(f"{expert}.{up}.weight", 0, *cols, dst=I)]
-                plan[f"{dst}.mlp.down.{local}"] = [Piece(f"{expert}.{down}.weight", 1, *cols)]
+                plan[f"{dst}.mlp.experts.{local}.gate_up.weight"] = [Piece(f"{expert}.{gate}.weight", 0, *cols, dst=0),
+                                                                     Piece(f"{expert}.{up}.weight", 0, *cols, dst=I)]
+                plan[f"{dst}.mlp.experts.{local}.down.weight"] = [Piece(f"{expert}.{down}.weight", 1, *cols)]
             continue
         for kind in ["weight"] + (["bias"] if args.mlp_bias else []):
             plan[f"{dst}.mlp.gate_up_proj.{kind}"] = [

@@ -23,7 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytp.cluster.comm import Communicator
-from raytp.model.layers import DirectCall, silu_mul
+from raytp.model.layers import DirectCall, PackableLinear, silu_mul
+
+
+class Expert(DirectCall):
+    """One expert's MLP, or this rank's slice of its intermediate columns: packed like the dense layers' weights."""
+
+    def __init__(self, hidden_size: int, intermediate: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up = PackableLinear(2 * intermediate, hidden_size, dtype)  # gate then up rows
+        self.down = PackableLinear(hidden_size, intermediate, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down.matmul(silu_mul(self.gate_up.matmul(x)))  # (n, h) -> (n, 2 I) -> (n, I) -> (n, h)
 
 
 class MoE(DirectCall):
@@ -32,13 +44,9 @@ class MoE(DirectCall):
         """experts: the ones this rank holds; intermediate: the columns of each it holds (all of them, or 1/tp)."""
         super().__init__()
         self.num_experts, self.top_k, self.normalize_top_k = num_experts, top_k, normalize_top_k
-        self.experts, self.comm = experts, comm
+        self.expert_ids, self.comm = experts, comm
         self.gate = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype), requires_grad=False)  # (E, h)
-        # Per held expert: gate then up rows (2 I, h), and down (h, I).
-        self.gate_up = nn.ParameterList(nn.Parameter(torch.empty(2 * intermediate, hidden_size, dtype=dtype),
-                                                     requires_grad=False) for _ in experts)
-        self.down = nn.ParameterList(nn.Parameter(torch.empty(hidden_size, intermediate, dtype=dtype),
-                                                  requires_grad=False) for _ in experts)
+        self.experts = nn.ModuleList(Expert(hidden_size, intermediate, dtype) for _ in experts)  # the ones held
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, h) -> each token's top-k experts (T, k) and their weights (T, k) in x's dtype."""
@@ -55,13 +63,11 @@ class MoE(DirectCall):
         order = torch.argsort(pairs, stable=True)  # (T k,) pairs grouped by expert
         counts = torch.bincount(pairs, minlength=self.num_experts).tolist()  # pairs per expert (one host read)
         out = torch.zeros_like(x)  # (T, h)
-        start = sum(counts[: self.experts.start])
-        for local, expert in enumerate(self.experts):
-            n = counts[expert]
+        start = sum(counts[: self.expert_ids.start])
+        for expert, n in zip(self.experts, counts[self.expert_ids.start : self.expert_ids.stop]):
             if n:
                 picked = order[start : start + n]  # (n,) pairs routed to this expert
                 tokens = picked // self.top_k  # (n,) their rows of x
-                y = F.linear(silu_mul(F.linear(x[tokens], self.gate_up[local])), self.down[local])  # (n, h)
-                out.index_add_(0, tokens, y * weights.reshape(-1)[picked].unsqueeze(1))
+                out.index_add_(0, tokens, expert(x[tokens]) * weights.reshape(-1)[picked].unsqueeze(1))  # (n, h)
             start += n
         return self.comm.all_reduce(out) if self.comm.world_size > 1 else out
