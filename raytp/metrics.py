@@ -10,6 +10,7 @@ LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0
                    1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0]
 TOKEN_LATENCY_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                          0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 80.0]
+EXPERT_TOKEN_BUCKETS = [0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 COLLECTIVE_BUCKETS = [0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]
 # Recovery phases run from milliseconds (a replacement) to minutes (a rebuild). Ray reports a histogram's sum from
 # its buckets' midpoints, so the 1-5 s range (a hang's detection, a small model's rebuild) needs steps of its own:
@@ -37,6 +38,11 @@ class EngineMetrics:
         self.allreduce = hist("raytp_allreduce_seconds", "Time the ranks spent in TP collectives per step.", COLLECTIVE_BUCKETS)
         # Its rate is the fraction of time the TP group computes: near 1 when the engine keeps the ranks busy.
         self.step = hist("raytp_step_seconds", "Time the TP group spent running a step (slowest rank).", LATENCY_BUCKETS)
+        # One observation per expert per step: a spread-out distribution (some experts near 0, some far above the
+        # mean) is routing imbalance, which under expert_parallel leaves ranks waiting for the busiest one.
+        self.expert_tokens = hist("raytp_expert_tokens_per_step", "Mixture-of-experts models: tokens an expert got "
+                                  "in a step, averaged over the MoE layers; one observation per expert per step.",
+                                  EXPERT_TOKEN_BUCKETS)
         self.running = Gauge("raytp_num_requests_running", description="Requests in the running batch.", tag_keys=keys)
         self.waiting = Gauge("raytp_num_requests_waiting", description="Requests waiting to be scheduled.", tag_keys=keys)
         self.kv_usage = Gauge("raytp_kv_cache_usage_perc", description="Fraction of KV-cache blocks in use (0-1).", tag_keys=keys)
@@ -75,6 +81,10 @@ class EngineMetrics:
         self.running.set(num_running, tags=self.tags)
         self.waiting.set(num_waiting, tags=self.tags)
         self.kv_usage.set(kv_usage, tags=self.tags)
+
+    def on_expert_tokens(self, per_expert: list[float]) -> None:
+        for n in per_expert:
+            self.expert_tokens.observe(n, tags=self.tags)
 
     def on_first_token(self, ttft: float, queue_time: float) -> None:
         self.ttft.observe(ttft, tags=self.tags)

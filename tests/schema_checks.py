@@ -87,6 +87,7 @@ RAYTP_HISTOGRAMS = frozenset(
         "raytp_allreduce_seconds",
         "raytp_step_seconds",
         "raytp_recovery_seconds",
+        "raytp_expert_tokens_per_step",
     }
 )
 RAYTP_GAUGES = frozenset(

@@ -205,7 +205,8 @@ class TPGroup(Executor):
         # The ranks wait for each other in every collective: the slowest rank's time is the step's.
         leads = [r.lead_seconds for r in results]
         return StepResult(tokens, max(r.collective_seconds for r in results), max(r.step_seconds for r in results),
-                          results[0].logprobs, None if None in leads else min(leads))  # the last rank to get it
+                          results[0].logprobs, None if None in leads else min(leads),  # the last rank to get it
+                          results[0].expert_tokens)
 
     def _send(self, seqs: list[SeqStep]) -> list:
         # Without task events: steps come tens of times a second, and each one's events would cost the caller, the

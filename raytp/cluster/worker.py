@@ -472,7 +472,8 @@ class TPWorker:
         if self.stream is not None:
             self.stream.synchronize()  # the step's final sync: its collectives' CUDA events are complete now
         self.last_sampled = {s.request_id: t for s, t in zip(seqs, tokens)}
-        return StepResult(tokens, self.comm.take_seconds(), time.perf_counter() - t0, logprobs)
+        return StepResult(tokens, self.comm.take_seconds(), time.perf_counter() - t0, logprobs,
+                          expert_tokens=self.model.expert_tokens() if self.rank == 0 else None)
 
     def _step(self, seqs: list[SeqStep]) -> tuple[list[int], StepLogprobs | None]:
         device = self.kv_cache.device

@@ -258,6 +258,8 @@ class EngineCore:
         if self.metrics:
             self.metrics.on_step(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.blocks.usage(),
                                  result.collective_seconds, result.step_seconds)
+            if result.expert_tokens is not None:
+                self.metrics.on_expert_tokens(result.expert_tokens)
         return outputs
 
     def needs_tokens_first(self, batch: list[ScheduledSeq]) -> bool:

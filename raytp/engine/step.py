@@ -73,3 +73,6 @@ class StepResult:
     # How long before the rank's previous step ended this one reached it (< 0: the rank waited for it); None where
     # steps are not sent ahead through a transport (the in-process executor).
     lead_seconds: float | None = None
+    # Mixtures of experts: the tokens each expert got in this step, averaged over the MoE layers (rank 0's; every
+    # rank routes alike). None for dense models.
+    expert_tokens: list[float] | None = None

@@ -330,6 +330,14 @@ class LlamaModel(nn.Module):
             h, residual = layer(h, residual, cos, sin, cache, meta)
         return self.norm.add_and_norm(residual, h)[1]
 
+    def expert_tokens(self) -> list[float] | None:
+        """Mixtures of experts: the tokens each expert got in the last step, averaged over the MoE layers (every rank
+        routes every token, so any rank's numbers are the model's); None for a dense model."""
+        if not self.args.num_experts:
+            return None
+        layers = [layer.mlp.last_counts for layer in self.layers if isinstance(layer.mlp, MoE)]
+        return [sum(per_layer) / len(layers) for per_layer in zip(*layers)]
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, hidden) -> logits (N, vocab) in float32, all-gathered."""

@@ -47,6 +47,7 @@ class MoE(DirectCall):
         self.expert_ids, self.comm = experts, comm
         self.gate = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype), requires_grad=False)  # (E, h)
         self.experts = nn.ModuleList(Expert(hidden_size, intermediate, dtype) for _ in experts)  # the ones held
+        self.last_counts: list[int] = [0] * num_experts  # the last step's tokens per expert (all of them, held or not)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, h) -> each token's top-k experts (T, k) and their weights (T, k) in x's dtype."""
@@ -62,6 +63,7 @@ class MoE(DirectCall):
         pairs = chosen.reshape(-1)  # (T k,) the expert of each (token, slot) pair
         order = torch.argsort(pairs, stable=True)  # (T k,) pairs grouped by expert
         counts = torch.bincount(pairs, minlength=self.num_experts).tolist()  # pairs per expert (one host read)
+        self.last_counts = counts  # for the expert-load metric (LlamaModel.expert_tokens)
         out = torch.zeros_like(x)  # (T, h)
         start = sum(counts[: self.expert_ids.start])
         for expert, n in zip(self.experts, counts[self.expert_ids.start : self.expert_ids.stop]):

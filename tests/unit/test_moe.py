@@ -50,6 +50,48 @@ def test_the_engine_serves_mixtral_with_transformers_greedy_tokens(mixtral):
         assert tokens == out[0, len(prompt):].tolist()
 
 
+class StepRecorder:
+    """The engine's metrics sink, keeping what it reports of each step (the rest of its events are ignored)."""
+
+    def __init__(self):
+        self.expert_tokens, self.steps = [], 0
+
+    def on_step(self, *args):
+        self.steps += 1
+
+    def on_expert_tokens(self, per_expert):
+        self.expert_tokens.append(per_expert)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.timeout(120)
+def test_each_step_reports_the_tokens_each_expert_got(mixtral):
+    recorder = StepRecorder()
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def generate():
+        engine = AsyncEngine(EngineConfig(model=mixtral, device="cpu", max_num_seqs=4, max_model_len=64),
+                             lambda c, p, m: LocalExecutor(c, p, m), metrics=recorder)
+        await engine.start()
+        try:
+            async def one(i, prompt):
+                return [t async for out in engine.generate(prompt, params, f"m-{i}") for t in out.delta_token_ids]
+
+            await asyncio.gather(one(0, list(range(3, 20))), one(1, [9, 8, 7]))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(generate())
+    assert recorder.steps > 0 and len(recorder.expert_tokens) == recorder.steps  # every step, and only steps
+    # Each token goes to 2 experts in every layer, so the per-layer averages sum to 2 x the step's tokens: both
+    # prompts (20 tokens) in the first step, then one token per running sequence.
+    sums = [sum(per_expert) for per_expert in recorder.expert_tokens]
+    assert all(len(per_expert) == 8 for per_expert in recorder.expert_tokens)
+    assert sums[0] == 2 * (17 + 3) and set(sums[1:]) <= {2 * 2, 2 * 1}
+
+
 def test_experts_that_do_not_split_evenly_are_refused_before_any_rank_starts(mixtral, tmp_path):
     config = EngineConfig(model=mixtral, device="cpu", tensor_parallel_size=3, expert_parallel=True)
     with pytest.raises(CheckpointError, match="8 experts are not divisible by tensor_parallel_size=3"):
