@@ -142,6 +142,27 @@ def test_killed_worker_is_replaced_and_the_survivor_keeps_everything(ray_cluster
     assert recomputed == 0
 
 
+def test_a_mixture_of_experts_keeps_every_token_through_a_killed_rank(ray_cluster, tmp_path):
+    """Mixtral with whole experts per rank (expert_parallel): SIGKILL of rank 1 under 16 streams; the spare takes its
+    experts, shard and KV cache from the store, and every stream ends token-identical to a run without the fault."""
+    from tests.helpers import write_mixtral
+
+    model = write_mixtral(tmp_path, seed=13, vocab_size=1024, initializer_range=0.1)
+    moe = dict(model=model, expert_parallel=True)
+
+    async def fault_free(engine):
+        return (await _run_all(engine, "moe-ref"))[0]
+
+    async def killed(engine):
+        results, _ = await _run_all(engine, "moe-kill", during=_kill_and_resume(engine, 1))
+        return results, engine.core.supervisor.recoveries, engine.core.recomputed_tokens
+
+    reference = _with_engine(fault_free, num_spare_ranks=0, **moe)
+    results, recoveries, recomputed = _with_engine(killed, **moe)
+    assert results == reference
+    assert recoveries == {"replace": 1} and recomputed == 0
+
+
 def test_without_spares_a_killed_worker_rebuilds_the_group(ray_cluster, reference):
     async def run(engine):
         results, _ = await _run_all(engine, "rebuild", during=_kill_and_resume(engine, 1))
