@@ -17,7 +17,8 @@
 #                                       [--shape NAME] [--dtype float32|bfloat16] [--vllm-venv DIR] [--out DIR]
 # --workloads: comma list (default burst,poisson). --max-num-batched-tokens: the step budget of both servers
 # (default: each one's own). --shape: bench-58m (default), a random Llama of raytp.random_checkpoint's
-# RANDOM_LLAMA_SHAPES (20m, 87m, 0.5b), written on first use, or smollm2 (the real SmolLM2-135M-Instruct: 30 layers,
+# RANDOM_LLAMA_SHAPES (20m, 87m, 0.5b, and moe-8x: a Mixtral-like mixture of 8 experts, 2 per token), written on
+# first use, or smollm2 (the real SmolLM2-135M-Instruct: 30 layers,
 # a 49,152-token vocabulary; a bfloat16 safetensors copy of its GGUF that both servers load). --dtype: what both
 # servers compute in (default float32; both are told, whatever the checkpoint holds). vLLM runs with chunked prefill
 # and prefix caching on (its defaults, said explicitly).

@@ -62,17 +62,24 @@ def llama_layer_weights(config: dict, i: int, normal: Callable[..., torch.Tensor
     q_rows = config["num_attention_heads"] * config["head_dim"]
     kv_rows = config["num_key_value_heads"] * config["head_dim"]
     p = f"model.layers.{i}."
-    return {
+    w = {
         p + "self_attn.q_proj.weight": normal(q_rows, h),
         p + "self_attn.k_proj.weight": normal(kv_rows, h),
         p + "self_attn.v_proj.weight": normal(kv_rows, h),
         p + "self_attn.o_proj.weight": normal(h, q_rows),
-        p + "mlp.gate_proj.weight": normal(inter, h),
-        p + "mlp.up_proj.weight": normal(inter, h),
-        p + "mlp.down_proj.weight": normal(h, inter),
-        p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
-        p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype),
     }
+    if "num_local_experts" in config:  # Mixtral: a router and the experts' w1 (gate), w3 (up), w2 (down)
+        w[p + "block_sparse_moe.gate.weight"] = normal(config["num_local_experts"], h)
+        for e in range(config["num_local_experts"]):
+            expert = f"{p}block_sparse_moe.experts.{e}."
+            w.update({expert + "w1.weight": normal(inter, h), expert + "w3.weight": normal(inter, h),
+                      expert + "w2.weight": normal(h, inter)})
+    else:
+        w.update({p + "mlp.gate_proj.weight": normal(inter, h), p + "mlp.up_proj.weight": normal(inter, h),
+                  p + "mlp.down_proj.weight": normal(h, inter)})
+    w[p + "input_layernorm.weight"] = torch.ones(h, dtype=dtype)
+    w[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype)
+    return w
 
 
 def random_llama_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -141,21 +148,30 @@ RANDOM_LLAMA_SHAPES: dict[str, dict[str, int]] = {
     "20m": dict(hidden=256, intermediate=1024, layers=4, heads=8, kv_heads=4),  # 20.3M parameters, 81 MB
     "87m": dict(hidden=768, intermediate=2048, layers=6, heads=12, kv_heads=4),  # 86.9M parameters, 348 MB
     "0.5b": dict(hidden=1536, intermediate=4096, layers=16, heads=12, kv_heads=4),  # 501M parameters, 2.0 GB
+    # Mixtral-like mixture of experts: 8 experts of intermediate 1024, 2 per token. 172M parameters (690 MB), of
+    # which a token uses 78M (the embeddings, attention and 2 experts a layer).
+    "moe-8x": dict(hidden=768, intermediate=1024, layers=6, heads=12, kv_heads=4, experts=8, top_k=2),
 }
 RANDOM_LLAMA_SEED = 0
 
 
 def random_llama_config(shape: str) -> dict:
     """config.json of the RANDOM_LLAMA_SHAPES entry `shape` (the seed rides along, so a cache of other weights is stale)."""
-    return llama_config(**RANDOM_LLAMA_SHAPES[shape], vocab=32000, bos_id=1, eos_id=2,
-                        raytp_random_llama_seed=RANDOM_LLAMA_SEED)
+    shape_args = dict(RANDOM_LLAMA_SHAPES[shape])
+    experts, top_k = shape_args.pop("experts", None), shape_args.pop("top_k", None)
+    config = llama_config(**shape_args, vocab=32000, bos_id=1, eos_id=2, raytp_random_llama_seed=RANDOM_LLAMA_SEED)
+    if experts:
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts,
+                      num_experts_per_tok=top_k, router_jitter_noise=0.0, sliding_window=None)
+    return config
 
 
 def llama_num_parameters(config: dict) -> int:
     """Parameters of the checkpoint random_llama_weights writes for `config`."""
     h, inter, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     attn = (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * d * h
-    per_layer = attn + 3 * h * inter + 2 * h
+    experts = config.get("num_local_experts", 1)
+    per_layer = attn + experts * 3 * h * inter + (experts * h if "num_local_experts" in config else 0) + 2 * h
     return 2 * config["vocab_size"] * h + config["num_hidden_layers"] * per_layer + h
 
 
