@@ -229,8 +229,11 @@ def test_qwen3_and_mixtures_of_experts_match_transformers(case, tp, expert_paral
     logits, tokens = run_on(tp, pools, prefill_and_greedy, path=path, prompt=prompt, new_tokens=NEW_TOKENS,
                             block_table=table, attention="cpu", expert_parallel=expert_parallel)
     err = rel_err(logits, ref_logits)
-    print(f"{case} tp={tp} expert_parallel={expert_parallel}: max relative error {err:.2e}")
+    logprob_err = float((torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1)
+                         - torch.log_softmax(ref_logits.double(), -1)).abs().max())
+    print(f"{case} tp={tp} expert_parallel={expert_parallel}: max relative error {err:.2e}, logprobs {logprob_err:.2e}")
     assert err < RTOL, f"{case} at TP={tp}, expert_parallel={expert_parallel}: relative error {err:.2e}"
+    assert logprob_err < 2e-3
     assert tokens == ref_tokens
 
 
