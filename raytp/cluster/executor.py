@@ -84,7 +84,6 @@ class Executor(ABC):
     num_kv_blocks: int
     dtype: str  # what the ranks compute in (config.resolved_dtype for this checkpoint)
     attention_backend: str = ""  # the attention kernel the ranks run (its label), once started
-    cuda_graph_batch_sizes: list[int] = []  # the padded batch sizes of decode graphs; [] where steps run eagerly
 
     @abstractmethod
     def start(self, tp_size: int) -> None:
@@ -149,7 +148,7 @@ class LocalExecutor(Executor):
         self.attention_backend = loaded["attention"]
         log.info("attention: %s", loaded["attention_detail"])
         if cfg.cuda_graphs:
-            self.cuda_graph_batch_sizes = w.configure_cuda_graphs(cfg.max_num_seqs, self.max_model_len)
+            w.configure_cuda_graphs(cfg.max_num_seqs, self.max_model_len)
         capacity = w.max_kv_blocks(bs, cfg.gpu_memory_utilization, profile_seq_lens(cfg, self.max_model_len))
         self.num_kv_blocks = choose_num_kv_blocks(cfg, self.max_model_len, capacity)
         w.init_kv_cache(self.num_kv_blocks, bs)

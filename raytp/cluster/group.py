@@ -166,8 +166,8 @@ class TPGroup(Executor):
             self.attention_backend = loaded[0]["attention"]
             log.info("attention: %s", loaded[0]["attention_detail"])
             if self.config.cuda_graphs:
-                self.cuda_graph_batch_sizes = ray.get([w.configure_cuda_graphs.remote(
-                    self.config.max_num_seqs, self.max_model_len) for w in self.workers], timeout=timeout)[0]
+                ray.get([w.configure_cuda_graphs.remote(self.config.max_num_seqs, self.max_model_len)
+                         for w in self.workers], timeout=timeout)
             profile = profile_seq_lens(self.config, self.max_model_len)
             capacity = min(ray.get([w.max_kv_blocks.remote(bs, self.config.gpu_memory_utilization, profile)
                                     for w in self.workers], timeout=timeout))

@@ -298,7 +298,7 @@ class TPWorker:
             return []
         self.graph_limits = (max_num_seqs, max_model_len)
         self.graphs = None
-        return list(graph_batch_sizes(max_num_seqs))
+        return graph_batch_sizes(max_num_seqs)
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """The decode graphs over the current KV cache (its last block is the padding rows' scratch), if configured."""
@@ -306,7 +306,7 @@ class TPWorker:
             return None
         if self.graphs is None:
             max_num_seqs, max_model_len = self.graph_limits
-            paged = getattr(self.model.attention, "kernel", None) == "paged"
+            paged = self.model.attention.label == "cuda-paged"
             scratch_slot = self.kv_cache.shape[2] - self.block_size  # the first slot of the scratch block
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_model_len,
                                        scratch_slot, gathered_keys_limit=None if paged else MAX_GATHERED_KEYS)
