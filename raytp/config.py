@@ -38,6 +38,24 @@ class EngineConfig(BaseModel):
     min_tensor_parallel_size: int = Field(
         default=1, ge=1, le=64, description="Smallest TP degree the group may shrink to when the old size cannot be placed."
     )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="Pipeline stages of a replica, each a TP group of tensor_parallel_size "
+        "ranks on one node computing a contiguous share of the layers (the first also the embedding, the last the "
+        "LM head); the residual stream goes from stage to stage over the network (gloo/TCP on CPU, NCCL on GPU). "
+        "For models that do not fit one node."
+    )
+    pipeline_partition: list[int] | None = Field(
+        default=None, description="Decoder layers of each pipeline stage, first to last (e.g. 10 6); must sum to the "
+        "model's layers. Default: as even as possible, the first stages taking the extra layers."
+    )
+    pipeline_placement: Literal["spread", "pack"] = Field(
+        default="spread", description="Pipeline stages on different nodes where the cluster has them (spread) or on "
+        "as few nodes as possible (pack). A stage's ranks are always on one node."
+    )
+    pipeline_steps_in_flight: int | None = Field(
+        default=None, ge=1, le=64, description="Steps (micro-batches of disjoint sequences) a pipeline runs at once, "
+        "so that every stage has work; default pipeline_parallel_size; 1: one step at a time."
+    )
     device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="cpu (gloo), cuda (NCCL) or auto.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weights and activations dtype. auto follows the checkpoint: on CPU bfloat16 for a "
@@ -161,6 +179,9 @@ class EngineConfig(BaseModel):
         if self.quantization != "none" and (self.device == "cuda" or not self.pack_weights):
             raise ValueError(f"quantization={self.quantization!r} runs in raytp's CPU linear op: it needs device cpu "
                              f"or auto (not {self.device!r}) and pack_weights true (not {self.pack_weights})")
+        if self.pipeline_partition is not None and len(self.pipeline_partition) != self.pipeline_parallel_size:
+            raise ValueError(f"pipeline_partition={self.pipeline_partition} has {len(self.pipeline_partition)} stages "
+                             f"where pipeline_parallel_size={self.pipeline_parallel_size}")
         if self.min_tensor_parallel_size > self.tensor_parallel_size:
             raise ValueError(
                 f"min_tensor_parallel_size={self.min_tensor_parallel_size} is larger than "
@@ -174,6 +195,13 @@ class EngineConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, "raytp config")) from None
+
+    def steps_in_flight(self) -> int:
+        """Steps the engine keeps in flight: a pipeline's micro-batches, else two (the next step goes out before
+        the current one's tokens are back: see engine.py)."""
+        if self.pipeline_parallel_size > 1:
+            return self.pipeline_steps_in_flight or self.pipeline_parallel_size
+        return 2
 
     def resolved_max_num_batched_tokens(self) -> int:
         if self.max_num_batched_tokens is not None:

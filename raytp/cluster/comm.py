@@ -67,6 +67,14 @@ class Communicator(ABC):
     def barrier(self) -> None:
         """Return once every rank has called it."""
 
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Point to point (pipeline stages): tensor to rank dst, which receives it with recv."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point send")
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Fill tensor (its shape and dtype as sent) with what rank src sends."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point recv")
+
     def abort(self) -> None:
         """Release a collective blocked on a peer and fail every later one (callable from any thread)."""
 
@@ -161,6 +169,13 @@ class GlooCommunicator(Communicator):
 
     def barrier(self):
         self._group().barrier().wait()
+
+    def send(self, tensor, dst):
+        self._group().send([tensor.contiguous()], dst, 0).wait()
+
+    def recv(self, tensor, src):
+        self._group().recv([tensor], src, 0).wait()
+        return tensor
 
     def abort(self):
         self.aborted = True
@@ -410,6 +425,15 @@ class NcclCommunicator(Communicator):
         self._live().broadcast(
             tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._dtype(tensor), src, self._stream()
         )
+        return tensor
+
+    def send(self, tensor, dst):
+        tensor = tensor.contiguous()
+        self._live().send(tensor.data_ptr(), tensor.numel(), self._dtype(tensor), dst, self._stream())
+
+    def recv(self, tensor, src):
+        assert tensor.is_contiguous()
+        self._live().recv(tensor.data_ptr(), tensor.numel(), self._dtype(tensor), src, self._stream())
         return tensor
 
     def barrier(self):

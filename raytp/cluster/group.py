@@ -33,7 +33,8 @@ from raytp.cluster.spares import SparePool
 from raytp.cluster.watchdog import StepWatchdog
 from raytp.engine.step import SeqStep, StepResult
 from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, SPARE_RANK, TPWorkerActor
-from raytp.model.loader import checkpoint_dtype
+from raytp.model.loader import checkpoint_dtype, read_model_args
+from raytp.model.pipeline import partition_layers
 
 SPARE_REFILL_DELAY_S = 3.0
 PING_TIMEOUT_S = 1.0  # a live rank answers a ping in milliseconds, even mid-step (its Ray calls have threads of their own)
@@ -68,8 +69,9 @@ def _largest_node(resource: str) -> tuple[float, float]:
     return max(totals, default=0.0), ray.available_resources().get(resource, 0.0)
 
 
-def _bundle(device: str, cpus: int) -> dict[str, float]:
-    return {"GPU": 1, "CPU": cpus} if device == "cuda" else {"CPU": cpus}
+def _bundle(device: str, cpus: float, ranks: int = 1) -> dict[str, float]:
+    """Resources of `ranks` ranks that must share a node."""
+    return {"GPU": ranks, "CPU": cpus * ranks} if device == "cuda" else {"CPU": cpus * ranks}
 
 
 class TPGroup(Executor):
@@ -88,12 +90,27 @@ class TPGroup(Executor):
         self._refill: threading.Timer | None = None  # the spare pool's refill after a replacement
         self._refill_lock = threading.Lock()
         self.watchdog: StepWatchdog | None = None  # step times of the current group (start() makes it)
+        # Pipeline stages (one: the whole model); self.workers holds stage 0's ranks, then stage 1's, ...
+        self.stages = partition_layers(read_model_args(model_path).num_layers, config.pipeline_parallel_size,
+                                       config.pipeline_partition)
 
     # ---- building ----------------------------------------------------------------
 
+    def _placement_group(self, tp_size: int):
+        """One bundle per rank, all on one node; a pipeline: one bundle per stage (its ranks share a node), the
+        stages spread over nodes or packed (pipeline_placement)."""
+        if len(self.stages) == 1:
+            return placement_group([_bundle(self.device, self.config.cpus_per_rank) for _ in range(tp_size)],
+                                   strategy="STRICT_PACK")
+        strategy = "SPREAD" if self.config.pipeline_placement == "spread" else "PACK"
+        return placement_group([_bundle(self.device, self.config.cpus_per_rank, tp_size) for _ in self.stages],
+                               strategy=strategy)
+
+    def _bundle_index(self, stage: int, rank: int) -> int:
+        return rank if len(self.stages) == 1 else stage
+
     def _place(self, tp_size: int) -> None:
-        bundles = [_bundle(self.device, self.config.cpus_per_rank) for _ in range(tp_size)]
-        self.pg = placement_group(bundles, strategy="STRICT_PACK")
+        self.pg = self._placement_group(tp_size)
         try:
             ray.get(self.pg.ready(), timeout=self.config.placement_timeout_s)
         except GetTimeoutError:
@@ -102,10 +119,13 @@ class TPGroup(Executor):
             resource = "GPU" if self.device == "cuda" else "CPU"
             per_rank = 1 if self.device == "cuda" else self.config.cpus_per_rank
             largest, free = _largest_node(resource)
+            stages = len(self.stages)
             raise PlacementError(
-                f"tensor_parallel_size={tp_size} needs {tp_size * per_rank} {resource}s on one node "
-                f"({per_rank} per rank); "
-                f"the largest node has {largest:g} {resource}s in total and the cluster has {free:g} free "
+                f"tensor_parallel_size={tp_size} needs {tp_size * per_rank:g} {resource}s on one node "
+                f"({per_rank:g} per rank)"
+                + (f", for each of pipeline_parallel_size={stages} stages ({stages * tp_size * per_rank:g} in all)"
+                   if stages > 1 else "")
+                + f"; the largest node has {largest:g} {resource}s in total and the cluster has {free:g} free "
                 f"(waited {self.config.placement_timeout_s:g}s)"
                 + ("; on CPU, cpus_per_rank below 1 (e.g. 0.5) lets more ranks than cores share them"
                    if self.device == "cpu" else "")
@@ -126,43 +146,51 @@ class TPGroup(Executor):
         return spare, spare.prepare_spare.remote(self.model_path, self.config.attention_backend, self.store_dir,
                                                  self.tp_size, self.config.expert_parallel)
 
+    def stage_ranks(self, stage: int) -> list:
+        """The workers of one pipeline stage, in rank order."""
+        return self.workers[stage * self.tp_size : (stage + 1) * self.tp_size]
+
     def start(self, tp_size: int) -> None:
         t0 = time.monotonic()
         timeout = self.config.init_timeout_s
         self._place(tp_size)
+        self.tp_size = tp_size
         try:
             self.epoch, self.steps_sent = 0, 0
             # A new group (perhaps of another TP degree) measures its own step times.
             cfg = self.config
             self.watchdog = StepWatchdog(cfg.hang_detection_multiple, cfg.hang_detection_floor_s, cfg.step_timeout_s)
             self.workers = [
-                self._new_rank(rank, tp_size, PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-                               self.config.cpus_per_rank)
-                for rank in range(tp_size)
+                self._new_rank(rank, tp_size, PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=self._bundle_index(stage.index, rank)), self.config.cpus_per_rank)
+                for stage in self.stages for rank in range(tp_size)
             ]
             infos = ray.get([w.node_info.remote() for w in self.workers], timeout=timeout)
             self.node_id = infos[0]["node_id"]
-            for info in infos:
-                log.info("TP rank %d/%d: node %s (%s) pid %d gpu %s %s", info["rank"], tp_size, info["node_ip"],
-                         info["hostname"], info["pid"], ",".join(info["gpu_ids"]) or "-", info["gpu_uuid"] or "")
+            for i, info in enumerate(infos):
+                log.info("TP rank %d/%d of stage %d/%d: node %s (%s, %s) pid %d gpu %s %s", info["rank"], tp_size,
+                         i // tp_size, len(self.stages), info["node_id"], info["node_ip"], info["hostname"],
+                         info["pid"], ",".join(info["gpu_ids"]) or "-", info["gpu_uuid"] or "")
             if self.device == "cuda" and tp_size > 1:
-                # Asked of NVML on the ranks' node (this replica may be elsewhere), by each rank's GPU UUID.
-                uuids = [info["gpu_uuid"] for info in infos]
-                warning = ray.get(self.workers[0].check_nvlink.remote(uuids, self.config.require_nvlink), timeout=timeout)
-                if warning:
-                    log.warning(warning)
-                else:
-                    log.info("the %d GPUs of the TP group are all NVLink-connected", tp_size)
-            rendezvous = ray.get(self.workers[0].make_rendezvous.remote(self.config.cpu_collectives), timeout=timeout)
-            backends = ray.get([w.init_communicator.remote(rendezvous, timeout) for w in self.workers], timeout=timeout)
-            log.info("TP group of %d ranks connected over %s", tp_size, backends[0])
+                for stage in self.stages:
+                    # Asked of NVML on the stage's node (this replica may be elsewhere), by each rank's GPU UUID.
+                    uuids = [info["gpu_uuid"] for info in infos[stage.index * tp_size : (stage.index + 1) * tp_size]]
+                    warning = ray.get(self.stage_ranks(stage.index)[0].check_nvlink.remote(uuids, cfg.require_nvlink),
+                                      timeout=timeout)
+                    if warning:
+                        log.warning(warning)
+                    else:
+                        log.info("the %d GPUs of TP group %d are all NVLink-connected", tp_size, stage.index)
+            self._connect(timeout)
             # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them.
-            replaceable = self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
+            replaceable = (self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
+                           and len(self.stages) == 1)
             self.store_dir = new_store_dir() if replaceable else None
             bs = self.config.resolved_block_size()
             loaded = ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
-                                            self.store_dir, self.config.quantization, bs, self.config.expert_parallel)
-                              for w in self.workers], timeout=timeout)
+                                            self.store_dir, self.config.quantization, bs, self.config.expert_parallel,
+                                            self.stages[i // tp_size])
+                              for i, w in enumerate(self.workers)], timeout=timeout)
             self.attention_backend = loaded[0]["attention"]
             log.info("attention: %s", loaded[0]["attention_detail"])
             if self.config.cuda_graphs:
@@ -185,28 +213,44 @@ class TPGroup(Executor):
             if isinstance(err, (RayActorError, WorkerCrashedError)):  # a rank died while starting: worth a retry
                 raise GroupFailure(f"a rank of the TP group of {tp_size} died while starting: {err}") from err
             raise  # anything a rank raised itself (a bad checkpoint, a KV cache too small) is permanent
-        self.tp_size, self.rebuilding = tp_size, True
+        self.rebuilding = True
         if self.store_dir is not None:
             self.spares = SparePool(self._start_spare, self.config.num_spare_ranks)
             self.spares.fill()
         log.info("TP group ready: tp=%d, %s, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.dtype,
                  self.num_kv_blocks, bs, time.monotonic() - t0)
 
+    def _connect(self, timeout: float) -> None:
+        """Each stage's ranks join their TP communicator (rank 0 of the stage makes the rendezvous), and each rank
+        of a stage but the last links to the same rank of the next stage."""
+        tp = self.tp_size
+        rendezvous = ray.get([self.stage_ranks(s.index)[0].make_rendezvous.remote(self.config.cpu_collectives)
+                              for s in self.stages], timeout=timeout)
+        backends = ray.get([w.init_communicator.remote(rendezvous[i // tp], timeout) for i, w in enumerate(self.workers)],
+                           timeout=timeout)
+        log.info("%d TP group(s) of %d ranks connected over %s", len(self.stages), tp, backends[0])
+        senders = self.workers[: -tp] if len(self.stages) > 1 else []
+        links = ray.get([w.make_link_rendezvous.remote() for w in senders], timeout=timeout)
+        ray.get([w.connect_link.remote(link, "next", timeout) for w, link in zip(senders, links)]
+                + [w.connect_link.remote(link, "prev", timeout) for w, link in zip(self.workers[tp:], links)],
+                timeout=timeout)
+
     # ---- running -----------------------------------------------------------------
 
-    @staticmethod
-    def _merge(results: list[StepResult]) -> StepResult:
-        # Each rank feeds its own samples back in as PREVIOUS_TOKEN, so ranks that disagree would
-        # silently compute different sequences: never expected (same logits, same seeds), so it is a bug.
-        tokens = results[0].token_ids
-        for rank, r in enumerate(results[1:], start=1):
+    def _merge(self, results: list[StepResult]) -> StepResult:
+        # The last stage samples (any earlier one returns no tokens). Each rank feeds its own samples back in as
+        # PREVIOUS_TOKEN, so ranks that disagree would silently compute different sequences: never expected (same
+        # logits, same seeds), so it is a bug.
+        last = results[-self.tp_size :]
+        tokens = last[0].token_ids
+        for rank, r in enumerate(last[1:], start=1):
             if r.token_ids != tokens:
                 raise RuntimeError(f"TP rank {rank} sampled {r.token_ids} where rank 0 sampled {tokens}")
         # The ranks wait for each other in every collective: the slowest rank's time is the step's.
         leads = [r.lead_seconds for r in results]
         return StepResult(tokens, max(r.collective_seconds for r in results), max(r.step_seconds for r in results),
-                          results[0].logprobs, None if None in leads else min(leads),  # the last rank to get it
-                          results[0].expert_tokens)
+                          last[0].logprobs, None if None in leads else min(leads),  # the last rank to get it
+                          last[0].expert_tokens)
 
     def _send(self, seqs: list[SeqStep]) -> list:
         # Without task events: steps come tens of times a second, and each one's events would cost the caller, the
@@ -350,7 +394,7 @@ class TPGroup(Executor):
 
     def can_place(self, tp_size: int, wait_s: float = 1.0) -> bool:
         """Whether a group of tp_size could be placed now (probes with a placement group that is removed again)."""
-        probe = placement_group([_bundle(self.device, self.config.cpus_per_rank) for _ in range(tp_size)], strategy="STRICT_PACK")
+        probe = self._placement_group(tp_size)
         try:
             ray.get(probe.ready(), timeout=wait_s)
             return True

@@ -41,6 +41,7 @@ from raytp.model.attention import SeqChunk, build_metadata, select_backend
 from raytp.model.cuda_graphs import MAX_GATHERED_KEYS, DecodeGraphs, graph_batch_sizes
 from raytp.model.layers import build_gemm_kernels
 from raytp.model.llama import LlamaModel
+from raytp.model.pipeline import Stage
 from raytp.model.loader import DTYPES, load_model, read_model_args, weight_bytes
 from raytp.outputs import TokenLogprob
 from raytp.sampling import RowContext, SamplingParams, gather_logprobs, sample
@@ -192,6 +193,10 @@ class TPWorker:
         self.memory_profile: MemoryProfile | None = None  # CUDA: what sized the KV cache
         self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
         self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
+        # Pipeline stages: "prev" receives the residual stream from this rank's peer in the stage before, "next"
+        # sends it to the one in the stage after (each a communicator of two: the sender is its rank 0).
+        self.links: dict[str, Communicator] = {}
+        self._link_store = None  # the "next" link's store, listening from make_link_rendezvous until connect_link
 
     # ---- placement and communicator set-up ----------------------------------
 
@@ -263,20 +268,50 @@ class TPWorker:
         """Release this rank (and, through the shared segment, its peers) from a collective a dead peer blocks."""
         if self.comm is not None:
             self.comm.abort()
+        for link in self.links.values():
+            link.abort()
+
+    def make_link_rendezvous(self):
+        """A rank of any stage but the last: where its peer (the same rank) of the next stage meets it. Over the
+        network between nodes (gloo over TCP, NCCL on GPUs), never the shared-memory segment, as stages are on
+        different nodes in general."""
+        if self.device == "cuda":
+            from raytp.cluster.comm import nccl_unique_id
+
+            return nccl_unique_id()
+        host = self.node_info()["node_ip"]
+        rendezvous = GlooRendezvous(host, free_port(host))
+        self._link_store = open_store(rendezvous, 2)
+        return rendezvous
+
+    @on_rank_device
+    def connect_link(self, rendezvous, side: str, timeout_s: float = 60.0) -> None:
+        """Join the link to the stage after this one (side "next": this rank sends, made the rendezvous) or before
+        it ("prev": receives)."""
+        rank = 0 if side == "next" else 1
+        if self.device == "cuda":
+            link = NcclCommunicator(rendezvous, rank, 2)
+        else:
+            store, self._link_store = (self._link_store, None) if side == "next" else (None, None)
+            link = GlooCommunicator(rendezvous, rank, 2, timeout_s, store)
+        old, self.links[side] = self.links.get(side), link
+        if old is not None:
+            old.close()
 
     # ---- weights and KV cache -------------------------------------------------
 
     @on_rank_device
     def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True,
              store_dir: str | None = None, quantization: str = "none", block_size: int = 16,
-             expert_parallel: bool = False) -> dict:
+             expert_parallel: bool = False, stage: Stage | None = None) -> dict:
         """Load this rank's shard from the checkpoint; with store_dir (CPU), also write it where a replacement finds
-        it (rank_store.py). The attention backend is chosen for the KV cache's block size."""
+        it (rank_store.py). The attention backend is chosen for the KV cache's block size; `stage`: the pipeline stage
+        whose layers this rank computes (all of them by default)."""
         device = "cuda" if self.device == "cuda" else "cpu"
         attention = select_backend(device, attention_backend, DTYPES[self.dtype], block_size)
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
                                 attention=attention, pack_weights=pack_weights, quantization=quantization,
-                                expert_parallel=expert_parallel)
+                                expert_parallel=expert_parallel, stage=stage)
         if store_dir is not None and device == "cpu":
             if self.rank == 0:
                 for stale in sweep_stale_stores(os.path.dirname(store_dir)):
@@ -292,6 +327,9 @@ class TPWorker:
         the model allow: on CUDA with the flash-attention backend, dense models. Returns the padded batch sizes, []
         where graphs cannot run."""
         if self.device != "cuda" or not self.model.attention.label.startswith("cuda"):
+            return []
+        if self.model.stage.count > 1:  # a stage's step waits for the stream from the stage before it
+            log.warning("decode steps run eagerly: CUDA graphs do not capture pipeline stages yet")
             return []
         if self.model.args.num_experts:  # the experts' grouping reads each expert's token count on the host
             log.warning("decode steps run eagerly: CUDA graphs do not capture mixture-of-experts layers yet")
@@ -487,8 +525,18 @@ class TPWorker:
             last_hidden = hidden
         else:
             meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
-            input_ids = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)  # (T,)
-            hidden = self.model(input_ids, meta, self.kv_cache)  # (T, hidden)
+            stage = self.model.stage
+            input_ids, stream = None, None
+            if stage.first:
+                input_ids = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)  # (T,)
+            else:  # the residual stream after the stage before: (T, hidden)
+                num_tokens = sum(len(row) for row in ids)
+                stream = torch.empty(num_tokens, self.model.args.hidden_size, dtype=self.model.dtype, device=device)
+                self.links["prev"].recv(stream, src=0)
+            hidden = self.model(input_ids, meta, self.kv_cache, stream)  # (T, hidden)
+            if not stage.last:  # only the last stage samples
+                self.links["next"].send(hidden, dst=1)
+                return [], None
             last_index = meta.last_token_index
             last_hidden = hidden[last_index]  # (B, hidden)
         logits = self.model.compute_logits(last_hidden)  # (B, vocab), all-gather inside
@@ -571,6 +619,8 @@ class TPWorker:
     def shutdown(self) -> None:
         if self.comm is not None:
             self.comm.close()
+        for link in self.links.values():
+            link.close()
         if self.device == "cuda":
             # The GPU's memory goes back now, even where something still holds this object (an in-process engine
             # started again in the same process sizes its KV cache from what is free).

@@ -12,6 +12,7 @@ resized), every request re-prefills what it already has.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from raytp.cluster.executor import Executor, GroupFailure
 from raytp.model import cpu_ops
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
+from raytp.model.pipeline import partition_layers
 from raytp.engine.output_processor import OutputProcessor, RequestState
 from raytp.engine.pacing import StepPacer
 from raytp.outputs import RequestOutput, TokenLogprob
@@ -45,14 +47,20 @@ def ray_executor(config: EngineConfig, model_path: str, max_model_len: int) -> E
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory = ray_executor, metrics=None):
+    def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory = ray_executor, metrics=None,
+                 micro_batches: int = 1):
+        """micro_batches: steps in flight at once, each of its own sequences (the async engine's pipeline); 1 where
+        steps run one at a time (step()) or overlap on the same sequences (a single stage)."""
         self.config = config
+        self.micro_batches = micro_batches
         self.model_path = resolve_model_path(config.model)
         self.args = read_model_args(self.model_path)
         try:
             check_tp_degree(self.args, config.tensor_parallel_size, config.expert_parallel)
         except ModelShapeError as err:
             raise CheckpointError(f"{self.model_path}: {err}") from None
+        # A pipeline that does not fit the model's layers: PipelineError (a ValueError) names the field.
+        partition_layers(self.args.num_layers, config.pipeline_parallel_size, config.pipeline_partition)
         limit = self.args.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len={config.max_model_len} is larger than the model's max_position_embeddings={limit}")
@@ -86,7 +94,7 @@ class EngineCore:
         if self.scheduler is None:
             budget = self.config.resolved_max_num_batched_tokens()
             self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len,
-                                       self.args.attention_cost_per_pair(), self.args.sliding_window)
+                                       self.args.attention_cost_per_pair(), self.args.sliding_window, self.micro_batches)
         else:
             self.scheduler.reset_blocks(blocks)
 
@@ -306,7 +314,10 @@ class AsyncEngine:
     """Runs an EngineCore in the background of an asyncio loop; requests stream their outputs."""
 
     def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory = ray_executor, metrics=None):
-        self.core = EngineCore(config, executor_factory, metrics)
+        # A pipeline's steps in flight are micro-batches of disjoint sequences: only its last stage samples, so a
+        # sequence's next step waits for its token (no PREVIOUS_TOKEN).
+        micro_batches = config.steps_in_flight() if config.pipeline_parallel_size > 1 else 1
+        self.core = EngineCore(config, executor_factory, metrics, micro_batches)
         self.config = config
         self.ready = False
         self._queues: dict[str, asyncio.Queue] = {}
@@ -466,13 +477,17 @@ class AsyncEngine:
     async def _run(self) -> None:
         """The step loop. It sends step N+1 to the workers before it waits for step N's tokens (the workers then
         go straight from one step to the next), and postprocesses and streams step N while N+1 runs. It schedules
-        N+1 as late as that allows (the pacer), so that requests arriving while N runs are in it."""
+        N+1 as late as that allows (the pacer), so that requests arriving while N runs are in it. A pipeline keeps
+        up to config.steps_in_flight() micro-batches in flight, sent as soon as there is room: each stage works on
+        one while the others work on theirs."""
         core = self.core
-        in_flight: tuple[list[ScheduledSeq], Awaitable[StepResult]] | None = None
+        depth = self.config.steps_in_flight()
+        paced = self.config.pipeline_parallel_size == 1
+        in_flight: collections.deque[tuple[list[ScheduledSeq], Awaitable[StepResult]]] = collections.deque()
         while True:
             try:
                 rebuild = core.supervisor.wanted_rebuild()
-                if in_flight is None:  # a step boundary with nothing running
+                if not in_flight:  # a step boundary with nothing running
                     if self._found_unhealthy is not None:
                         await self._recover(self._found_unhealthy, [])
                         continue
@@ -488,29 +503,28 @@ class AsyncEngine:
                         except asyncio.TimeoutError:
                             pass
                         continue
-                # While a rebuild waits, no new step starts: the one in flight drains. So does a step whose
+                # While a rebuild waits, no new step starts: the ones in flight drain. So does a step whose
                 # tokens a grammar needs before the next step's masks can be made.
-                drain = rebuild is not None or (in_flight is not None and core.needs_tokens_first(in_flight[0]))
-                if in_flight is not None and not drain and core.scheduler.has_room_for_arrivals():
+                drain = rebuild is not None or any(core.needs_tokens_first(batch) for batch, _ in in_flight)
+                if paced and in_flight and not drain and core.scheduler.has_room_for_arrivals():
                     # Requests that arrive meanwhile make it into the next step. (When they could not, because
                     # others wait ahead of them or the batch is full, waiting would only idle the ranks.)
-                    await self.pacer.wait_for_slot(in_flight[1])
+                    await self.pacer.wait_for_slot(in_flight[-1][1])
                 batch = core.schedule() if not drain else []
-                step = asyncio.ensure_future(core.executor.submit(core.to_steps(batch))) if batch else None
-                if step is not None:
+                if batch:
+                    in_flight.append((batch, asyncio.ensure_future(core.executor.submit(core.to_steps(batch)))))
                     self.pacer.sent(sum(len(s.token_ids) for s in batch))
-                previous, in_flight = in_flight, ((batch, step) if step is not None else None)
-                if previous is None:
-                    if step is None:
-                        await asyncio.sleep(0.005)  # nothing can run yet (e.g. waiting for free blocks)
+                if not in_flight:
+                    await asyncio.sleep(0.005)  # nothing can run yet (e.g. waiting for free blocks)
                     continue
-                done_batch, done_step = previous
+                if batch and len(in_flight) < depth:
+                    continue  # room for another step in flight: schedule it now
+                done_batch, done_step = in_flight.popleft()
                 try:
                     result = await self._step_result(done_step)
                 except GroupFailure as err:
-                    lost = [done_batch] + ([in_flight[0]] if in_flight is not None else [])
+                    lost = [done_batch] + [batch for batch, _ in in_flight]
                     _discard(in_flight)
-                    in_flight = None
                     self.pacer.forget()
                     await self._recover(err, lost)
                     continue
@@ -534,7 +548,6 @@ class AsyncEngine:
             except Exception as err:  # a bug or an unrecoverable group: fail the requests, keep serving
                 log.exception("engine step failed")
                 _discard(in_flight)
-                in_flight = None
                 self.pacer.forget()
                 for rid, queue in list(self._queues.items()):
                     queue.put_nowait(RuntimeError(f"engine error: {err}"))
@@ -552,7 +565,7 @@ class AsyncEngine:
             found.cancel()
         if step.done():
             return step.result()
-        _discard((None, step))
+        _drop(step)
         raise self._found_unhealthy
 
     async def shutdown(self) -> None:
@@ -597,10 +610,14 @@ class RequestStream:
             self._engine.core.abort(self.request_id)
 
 
-def _discard(in_flight) -> None:
+def _drop(step: Awaitable[StepResult]) -> None:
     """Drop a submitted step whose result is no longer wanted (its group failed, or the loop stops)."""
-    if in_flight is not None:
-        step = asyncio.ensure_future(in_flight[1])
-        step.cancel()
-        step.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "exception never retrieved"
-    return None
+    step = asyncio.ensure_future(step)
+    step.cancel()
+    step.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "exception never retrieved"
+
+
+def _discard(in_flight: collections.deque) -> None:
+    """Drop every step in flight, (batch, step) pairs, emptying the deque."""
+    while in_flight:
+        _drop(in_flight.popleft()[1])

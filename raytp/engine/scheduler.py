@@ -10,6 +10,12 @@ The engine may schedule step N+1 while step N still runs (so the workers never
 wait for the engine): a sequence's token sampled by a step in flight is
 "pending", and the next step computes it as PREVIOUS_TOKEN, which the workers
 replace with what they sampled for that sequence in their previous step.
+
+A pipeline (micro_batches > 1) has several steps in flight, each of its own
+sequences: its first stage cannot know a token only its last stage sampled,
+so a sequence with a pending token waits for it, and each step decodes at
+most its share (1 / micro_batches) of the running sequences, so that the
+steps in flight are alike in size and every stage has work.
 """
 from __future__ import annotations
 
@@ -81,8 +87,10 @@ class PrefixCacheStats:
 
 class Scheduler:
     def __init__(self, blocks: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None, attention_cost: float = 0.0, sliding_window: int | None = None):
+                 max_model_len: int | None = None, attention_cost: float = 0.0, sliding_window: int | None = None,
+                 micro_batches: int = 1):
         self.blocks = blocks
+        self.micro_batches = micro_batches
         self.prefix_stats = PrefixCacheStats()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -287,6 +295,7 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens
         running = sorted(self.running, key=lambda s: s.arrival_time)
+        decode_rows = math.ceil(len(running) / self.micro_batches)  # a micro-batch's share
         # 1. Decode: every running sequence whose prompt is in the cache computes its newest token. Out of
         #    blocks, the latest arrival is preempted until the others fit.
         for seq in running:
@@ -294,6 +303,8 @@ class Scheduler:
                 continue  # preempted below in this loop, or still prefilling (step 2)
             if len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens:
                 continue  # its last token is being sampled: nothing more to compute
+            if self.micro_batches > 1 and (seq.num_pending or len(batch) >= decode_rows):
+                continue  # a pipeline: its token is still in flight, or this micro-batch has its share
             if self._allocate_or_preempt(seq, seq.total_len):
                 if seq.num_pending:  # the newest token is still on the workers
                     batch.append(self._scheduled(seq, [PREVIOUS_TOKEN], seq.total_len - 1))

@@ -261,12 +261,13 @@ class ParallelLMHead(PackableLinear):
     embeddings the weight is the embedding's.
     """
 
-    def __init__(self, embedding: VocabParallelEmbedding, tied: bool, hidden_size: int, dtype: torch.dtype):
-        super().__init__(embedding.rows_per_rank, hidden_size, dtype)
-        self.comm = embedding.comm
-        self.vocab_size = embedding.vocab_size
-        if tied:
-            self.weight = embedding.weight
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, comm: Communicator,
+                 tied_to: VocabParallelEmbedding | None = None):
+        super().__init__(padded_vocab_size(vocab_size, comm.world_size) // comm.world_size, hidden_size, dtype)
+        self.comm = comm
+        self.vocab_size = vocab_size
+        if tied_to is not None:
+            self.weight = tied_to.weight
         else:
             nn.init.zeros_(self.weight)  # padding rows (past vocab_size) stay zero
 

@@ -14,6 +14,7 @@ from torch import nn
 from raytp.cluster.comm import Communicator
 from raytp.model.attention import AttentionBackend, AttentionMetadata
 from raytp.model.moe import MoE
+from raytp.model.pipeline import Stage
 from raytp.model.layers import (
     ColumnParallelLinear,
     DirectCall,
@@ -295,19 +296,26 @@ class DecoderLayer(DirectCall):
 
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, comm: Communicator, dtype: torch.dtype, attention: AttentionBackend | None = None,
-                 expert_parallel: bool = False):
+                 expert_parallel: bool = False, stage: Stage | None = None):
+        """stage: the layers this rank's pipeline stage computes (pipeline.py); default all of them."""
         super().__init__()
         if attention is None:
             from raytp.model.attention.reference import ReferenceAttention
 
             attention = ReferenceAttention()
         self.args, self.comm, self.dtype, self.attention = args, comm, dtype, attention
+        self.stage = stage or Stage.whole(args.num_layers)
         self.layout = TPLayout.of(args, comm.rank, comm.world_size, expert_parallel)
-        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype, comm)
+        first, last, tied = self.stage.first, self.stage.last, args.tie_word_embeddings
+        # The last stage of a tied model keeps the embedding as its LM head's weight.
+        self.embed_tokens = (VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype, comm)
+                             if first or (last and tied) else None)
+        # self.layers[j] is the model's layer stage.start + j.
         self.layers = nn.ModuleList(DecoderLayer(args, self.layout, comm, dtype, attention, args.is_moe_layer(i))
-                                    for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.lm_head = ParallelLMHead(self.embed_tokens, args.tie_word_embeddings, args.hidden_size, dtype)
+                                    for i in range(self.stage.start, self.stage.stop))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype) if last else None
+        self.lm_head = (ParallelLMHead(args.vocab_size, args.hidden_size, dtype, comm, self.embed_tokens if tied else None)
+                        if last else None)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope)
 
     def pack_weights(self, quantization: str = "none") -> None:
@@ -318,16 +326,22 @@ class LlamaModel(nn.Module):
                 module.pack(quantization)
 
     def kv_cache_shape(self, num_slots: int) -> tuple[int, ...]:
-        """One tensor for all layers: (layers, 2, slots, kv_heads on this rank, head_dim)."""
-        return (self.args.num_layers, 2, num_slots, self.layout.kv_heads, self.args.head_dim)
+        """One tensor for the stage's layers: (layers, 2, slots, kv_heads on this rank, head_dim)."""
+        return (self.stage.num_layers, 2, num_slots, self.layout.kv_heads, self.args.head_dim)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        """input_ids: (T,) -> hidden states (T, hidden) after the final norm."""
-        h, residual = self.embed_tokens(input_ids), None  # (T, hidden), all-reduce inside
+    def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata, kv_cache: torch.Tensor,
+                stream: torch.Tensor | None = None) -> torch.Tensor:
+        """The first stage takes input_ids (T,), a later one the residual stream (T, hidden) the stage before it
+        sent. -> the last stage: hidden states (T, hidden) after the final norm; any other: the residual stream
+        (T, hidden) after its last layer, for the next stage."""
+        h = self.embed_tokens(input_ids) if self.stage.first else stream  # (T, hidden), all-reduce inside
+        residual = None
         cos, sin = self.rotary(meta.positions, h.dtype)  # (T, D)
         for layer, cache in zip(self.layers, kv_cache):
             h, residual = layer(h, residual, cos, sin, cache, meta)
+        if not self.stage.last:
+            return residual + h
         return self.norm.add_and_norm(residual, h)[1]
 
     def expert_tokens(self) -> list[float] | None:
@@ -355,21 +369,26 @@ class Piece:
     dst: int = 0
 
 
-def weight_plan(args: ModelArgs, layout: TPLayout, vocab_rows_per_rank: int) -> dict[str, list[Piece]]:
-    """For each raytp parameter, the checkpoint slices that fill it on this rank."""
+def weight_plan(args: ModelArgs, layout: TPLayout, vocab_rows_per_rank: int,
+                stage: Stage | None = None) -> dict[str, list[Piece]]:
+    """For each raytp parameter of this rank (of its pipeline stage: every layer by default), the checkpoint slices
+    that fill it."""
     D, lo = args.head_dim, layout
+    stage = stage or Stage.whole(args.num_layers)
     plan: dict[str, list[Piece]] = {}
     v_start = lo.rank * vocab_rows_per_rank
     v_stop = min(v_start + vocab_rows_per_rank, args.vocab_size)
-    plan["embed_tokens.weight"] = [Piece("model.embed_tokens.weight", 0, v_start, v_stop)]
-    if not args.tie_word_embeddings:
-        plan["lm_head.weight"] = [Piece("lm_head.weight", 0, v_start, v_stop)]
-    plan["norm.weight"] = [Piece("model.norm.weight", 0, 0, args.hidden_size)]
+    if stage.first or (stage.last and args.tie_word_embeddings):
+        plan["embed_tokens.weight"] = [Piece("model.embed_tokens.weight", 0, v_start, v_stop)]
+    if stage.last:
+        if not args.tie_word_embeddings:
+            plan["lm_head.weight"] = [Piece("lm_head.weight", 0, v_start, v_stop)]
+        plan["norm.weight"] = [Piece("model.norm.weight", 0, 0, args.hidden_size)]
     q = (lo.head_start * D, (lo.head_start + lo.heads) * D)
     kv = (lo.kv_head_start * D, (lo.kv_head_start + lo.kv_heads) * D)
     inter = (lo.rank * lo.intermediate, (lo.rank + 1) * lo.intermediate)
-    for i in range(args.num_layers):
-        src, dst = f"model.layers.{i}", f"layers.{i}"
+    for i in range(stage.start, stage.stop):
+        src, dst = f"model.layers.{i}", f"layers.{i - stage.start}"
         qkv_kinds = ["weight"] + (["bias"] if args.qkv_bias else [])
         for kind in qkv_kinds:
             plan[f"{dst}.self_attn.qkv_proj.{kind}"] = [

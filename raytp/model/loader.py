@@ -19,7 +19,9 @@ from raytp.cluster.comm import Communicator
 from raytp.model.attention import AttentionBackend
 from raytp.model.checkpoint_error import CheckpointError
 from raytp.model.gguf_checkpoint import find_gguf, gguf_checkpoint
+from raytp.model.layers import padded_vocab_size
 from raytp.model.llama import LlamaModel, ModelArgs, check_tp_degree, expected_shapes, weight_plan
+from raytp.model.pipeline import Stage
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,13 @@ def _tensor_slices(path: str, gguf_file: str | None, stack: ExitStack):
 
 def load_model(path: str, comm: Communicator, dtype: str = "float32", device: str = "cpu", progress: bool = True,
                attention: AttentionBackend | None = None, pack_weights: bool = True,
-               quantization: str = "none", expert_parallel: bool = False) -> LlamaModel:
+               quantization: str = "none", expert_parallel: bool = False, stage: Stage | None = None) -> LlamaModel:
     """Build this rank's shard of the model at `path` and fill it from the checkpoint.
 
     `attention` is the paged-attention backend (default: the reference);
     `pack_weights` repacks the linear weights for the device's fastest kernel, quantized to int8 with
-    quantization "int8" (CPU); `expert_parallel` places an MoE model's experts whole on the ranks (moe.py).
+    quantization "int8" (CPU); `expert_parallel` places an MoE model's experts whole on the ranks (moe.py); `stage`:
+    the pipeline stage whose layers this rank computes (default: all of them).
     """
     args = read_model_args(path)
     try:
@@ -113,8 +116,9 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
     config_source = "the GGUF metadata" if gguf_file else "config.json"
     torch_dtype = DTYPES[dtype]
     with torch.device(device):
-        model = LlamaModel(args, comm, torch_dtype, attention, expert_parallel)
-    plan = weight_plan(args, model.layout, model.embed_tokens.rows_per_rank)
+        model = LlamaModel(args, comm, torch_dtype, attention, expert_parallel, stage)
+    plan = weight_plan(args, model.layout, padded_vocab_size(args.vocab_size, comm.world_size) // comm.world_size,
+                       model.stage)
     params = dict(model.named_parameters())
 
     with ExitStack() as stack, torch.no_grad():
