@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 TRANSIENT = (GroupFailure, PlacementError)
 
 
+class PipelineUnplaceable(RuntimeError):
+    """A pipeline's stages do not fit the cluster even at min_tensor_parallel_size: permanent, not retried."""
+
+
 class Supervisor:
     def __init__(self, config: EngineConfig, args: ModelArgs, executor: Executor,
                  on_new_group: Callable[[int], None], metrics=None):
@@ -67,6 +71,10 @@ class Supervisor:
                 break
             except PlacementError as err:
                 if tp == min(sizes):
+                    if self.config.pipeline_parallel_size > 1:
+                        # A pipeline that no longer fits (a lost node and no spare one) is not waited for: a clear
+                        # error, and Serve replaces the replica where the cluster has room.
+                        raise PipelineUnplaceable(f"the pipeline cannot be placed: {err}") from None
                     raise
                 log.warning("%s; trying a smaller TP degree", err)
         if self.executor.tp_size != self.target_tp:
