@@ -43,6 +43,18 @@ class EngineMetrics:
         self.expert_tokens = hist("raytp_expert_tokens_per_step", "Mixture-of-experts models: tokens an expert got "
                                   "in a step, averaged over the MoE layers; one observation per expert per step.",
                                   EXPERT_TOKEN_BUCKETS)
+        # Pipelines, by stage: the time a stage computed in a step (its slowest rank, less the wait for the stream
+        # from the stage before), as a histogram (step time) and a counter, whose rate is the fraction of time the
+        # stage computes: 1 minus it is the stage's idle (bubble) fraction. (A histogram's _sum is estimated from
+        # its buckets on export: not exact enough for that.)
+        stage_keys = keys + ("stage",)
+        self.stage_compute = Histogram("raytp_stage_compute_seconds", description="Pipeline stages: seconds a stage "
+                                       "computed in a step (slowest rank, less its wait for the stage before).",
+                                       boundaries=LATENCY_BUCKETS, tag_keys=stage_keys)
+        self.stage_busy = Counter("raytp_stage_busy_seconds", description="Pipeline stages: seconds a stage computed "
+                                  "(its rate is the stage's busy fraction).", tag_keys=stage_keys)
+        self.stage_sent = Counter("raytp_stage_sent_bytes", description="Pipeline stages: bytes of the residual "
+                                  "stream a stage's ranks sent to the next stage.", tag_keys=stage_keys)
         self.running = Gauge("raytp_num_requests_running", description="Requests in the running batch.", tag_keys=keys)
         self.waiting = Gauge("raytp_num_requests_waiting", description="Requests waiting to be scheduled.", tag_keys=keys)
         self.kv_usage = Gauge("raytp_kv_cache_usage_perc", description="Fraction of KV-cache blocks in use (0-1).", tag_keys=keys)
@@ -81,6 +93,14 @@ class EngineMetrics:
         self.running.set(num_running, tags=self.tags)
         self.waiting.set(num_waiting, tags=self.tags)
         self.kv_usage.set(kv_usage, tags=self.tags)
+
+    def on_stages(self, compute_seconds: list[float], sent_bytes: list[int]) -> None:
+        for stage, seconds in enumerate(compute_seconds):
+            tags = {**self.tags, "stage": str(stage)}
+            self.stage_compute.observe(seconds, tags=tags)
+            self.stage_busy.inc(seconds, tags=tags)
+        for stage, sent in enumerate(sent_bytes):
+            self.stage_sent.inc(sent, tags={**self.tags, "stage": str(stage)})
 
     def on_expert_tokens(self, per_expert: list[float]) -> None:
         for n in per_expert:

@@ -35,6 +35,10 @@ APP_CONFIG_KEYS = frozenset(
         "model",
         "served_model_name",
         "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "pipeline_partition",
+        "pipeline_placement",
+        "pipeline_steps_in_flight",
         "min_tensor_parallel_size",
         "num_spare_ranks",
         "hang_detection_multiple",
@@ -88,6 +92,7 @@ RAYTP_HISTOGRAMS = frozenset(
         "raytp_step_seconds",
         "raytp_recovery_seconds",
         "raytp_expert_tokens_per_step",
+        "raytp_stage_compute_seconds",
     }
 )
 RAYTP_GAUGES = frozenset(
@@ -109,6 +114,8 @@ RAYTP_COUNTERS = frozenset(
         "raytp_prefix_cache_hits",
         "raytp_recoveries",
         "raytp_recomputed_tokens",
+        "raytp_stage_busy_seconds",
+        "raytp_stage_sent_bytes",
     }
 )
 # Ray Serve's own metrics as a Ray 2.60 metrics port exports them (names taken

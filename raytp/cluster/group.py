@@ -248,9 +248,14 @@ class TPGroup(Executor):
                 raise RuntimeError(f"TP rank {rank} sampled {r.token_ids} where rank 0 sampled {tokens}")
         # The ranks wait for each other in every collective: the slowest rank's time is the step's.
         leads = [r.lead_seconds for r in results]
-        return StepResult(tokens, max(r.collective_seconds for r in results), max(r.step_seconds for r in results),
+        step = StepResult(tokens, max(r.collective_seconds for r in results), max(r.step_seconds for r in results),
                           last[0].logprobs, None if None in leads else min(leads),  # the last rank to get it
                           last[0].expert_tokens)
+        if len(self.stages) > 1:
+            stages = [results[s * self.tp_size : (s + 1) * self.tp_size] for s in range(len(self.stages))]
+            step.stage_compute_seconds = [max(r.step_seconds - r.stream_wait_seconds for r in ranks) for ranks in stages]
+            step.stage_sent_bytes = [sum(r.stream_sent_bytes for r in ranks) for ranks in stages[:-1]]
+        return step
 
     def _send(self, seqs: list[SeqStep]) -> list:
         # Without task events: steps come tens of times a second, and each one's events would cost the caller, the

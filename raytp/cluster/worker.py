@@ -197,6 +197,7 @@ class TPWorker:
         # sends it to the one in the stage after (each a communicator of two: the sender is its rank 0).
         self.links: dict[str, Communicator] = {}
         self._link_store = None  # the "next" link's store, listening from make_link_rendezvous until connect_link
+        self.stream_wait_seconds, self.stream_sent_bytes = 0.0, 0  # the running step's (StepResult)
 
     # ---- placement and communicator set-up ----------------------------------
 
@@ -505,13 +506,15 @@ class TPWorker:
     def execute(self, seqs: list[SeqStep]) -> StepResult:
         t0 = time.perf_counter()
         self.comm.reset()
+        self.stream_wait_seconds, self.stream_sent_bytes = 0.0, 0
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             tokens, logprobs = self._step(seqs)
         if self.stream is not None:
             self.stream.synchronize()  # the step's final sync: its collectives' CUDA events are complete now
         self.last_sampled = {s.request_id: t for s, t in zip(seqs, tokens)}
         return StepResult(tokens, self.comm.take_seconds(), time.perf_counter() - t0, logprobs,
-                          expert_tokens=self.model.expert_tokens() if self.rank == 0 else None)
+                          expert_tokens=self.model.expert_tokens() if self.rank == 0 else None,
+                          stream_wait_seconds=self.stream_wait_seconds, stream_sent_bytes=self.stream_sent_bytes)
 
     def _step(self, seqs: list[SeqStep]) -> tuple[list[int], StepLogprobs | None]:
         device = self.kv_cache.device
@@ -532,10 +535,13 @@ class TPWorker:
             else:  # the residual stream after the stage before: (T, hidden)
                 num_tokens = sum(len(row) for row in ids)
                 stream = torch.empty(num_tokens, self.model.args.hidden_size, dtype=self.model.dtype, device=device)
+                t0 = time.perf_counter()
                 self.links["prev"].recv(stream, src=0)
+                self.stream_wait_seconds = time.perf_counter() - t0
             hidden = self.model(input_ids, meta, self.kv_cache, stream)  # (T, hidden)
             if not stage.last:  # only the last stage samples
                 self.links["next"].send(hidden, dst=1)
+                self.stream_sent_bytes = hidden.numel() * hidden.element_size()
                 return [], None
             last_index = meta.last_token_index
             last_hidden = hidden[last_index]  # (B, hidden)

@@ -268,6 +268,8 @@ class EngineCore:
                                  result.collective_seconds, result.step_seconds)
             if result.expert_tokens is not None:
                 self.metrics.on_expert_tokens(result.expert_tokens)
+            if result.stage_compute_seconds is not None:
+                self.metrics.on_stages(result.stage_compute_seconds, result.stage_sent_bytes)
         return outputs
 
     def needs_tokens_first(self, batch: list[ScheduledSeq]) -> bool:

@@ -123,10 +123,29 @@ def test_greedy_tokens_equal_transformers_with_a_node_per_stage(extra_nodes, che
     assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(checkpoint, prompts, NEW_TOKENS)
 
 
-def _engine(checkpoint: str, **overrides) -> AsyncEngine:
+class StageRecorder:
+    """The engine's metrics sink, keeping what it reports of each step and the prefix cache's hits."""
+
+    def __init__(self):
+        self.stages, self.steps, self.prefix_hits = [], 0, 0
+
+    def on_step(self, *args):
+        self.steps += 1
+
+    def on_stages(self, compute_seconds, sent_bytes):
+        self.stages.append((compute_seconds, sent_bytes))
+
+    def on_prefix_cache(self, queried, hits):
+        self.prefix_hits += hits
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _engine(checkpoint: str, metrics=None, **overrides) -> AsyncEngine:
     config = dict(model=checkpoint, device="cpu", pipeline_parallel_size=2, cpus_per_rank=1, num_spare_ranks=0,
                   max_model_len=128, placement_timeout_s=5, step_timeout_s=20)
-    return AsyncEngine(EngineConfig.parse({**config, **overrides}))
+    return AsyncEngine(EngineConfig.parse({**config, **overrides}), metrics=metrics)
 
 
 async def _streams(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, during=None):
@@ -168,7 +187,8 @@ def test_micro_batches_with_chunked_prefill_and_a_cached_prefix_equal_transforme
     """Two micro-batches in flight (disjoint sequences), prompts prefilled in chunks of at most 16 tokens, and
     sequences that share a 20-token prefix (computed once, then read from the cache)."""
     prompts = _prompts(8, shared_prefix=20)
-    engine = _engine(checkpoint, max_num_batched_tokens=16)
+    recorder = StageRecorder()
+    engine = _engine(checkpoint, max_num_batched_tokens=16, metrics=recorder)
     submit, running, most = engine.core.executor.submit, set(), [0]
 
     def counting_submit(seqs):  # how many steps were in flight at once
@@ -182,7 +202,13 @@ def test_micro_batches_with_chunked_prefill_and_a_cached_prefix_equal_transforme
     results = _run(engine, prompts, GREEDY)
     assert results == _hf_greedy(checkpoint, prompts, NEW_TOKENS)
     assert most[0] == 2
-    assert engine.core.scheduler.prefix_stats.hit_tokens >= 16 * 7  # (no metrics here take the counters)
+    assert recorder.prefix_hits >= 16 * 7  # the shared prefix's full blocks, for all but the first sequence
+    # Every step reports each stage's compute time, and the bytes stage 0 sent: its tokens' residual stream.
+    assert len(recorder.stages) == recorder.steps > 0
+    hidden_bytes = load_reference(checkpoint).config.hidden_size * 4  # float32
+    for seconds, sent in recorder.stages:
+        assert len(seconds) == 2 and min(seconds) > 0
+        assert len(sent) == 1 and sent[0] > 0 and sent[0] % hidden_bytes == 0
 
 
 LONG = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)

