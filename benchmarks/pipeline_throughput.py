@@ -12,7 +12,11 @@ reports output tokens/s:
 - `tp2`: two ranks on the head node, one all-reduce per attention and MLP;
 - `tp1_pp2_one_step`: two stages on two nodes, one step in flight
   (pipeline_steps_in_flight=1: each stage idles while the other computes);
-- `tp1_pp2`: the same two stages with two micro-batches in flight.
+- `tp1_pp2`: the same two stages with two micro-batches in flight;
+- `tp1_pp2_three_steps` (not run by default): three micro-batches in flight.
+
+The stages split the layers as raytp does by default: balanced by the weights
+a step reads, the LM head counting on the last stage (87m: 5 layers and 1).
 
     python benchmarks/pipeline_throughput.py --shape 87m --rounds 2 --out benchmarks/results/pipeline/87m.json
 
@@ -32,6 +36,7 @@ LAYOUTS = {
     "tp2": dict(tensor_parallel_size=2),
     "tp1_pp2_one_step": dict(tensor_parallel_size=1, pipeline_parallel_size=2, pipeline_steps_in_flight=1),
     "tp1_pp2": dict(tensor_parallel_size=1, pipeline_parallel_size=2),
+    "tp1_pp2_three_steps": dict(tensor_parallel_size=1, pipeline_parallel_size=2, pipeline_steps_in_flight=3),
 }
 
 
@@ -80,7 +85,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--layouts", default="tp1,tp2,tp1_pp2_one_step,tp1_pp2", help=f"of {', '.join(LAYOUTS)}")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 

@@ -154,7 +154,7 @@ def _check_model(config: EngineConfig, remote_ok: bool) -> None:
     from raytp.model import cpu_ops
     from raytp.model.llama import check_tp_degree
     from raytp.model.loader import read_model_args
-    from raytp.model.pipeline import partition_layers
+    from raytp.model.pipeline import model_partition
     from raytp.named_models import resolve_model_path
 
     path = resolve_model_path(config.model)
@@ -162,7 +162,7 @@ def _check_model(config: EngineConfig, remote_ok: bool) -> None:
         return
     args = read_model_args(path)
     check_tp_degree(args, config.tensor_parallel_size, config.expert_parallel)
-    partition_layers(args.num_layers, config.pipeline_parallel_size, config.pipeline_partition)
+    model_partition(args, config.pipeline_parallel_size, config.pipeline_partition)
     Tokenizer.from_dir(path)
     if not remote_ok:  # the ranks run here: so does the quantized op's build
         cpu_ops.check_quantization(config.quantization, config.resolved_device())

@@ -170,13 +170,6 @@ class GlooCommunicator(Communicator):
     def barrier(self):
         self._group().barrier().wait()
 
-    def send(self, tensor, dst):
-        self._group().send([tensor.contiguous()], dst, 0).wait()
-
-    def recv(self, tensor, src):
-        self._group().recv([tensor], src, 0).wait()
-        return tensor
-
     def abort(self):
         self.aborted = True
 

@@ -15,6 +15,7 @@ numbers. Where that cannot be done, the supervisor rebuilds the group.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from raytp.cluster.watchdog import StepWatchdog
 from raytp.engine.step import SeqStep, StepResult
 from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, SPARE_RANK, TPWorkerActor
 from raytp.model.loader import checkpoint_dtype, read_model_args
-from raytp.model.pipeline import partition_layers
+from raytp.model.pipeline import model_partition
 
 SPARE_REFILL_DELAY_S = 3.0
 PING_TIMEOUT_S = 1.0  # a live rank answers a ping in milliseconds, even mid-step (its Ray calls have threads of their own)
@@ -84,15 +85,17 @@ class TPGroup(Executor):
         self.epoch = 0  # communicators the current workers joined, less one: steps carry it
         self.steps_sent = 0  # steps sent in this epoch: the next one's number
         self.rebuilding = False  # started before: requests may be waiting for this start
-        self.node_id: str | None = None  # the ranks' node
-        self.store_dir: str | None = None  # the ranks' shards and KV caches in shared memory (CPU)
-        self.spares: SparePool | None = None
+        self.node_ids: list[str] = []  # each stage's node
+        # Per stage, on its node (CPU, with spares): the ranks' shards and KV caches in shared memory, and the warm
+        # spares that would take a lost rank's place.
+        self.store_dirs: list[str] | None = None
+        self.spares: list[SparePool] | None = None
         self._refill: threading.Timer | None = None  # the spare pool's refill after a replacement
         self._refill_lock = threading.Lock()
         self.watchdog: StepWatchdog | None = None  # step times of the current group (start() makes it)
         # Pipeline stages (one: the whole model); self.workers holds stage 0's ranks, then stage 1's, ...
-        self.stages = partition_layers(read_model_args(model_path).num_layers, config.pipeline_parallel_size,
-                                       config.pipeline_partition)
+        self.stages = model_partition(read_model_args(model_path), config.pipeline_parallel_size,
+                                      config.pipeline_partition)
 
     # ---- building ----------------------------------------------------------------
 
@@ -140,11 +143,12 @@ class TPGroup(Executor):
         ).remote(rank, tp_size, self.device, self.dtype, self.config.seed,
                  self.config.rank_threads() if self.device == "cpu" else None, self.config.binds_cores())
 
-    def _start_spare(self):
-        # On the ranks' node, reserving nothing while it waits: it computes on a dead rank's bundle (spares.py).
-        spare = self._new_rank(SPARE_RANK, self.tp_size, NodeAffinitySchedulingStrategy(self.node_id, soft=False), 0)
-        return spare, spare.prepare_spare.remote(self.model_path, self.config.attention_backend, self.store_dir,
-                                                 self.tp_size, self.config.expert_parallel)
+    def _start_spare(self, stage: int):
+        # On the stage's node, reserving nothing while it waits: it computes on a dead rank's bundle (spares.py).
+        node = NodeAffinitySchedulingStrategy(self.node_ids[stage], soft=False)
+        spare = self._new_rank(SPARE_RANK, self.tp_size, node, 0)
+        return spare, spare.prepare_spare.remote(self.model_path, self.config.attention_backend, self.store_dirs[stage],
+                                                 self.tp_size, self.config.expert_parallel, self.stages[stage])
 
     def stage_ranks(self, stage: int) -> list:
         """The workers of one pipeline stage, in rank order."""
@@ -166,7 +170,7 @@ class TPGroup(Executor):
                 for stage in self.stages for rank in range(tp_size)
             ]
             infos = ray.get([w.node_info.remote() for w in self.workers], timeout=timeout)
-            self.node_id = infos[0]["node_id"]
+            self.node_ids = [infos[stage.index * tp_size]["node_id"] for stage in self.stages]
             for i, info in enumerate(infos):
                 log.info("TP rank %d/%d of stage %d/%d: node %s (%s, %s) pid %d gpu %s %s", info["rank"], tp_size,
                          i // tp_size, len(self.stages), info["node_id"], info["node_ip"], info["hostname"],
@@ -183,12 +187,13 @@ class TPGroup(Executor):
                         log.info("the %d GPUs of TP group %d are all NVLink-connected", tp_size, stage.index)
             self._connect(timeout)
             # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them.
-            replaceable = (self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
-                           and len(self.stages) == 1)
-            self.store_dir = new_store_dir() if replaceable else None
+            replaceable = self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
+            stores = [new_store_dir() for _ in self.stages] if replaceable else []
+            self.store_dirs = stores if stores and None not in stores else None
             bs = self.config.resolved_block_size()
             loaded = ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
-                                            self.store_dir, self.config.quantization, bs, self.config.expert_parallel,
+                                            self.store_dirs[i // tp_size] if self.store_dirs else None,
+                                            self.config.quantization, bs, self.config.expert_parallel,
                                             self.stages[i // tp_size])
                               for i, w in enumerate(self.workers)], timeout=timeout)
             self.attention_backend = loaded[0]["attention"]
@@ -214,20 +219,23 @@ class TPGroup(Executor):
                 raise GroupFailure(f"a rank of the TP group of {tp_size} died while starting: {err}") from err
             raise  # anything a rank raised itself (a bad checkpoint, a KV cache too small) is permanent
         self.rebuilding = True
-        if self.store_dir is not None:
-            self.spares = SparePool(self._start_spare, self.config.num_spare_ranks)
-            self.spares.fill()
+        if self.store_dirs is not None:
+            self.spares = [SparePool(functools.partial(self._start_spare, stage.index), self.config.num_spare_ranks)
+                           for stage in self.stages]
+            for pool in self.spares:
+                pool.fill()
         log.info("TP group ready: tp=%d, %s, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.dtype,
                  self.num_kv_blocks, bs, time.monotonic() - t0)
 
-    def _connect(self, timeout: float) -> None:
+    def _connect(self, timeout: float, epoch: int = 0) -> None:
         """Each stage's ranks join their TP communicator (rank 0 of the stage makes the rendezvous), and each rank
-        of a stage but the last links to the same rank of the next stage."""
+        of a stage but the last links to the same rank of the next stage. Again after a replacement (epoch > 0):
+        every rank then joins new ones, keeping its rank number."""
         tp = self.tp_size
         rendezvous = ray.get([self.stage_ranks(s.index)[0].make_rendezvous.remote(self.config.cpu_collectives)
                               for s in self.stages], timeout=timeout)
-        backends = ray.get([w.init_communicator.remote(rendezvous[i // tp], timeout) for i, w in enumerate(self.workers)],
-                           timeout=timeout)
+        backends = ray.get([w.init_communicator.remote(rendezvous[i // tp], timeout, epoch)
+                            for i, w in enumerate(self.workers)], timeout=timeout)
         log.info("%d TP group(s) of %d ranks connected over %s", len(self.stages), tp, backends[0])
         senders = self.workers[: -tp] if len(self.stages) > 1 else []
         links = ray.get([w.make_link_rendezvous.remote() for w in senders], timeout=timeout)
@@ -278,7 +286,7 @@ class TPGroup(Executor):
                 ray.get(done)
             return self._finish(ray.get(refs), num_tokens)
         except RayError as err:
-            raise _worker_failed(err) from err
+            raise _worker_failed(err, len(self.stages) == 1) from err
 
     def submit(self, seqs: list[SeqStep]):
         # The calls go out now; each actor runs its calls in the order they were sent. Every rank's result is read
@@ -300,7 +308,7 @@ class TPGroup(Executor):
                 except asyncio.TimeoutError:
                     await asyncio.to_thread(self._check_not_hung, started)
         except RayError as err:
-            raise _worker_failed(err) from err
+            raise _worker_failed(err, len(self.stages) == 1) from err
         finally:
             results.cancel()
             results.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -348,8 +356,9 @@ class TPGroup(Executor):
         caches, and so does the group's KV cache as a whole (the replacements map the lost ranks' caches). Returns
         the seconds each phase took. GroupFailure where it cannot (no store or spare, a rank that does not come up):
         the group must be rebuilt."""
-        if self.store_dir is None or self.spares is None:
+        if self.store_dirs is None or self.spares is None:
             raise GroupFailure("this group has no spare ranks (num_spare_ranks=0, GPU or TP=1)")
+        tp = self.tp_size
         timeout = self.config.init_timeout_s
         phases, t = {}, time.monotonic()
 
@@ -371,21 +380,20 @@ class TPGroup(Executor):
             if self._refill is not None:
                 self._refill.cancel()  # a replacement follows the last closely: its spares start now, not later
             self._refill_spares(self.spares)
-            for rank in lost:
-                spare = self.spares.take(timeout_s=timeout)
+            for index in lost:  # (an index into self.workers: stage index // tp, rank index % tp)
+                spare = self.spares[index // tp].take(timeout_s=timeout)
                 if spare is None:
-                    raise GroupFailure(f"no spare rank could take rank {rank}'s place")
-                self.workers[rank] = spare
+                    raise GroupFailure(f"no spare rank could take rank {index % tp}'s place (stage {index // tp})")
+                self.workers[index] = spare
             phase("spare_join")
-            taken = ray.get([self.workers[rank].take_over.remote(
-                rank, self.tp_size, self.store_dir, self.num_kv_blocks, self.config.resolved_block_size()) for rank in lost],
-                timeout=timeout)
+            taken = ray.get([self.workers[index].take_over.remote(
+                index % tp, tp, self.store_dirs[index // tp], self.num_kv_blocks, self.config.resolved_block_size())
+                for index in lost], timeout=timeout)
             phase("shard_load")
             phases["kv_restore"] = max(info["kv_s"] for info in taken)
             phases["shard_load"] -= phases["kv_restore"]
             self.epoch, self.steps_sent = self.epoch + 1, 0
-            rendezvous = ray.get(self.workers[0].make_rendezvous.remote(self.config.cpu_collectives), timeout=timeout)
-            ray.get([w.init_communicator.remote(rendezvous, timeout, self.epoch) for w in self.workers], timeout=timeout)
+            self._connect(timeout, self.epoch)
             phase("communicator")
         except (GetTimeoutError, RayError) as err:
             raise GroupFailure(f"replacing rank(s) {lost} failed: {type(err).__name__}: {err}") from err
@@ -423,12 +431,13 @@ class TPGroup(Executor):
     def spares_ready(self, timeout_s: float) -> int:
         """Wait up to timeout_s for the group's spares to be up (a spare comes up ~5-10 s after its group);
         how many are."""
-        return self.spares.wait_ready(timeout_s) if self.spares is not None else 0
+        return sum(pool.wait_ready(timeout_s) for pool in self.spares) if self.spares is not None else 0
 
-    def _refill_spares(self, pool: SparePool) -> None:
+    def _refill_spares(self, pools: list[SparePool]) -> None:
         with self._refill_lock:
-            if pool is self.spares:  # not shut down or rebuilt meanwhile
-                pool.fill()
+            if pools is self.spares:  # not shut down or rebuilt meanwhile
+                for pool in pools:
+                    pool.fill()
 
     def shutdown(self) -> None:
         if self._refill is not None:
@@ -443,27 +452,28 @@ class TPGroup(Executor):
             log.warning("killed TP ranks still answer after %gs: the next group may find their GPUs' memory taken",
                         KILLED_RANKS_EXIT_S)
         with self._refill_lock:
-            if self.spares is not None:
-                self.spares.shutdown()
-                self.spares = None
-        if self.store_dir is not None:
-            self._remove_store()
-            self.store_dir = None
+            for pool in self.spares or []:
+                pool.shutdown()
+            self.spares = None
+        for node_id, store_dir in zip(self.node_ids, self.store_dirs or []):
+            self._remove_store(node_id, store_dir)
+        self.store_dirs = None
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
         self.tp_size = 0
 
-    def _remove_store(self) -> None:
-        """The ranks' shards and KV caches go with the group, from the ranks' node (this replica may be elsewhere)."""
-        if ray.get_runtime_context().get_node_id() == self.node_id:
-            remove_store(self.store_dir)
+    @staticmethod
+    def _remove_store(node_id: str, store_dir: str) -> None:
+        """A stage's shards and KV caches go with the group, from its node (this replica may be elsewhere)."""
+        if ray.get_runtime_context().get_node_id() == node_id:
+            remove_store(store_dir)
             return
         try:
-            strategy = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
-            ray.get(_remove_store_on_node.options(scheduling_strategy=strategy).remote(self.store_dir), timeout=30)
+            strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+            ray.get(_remove_store_on_node.options(scheduling_strategy=strategy).remote(store_dir), timeout=30)
         except (GetTimeoutError, RayError) as err:  # the node is gone, and its memory with it
-            log.warning("could not remove %s on node %s: %s", self.store_dir, self.node_id, err)
+            log.warning("could not remove %s on node %s: %s", store_dir, node_id, err)
 
 
 @ray.remote(num_cpus=0)
@@ -471,9 +481,11 @@ def _remove_store_on_node(store_dir: str) -> None:
     remove_store(store_dir)
 
 
-def _worker_failed(err: RayError) -> GroupFailure:
+def _worker_failed(err: RayError, one_stage: bool = True) -> GroupFailure:
     cause = getattr(err, "cause", None)
     if isinstance(cause, CollectiveAborted):  # a survivor saw a peer's process exit, or its step was aborted
-        exited = () if cause.exited_rank is None else (cause.exited_rank,)
+        # (The rank it names is one of its own TP group's: in a pipeline, of a stage it does not say, so there the
+        # ranks are asked instead.)
+        exited = () if cause.exited_rank is None or not one_stage else (cause.exited_rank,)
         return GroupFailure(f"a TP worker's step was aborted: {cause}", exited)
     return GroupFailure(f"a TP worker failed: {type(err).__name__}: {err}")

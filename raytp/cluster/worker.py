@@ -35,6 +35,7 @@ from raytp.cluster.comm import (
 )
 from raytp.cluster.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
 from raytp.cluster.memory import MemoryProfile
+from raytp.cluster.stage_link import SocketLink, listen
 from raytp.cluster.rank_store import (kv_path, load_shard, map_kv_cache, mark_user, save_shard, shard_path,
                                       sweep_stale_stores)
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
@@ -196,7 +197,7 @@ class TPWorker:
         # Pipeline stages: "prev" receives the residual stream from this rank's peer in the stage before, "next"
         # sends it to the one in the stage after (each a communicator of two: the sender is its rank 0).
         self.links: dict[str, Communicator] = {}
-        self._link_store = None  # the "next" link's store, listening from make_link_rendezvous until connect_link
+        self._link_server = None  # the "next" link's socket, listening from make_link_rendezvous until connect_link
         self.stream_wait_seconds, self.stream_sent_bytes = 0.0, 0  # the running step's (StepResult)
 
     # ---- placement and communicator set-up ----------------------------------
@@ -274,15 +275,13 @@ class TPWorker:
 
     def make_link_rendezvous(self):
         """A rank of any stage but the last: where its peer (the same rank) of the next stage meets it. Over the
-        network between nodes (gloo over TCP, NCCL on GPUs), never the shared-memory segment, as stages are on
-        different nodes in general."""
+        network between nodes (TCP, stage_link.py; NCCL on GPUs), never the shared-memory segment, as stages are
+        on different nodes in general."""
         if self.device == "cuda":
             from raytp.cluster.comm import nccl_unique_id
 
             return nccl_unique_id()
-        host = self.node_info()["node_ip"]
-        rendezvous = GlooRendezvous(host, free_port(host))
-        self._link_store = open_store(rendezvous, 2)
+        self._link_server, rendezvous = listen(self.node_info()["node_ip"])
         return rendezvous
 
     @on_rank_device
@@ -293,11 +292,11 @@ class TPWorker:
         if self.device == "cuda":
             link = NcclCommunicator(rendezvous, rank, 2)
         else:
-            store, self._link_store = (self._link_store, None) if side == "next" else (None, None)
-            link = GlooCommunicator(rendezvous, rank, 2, timeout_s, store)
+            server, self._link_server = (self._link_server, None) if side == "next" else (None, self._link_server)
+            link = SocketLink(rendezvous, rank, timeout_s, server)
         old, self.links[side] = self.links.get(side), link
-        if old is not None:
-            old.close()
+        if old is not None:  # (a replacement's: its teardown may wait on the lost peer, as init_communicator's)
+            threading.Thread(target=old.close, name="raytp-old-link-close", daemon=True).start()
 
     # ---- weights and KV cache -------------------------------------------------
 
@@ -352,21 +351,22 @@ class TPWorker:
         return self.graphs
 
     def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int,
-                      expert_parallel: bool = False) -> None:
-        """A spare builds every rank's model from the group's shard store ahead of time (the weights are the store's
-        pages, mapped: no copy, no extra memory), so that taking a rank's place costs nothing of the model's size."""
+                      expert_parallel: bool = False, stage: Stage | None = None) -> None:
+        """A spare builds every rank's model (of its pipeline stage) from the stage's shard store ahead of time (the
+        weights are the store's pages, mapped: no copy, no extra memory), so that taking a rank's place costs
+        nothing of the model's size."""
         mark_user(store_dir)
         self._spare_models = {rank: self._model_from_store(model_path, attention_backend, store_dir, rank, world_size,
-                                                           expert_parallel)
+                                                           expert_parallel, stage)
                               for rank in range(world_size)}
 
     def _model_from_store(self, model_path: str, attention_backend: str, store_dir: str, rank: int,
-                          world_size: int, expert_parallel: bool = False) -> LlamaModel:
+                          world_size: int, expert_parallel: bool = False, stage: Stage | None = None) -> LlamaModel:
         # The communicator object the layers keep; the connection inside comes when the rank joins the group.
         comm = TimedCommunicator(NotConnected(rank, world_size))
         attention = select_backend("cpu", attention_backend, DTYPES[self.dtype])
         with torch.device("cpu"):
-            model = LlamaModel(read_model_args(model_path), comm, DTYPES[self.dtype], attention, expert_parallel)
+            model = LlamaModel(read_model_args(model_path), comm, DTYPES[self.dtype], attention, expert_parallel, stage)
         load_shard(model, shard_path(store_dir, rank))
         return model
 

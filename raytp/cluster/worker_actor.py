@@ -75,10 +75,10 @@ class TPWorkerActor(TPWorker):
         return result.result()
 
     def prepare_spare(self, model_path: str, attention_backend: str, store_dir: str, world_size: int,
-                      expert_parallel: bool = False) -> int:
+                      expert_parallel: bool = False, stage=None) -> int:
         """Once a spare is up: do now what taking a rank's place would otherwise do inside the pause (build every
         rank's model from the store); its process id."""
-        super().prepare_spare(model_path, attention_backend, store_dir, world_size, expert_parallel)
+        super().prepare_spare(model_path, attention_backend, store_dir, world_size, expert_parallel, stage)
         return os.getpid()
 
     def take_over(self, *args, **kwargs) -> dict:

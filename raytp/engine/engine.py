@@ -22,7 +22,7 @@ from raytp.cluster.executor import Executor, GroupFailure
 from raytp.model import cpu_ops
 from raytp.model.llama import ModelShapeError, check_tp_degree
 from raytp.model.loader import CheckpointError, read_model_args
-from raytp.model.pipeline import partition_layers
+from raytp.model.pipeline import model_partition
 from raytp.engine.output_processor import OutputProcessor, RequestState
 from raytp.engine.pacing import StepPacer
 from raytp.outputs import RequestOutput, TokenLogprob
@@ -60,7 +60,7 @@ class EngineCore:
         except ModelShapeError as err:
             raise CheckpointError(f"{self.model_path}: {err}") from None
         # A pipeline that does not fit the model's layers: PipelineError (a ValueError) names the field.
-        partition_layers(self.args.num_layers, config.pipeline_parallel_size, config.pipeline_partition)
+        model_partition(self.args, config.pipeline_parallel_size, config.pipeline_partition)
         limit = self.args.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len={config.max_model_len} is larger than the model's max_position_embeddings={limit}")

@@ -123,6 +123,15 @@ class ModelArgs:
             **moe,
         )
 
+    def layer_weights(self, layer: int) -> int:
+        """Weights of decoder layer `layer`: what a decode step reads for it (an MoE layer's experts all count, as
+        a batch of any size routes to most of them)."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = self.hidden_size * (2 * q + 2 * kv)
+        if self.is_moe_layer(layer):
+            return attention + self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+        return attention + 3 * self.hidden_size * self.intermediate_size
+
     def attention_cost_per_pair(self) -> float:
         """A query-key pair's attention work (QK and PV over every query head: 2 * heads * head_dim multiply-adds
         per layer) as a fraction of a token's work in the linear layers: what one more token of context costs a

@@ -41,9 +41,11 @@ class Stage:
         return cls(0, 1, 0, num_layers)
 
 
-def partition_layers(num_layers: int, pipeline_parallel_size: int, partition: list[int] | None = None) -> list[Stage]:
+def partition_layers(num_layers: int, pipeline_parallel_size: int, partition: list[int] | None = None,
+                     layer_costs: list[float] | None = None, head_cost: float = 0.0) -> list[Stage]:
     """The stages of a pipeline over num_layers layers: the explicit partition (layers per stage) where given,
-    else as even as possible (the first stages get the extra layers: the last one also computes the LM head)."""
+    else balanced_partition over the layers' costs (default: equal) and the LM head's, which the last stage
+    computes besides its layers."""
     pp = pipeline_parallel_size
     if pp < 1:
         raise PipelineError(f"pipeline_parallel_size={pp} must be at least 1")
@@ -51,8 +53,7 @@ def partition_layers(num_layers: int, pipeline_parallel_size: int, partition: li
         raise PipelineError(f"pipeline_parallel_size={pp} is larger than the model's {num_layers} layers: "
                             f"every stage needs at least one")
     if partition is None:
-        base, extra = divmod(num_layers, pp)
-        partition = [base + (s < extra) for s in range(pp)]
+        partition = balanced_partition(layer_costs or [1.0] * num_layers, pp, head_cost)
     elif len(partition) != pp:
         raise PipelineError(f"pipeline_partition={partition} has {len(partition)} stages where "
                             f"pipeline_parallel_size={pp}")
@@ -64,3 +65,42 @@ def partition_layers(num_layers: int, pipeline_parallel_size: int, partition: li
         stages.append(Stage(index, pp, start, start + layers))
         start += layers
     return stages
+
+
+def model_partition(args, pipeline_parallel_size: int, partition: list[int] | None = None) -> list[Stage]:
+    """partition_layers for a model (ModelArgs): a stage's cost is the weights a decode step reads, which on CPU
+    and GPU alike sets a decode step's time; the last stage also reads the LM head (vocab x hidden: in a small
+    model several layers' worth, e.g. 3.5 of the 87m shape's layers)."""
+    costs = [float(args.layer_weights(i)) for i in range(args.num_layers)]
+    return partition_layers(args.num_layers, pipeline_parallel_size, partition, costs,
+                            float(args.vocab_size * args.hidden_size))
+
+
+def balanced_partition(layer_costs: list[float], stages: int, head_cost: float = 0.0) -> list[int]:
+    """Layers per stage, contiguous, at least one each, such that the costliest stage (the last one's head_cost
+    included) is as cheap as it can be: the pipeline runs at the pace of its slowest stage. Between partitions
+    equally good at that, the more even one (the smaller sum of squared stage costs)."""
+    n = len(layer_costs)
+    prefix = [0.0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + c)
+    # best[s][i]: (max stage cost, sum of squared stage costs) of the best split of the first i layers into s stages.
+    worst = (float("inf"), float("inf"))
+    best = [[worst] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = (0.0, 0.0)
+    for s in range(1, stages + 1):
+        for i in range(s, n + 1):
+            extra = head_cost if (s == stages and i == n) else 0.0
+            for j in range(i - 1, s - 2, -1):  # this stage takes layers [j, i), the shortest first: ties favour earlier stages
+                stage = prefix[i] - prefix[j] + extra
+                before = best[s - 1][j]
+                cost = (max(before[0], stage), before[1] + stage * stage)
+                if cost < best[s][i]:
+                    best[s][i], cut[s][i] = cost, j
+    sizes, i = [], n
+    for s in range(stages, 0, -1):
+        j = cut[s][i]
+        sizes.append(i - j)
+        i = j
+    return sizes[::-1]

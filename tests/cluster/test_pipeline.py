@@ -169,10 +169,14 @@ async def _streams(engine: AsyncEngine, prompts: list[list[int]], params: Sampli
 
 
 def _run(engine: AsyncEngine, prompts, params, during=None, after=None):
-    """Start the engine, stream the prompts (see _streams), call after(engine) while it still runs, shut it down."""
+    """Start the engine (and wait for its spare ranks), stream the prompts (see _streams), call after(engine) while
+    it still runs, shut it down."""
     async def main():
         await engine.start()
         try:
+            spares = engine.core.config.num_spare_ranks * engine.core.config.pipeline_parallel_size
+            if spares:  # they come up a few seconds after the group
+                assert await asyncio.to_thread(engine.core.executor.spares_ready, 120) == spares
             results = await _streams(engine, prompts, params, during)
             if after is not None:
                 await asyncio.to_thread(after, engine)
@@ -289,3 +293,26 @@ def test_a_partition_that_does_not_fit_the_model_is_refused_before_any_rank_star
         LLM(checkpoint, executor_factory=None, device="cpu", pipeline_parallel_size=2, pipeline_partition=[1, 2])
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=5 is larger than the model's 4 layers"):
         LLM(checkpoint, executor_factory=None, device="cpu", pipeline_parallel_size=5)
+
+
+def test_a_killed_rank_of_a_stage_is_replaced_and_every_other_rank_keeps_everything(extra_nodes, checkpoint):
+    """TP=2 x PP=2 with a warm spare per stage: a rank of the second stage killed mid-stream is replaced by its
+    stage's spare (its shard and KV cache from the stage's store in /dev/shm); every other rank keeps its process,
+    no computed token is thrown away, and every stream ends as without the fault."""
+    import os
+    import signal
+
+    prompts = _prompts(16)
+    seen = {}
+
+    async def kill_a_second_stage_rank(engine):
+        seen["before"] = await asyncio.to_thread(engine.core.executor.worker_pids)
+        os.kill(seen["before"][3], signal.SIGKILL)  # stage 1, rank 1
+
+    engine = _engine(checkpoint, tensor_parallel_size=2, num_spare_ranks=1)
+    results = _run(engine, prompts, LONG, during=kill_a_second_stage_rank,
+                   after=lambda engine: seen.update(after=engine.core.executor.worker_pids()))
+    assert results == _hf_greedy(checkpoint, prompts, LONG.max_tokens)
+    assert engine.core.supervisor.recoveries == {"replace": 1}
+    assert engine.core.recomputed_tokens == 0
+    assert seen["after"][:3] == seen["before"][:3] and seen["after"][3] != seen["before"][3]

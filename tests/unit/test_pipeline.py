@@ -12,7 +12,7 @@ import torch
 from raytp.cluster.comm import SingleRank
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.model.loader import load_model
-from raytp.model.pipeline import PipelineError, Stage, partition_layers
+from raytp.model.pipeline import PipelineError, Stage, balanced_partition, model_partition, partition_layers
 from tests.helpers import load_reference, write_llama, write_qwen2
 
 BLOCK_SIZE, NUM_BLOCKS, PROMPT_LEN, NEW_TOKENS = 4, 16, 12, 8
@@ -24,6 +24,22 @@ def test_even_partition_gives_the_first_stages_the_extra_layers():
     assert [(s.index, s.start, s.stop, s.first, s.last) for s in stages] == [(0, 0, 1, True, False),
                                                                             (1, 1, 4, False, True)]
     assert partition_layers(4, 1) == [Stage.whole(4)]
+
+
+def test_the_default_partition_balances_the_weights_a_step_reads_with_the_lm_head_on_the_last_stage():
+    from raytp.model.llama import ModelArgs
+    from raytp.random_checkpoint import random_llama_config
+
+    # 87m: 6 layers of 7.1M weights, and an LM head of 24.6M (32,000 x 768) on the last stage: an even split would
+    # leave the last stage 2.2x the first's reads; [5, 1] is the most even (35.4M against 31.7M).
+    args = ModelArgs.from_hf_config(random_llama_config("87m"))
+    assert [s.num_layers for s in model_partition(args, 2)] == [5, 1]
+    assert [s.num_layers for s in model_partition(args, 2, [3, 3])] == [3, 3]  # an explicit partition is kept
+    # Equal costs and no head: as even as possible, the earlier stages taking the extra layers.
+    assert balanced_partition([1.0] * 7, 3) == [3, 2, 2]
+    assert balanced_partition([1.0] * 30, 2, head_cost=2.0) == [16, 14]
+    # Uneven layers (a dense layer among MoE layers): the costliest stage is as cheap as it can be.
+    assert balanced_partition([1.0, 5.0, 5.0, 5.0], 2) == [2, 2]
 
 
 @pytest.mark.parametrize("pp, partition, field", [
