@@ -147,7 +147,7 @@ def _wait_for_signal() -> int:
     return got[0]
 
 
-def _check_model(config: EngineConfig, remote_ok: bool) -> None:
+def check_model(config: EngineConfig, remote_ok: bool) -> None:
     """Read the model's config (and a GGUF file's tokenizer) here, so that a missing, corrupt or unsupported
     checkpoint is one clear error now. Joining a cluster, a path missing here may exist on its nodes."""
     from raytp.engine.tokenizer import Tokenizer
@@ -177,7 +177,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     joining = bool(os.environ.get("RAY_ADDRESS"))
     try:
-        _check_model(config, remote_ok=joining)
+        check_model(config, remote_ok=joining)
     except ValueError as err:  # CheckpointError, ModelShapeError: before any process starts, not a retried replica
         print(f"raytp serve: error: {err}", file=sys.stderr)
         return 2

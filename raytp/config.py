@@ -112,9 +112,9 @@ class EngineConfig(BaseModel):
         default=1.0, gt=0, description="The least time a step runs before the ranks are asked whether one hangs."
     )
     num_spare_ranks: int = Field(
-        default=1, ge=0, le=64, description="Warm spare rank processes per replica (CPU, tensor_parallel_size > 1): one "
-        "takes a dead or hung rank's place, its shard and KV cache, while the other ranks keep theirs; 0: every "
-        "failure rebuilds the whole group."
+        default=1, ge=0, le=64, description="Warm spare rank processes per replica, per pipeline stage (CPU, more "
+        "than one rank in all): one takes a dead or hung rank's place, its shard and KV cache, while the other ranks "
+        "keep theirs; 0: every failure rebuilds the whole group."
     )
     max_recoveries: int = Field(
         default=5, ge=1, description="Recoveries allowed within recovery_window_s; one more fails the requests that "

@@ -187,7 +187,8 @@ class TPGroup(Executor):
                         log.info("the %d GPUs of TP group %d are all NVLink-connected", tp_size, stage.index)
             self._connect(timeout)
             # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them.
-            replaceable = self.device == "cpu" and tp_size > 1 and self.config.num_spare_ranks > 0
+            # (A lone rank has no survivors to keep: it is rebuilt. A pipeline's other stages are survivors.)
+            replaceable = self.device == "cpu" and tp_size * len(self.stages) > 1 and self.config.num_spare_ranks > 0
             stores = [new_store_dir() for _ in self.stages] if replaceable else []
             self.store_dirs = stores if stores and None not in stores else None
             bs = self.config.resolved_block_size()

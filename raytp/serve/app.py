@@ -94,8 +94,11 @@ class RaytpServer:
         t0 = time.monotonic()
         await engine.start()
         self.engine = engine
-        log.info("raytp replica ready: model %s, tensor_parallel_size=%d, %s, max_model_len=%d (%.1fs)",
-                 engine.model_name, engine.tp_size, engine.core.executor.dtype, engine.max_model_len,
+        stages = getattr(engine.core.executor, "stages", [None])
+        pipeline = (f", pipeline_parallel_size={len(stages)} (layers per stage: "
+                    f"{[stage.num_layers for stage in stages]})" if len(stages) > 1 else "")
+        log.info("raytp replica ready: model %s, tensor_parallel_size=%d%s, %s, max_model_len=%d (%.1fs)",
+                 engine.model_name, engine.tp_size, pipeline, engine.core.executor.dtype, engine.max_model_len,
                  time.monotonic() - t0)
 
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -198,5 +201,15 @@ def build_deployment(config: EngineConfig, **options: Any) -> Application:
 
 
 def build_app(args: dict) -> Application:
-    """Serve's app builder (`import_path: raytp.serve.app:build_app`): `args` are EngineConfig fields."""
-    return build_deployment(EngineConfig.parse(dict(args or {})))
+    """Serve's app builder (`import_path: raytp.serve.app:build_app`): `args` are EngineConfig fields. A model that
+    is here (`serve run`, or a controller on the model's node) is checked against them now (its shapes against the
+    TP degree, its layers against the pipeline), so that a bad value is one clear error instead of replicas that
+    fail to start."""
+    from raytp.cli import check_model
+
+    config = EngineConfig.parse(dict(args or {}))
+    try:
+        check_model(config, remote_ok=True)
+    except ValueError as err:
+        raise ConfigError(f"invalid raytp config: {err}") from None
+    return build_deployment(config)

@@ -126,6 +126,10 @@ def test_user_config_reshards_the_live_replica(deployed):
         ({"device": "tpu"}, "device", "'tpu'"),
         ({"max_num_seqs": -3}, "max_num_seqs", "-3"),
         ({"no_such_option": 1}, "no_such_option", "1"),
+        # Checked against the model (tiny: 4 layers) when it is here, as with `serve run`.
+        ({"pipeline_parallel_size": 5}, "pipeline_parallel_size", "5"),
+        ({"pipeline_parallel_size": 2, "pipeline_partition": [1, 2]}, "pipeline_partition", "[1, 2]"),
+        ({"pipeline_parallel_size": 2, "pipeline_partition": [1, 1, 2]}, "pipeline_partition", "[1, 1, 2]"),
     ],
 )
 def test_bad_app_config_names_field_and_value(override, field, value):
