@@ -150,15 +150,10 @@ class TPGroup(Executor):
         return spare, spare.prepare_spare.remote(self.model_path, self.config.attention_backend, self.store_dirs[stage],
                                                  self.tp_size, self.config.expert_parallel, self.stages[stage])
 
-    def stage_ranks(self, stage: int) -> list:
-        """The workers of one pipeline stage, in rank order."""
-        return self.workers[stage * self.tp_size : (stage + 1) * self.tp_size]
-
     def start(self, tp_size: int) -> None:
         t0 = time.monotonic()
         timeout = self.config.init_timeout_s
         self._place(tp_size)
-        self.tp_size = tp_size
         try:
             self.epoch, self.steps_sent = 0, 0
             # A new group (perhaps of another TP degree) measures its own step times.
@@ -179,13 +174,13 @@ class TPGroup(Executor):
                 for stage in self.stages:
                     # Asked of NVML on the stage's node (this replica may be elsewhere), by each rank's GPU UUID.
                     uuids = [info["gpu_uuid"] for info in infos[stage.index * tp_size : (stage.index + 1) * tp_size]]
-                    warning = ray.get(self.stage_ranks(stage.index)[0].check_nvlink.remote(uuids, cfg.require_nvlink),
+                    warning = ray.get(self.workers[stage.index * tp_size].check_nvlink.remote(uuids, cfg.require_nvlink),
                                       timeout=timeout)
                     if warning:
                         log.warning(warning)
                     else:
                         log.info("the %d GPUs of TP group %d are all NVLink-connected", tp_size, stage.index)
-            self._connect(timeout)
+            self._connect(tp_size, timeout)
             # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them.
             # (A lone rank has no survivors to keep: it is rebuilt. A pipeline's other stages are survivors.)
             replaceable = self.device == "cpu" and tp_size * len(self.stages) > 1 and self.config.num_spare_ranks > 0
@@ -219,7 +214,8 @@ class TPGroup(Executor):
             if isinstance(err, (RayActorError, WorkerCrashedError)):  # a rank died while starting: worth a retry
                 raise GroupFailure(f"a rank of the TP group of {tp_size} died while starting: {err}") from err
             raise  # anything a rank raised itself (a bad checkpoint, a KV cache too small) is permanent
-        self.rebuilding = True
+        # Only now: the group's size says it runs (engine_stats, the supervisor), not while it starts.
+        self.tp_size, self.rebuilding = tp_size, True
         if self.store_dirs is not None:
             self.spares = [SparePool(functools.partial(self._start_spare, stage.index), self.config.num_spare_ranks)
                            for stage in self.stages]
@@ -228,12 +224,11 @@ class TPGroup(Executor):
         log.info("TP group ready: tp=%d, %s, %d KV blocks of %d tokens per rank, %.1fs", tp_size, self.dtype,
                  self.num_kv_blocks, bs, time.monotonic() - t0)
 
-    def _connect(self, timeout: float, epoch: int = 0) -> None:
+    def _connect(self, tp: int, timeout: float, epoch: int = 0) -> None:
         """Each stage's ranks join their TP communicator (rank 0 of the stage makes the rendezvous), and each rank
         of a stage but the last links to the same rank of the next stage. Again after a replacement (epoch > 0):
         every rank then joins new ones, keeping its rank number."""
-        tp = self.tp_size
-        rendezvous = ray.get([self.stage_ranks(s.index)[0].make_rendezvous.remote(self.config.cpu_collectives)
+        rendezvous = ray.get([self.workers[s.index * tp].make_rendezvous.remote(self.config.cpu_collectives)
                               for s in self.stages], timeout=timeout)
         backends = ray.get([w.init_communicator.remote(rendezvous[i // tp], timeout, epoch)
                             for i, w in enumerate(self.workers)], timeout=timeout)
@@ -394,7 +389,7 @@ class TPGroup(Executor):
             phases["kv_restore"] = max(info["kv_s"] for info in taken)
             phases["shard_load"] -= phases["kv_restore"]
             self.epoch, self.steps_sent = self.epoch + 1, 0
-            self._connect(timeout, self.epoch)
+            self._connect(tp, timeout, self.epoch)
             phase("communicator")
         except (GetTimeoutError, RayError) as err:
             raise GroupFailure(f"replacing rank(s) {lost} failed: {type(err).__name__}: {err}") from err

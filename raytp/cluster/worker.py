@@ -292,7 +292,9 @@ class TPWorker:
         if self.device == "cuda":
             link = NcclCommunicator(rendezvous, rank, 2)
         else:
-            server, self._link_server = (self._link_server, None) if side == "next" else (None, self._link_server)
+            server = None
+            if side == "next":  # the socket make_link_rendezvous opened, listening for the next stage's rank
+                server, self._link_server = self._link_server, None
             link = SocketLink(rendezvous, rank, timeout_s, server)
         old, self.links[side] = self.links.get(side), link
         if old is not None:  # (a replacement's: its teardown may wait on the lost peer, as init_communicator's)
