@@ -107,6 +107,12 @@ class Executor(ABC):
         survives); the seconds each phase took. GroupFailure where it cannot: the group must be rebuilt."""
         raise GroupFailure(f"{type(self).__name__} cannot replace a rank")
 
+    def rebuild_stage(self, known_lost: tuple[int, ...] = ()) -> dict[str, float]:
+        """A pipeline whose lost ranks are all in one stage: start that stage again and keep the other stages'
+        processes and weights (every KV cache is stale then: the caller recomputes the running requests); the
+        seconds each phase took. GroupFailure where it cannot: the whole group must be rebuilt."""
+        raise GroupFailure(f"{type(self).__name__} has no pipeline stages")
+
     def spares_ready(self, timeout_s: float) -> int:
         """Wait up to timeout_s for the group's spare ranks to be up; how many are (none without spares)."""
         return 0
@@ -137,8 +143,9 @@ class LocalExecutor(Executor):
         self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raytp-local-rank")
 
     def start(self, tp_size: int) -> None:
-        if tp_size != 1:
-            raise ValueError(f"LocalExecutor runs one rank; tensor_parallel_size={tp_size} needs the Ray TPGroup")
+        if tp_size != 1 or self.config.pipeline_parallel_size != 1:
+            raise ValueError(f"LocalExecutor runs one rank; tensor_parallel_size={tp_size} and pipeline_parallel_size="
+                             f"{self.config.pipeline_parallel_size} need the Ray TPGroup")
         cfg = self.config
         w = TPWorker(0, 1, cfg.resolved_device(), self.dtype, cfg.seed, self.num_threads)
         w.init_communicator(None)

@@ -401,6 +401,84 @@ class TPGroup(Executor):
                     [info["pid"] for info in taken], ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
         return phases
 
+    def rebuild_stage(self, known_lost: tuple[int, ...] = ()) -> dict[str, float]:
+        """A pipeline with no spare to replace its lost ranks (GPU, num_spare_ranks 0): start only their stage again,
+        in the stage's bundle of the placement group (Ray places a bundle whose node is gone on another node that
+        fits), loaded from the checkpoint; every other stage keeps its processes and weights. The stage's KV cache is
+        gone, so the caller recomputes every running request over a fresh one. GroupFailure where it cannot (one
+        stage, ranks lost in several stages, a stage that does not come up): the whole group is rebuilt instead."""
+        if len(self.stages) == 1 or not self.workers:
+            raise GroupFailure("a single TP group: nothing to keep")
+        tp, timeout = self.tp_size, self.config.init_timeout_s
+        phases, t = {}, time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal t
+            now = time.monotonic()
+            phases[name], t = now - t, now
+
+        lost = self.unresponsive_ranks(known_lost)
+        hit = {index // tp for index in lost}
+        if len(hit) != 1:
+            raise GroupFailure(f"ranks {lost} of stages {sorted(hit)} lost: not one stage")
+        (stage,) = hit
+        indices = range(stage * tp, (stage + 1) * tp)
+        killed = [self.workers[i] for i in indices]
+        for worker in killed:  # the stage's survivors too: its TP group is broken, and they are rebuilt with it
+            ray.kill(worker, no_restart=True)
+        phase("detect")
+        survivors = [w for i, w in enumerate(self.workers) if i not in indices]
+        try:
+            ray.get([w.abort.remote() for w in survivors], timeout=timeout)
+            phase("abort")
+            # Until Ray has them dead (their GPU memory is then free for the new ranks).
+            if not wait_until_gone(killed, KILLED_RANKS_EXIT_S):
+                raise GroupFailure(f"stage {stage}'s ranks are not gone after {KILLED_RANKS_EXIT_S:g}s")
+            for attempt in range(2):
+                self._wait_placed()
+                for i in indices:
+                    self.workers[i] = self._new_rank(i % tp, tp, PlacementGroupSchedulingStrategy(
+                        self.pg, placement_group_bundle_index=self._bundle_index(stage, i % tp)),
+                        self.config.cpus_per_rank)
+                try:
+                    infos = ray.get([self.workers[i].node_info.remote() for i in indices], timeout=timeout)
+                    break
+                except RayActorError:
+                    # Placed on the lost node before Ray declared it dead (that takes its missed heartbeats): again,
+                    # where Ray places the stage's bundle now.
+                    if attempt:
+                        raise
+                    log.warning("stage %d's new ranks died with their node: starting them again", stage)
+                    for i in indices:
+                        ray.kill(self.workers[i], no_restart=True)
+            self.node_ids[stage] = infos[0]["node_id"]
+            phase("start")
+            self.epoch, self.steps_sent = self.epoch + 1, 0
+            self._connect(tp, timeout, self.epoch)
+            phase("communicator")
+            bs = self.config.resolved_block_size()
+            ray.get([self.workers[i].load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
+                                                 None, self.config.quantization, bs, self.config.expert_parallel,
+                                                 self.stages[stage]) for i in indices], timeout=timeout)
+            # Every rank's cache starts empty: the other stages' blocks are stale without the lost stage's.
+            ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
+            phase("shard_load")
+        except (GetTimeoutError, RayError) as err:
+            raise GroupFailure(f"rebuilding stage {stage} failed: {type(err).__name__}: {err}") from err
+        log.warning("stage %d of the pipeline rebuilt on node %s; the other stages kept their processes: %s", stage,
+                    self.node_ids[stage], ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
+        return phases
+
+    def _wait_placed(self) -> None:
+        """Wait up to placement_timeout_s for every bundle of the placement group to be placed (Ray places a bundle
+        whose node is gone again, on another node that fits, if any); GroupFailure if one is not."""
+        deadline = time.monotonic() + self.config.placement_timeout_s
+        while (state := ray.util.placement_group_table(self.pg).get("state")) != "CREATED":
+            if time.monotonic() > deadline:
+                raise GroupFailure(f"the placement group is {state} after placement_timeout_s="
+                                   f"{self.config.placement_timeout_s:g}s: a stage's bundle has no node to go to")
+            time.sleep(0.1)
+
     def can_place(self, tp_size: int, wait_s: float = 1.0) -> bool:
         """Whether a group of tp_size could be placed now (probes with a placement group that is removed again)."""
         probe = self._placement_group(tp_size)

@@ -8,8 +8,9 @@ the other way round. What it does when a step fails, cheapest first:
   take over their shards and KV caches; the survivors keep theirs, and the
   engine replays only the steps that were in flight;
 - **rebuild**: where that cannot be done (no spare, GPU, a replacement that
-  fails), the group is built again from nothing and every running request is
-  recomputed; a group failure and a placement timeout are transient and
+  fails), the group is built again and every running request is recomputed: in
+  a pipeline only the stage that lost ranks, where it can, the other stages
+  keeping their processes and weights; else from nothing; a group failure and a placement timeout are transient and
   retried with backoff, at a smaller degree (**degrade**) if the old one no
   longer fits (down to min_tensor_parallel_size);
 - anything else (a bad checkpoint, a refused topology, a KV cache too small
@@ -109,6 +110,20 @@ class Supervisor:
             log.warning("the group cannot be mended by replacing ranks (%s): rebuilding it", err)
             return False
         self._recovered("replace", phases, t0)
+        return True
+
+    def rebuild_stage(self, failure: GroupFailure) -> bool:
+        """A pipeline that could not replace its lost ranks: rebuild only their stage (runs off the event loop, with
+        the running requests preempted: every KV cache starts empty); False where the whole group must be rebuilt."""
+        t0 = time.monotonic()
+        try:
+            phases = self.executor.rebuild_stage(failure.lost_ranks)
+            phases["detect"] += failure.detect_s
+        except GroupFailure as err:
+            log.warning("the pipeline cannot be mended by rebuilding one stage (%s): rebuilding it all", err)
+            return False
+        self.on_new_group(self.executor.num_kv_blocks)
+        self._recovered("rebuild", phases, t0)
         return True
 
     def rebuild(self, reason: str, recovery: bool = True) -> float:

@@ -12,6 +12,7 @@ plain Python: cluster.py runs it as a Ray actor (TPWorkerActor, processes named
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -228,14 +229,19 @@ class TPWorker:
 
             return nccl_unique_id()
         host = self.node_info()["node_ip"]
-        if cpu_collectives == "shm":
-            # A STRICT_PACK group is on one node: its CPU ranks share memory.
-            rendezvous = create_shm_rendezvous(host, self.world_size)
-            self._store = open_store(rendezvous.gloo, self.world_size)
-        else:
-            rendezvous = GlooRendezvous(host, free_port(host))
-            self._store = open_store(rendezvous, self.world_size)
-        return rendezvous
+        # A TP group is on one node: its CPU ranks share memory (shm), with gloo for the rest.
+        shm = create_shm_rendezvous(host, self.world_size) if cpu_collectives == "shm" else None
+        gloo = shm.gloo if shm is not None else GlooRendezvous(host, free_port(host))
+        for attempt in range(3):
+            try:
+                self._store = open_store(gloo, self.world_size)
+                break
+            except RuntimeError as err:  # another process bound the port between free_port() and the store's bind
+                if "EADDRINUSE" not in str(err) or attempt == 2:
+                    raise
+                log.warning("rendezvous port %d was taken meanwhile: another one", gloo.port)
+                gloo = GlooRendezvous(host, free_port(host))
+        return dataclasses.replace(shm, gloo=gloo) if shm is not None else gloo
 
     @on_rank_device
     def init_communicator(self, rendezvous, timeout_s: float = 60.0, epoch: int = 0) -> str:

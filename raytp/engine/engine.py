@@ -117,7 +117,8 @@ class EngineCore:
         self.roll_back(lost)
         if not self.supervisor.replace(failure):
             self.preempt_all()
-            self.supervisor.rebuild(str(failure))
+            if not self.supervisor.rebuild_stage(failure):
+                self.supervisor.rebuild(str(failure))
         log.warning("%d requests resume", len(self.scheduler.running) + len(self.scheduler.waiting))
 
     def shutdown(self) -> None:
@@ -443,6 +444,12 @@ class AsyncEngine:
         if await asyncio.to_thread(core.supervisor.replace, failure):
             self._replaying_since = time.monotonic()
             log.warning("%d requests resume on the mended group", len(core.scheduler.running) + len(core.scheduler.waiting))
+            self.ready = True
+            return
+        self._replaying_since = None
+        core.preempt_all()  # (on the loop's thread: the queues are only touched from here)
+        if await asyncio.to_thread(core.supervisor.rebuild_stage, failure):
+            log.warning("%d requests resume on the pipeline", len(core.scheduler.waiting))
             self.ready = True
         else:
             await self._rebuild(str(failure))
