@@ -75,6 +75,18 @@ def _bundle(device: str, cpus: float, ranks: int = 1) -> dict[str, float]:
     return {"GPU": ranks, "CPU": cpus * ranks} if device == "cuda" else {"CPU": cpus * ranks}
 
 
+class PhaseClock:
+    """The seconds each phase of a recovery took: end(name) closes the phase that ran since the previous one."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._since = time.monotonic()
+
+    def end(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name], self._since = now - self._since, now
+
+
 class TPGroup(Executor):
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int):
         self.config, self.model_path, self.max_model_len = config, model_path, max_model_len
@@ -356,12 +368,8 @@ class TPGroup(Executor):
             raise GroupFailure("this group has no spare ranks (num_spare_ranks=0, GPU or TP=1)")
         tp = self.tp_size
         timeout = self.config.init_timeout_s
-        phases, t = {}, time.monotonic()
-
-        def phase(name: str) -> None:
-            nonlocal t
-            now = time.monotonic()
-            phases[name], t = now - t, now
+        clock = PhaseClock()
+        phases, phase = clock.seconds, clock.end
 
         lost = self.unresponsive_ranks(known_lost)
         if not lost:
@@ -410,12 +418,8 @@ class TPGroup(Executor):
         if len(self.stages) == 1 or not self.workers:
             raise GroupFailure("a single TP group: nothing to keep")
         tp, timeout = self.tp_size, self.config.init_timeout_s
-        phases, t = {}, time.monotonic()
-
-        def phase(name: str) -> None:
-            nonlocal t
-            now = time.monotonic()
-            phases[name], t = now - t, now
+        clock = PhaseClock()
+        phases, phase = clock.seconds, clock.end
 
         lost = self.unresponsive_ranks(known_lost)
         hit = {index // tp for index in lost}
