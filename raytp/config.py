@@ -41,12 +41,13 @@ class EngineConfig(BaseModel):
     pipeline_parallel_size: int = Field(
         default=1, ge=1, le=64, description="Pipeline stages of a replica, each a TP group of tensor_parallel_size "
         "ranks on one node computing a contiguous share of the layers (the first also the embedding, the last the "
-        "LM head); the residual stream goes from stage to stage over the network (gloo/TCP on CPU, NCCL on GPU). "
+        "LM head); the residual stream goes from stage to stage over the network (TCP on CPU, NCCL on GPU). "
         "For models that do not fit one node."
     )
     pipeline_partition: list[int] | None = Field(
         default=None, description="Decoder layers of each pipeline stage, first to last (e.g. 10 6); must sum to the "
-        "model's layers. Default: as even as possible, the first stages taking the extra layers."
+        "model's layers. Default: the split that makes the costliest stage cheapest, by the weights a decode step "
+        "reads (the last stage's LM head included)."
     )
     pipeline_placement: Literal["spread", "pack"] = Field(
         default="spread", description="Pipeline stages on different nodes where the cluster has them (spread) or on "

@@ -155,6 +155,17 @@ class TPGroup(Executor):
         ).remote(rank, tp_size, self.device, self.dtype, self.config.seed,
                  self.config.rank_threads() if self.device == "cpu" else None, self.config.binds_cores())
 
+    def _new_stage_rank(self, stage: int, rank: int, tp_size: int):
+        """Rank `rank` of pipeline stage `stage`, in its bundle of the group's placement group."""
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self._bundle_index(stage, rank))
+        return self._new_rank(rank, tp_size, strategy, self.config.cpus_per_rank)
+
+    def _load(self, worker, stage: int, store_dir: str | None):
+        """The call that loads a rank of `stage` from the checkpoint (and, with store_dir, writes its shard there)."""
+        cfg = self.config
+        return worker.load.remote(self.model_path, cfg.attention_backend, cfg.pack_weights, store_dir, cfg.quantization,
+                                  cfg.resolved_block_size(), cfg.expert_parallel, self.stages[stage])
+
     def _start_spare(self, stage: int):
         # On the stage's node, reserving nothing while it waits: it computes on a dead rank's bundle (spares.py).
         node = NodeAffinitySchedulingStrategy(self.node_ids[stage], soft=False)
@@ -171,11 +182,8 @@ class TPGroup(Executor):
             # A new group (perhaps of another TP degree) measures its own step times.
             cfg = self.config
             self.watchdog = StepWatchdog(cfg.hang_detection_multiple, cfg.hang_detection_floor_s, cfg.step_timeout_s)
-            self.workers = [
-                self._new_rank(rank, tp_size, PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=self._bundle_index(stage.index, rank)), self.config.cpus_per_rank)
-                for stage in self.stages for rank in range(tp_size)
-            ]
+            self.workers = [self._new_stage_rank(stage.index, rank, tp_size)
+                            for stage in self.stages for rank in range(tp_size)]
             infos = ray.get([w.node_info.remote() for w in self.workers], timeout=timeout)
             self.node_ids = [infos[stage.index * tp_size]["node_id"] for stage in self.stages]
             for i, info in enumerate(infos):
@@ -199,10 +207,7 @@ class TPGroup(Executor):
             stores = [new_store_dir() for _ in self.stages] if replaceable else []
             self.store_dirs = stores if stores and None not in stores else None
             bs = self.config.resolved_block_size()
-            loaded = ray.get([w.load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
-                                            self.store_dirs[i // tp_size] if self.store_dirs else None,
-                                            self.config.quantization, bs, self.config.expert_parallel,
-                                            self.stages[i // tp_size])
+            loaded = ray.get([self._load(w, i // tp_size, self.store_dirs[i // tp_size] if self.store_dirs else None)
                               for i, w in enumerate(self.workers)], timeout=timeout)
             self.attention_backend = loaded[0]["attention"]
             log.info("attention: %s", loaded[0]["attention_detail"])
@@ -441,9 +446,7 @@ class TPGroup(Executor):
             for attempt in range(2):
                 self._wait_placed()
                 for i in indices:
-                    self.workers[i] = self._new_rank(i % tp, tp, PlacementGroupSchedulingStrategy(
-                        self.pg, placement_group_bundle_index=self._bundle_index(stage, i % tp)),
-                        self.config.cpus_per_rank)
+                    self.workers[i] = self._new_stage_rank(stage, i % tp, tp)
                 try:
                     infos = ray.get([self.workers[i].node_info.remote() for i in indices], timeout=timeout)
                     break
@@ -461,9 +464,7 @@ class TPGroup(Executor):
             self._connect(tp, timeout, self.epoch)
             phase("communicator")
             bs = self.config.resolved_block_size()
-            ray.get([self.workers[i].load.remote(self.model_path, self.config.attention_backend, self.config.pack_weights,
-                                                 None, self.config.quantization, bs, self.config.expert_parallel,
-                                                 self.stages[stage]) for i in indices], timeout=timeout)
+            ray.get([self._load(self.workers[i], stage, None) for i in indices], timeout=timeout)
             # Every rank's cache starts empty: the other stages' blocks are stale without the lost stage's.
             ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
             phase("shard_load")

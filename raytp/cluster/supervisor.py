@@ -103,11 +103,8 @@ class Supervisor:
         and the group must be rebuilt (the KV cache is then lost)."""
         t0 = time.monotonic()
         log.warning("replacing the lost TP rank(s) (%s)", failure)
-        try:
-            phases = self.executor.replace_lost_ranks(failure.lost_ranks)
-            phases["detect"] += failure.detect_s
-        except GroupFailure as err:
-            log.warning("the group cannot be mended by replacing ranks (%s): rebuilding it", err)
+        phases = self._mend(self.executor.replace_lost_ranks, failure, "replacing ranks", "rebuilding it")
+        if phases is None:
             return False
         self._recovered("replace", phases, t0)
         return True
@@ -116,15 +113,25 @@ class Supervisor:
         """A pipeline that could not replace its lost ranks: rebuild only their stage (runs off the event loop, with
         the running requests preempted: every KV cache starts empty); False where the whole group must be rebuilt."""
         t0 = time.monotonic()
-        try:
-            phases = self.executor.rebuild_stage(failure.lost_ranks)
-            phases["detect"] += failure.detect_s
-        except GroupFailure as err:
-            log.warning("the pipeline cannot be mended by rebuilding one stage (%s): rebuilding it all", err)
+        phases = self._mend(self.executor.rebuild_stage, failure, "rebuilding one stage", "rebuilding it all")
+        if phases is None:
             return False
         self.on_new_group(self.executor.num_kv_blocks)
         self._recovered("rebuild", phases, t0)
         return True
+
+    @staticmethod
+    def _mend(mend: Callable[[tuple[int, ...]], dict[str, float]], failure: GroupFailure, how: str,
+              instead: str) -> dict[str, float] | None:
+        """Run one of the executor's ways of mending the group on the ranks the failure lost: the seconds each phase
+        took, the failure's detection included; None (logged) where it cannot, and `instead` is done."""
+        try:
+            phases = mend(failure.lost_ranks)
+        except GroupFailure as err:
+            log.warning("the group cannot be mended by %s (%s): %s", how, err, instead)
+            return None
+        phases["detect"] += failure.detect_s
+        return phases
 
     def rebuild(self, reason: str, recovery: bool = True) -> float:
         """Tear the group down and build it again at target_tp (nothing may be running). Returns seconds taken."""

@@ -225,6 +225,11 @@ def padded_vocab_size(vocab_size: int, world_size: int) -> int:
     return math.ceil(vocab_size / world_size) * world_size
 
 
+def vocab_rows_per_rank(vocab_size: int, world_size: int) -> int:
+    """Rows of the vocabulary (embedding, LM head) each rank holds: the padded vocabulary split evenly."""
+    return padded_vocab_size(vocab_size, world_size) // world_size
+
+
 class VocabParallelEmbedding(DirectCall):
     """Embedding table split by vocabulary rows: rank r holds ids [r*V/p, (r+1)*V/p).
 
@@ -236,7 +241,7 @@ class VocabParallelEmbedding(DirectCall):
         super().__init__()
         self.comm = comm
         self.vocab_size = vocab_size
-        self.rows_per_rank = padded_vocab_size(vocab_size, comm.world_size) // comm.world_size
+        self.rows_per_rank = vocab_rows_per_rank(vocab_size, comm.world_size)
         self.vocab_start = comm.rank * self.rows_per_rank
         # Padding rows (past vocab_size) stay zero: no id ever selects them.
         self.weight = nn.Parameter(torch.zeros(self.rows_per_rank, hidden_size, dtype=dtype), requires_grad=False)
@@ -263,7 +268,7 @@ class ParallelLMHead(PackableLinear):
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, comm: Communicator,
                  tied_to: VocabParallelEmbedding | None = None):
-        super().__init__(padded_vocab_size(vocab_size, comm.world_size) // comm.world_size, hidden_size, dtype)
+        super().__init__(vocab_rows_per_rank(vocab_size, comm.world_size), hidden_size, dtype)
         self.comm = comm
         self.vocab_size = vocab_size
         if tied_to is not None:

@@ -123,22 +123,23 @@ class ModelArgs:
             **moe,
         )
 
-    def layer_weights(self, layer: int) -> int:
-        """Weights of decoder layer `layer`: what a decode step reads for it (an MoE layer's experts all count, as
-        a batch of any size routes to most of them)."""
+    def linear_weights(self, intermediate: int) -> int:
+        """Weights of a decoder layer's linears (q, k, v, o; gate, up, down) with an MLP `intermediate` wide."""
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attention = self.hidden_size * (2 * q + 2 * kv)
+        return self.hidden_size * (2 * q + 2 * kv) + 3 * self.hidden_size * intermediate
+
+    def layer_weights(self, layer: int) -> int:
+        """Weights of decoder layer `layer`: what a decode step reads for it. An MoE layer's experts all count (a
+        batch of any size routes to most of them): as one MLP of all their columns."""
         if self.is_moe_layer(layer):
-            return attention + self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
-        return attention + 3 * self.hidden_size * self.intermediate_size
+            return self.linear_weights(self.num_experts * self.moe_intermediate_size)
+        return self.linear_weights(self.intermediate_size)
 
     def attention_cost_per_pair(self) -> float:
         """A query-key pair's attention work (QK and PV over every query head: 2 * heads * head_dim multiply-adds
         per layer) as a fraction of a token's work in the linear layers: what one more token of context costs a
         prompt chunk's token, in tokens (bench-58m: 3.3e-4, so a token at 3,000 of context costs twice one at 0)."""
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        linear = self.hidden_size * (2 * q + 2 * kv) + 3 * self.hidden_size * self.intermediate_size
-        return 2 * q / linear
+        return 2 * self.num_heads * self.head_dim / self.linear_weights(self.intermediate_size)
 
 
 @dataclass(frozen=True)

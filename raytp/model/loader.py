@@ -19,7 +19,7 @@ from raytp.cluster.comm import Communicator
 from raytp.model.attention import AttentionBackend
 from raytp.model.checkpoint_error import CheckpointError
 from raytp.model.gguf_checkpoint import find_gguf, gguf_checkpoint
-from raytp.model.layers import padded_vocab_size
+from raytp.model.layers import vocab_rows_per_rank
 from raytp.model.llama import LlamaModel, ModelArgs, check_tp_degree, expected_shapes, weight_plan
 from raytp.model.pipeline import Stage
 
@@ -117,8 +117,7 @@ def load_model(path: str, comm: Communicator, dtype: str = "float32", device: st
     torch_dtype = DTYPES[dtype]
     with torch.device(device):
         model = LlamaModel(args, comm, torch_dtype, attention, expert_parallel, stage)
-    plan = weight_plan(args, model.layout, padded_vocab_size(args.vocab_size, comm.world_size) // comm.world_size,
-                       model.stage)
+    plan = weight_plan(args, model.layout, vocab_rows_per_rank(args.vocab_size, comm.world_size), model.stage)
     params = dict(model.named_parameters())
 
     with ExitStack() as stack, torch.no_grad():
