@@ -12,8 +12,12 @@ reports output tokens/s:
 - `tp2`: two ranks on the head node, one all-reduce per attention and MLP;
 - `tp1_pp2_one_step`: two stages on two nodes, one step in flight
   (pipeline_steps_in_flight=1: each stage idles while the other computes);
-- `tp1_pp2`: the same two stages with two micro-batches in flight;
-- `tp1_pp2_three_steps` (not run by default): three micro-batches in flight.
+- `tp1_pp2`: the same two stages, two micro-batches taking turns, four steps
+  in flight (raytp's default): each micro-batch's next step waits at the
+  first stage for the tokens the last stage sends it directly;
+- `tp1_pp2_two_steps` (not run by default): two micro-batches, one step each
+  in flight: a micro-batch's tokens go through the engine before its next
+  step is sent (how raytp's pipelines ran before the tokens link).
 
 The stages split the layers as raytp does by default: balanced by the weights
 a step reads, the LM head counting on the last stage (87m: 5 layers and 1).
@@ -36,7 +40,7 @@ LAYOUTS = {
     "tp2": dict(tensor_parallel_size=2),
     "tp1_pp2_one_step": dict(tensor_parallel_size=1, pipeline_parallel_size=2, pipeline_steps_in_flight=1),
     "tp1_pp2": dict(tensor_parallel_size=1, pipeline_parallel_size=2),
-    "tp1_pp2_three_steps": dict(tensor_parallel_size=1, pipeline_parallel_size=2, pipeline_steps_in_flight=3),
+    "tp1_pp2_two_steps": dict(tensor_parallel_size=1, pipeline_parallel_size=2, pipeline_steps_in_flight=2),
 }
 
 

@@ -54,8 +54,10 @@ class EngineConfig(BaseModel):
         "as few nodes as possible (pack). A stage's ranks are always on one node."
     )
     pipeline_steps_in_flight: int | None = Field(
-        default=None, ge=1, le=64, description="Steps (micro-batches of disjoint sequences) a pipeline runs at once, "
-        "so that every stage has work; default pipeline_parallel_size; 1: one step at a time."
+        default=None, ge=1, le=64, description="Steps a pipeline runs at once, so that every stage has work: the "
+        "running sequences are split into min(stages, this) micro-batches of their own, and each micro-batch's next "
+        "step may be queued at the first stage before its previous one's tokens are back (the last stage sends them "
+        "there directly). Default: 2 x pipeline_parallel_size; 1: one step at a time."
     )
     device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="cpu (gloo), cuda (NCCL) or auto.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -198,11 +200,24 @@ class EngineConfig(BaseModel):
             raise ConfigError(format_validation_error(err, "raytp config")) from None
 
     def steps_in_flight(self) -> int:
-        """Steps the engine keeps in flight: a pipeline's micro-batches, else two (the next step goes out before
-        the current one's tokens are back: see engine.py)."""
+        """Steps the engine keeps in flight: a pipeline's pipeline_steps_in_flight, else two (the next step goes out
+        before the current one's tokens are back: see engine.py)."""
         if self.pipeline_parallel_size > 1:
-            return self.pipeline_steps_in_flight or self.pipeline_parallel_size
+            return self.pipeline_steps_in_flight or 2 * self.pipeline_parallel_size
         return 2
+
+    def micro_batches(self) -> int:
+        """Groups of disjoint running sequences whose steps take turns (a pipeline's stages each work on one);
+        one for a single stage, whose steps in flight overlap on the same sequences."""
+        if self.pipeline_parallel_size > 1:
+            return min(self.pipeline_parallel_size, self.steps_in_flight())
+        return 1
+
+    def steps_remembered(self) -> int:
+        """Steps after which a rank still knows the token it sampled for a sequence, and a penalized one's tokens so
+        far (step.py): in a pipeline a micro-batch's next step follows its previous one by up to the steps in
+        flight; a single stage's follows at once."""
+        return self.steps_in_flight() if self.pipeline_parallel_size > 1 else 1
 
     def resolved_max_num_batched_tokens(self) -> int:
         if self.max_num_batched_tokens is not None:

@@ -306,3 +306,18 @@ class RankPool:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+
+
+def socket_link_pair():
+    """Two ends of a real TCP stage link on this host (raytp.cluster.stage_link): (sender, receiver)."""
+    import threading
+
+    from raytp.cluster.stage_link import SocketLink, listen
+
+    server, rendezvous = listen("127.0.0.1")
+    receiver = {}
+    t = threading.Thread(target=lambda: receiver.setdefault("link", SocketLink(rendezvous, 1, timeout_s=10)))
+    t.start()
+    sender = SocketLink(rendezvous, 0, timeout_s=10, server=server)
+    t.join()
+    return sender, receiver["link"]

@@ -243,17 +243,26 @@ class TPGroup(Executor):
 
     def _connect(self, tp: int, timeout: float, epoch: int = 0) -> None:
         """Each stage's ranks join their TP communicator (rank 0 of the stage makes the rendezvous), and each rank
-        of a stage but the last links to the same rank of the next stage. Again after a replacement (epoch > 0):
+        of a stage but the last links to the same rank of the next stage, and the last stage's to the first's.
+        Again after a replacement (epoch > 0):
         every rank then joins new ones, keeping its rank number."""
         rendezvous = ray.get([self.workers[s.index * tp].make_rendezvous.remote(self.config.cpu_collectives)
                               for s in self.stages], timeout=timeout)
         backends = ray.get([w.init_communicator.remote(rendezvous[i // tp], timeout, epoch)
                             for i, w in enumerate(self.workers)], timeout=timeout)
         log.info("%d TP group(s) of %d ranks connected over %s", len(self.stages), tp, backends[0])
-        senders = self.workers[: -tp] if len(self.stages) > 1 else []
+        if len(self.stages) == 1:
+            return
+        senders = self.workers[: -tp]
         links = ray.get([w.make_link_rendezvous.remote() for w in senders], timeout=timeout)
         ray.get([w.connect_link.remote(link, "next", timeout) for w, link in zip(senders, links)]
                 + [w.connect_link.remote(link, "prev", timeout) for w, link in zip(self.workers[tp:], links)],
+                timeout=timeout)
+        # The last stage's ranks send their tokens to the first stage's (step_memory.py).
+        first, last, remembered = self.workers[:tp], self.workers[-tp:], self.config.steps_remembered()
+        links = ray.get([w.make_link_rendezvous.remote(tcp=True) for w in last], timeout=timeout)
+        ray.get([w.connect_link.remote(link, "tokens_out", timeout, remembered) for w, link in zip(last, links)]
+                + [w.connect_link.remote(link, "tokens_in", timeout, remembered) for w, link in zip(first, links)],
                 timeout=timeout)
 
     # ---- running -----------------------------------------------------------------

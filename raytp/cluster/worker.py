@@ -37,6 +37,7 @@ from raytp.cluster.comm import (
 from raytp.cluster.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
 from raytp.cluster.memory import MemoryProfile
 from raytp.cluster.stage_link import SocketLink, listen
+from raytp.cluster.step_memory import RecentSequences, TokensFromLastStage, send_tokens
 from raytp.cluster.rank_store import (kv_path, load_shard, map_kv_cache, mark_user, save_shard, shard_path,
                                       sweep_stale_stores)
 from raytp.model.attention import SeqChunk, build_metadata, select_backend
@@ -193,11 +194,12 @@ class TPWorker:
         self.graph_limits: tuple[int, int] | None = None  # (max_num_seqs, max_model_len) where decode steps use graphs
         self.graphs: DecodeGraphs | None = None  # over the current KV cache and communicator; made when first needed
         self.memory_profile: MemoryProfile | None = None  # CUDA: what sized the KV cache
-        self.last_sampled: dict[str, int] = {}  # request id -> token sampled in the previous step
-        self.histories: dict[str, list[int]] = {}  # penalized requests of the previous step -> their tokens so far
+        self.recent = RecentSequences()  # the tokens sampled for, and penalty histories of, recent steps' sequences
         # Pipeline stages: "prev" receives the residual stream from this rank's peer in the stage before, "next"
-        # sends it to the one in the stage after (each a communicator of two: the sender is its rank 0).
+        # sends it to the one in the stage after (each a communicator of two: the sender is its rank 0); the last
+        # stage sends its tokens to the first ("tokens", see step_memory.py).
         self.links: dict[str, Communicator] = {}
+        self.tokens_from_last: TokensFromLastStage | None = None  # the first stage's side of "tokens"
         self._link_server = None  # the "next" link's socket, listening from make_link_rendezvous until connect_link
         self.stream_wait_seconds, self.stream_sent_bytes = 0.0, 0  # the running step's (StepResult)
 
@@ -267,7 +269,7 @@ class TPWorker:
             threading.Thread(target=old.close, name="raytp-old-comm-close", daemon=True).start()
         self.graphs = None  # a graph's collectives are bound to the connection it was captured with
         if epoch:
-            self.last_sampled, self.histories = {}, {}
+            self.recent.forget_all()
             self.generator.manual_seed(self.seed + epoch)
         return type(inner).__name__
 
@@ -279,11 +281,12 @@ class TPWorker:
         for link in self.links.values():
             link.abort()
 
-    def make_link_rendezvous(self):
-        """A rank of any stage but the last: where its peer (the same rank) of the next stage meets it. Over the
-        network between nodes (TCP, stage_link.py; NCCL on GPUs), never the shared-memory segment, as stages are
-        on different nodes in general."""
-        if self.device == "cuda":
+    def make_link_rendezvous(self, tcp: bool = False):
+        """The sending side of a link between stages: where its peer (the same rank of the receiving stage) meets it.
+        Over the network between nodes (TCP, stage_link.py; NCCL on GPUs unless `tcp`: the tokens the last stage
+        sends the first are on the host already), never the shared-memory segment, as stages are on different nodes
+        in general."""
+        if self.device == "cuda" and not tcp:
             from raytp.cluster.comm import nccl_unique_id
 
             return nccl_unique_id()
@@ -291,17 +294,22 @@ class TPWorker:
         return rendezvous
 
     @on_rank_device
-    def connect_link(self, rendezvous, side: str, timeout_s: float = 60.0) -> None:
+    def connect_link(self, rendezvous, side: str, timeout_s: float = 60.0, steps_remembered: int = 1) -> None:
         """Join the link to the stage after this one (side "next": this rank sends, made the rendezvous) or before
-        it ("prev": receives)."""
-        rank = 0 if side == "next" else 1
-        if self.device == "cuda":
+        it ("prev": receives); a pipeline's last stage sends its tokens to the first ("tokens_out", made the
+        rendezvous; "tokens_in"), both of which then remember each sequence for `steps_remembered` steps."""
+        rank = 0 if side in ("next", "tokens_out") else 1
+        if self.device == "cuda" and side in ("next", "prev"):
             link = NcclCommunicator(rendezvous, rank, 2)
         else:
             server = None
-            if side == "next":  # the socket make_link_rendezvous opened, listening for the next stage's rank
+            if rank == 0:  # the socket make_link_rendezvous opened, listening for the receiving stage's rank
                 server, self._link_server = self._link_server, None
             link = SocketLink(rendezvous, rank, timeout_s, server)
+        if side.startswith("tokens"):
+            self.recent.steps = steps_remembered
+        if side == "tokens_in":
+            self.tokens_from_last = TokensFromLastStage(link, self.recent)
         old, self.links[side] = self.links.get(side), link
         if old is not None:  # (a replacement's: its teardown may wait on the lost peer, as init_communicator's)
             threading.Thread(target=old.close, name="raytp-old-link-close", daemon=True).start()
@@ -501,9 +509,10 @@ class TPWorker:
 
     def _run_throwaway(self, steps: list[SeqStep]) -> None:
         """Run steps that belong to no request; the ranks then remember nothing of them (the step after a
-        throw-away one has no PREVIOUS_TOKEN to fill, and its histories were never penalized ones)."""
-        self.execute(steps)
-        self.last_sampled, self.histories = {}, {}
+        throw-away one has no PREVIOUS_TOKEN to fill, and its histories were never penalized ones); a pipeline's
+        last stage sends the first stage no tokens for them."""
+        self.execute(steps, throwaway=True)
+        self.recent.forget_all()
 
     # ---- the step ---------------------------------------------------------------
 
@@ -511,23 +520,34 @@ class TPWorker:
         return self.rank
 
     @on_rank_device
-    def execute(self, seqs: list[SeqStep]) -> StepResult:
+    def execute(self, seqs: list[SeqStep], throwaway: bool = False) -> StepResult:
         t0 = time.perf_counter()
         self.comm.reset()
         self.stream_wait_seconds, self.stream_sent_bytes = 0.0, 0
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            tokens, logprobs = self._step(seqs)
+            tokens, logprobs = self._step(seqs, throwaway)
         if self.stream is not None:
             self.stream.synchronize()  # the step's final sync: its collectives' CUDA events are complete now
-        self.last_sampled = {s.request_id: t for s, t in zip(seqs, tokens)}
+        request_ids = [s.request_id for s in seqs]
+        if self.tokens_from_last is not None and not throwaway:
+            self.tokens_from_last.expect(request_ids)
+        self.recent.ran(request_ids, tokens if self.model.stage.last else None)
         return StepResult(tokens, self.comm.take_seconds(), time.perf_counter() - t0, logprobs,
                           expert_tokens=self.model.expert_tokens() if self.rank == 0 else None,
                           stream_wait_seconds=self.stream_wait_seconds, stream_sent_bytes=self.stream_sent_bytes)
 
-    def _step(self, seqs: list[SeqStep]) -> tuple[list[int], StepLogprobs | None]:
+    def _step(self, seqs: list[SeqStep], throwaway: bool) -> tuple[list[int], StepLogprobs | None]:
         device = self.kv_cache.device
+        stage = self.model.stage
         chunks = [SeqChunk(s.start, len(s.token_ids), s.block_table) for s in seqs]
-        ids = [[self.last_sampled[s.request_id] if t == PREVIOUS_TOKEN else t for t in s.token_ids] for s in seqs]
+        if self.tokens_from_last is not None and not throwaway:  # the first stage of a pipeline
+            t0 = time.perf_counter()
+            self.tokens_from_last.read_for([s.request_id for s in seqs if PREVIOUS_TOKEN in s.token_ids])
+            self.stream_wait_seconds = time.perf_counter() - t0  # (a wait for the stages after it, not compute)
+        ids = None  # (the stages in between need no token ids)
+        if stage.first or stage.last:
+            tokens = self.recent.tokens
+            ids = [[tokens[s.request_id] if t == PREVIOUS_TOKEN else t for t in s.token_ids] for s in seqs]
         graphs = self._decode_graphs()
         shape = graphs.shape_for(chunks) if graphs is not None else None
         if shape is not None:  # one new token per sequence: a graph replay
@@ -536,12 +556,11 @@ class TPWorker:
             last_hidden = hidden
         else:
             meta = build_metadata(chunks, self.block_size, device, self.model.args.sliding_window)
-            stage = self.model.stage
             input_ids, stream = None, None
             if stage.first:
                 input_ids = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)  # (T,)
             else:  # the residual stream after the stage before: (T, hidden)
-                num_tokens = sum(len(row) for row in ids)
+                num_tokens = sum(len(s.token_ids) for s in seqs)
                 stream = torch.empty(num_tokens, self.model.args.hidden_size, dtype=self.model.dtype, device=device)
                 t0 = time.perf_counter()
                 self.links["prev"].recv(stream, src=0)
@@ -556,27 +575,29 @@ class TPWorker:
         logits = self.model.compute_logits(last_hidden)  # (B, vocab), all-gather inside
         contexts = self._contexts(seqs, ids)
         tokens = sample(logits, [s.params for s in seqs], [s.num_generated for s in seqs], self.generator, contexts)
+        if "tokens_out" in self.links and not throwaway:  # the last stage of a pipeline: to the first stage
+            send_tokens(self.links["tokens_out"], self.recent.step, tokens)
         return tokens, self._logprobs(seqs, ids, tokens, logits, hidden, last_index)
 
     def _contexts(self, seqs: list[SeqStep], ids: list[list[int]]) -> list[RowContext] | None:
-        """Each row's tokens so far (penalized rows; kept for the next step), banned ids and grammar mask; None if
+        """Each row's tokens so far (penalized rows; kept for the next steps), banned ids and grammar mask; None if
         no row needs any."""
-        histories = {}
+        histories = {}  # this step's penalized rows'
         for s, row in zip(seqs, ids):
             if s.params.penalized:
                 if s.history is not None:
                     history = list(s.history)
                 elif s.start == 0:
                     history = []
-                elif s.request_id in self.histories:  # it was in this rank's previous step
-                    history = self.histories[s.request_id]
+                elif s.request_id in self.recent.histories:  # it was in one of this rank's recent steps
+                    history = self.recent.histories[s.request_id]
                 else:
                     raise RuntimeError(f"step protocol: {s.request_id} continues at {s.start} without its history "
-                                       "and was not in the previous step")
+                                       "and was in none of the recent steps")
                 del history[s.start :]
                 history.extend(row)
                 histories[s.request_id] = history
-        self.histories = histories
+        self.recent.histories.update(histories)
         if not histories and not any(s.banned_ids or s.allowed_tokens is not None for s in seqs):
             return None
         return [RowContext(histories[s.request_id][: s.prompt_len], histories[s.request_id][s.prompt_len :], s.banned_ids,

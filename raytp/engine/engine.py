@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -48,11 +49,13 @@ def ray_executor(config: EngineConfig, model_path: str, max_model_len: int) -> E
 
 class EngineCore:
     def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory = ray_executor, metrics=None,
-                 micro_batches: int = 1):
-        """micro_batches: steps in flight at once, each of its own sequences (the async engine's pipeline); 1 where
-        steps run one at a time (step()) or overlap on the same sequences (a single stage)."""
+                 steps_in_flight: bool = False):
+        """steps_in_flight: the async engine keeps config.steps_in_flight() steps in flight (a pipeline's in
+        micro-batches of their own sequences); step() runs one at a time, with every running sequence."""
         self.config = config
-        self.micro_batches = micro_batches
+        self.micro_batches = config.micro_batches() if steps_in_flight else 1
+        # Tokens a sequence may have in flight: its micro-batch's share of the steps in flight.
+        self.max_pending = math.ceil(config.steps_in_flight() / self.micro_batches)
         self.model_path = resolve_model_path(config.model)
         self.args = read_model_args(self.model_path)
         try:
@@ -75,7 +78,9 @@ class EngineCore:
         self.metrics = metrics
         self.requests: dict[str, RequestState] = {}
         self.scheduler: Scheduler | None = None
-        self._previous_step: set[str] = set()  # request ids of the step sent last (see step.py on history)
+        # Request ids of the last steps sent, newest last: the ones whose tokens so far the ranks still remember
+        # (see step.py on history).
+        self._recent_steps: collections.deque[set[str]] = collections.deque(maxlen=config.steps_remembered())
         self.recomputed_tokens = 0  # computed K/V that recoveries threw away (raytp_recomputed_tokens)
         self._grammars: GrammarCompiler | None = None  # built on the first structured-output request
         self._grammar_masks: GrammarMasks | None = None
@@ -88,13 +93,14 @@ class EngineCore:
         self.supervisor.start()
 
     def _use_new_kv_cache(self, num_kv_blocks: int) -> None:
-        self._previous_step = set()  # new ranks remember no step
+        self._recent_steps.clear()  # new ranks remember no step
         # A new cache is empty: a rebuilt group's requests find no cached prefix until they compute it again.
         blocks = KVCacheManager(num_kv_blocks, self.config.resolved_block_size(), self.config.enable_prefix_caching)
         if self.scheduler is None:
             budget = self.config.resolved_max_num_batched_tokens()
             self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len,
-                                       self.args.attention_cost_per_pair(), self.args.sliding_window, self.micro_batches)
+                                       self.args.attention_cost_per_pair(), self.args.sliding_window, self.micro_batches,
+                                       self.max_pending)
         else:
             self.scheduler.reset_blocks(blocks)
 
@@ -102,7 +108,7 @@ class EngineCore:
         """The steps in flight (in the order sent) failed with the group: their sequences go back to where they
         started, and the ranks (mended or new) remember no earlier step."""
         self.scheduler.roll_back(lost)
-        self._previous_step = set()
+        self._recent_steps.clear()
 
     def preempt_all(self) -> None:
         """The KV cache is lost (the group is rebuilt): every running sequence is recomputed from its tokens."""
@@ -197,7 +203,7 @@ class EngineCore:
         """The step the ranks run next (called once per step, in the order steps are sent)."""
         steps = [self._to_step(s) for s in batch]
         self._add_grammar_masks(batch, steps)
-        self._previous_step = {s.seq.request_id for s in batch}
+        self._recent_steps.append({s.seq.request_id for s in batch})
         return steps
 
     def _add_grammar_masks(self, batch: list[ScheduledSeq], steps: list[SeqStep]) -> None:
@@ -219,8 +225,8 @@ class EngineCore:
         prompt_len = len(seq.prompt_token_ids)
         step = SeqStep(s.token_ids, s.start, list(seq.block_table), params, s.num_generated, seq.request_id,
                        prompt_len=prompt_len)
-        if params.penalized and s.start > 0 and seq.request_id not in self._previous_step:
-            step.history = seq.token_ids[: s.start]  # the ranks kept only the previous step's sequences
+        if params.penalized and s.start > 0 and not any(seq.request_id in ids for ids in self._recent_steps):
+            step.history = seq.token_ids[: s.start]  # the ranks kept only the recent steps' sequences
         if s.num_generated < params.min_tokens:
             step.banned_ids = tuple(seq.stop_token_ids)
         state = self.requests.get(seq.request_id)
@@ -317,10 +323,7 @@ class AsyncEngine:
     """Runs an EngineCore in the background of an asyncio loop; requests stream their outputs."""
 
     def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory = ray_executor, metrics=None):
-        # A pipeline's steps in flight are micro-batches of disjoint sequences: only its last stage samples, so a
-        # sequence's next step waits for its token (no PREVIOUS_TOKEN).
-        micro_batches = config.steps_in_flight() if config.pipeline_parallel_size > 1 else 1
-        self.core = EngineCore(config, executor_factory, metrics, micro_batches)
+        self.core = EngineCore(config, executor_factory, metrics, steps_in_flight=True)
         self.config = config
         self.ready = False
         self._queues: dict[str, asyncio.Queue] = {}
@@ -487,8 +490,9 @@ class AsyncEngine:
         """The step loop. It sends step N+1 to the workers before it waits for step N's tokens (the workers then
         go straight from one step to the next), and postprocesses and streams step N while N+1 runs. It schedules
         N+1 as late as that allows (the pacer), so that requests arriving while N runs are in it. A pipeline keeps
-        up to config.steps_in_flight() micro-batches in flight, sent as soon as there is room: each stage works on
-        one while the others work on theirs."""
+        up to config.steps_in_flight() steps in flight, sent as soon as there is room: its micro-batches take turns,
+        each stage working on one while the others work on theirs, and each micro-batch's next step is already
+        queued at the first stage when the last stage sends it the tokens it needs."""
         core = self.core
         depth = self.config.steps_in_flight()
         paced = self.config.pipeline_parallel_size == 1

@@ -11,11 +11,15 @@ wait for the engine): a sequence's token sampled by a step in flight is
 "pending", and the next step computes it as PREVIOUS_TOKEN, which the workers
 replace with what they sampled for that sequence in their previous step.
 
-A pipeline (micro_batches > 1) has several steps in flight, each of its own
-sequences: its first stage cannot know a token only its last stage sampled,
-so a sequence with a pending token waits for it, and each step decodes at
+A pipeline (micro_batches > 1) has several steps in flight, each decoding at
 most its share (1 / micro_batches) of the running sequences, so that the
-steps in flight are alike in size and every stage has work.
+steps in flight are alike in size and every stage has work; the sequences
+least recently in a step go first, so the micro-batches take turns (a
+sequence in two steps in a row would make the second wait, at the first
+stage, for the first's token from the last stage). Its last stage sends each
+step's tokens to the first stage, so a sequence may have up to `max_pending`
+tokens pending (its next step queued behind the previous one) before it
+waits for them.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ class Sequence:
     num_pending: int = 0  # tokens sampled by steps in flight, not yet in output_token_ids
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
+    last_step: int = -1  # the scheduler's number of the last step that had it
     num_preemptions: int = 0
     stop_token_ids: frozenset[int] = frozenset()  # eos (unless ignore_eos) and params.stop_token_ids
     finish_reason: str | None = None  # "stop", "length" or "abort" once finished
@@ -88,9 +93,11 @@ class PrefixCacheStats:
 class Scheduler:
     def __init__(self, blocks: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int | None = None, attention_cost: float = 0.0, sliding_window: int | None = None,
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, max_pending: int = 2):
         self.blocks = blocks
         self.micro_batches = micro_batches
+        self.max_pending = max_pending  # pending tokens a sequence may have before it waits for them
+        self.steps = 0  # steps scheduled so far
         self.prefix_stats = PrefixCacheStats()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -259,6 +266,7 @@ class Scheduler:
         self._cache_full_blocks(seq)
         samples = seq.num_computed == seq.total_len
         sched = ScheduledSeq(seq, token_ids, start, len(seq.output_token_ids) + seq.num_pending, samples)
+        seq.last_step = self.steps
         if samples:
             seq.num_pending += 1
         return sched
@@ -284,6 +292,24 @@ class Scheduler:
                 high = mid - 1
         return low
 
+    def _schedule_decodes(self, batch: list[ScheduledSeq], order: list[Sequence], rows: int, spaced: bool) -> None:
+        """Add up to `rows` decode rows to batch, in this order (spaced: none of a sequence in one of the last
+        micro_batches - 1 steps)."""
+        for seq in order:
+            if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed > 1:
+                continue  # preempted below in this loop, or still prefilling (step 2)
+            if len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens:
+                continue  # its last token is being sampled: nothing more to compute
+            if seq.num_pending >= self.max_pending or len(batch) >= rows:
+                continue  # it waits for its tokens in flight, or this micro-batch has its share
+            if spaced and self.steps - seq.last_step < self.micro_batches:
+                continue
+            if self._allocate_or_preempt(seq, seq.total_len):
+                if seq.num_pending:  # the newest token is still on the workers
+                    batch.append(self._scheduled(seq, [PREVIOUS_TOKEN], seq.total_len - 1))
+                else:
+                    batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed :], seq.num_computed))
+
     def schedule(self) -> list[ScheduledSeq]:
         """The next step: decode rows first, then prompt chunks within the token budget.
 
@@ -297,20 +323,18 @@ class Scheduler:
         running = sorted(self.running, key=lambda s: s.arrival_time)
         decode_rows = math.ceil(len(running) / self.micro_batches)  # a micro-batch's share
         # 1. Decode: every running sequence whose prompt is in the cache computes its newest token. Out of
-        #    blocks, the latest arrival is preempted until the others fit.
-        for seq in running:
-            if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed > 1:
-                continue  # preempted below in this loop, or still prefilling (step 2)
-            if len(seq.output_token_ids) + seq.num_pending >= seq.params.max_tokens:
-                continue  # its last token is being sampled: nothing more to compute
-            if self.micro_batches > 1 and (seq.num_pending or len(batch) >= decode_rows):
-                continue  # a pipeline: its token is still in flight, or this micro-batch has its share
-            if self._allocate_or_preempt(seq, seq.total_len):
-                if seq.num_pending:  # the newest token is still on the workers
-                    batch.append(self._scheduled(seq, [PREVIOUS_TOKEN], seq.total_len - 1))
-                else:
-                    batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed :], seq.num_computed))
-                budget -= 1
+        #    blocks, the latest arrival is preempted until the others fit. A pipeline's sequences go least
+        #    recently scheduled first (sorted is stable: then by arrival), and not in two of any micro_batches
+        #    steps in a row (its token would not be back at the first stage in time, which would wait for it)
+        #    unless no other sequence can decode (a lone sequence decodes in every step).
+        if self.micro_batches > 1:
+            decode_order = sorted(running, key=lambda s: s.last_step)
+            self._schedule_decodes(batch, decode_order, decode_rows, spaced=True)
+            if not batch:
+                self._schedule_decodes(batch, decode_order, decode_rows, spaced=False)
+        else:
+            self._schedule_decodes(batch, running, decode_rows, spaced=False)
+        budget -= len(batch)
         # 2. Prompts being prefilled in chunks continue, in arrival order, while the budget allows. Out of
         #    blocks, the latest arrival is preempted (as for decodes): chunks holding blocks must not wait on
         #    each other forever.
@@ -345,4 +369,6 @@ class Scheduler:
             batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed))
             batch[-1].admitted = True
             budget -= cost
+        if batch:
+            self.steps += 1
         return batch

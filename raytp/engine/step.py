@@ -3,14 +3,16 @@
 Plain data, imported by both sides. The engine may send step N+1 before step
 N's tokens are back: a sequence whose newest token is still on the ranks is
 sent with PREVIOUS_TOKEN in its place, and each rank substitutes the token it
-sampled for that request in its previous step (every rank samples the same
-tokens, so they agree).
+sampled for that request in its last step that had it (every rank samples the
+same tokens, so they agree; a pipeline's first stage gets them from its last
+stage: cluster/step_memory.py).
 
 Penalties need a sequence's tokens so far. A rank keeps them for the
-penalized sequences of its previous step only (so nothing outlives its
-request); the engine sends `history` when a penalized sequence continues
-(start > 0) but was not in the previous step, which only happens to a prompt
-chunk that waited a step for budget. Decode steps send nothing extra.
+penalized sequences of its recent steps only (the previous one; a pipeline's
+last steps in flight: EngineConfig.steps_remembered), so nothing outlives its
+request; the engine sends `history` when a penalized sequence continues
+(start > 0) but was in none of them, which only happens to a prompt chunk
+that waited for budget. Decode steps send nothing extra.
 
 A request under a grammar (structured outputs, forced tool calls) gets its
 allowed tokens with each step that samples for it: the engine's matcher
@@ -40,7 +42,7 @@ def size_class(num_tokens: int) -> int:
 class SeqStep:
     """One sequence's work in a step: compute `token_ids` at positions start.., then sample one token."""
 
-    token_ids: list[int]  # PREVIOUS_TOKEN: the token this rank sampled for request_id in its previous step
+    token_ids: list[int]  # PREVIOUS_TOKEN: the token sampled for request_id in the last step that had it
     start: int
     block_table: list[int]
     params: SamplingParams

@@ -26,6 +26,7 @@ import torch
 from raytp import LLM, SamplingParams
 from raytp.config import EngineConfig
 from raytp.engine.engine import AsyncEngine
+from raytp.engine.step import PREVIOUS_TOKEN
 from raytp.cluster.supervisor import PipelineUnplaceable
 from tests.helpers import load_reference, write_llama
 
@@ -91,12 +92,13 @@ def _prompts(n: int, shared_prefix: int = 0) -> list[list[int]]:
     return [prefix + [rng.randrange(3, 128) for _ in range(rng.randrange(3, 30))] for _ in range(n)]
 
 
-def _hf_greedy(path: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def _hf_greedy(path: str, prompts: list[list[int]], new_tokens: int, **settings) -> list[list[int]]:
     from transformers import GenerationConfig
 
     ref = load_reference(path)
     ref.generation_config.eos_token_id = None  # random weights may emit eos: run the full length, as ignore_eos
-    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                              **settings)
     return [ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                          generation_config=config)[0, len(p):].tolist() for p in prompts]
 
@@ -189,24 +191,27 @@ def _run(engine: AsyncEngine, prompts, params, during=None, after=None):
 
 
 def test_micro_batches_with_chunked_prefill_and_a_cached_prefix_equal_transformers(extra_nodes, checkpoint):
-    """Two micro-batches in flight (disjoint sequences), prompts prefilled in chunks of at most 16 tokens, and
+    """Two micro-batches taking turns, four steps in flight (each micro-batch's next step queued at the first
+    stage, its tokens coming from the last stage directly), prompts prefilled in chunks of at most 16 tokens, and
     sequences that share a 20-token prefix (computed once, then read from the cache)."""
     prompts = _prompts(8, shared_prefix=20)
     recorder = StageRecorder()
     engine = _engine(checkpoint, max_num_batched_tokens=16, metrics=recorder)
-    submit, running, most = engine.core.executor.submit, set(), [0]
+    submit, running, most, ahead = engine.core.executor.submit, set(), [0], [0]
 
-    def counting_submit(seqs):  # how many steps were in flight at once
+    def counting_submit(seqs):  # how many steps were in flight at once, and rows sent before their token was back
         step = submit(seqs)
         running.add(step)
         most[0] = max(most[0], len(running))
+        ahead[0] += sum(PREVIOUS_TOKEN in s.token_ids for s in seqs)
         step.add_done_callback(running.discard)
         return step
 
     engine.core.executor.submit = counting_submit
     results = _run(engine, prompts, GREEDY)
     assert results == _hf_greedy(checkpoint, prompts, NEW_TOKENS)
-    assert most[0] == 2
+    assert most[0] == 4
+    assert ahead[0] > 8 * NEW_TOKENS // 4  # most decode rows went out before their previous token was back
     assert recorder.prefix_hits >= 16 * 7  # the shared prefix's full blocks, for all but the first sequence
     # Every step reports each stage's compute time, and the bytes stage 0 sent: its tokens' residual stream.
     assert len(recorder.stages) == recorder.steps > 0
@@ -214,6 +219,17 @@ def test_micro_batches_with_chunked_prefill_and_a_cached_prefix_equal_transforme
     for seconds, sent in recorder.stages:
         assert len(seconds) == 2 and min(seconds) > 0
         assert len(sent) == 1 and sent[0] > 0 and sent[0] % hidden_bytes == 0
+
+
+def test_penalized_micro_batches_equal_transformers(extra_nodes, checkpoint):
+    """A repetition penalty needs every token so far on the last stage, where a micro-batch's step follows its
+    previous one by two steps and its newest token comes as PREVIOUS_TOKEN: the ranks keep each sequence's history
+    over the steps in flight, and the tokens equal transformers' with the same penalty."""
+    prompts = _prompts(6)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, repetition_penalty=1.8)
+    results = _run(_engine(checkpoint), prompts, params)
+    assert results == _hf_greedy(checkpoint, prompts, NEW_TOKENS, repetition_penalty=1.8)
+
 
 
 LONG = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)

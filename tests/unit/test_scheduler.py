@@ -399,3 +399,35 @@ def test_roll_back_returns_the_lost_steps_sequences_to_where_those_steps_started
     replay = sched.schedule()
     assert names(replay) == ["a", "b"] and replay[0].token_ids == [7] and replay[0].start == 6
     assert replay[1].start == 0 and len(replay[1].token_ids) == 9
+
+
+# ---- a pipeline's micro-batches -------------------------------------------------------------------------
+
+
+def test_micro_batches_take_turns_with_two_steps_each_in_flight():
+    """Two micro-batches, four steps in flight (a pipeline of two stages): each step decodes half the running
+    sequences, a micro-batch's second step carries PREVIOUS_TOKEN, and none runs ahead by more than two tokens."""
+    sched = Scheduler(KVCacheManager(64, 4), 4, 256, micro_batches=2, max_pending=2)
+    for i in range(4):
+        sched.add(make_seq(f"s{i}", 4, float(i)))
+    advance(sched, sched.schedule())  # every prompt in one step; its tokens arrive
+    in_flight = [sched.schedule() for _ in range(4)]
+    assert [names(b) for b in in_flight] == [["s0", "s1"], ["s2", "s3"], ["s0", "s1"], ["s2", "s3"]]
+    assert [s.token_ids for s in in_flight[0]] == [[7], [7]]
+    assert [s.token_ids for s in in_flight[2]] == [[PREVIOUS_TOKEN], [PREVIOUS_TOKEN]]
+    assert sched.schedule() == []  # every sequence has two tokens in flight: it waits
+    advance(sched, in_flight.pop(0))  # the first micro-batch's oldest step is back
+    assert names(sched.schedule()) == ["s0", "s1"]
+
+
+def test_one_step_in_flight_decodes_every_sequence_once_its_token_is_back():
+    """pipeline_steps_in_flight=1: one micro-batch, and a sequence with a token in flight waits for it."""
+    sched = Scheduler(KVCacheManager(64, 4), 4, 256, micro_batches=1, max_pending=1)
+    for i in range(3):
+        sched.add(make_seq(f"s{i}", 4, float(i)))
+    advance(sched, sched.schedule())
+    batch = sched.schedule()
+    assert names(batch) == ["s0", "s1", "s2"]
+    assert sched.schedule() == []
+    advance(sched, batch)
+    assert names(sched.schedule()) == ["s0", "s1", "s2"]

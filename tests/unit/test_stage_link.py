@@ -7,22 +7,12 @@ import pytest
 import torch
 
 from raytp.cluster.comm import CollectiveAborted
-from raytp.cluster.stage_link import SocketLink, listen
-
-
-def _pair():
-    server, rendezvous = listen("127.0.0.1")
-    receiver = {}
-    t = threading.Thread(target=lambda: receiver.setdefault("link", SocketLink(rendezvous, 1, timeout_s=10)))
-    t.start()
-    sender = SocketLink(rendezvous, 0, timeout_s=10, server=server)
-    t.join()
-    return sender, receiver["link"]
+from tests.helpers import socket_link_pair
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_stream_arrives_whole(dtype):
-    sender, receiver = _pair()
+    sender, receiver = socket_link_pair()
     try:
         for tokens in (1, 300, 4096):  # a decode step up to a long prefill chunk (4096 x 64 x 4 B = 1 MiB)
             sent = torch.randn(tokens, 64).to(dtype)
@@ -37,7 +27,7 @@ def test_a_stream_arrives_whole(dtype):
 
 
 def test_a_step_of_another_size_is_an_error_not_a_desync():
-    sender, receiver = _pair()
+    sender, receiver = socket_link_pair()
     try:
         sender.send(torch.zeros(3, 8))
         with pytest.raises(RuntimeError, match="sent 96 bytes where this step expects 64"):
@@ -49,7 +39,7 @@ def test_a_step_of_another_size_is_an_error_not_a_desync():
 
 @pytest.mark.parametrize("who", ["receiver", "sender"])
 def test_an_abort_on_either_side_releases_a_blocked_recv(who):
-    sender, receiver = _pair()
+    sender, receiver = socket_link_pair()
     errors = []
 
     def wait():
