@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--layouts", default="tp1,tp2,tp1_pp2_one_step,tp1_pp2", help=f"of {', '.join(LAYOUTS)}")
+    parser.add_argument("--partition", help="layers per stage for the pipeline layouts, e.g. 4,2 (default: raytp's)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -109,7 +110,10 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             for name in layouts:
-                result = run_layout(model, LAYOUTS[name], prompts, args.max_tokens, args.dtype)
+                layout = dict(LAYOUTS[name])
+                if args.partition and layout.get("pipeline_parallel_size", 1) > 1:
+                    layout["pipeline_partition"] = [int(n) for n in args.partition.split(",")]
+                result = run_layout(model, layout, prompts, args.max_tokens, args.dtype)
                 runs[name].append(result)
                 print(f"round {r + 1} {name:18s} {result['output_tok_s']:7.1f} output tok/s "
                       f"({result['output_tokens']} tokens in {result['seconds']:.2f}s)", flush=True)
@@ -126,7 +130,8 @@ def main() -> None:
               f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"shape": args.shape, "dtype": args.dtype, "burst": args.burst, "prompt_len": args.prompt_len,
+            json.dump({"shape": args.shape, "dtype": args.dtype, "partition": args.partition, "burst": args.burst,
+                       "prompt_len": args.prompt_len,
                        "max_tokens": args.max_tokens, "runs": runs, "median_output_tok_s": median}, f, indent=1)
 
 
