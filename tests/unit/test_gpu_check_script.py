@@ -31,6 +31,11 @@ def test_dry_run_on_cpu_writes_one_passing_json(tmp_path):
     assert decode["shape"] == "small" and set(decode["raytp_decode_tokens_per_s"]) == {"1", "2"}
     assert 0 < decode["batch1_roofline_fraction"]["raytp"]
     assert decode["attention_backend"] == "cpu" and decode["cuda_graphs"] is False
+    # benchmarks/gpu_decode.py's own measurement, which the check ran (tests/unit/test_gpu_decode_script.py has its
+    # arithmetic): the copy bandwidth behind the roofline, and transformers' speed beside raytp's.
+    assert decode["copy_bandwidth_bytes_per_s"] > 0 and decode["roofline_tokens_per_s"] > 0
+    assert set(decode["transformers_decode_tokens_per_s"]) == {"1", "2"}
+    assert all(v > 0 for v in decode["transformers_decode_tokens_per_s"].values())
 
 
 def test_bad_arguments_are_named():
