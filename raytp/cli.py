@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from raytp.bench.cli import BENCH_HELP, add_bench_arguments, run_bench
 from raytp.config import ConfigError, EngineConfig
+from raytp.engine.model_check import check_model
 from raytp.ingress import choose_ingress
 
 
@@ -145,27 +146,6 @@ def _wait_for_signal() -> int:
         for s, h in old.items():
             signal.signal(s, h)
     return got[0]
-
-
-def check_model(config: EngineConfig, remote_ok: bool) -> None:
-    """Read the model's config (and a GGUF file's tokenizer) here, so that a missing, corrupt or unsupported
-    checkpoint is one clear error now. Joining a cluster, a path missing here may exist on its nodes."""
-    from raytp.engine.tokenizer import Tokenizer
-    from raytp.model import cpu_ops
-    from raytp.model.llama import check_tp_degree
-    from raytp.model.loader import read_model_args
-    from raytp.model.pipeline import model_partition
-    from raytp.named_models import resolve_model_path
-
-    path = resolve_model_path(config.model)
-    if remote_ok and not os.path.exists(path):
-        return
-    args = read_model_args(path)
-    check_tp_degree(args, config.tensor_parallel_size, config.expert_parallel)
-    model_partition(args, config.pipeline_parallel_size, config.pipeline_partition)
-    Tokenizer.from_dir(path)
-    if not remote_ok:  # the ranks run here: so does the quantized op's build
-        cpu_ops.check_quantization(config.quantization, config.resolved_device())
 
 
 def run_serve(args: argparse.Namespace) -> int:

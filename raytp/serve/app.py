@@ -205,7 +205,7 @@ def build_app(args: dict) -> Application:
     is here (`serve run`, or a controller on the model's node) is checked against them now (its shapes against the
     TP degree, its layers against the pipeline), so that a bad value is one clear error instead of replicas that
     fail to start."""
-    from raytp.cli import check_model
+    from raytp.engine.model_check import check_model
 
     config = EngineConfig.parse(dict(args or {}))
     try:
