@@ -35,7 +35,7 @@ from raytp.cluster.watchdog import StepWatchdog
 from raytp.engine.step import SeqStep, StepResult
 from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, SPARE_RANK, TPWorkerActor
 from raytp.model.loader import checkpoint_dtype, read_model_args
-from raytp.model.pipeline import model_partition
+from raytp.model.pipeline import merge_expert_tokens, model_partition
 
 SPARE_REFILL_DELAY_S = 3.0
 PING_TIMEOUT_S = 1.0  # a live rank answers a ping in milliseconds, even mid-step (its Ray calls have threads of their own)
@@ -106,8 +106,9 @@ class TPGroup(Executor):
         self._refill_lock = threading.Lock()
         self.watchdog: StepWatchdog | None = None  # step times of the current group (start() makes it)
         # Pipeline stages (one: the whole model); self.workers holds stage 0's ranks, then stage 1's, ...
-        self.stages = model_partition(read_model_args(model_path), config.pipeline_parallel_size,
-                                      config.pipeline_partition)
+        args = read_model_args(model_path)
+        self.stages = model_partition(args, config.pipeline_parallel_size, config.pipeline_partition)
+        self.moe_layers = [sum(map(args.is_moe_layer, range(s.start, s.stop))) for s in self.stages]  # per stage
 
     # ---- building ----------------------------------------------------------------
 
@@ -269,8 +270,8 @@ class TPGroup(Executor):
 
     def _merge(self, results: list[StepResult]) -> StepResult:
         # The last stage samples (any earlier one returns no tokens). Each rank feeds its own samples back in as
-        # PREVIOUS_TOKEN, so ranks that disagree would silently compute different sequences: never expected (same
-        # logits, same seeds), so it is a bug.
+        # PREVIOUS_TOKEN (a pipeline's first stage gets them from the same rank of the last), so ranks that disagree
+        # would silently compute different sequences: never expected (same logits, same seeds), so it is a bug.
         last = results[-self.tp_size :]
         tokens = last[0].token_ids
         for rank, r in enumerate(last[1:], start=1):
@@ -280,7 +281,8 @@ class TPGroup(Executor):
         leads = [r.lead_seconds for r in results]
         step = StepResult(tokens, max(r.collective_seconds for r in results), max(r.step_seconds for r in results),
                           last[0].logprobs, None if None in leads else min(leads),  # the last rank to get it
-                          last[0].expert_tokens)
+                          merge_expert_tokens([results[s * self.tp_size].expert_tokens for s in range(len(self.stages))],
+                                              self.moe_layers))
         if len(self.stages) > 1:
             stages = [results[s * self.tp_size : (s + 1) * self.tp_size] for s in range(len(self.stages))]
             step.stage_compute_seconds = [max(r.step_seconds - r.stream_wait_seconds for r in ranks) for ranks in stages]

@@ -104,3 +104,14 @@ def balanced_partition(layer_costs: list[float], stages: int, head_cost: float =
         sizes.append(i - j)
         i = j
     return sizes[::-1]
+
+
+def merge_expert_tokens(per_stage: list[list[float] | None], moe_layers: list[int]) -> list[float] | None:
+    """The tokens each expert got in a step, averaged over every MoE layer of the model, from each stage's average
+    over its own MoE layers (`moe_layers` of them; a stage with none reports nothing that counts). None for a dense
+    model."""
+    total = sum(moe_layers)
+    if not total:
+        return None
+    counted = [(tokens, n) for tokens, n in zip(per_stage, moe_layers) if n]
+    return [sum(tokens[e] * n for tokens, n in counted) / total for e in range(len(counted[0][0]))]

@@ -12,8 +12,9 @@ import torch
 from raytp.cluster.comm import SingleRank
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.model.loader import load_model
-from raytp.model.pipeline import PipelineError, Stage, balanced_partition, model_partition, partition_layers
-from tests.helpers import load_reference, write_llama, write_qwen2
+from raytp.model.pipeline import (PipelineError, Stage, balanced_partition, merge_expert_tokens, model_partition,
+                                  partition_layers)
+from tests.helpers import load_reference, write_llama, write_qwen2, write_qwen3_moe
 
 BLOCK_SIZE, NUM_BLOCKS, PROMPT_LEN, NEW_TOKENS = 4, 16, 12, 8
 
@@ -97,3 +98,21 @@ def test_stages_chained_equal_transformers(tmp_path, writer, partition):
         tokens.append(int(_run(models, caches, tokens[-1:], PROMPT_LEN + len(tokens) - 1, table)[-1].argmax()))
     generated = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, PROMPT_LEN:]
     assert tokens == generated.tolist()
+
+
+def test_a_pipelined_mixture_of_experts_reports_the_whole_models_expert_load(tmp_path):
+    """Each stage averages its experts' tokens over its own MoE layers; merged by their counts (layer 0 dense
+    here, so the stages hold 1 and 2 MoE layers), they are the whole model's average over all of them."""
+    path = write_qwen3_moe(tmp_path, seed=24, num_hidden_layers=4, mlp_only_layers=[0])
+    models, caches = _stages(path, [2, 2])
+    whole = load_model(path, SingleRank(), progress=False)
+    prompt = torch.randint(0, whole.args.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(2)).tolist()
+    table = list(range(NUM_BLOCKS))
+    _run(models, caches, prompt, 0, table)
+    _run([whole], [torch.zeros(whole.kv_cache_shape(NUM_BLOCKS * BLOCK_SIZE))], prompt, 0, table)
+    moe_layers = [sum(map(whole.args.is_moe_layer, range(m.stage.start, m.stage.stop))) for m in models]
+    assert moe_layers == [1, 2]
+    merged = merge_expert_tokens([m.expert_tokens() for m in models], moe_layers)
+    assert merged == pytest.approx(whole.expert_tokens())
+    assert sum(merged) == pytest.approx(PROMPT_LEN * whole.args.experts_per_token)
+    assert merge_expert_tokens([None, None], [0, 0]) is None  # a dense model
