@@ -49,7 +49,8 @@ class EngineMetrics:
         # its buckets on export: not exact enough for that.)
         stage_keys = keys + ("stage",)
         self.stage_compute = Histogram("raytp_stage_compute_seconds", description="Pipeline stages: seconds a stage "
-                                       "computed in a step (slowest rank, less its wait for the stage before).",
+                                       "computed in a step (slowest rank, less its wait for the stage before it; the first stage's: "
+                                       "for the last stage's tokens).",
                                        boundaries=LATENCY_BUCKETS, tag_keys=stage_keys)
         self.stage_busy = Counter("raytp_stage_busy_seconds", description="Pipeline stages: seconds a stage computed "
                                   "(its rate is the stage's busy fraction).", tag_keys=stage_keys)

@@ -78,8 +78,8 @@ class StepResult:
     # Mixtures of experts: the tokens each expert got in this step, averaged over the MoE layers (rank 0's; every
     # rank routes alike). None for dense models.
     expert_tokens: list[float] | None = None
-    # Pipeline stages, a rank's: how long it waited for the residual stream from the stage before it, and the bytes
-    # it sent to the stage after it.
+    # Pipeline stages, a rank's: how long it waited for the residual stream from the stage before it (the first
+    # stage: for the last stage's tokens), and the bytes it sent to the stage after it.
     stream_wait_seconds: float = 0.0
     stream_sent_bytes: int = 0
     # A pipeline's step (merged): per stage, the seconds it computed (its slowest rank, less the wait for the
