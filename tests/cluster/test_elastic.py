@@ -142,25 +142,38 @@ def test_killed_worker_is_replaced_and_the_survivor_keeps_everything(ray_cluster
     assert recomputed == 0
 
 
-def test_a_mixture_of_experts_keeps_every_token_through_a_killed_rank(ray_cluster, tmp_path):
+def test_a_mixture_of_experts_keeps_every_token_through_a_killed_rank_and_a_resize(ray_cluster, tmp_path):
     """Mixtral with whole experts per rank (expert_parallel): SIGKILL of rank 1 under 16 streams; the spare takes its
-    experts, shard and KV cache from the store, and every stream ends token-identical to a run without the fault."""
+    experts, shard and KV cache from the store (nothing recomputed). Then, the streams still running, a live resize
+    to TP=1 (that one rank then holds all 8 experts, resharded from the checkpoint). Every stream ends
+    token-identical to a run without the fault and the resize."""
     from tests.helpers import write_mixtral
 
     model = write_mixtral(tmp_path, seed=13, vocab_size=1024, initializer_range=0.1)
     moe = dict(model=model, expert_parallel=True)
 
     async def fault_free(engine):
-        return (await _run_all(engine, "moe-ref"))[0]
+        return (await _run_all(engine, "moe-ref", params=LONGER))[0]
 
-    async def killed(engine):
-        results, _ = await _run_all(engine, "moe-kill", during=_kill_and_resume(engine, 1))
-        return results, engine.core.supervisor.recoveries, engine.core.recomputed_tokens
+    async def killed_then_resized(engine):
+        after_kill = {}
+
+        async def kill_then_resize(seen):
+            await _kill_and_resume(engine, 1)(seen)
+            after_kill.update(recoveries=dict(engine.core.supervisor.recoveries),
+                              recomputed=engine.core.recomputed_tokens)
+            await engine.resize(1)
+            await _until(lambda: engine.tp_size == 1 and engine.ready)
+            after_kill["unfinished"] = len(engine.core.requests)  # the streams the resized group took over
+
+        results, _ = await _run_all(engine, "moe-kill", during=kill_then_resize, params=LONGER)
+        return results, after_kill, engine.tp_size
 
     reference = _with_engine(fault_free, num_spare_ranks=0, **moe)
-    results, recoveries, recomputed = _with_engine(killed, **moe)
+    results, after_kill, tp_size = _with_engine(killed_then_resized, **moe)
     assert results == reference
-    assert recoveries == {"replace": 1} and recomputed == 0
+    assert after_kill["recoveries"] == {"replace": 1} and after_kill["recomputed"] == 0
+    assert tp_size == 1 and after_kill["unfinished"] > 0  # resized under load
 
 
 def test_without_spares_a_killed_worker_rebuilds_the_group(ray_cluster, reference):
