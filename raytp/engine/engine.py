@@ -225,8 +225,11 @@ class EngineCore:
         prompt_len = len(seq.prompt_token_ids)
         step = SeqStep(s.token_ids, s.start, list(seq.block_table), params, s.num_generated, seq.request_id,
                        prompt_len=prompt_len)
-        if params.penalized and s.start > 0 and not any(seq.request_id in ids for ids in self._recent_steps):
-            step.history = seq.token_ids[: s.start]  # the ranks kept only the recent steps' sequences
+        # The ranks kept only the recent steps' sequences; one just admitted may be one they remember from before a
+        # preemption, whose history there ends short of where a cached prefix lets it start now.
+        remembered = any(seq.request_id in ids for ids in self._recent_steps)
+        if params.penalized and s.start > 0 and (s.admitted or not remembered):
+            step.history = seq.token_ids[: s.start]
         if s.num_generated < params.min_tokens:
             step.banned_ids = tuple(seq.stop_token_ids)
         state = self.requests.get(seq.request_id)

@@ -250,11 +250,12 @@ class Scheduler:
         assert not self.running
         self.blocks = blocks
 
-    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow seq's blocks to num_tokens, preempting the latest arrival until they fit; False if seq itself was
-        the one preempted."""
+    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int, batch: list[ScheduledSeq]) -> bool:
+        """Grow seq's blocks to num_tokens, preempting the latest arrival not already in this step's batch until they
+        fit; False if seq itself was the one preempted. (A sequence in the batch keeps its blocks: its row runs.)"""
+        in_batch = {id(s.seq) for s in batch}
         while not self._grow_blocks(seq, num_tokens):
-            victim = max(self.running, key=lambda s: s.arrival_time)
+            victim = max((s for s in self.running if s is seq or id(s) not in in_batch), key=lambda s: s.arrival_time)
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -304,7 +305,7 @@ class Scheduler:
                 continue  # it waits for its tokens in flight, or this micro-batch has its share
             if spaced and self.steps - seq.last_step < self.micro_batches:
                 continue
-            if self._allocate_or_preempt(seq, seq.total_len):
+            if self._allocate_or_preempt(seq, seq.total_len, batch):
                 if seq.num_pending:  # the newest token is still on the workers
                     batch.append(self._scheduled(seq, [PREVIOUS_TOKEN], seq.total_len - 1))
                 else:
@@ -342,7 +343,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed <= 1 or budget < 1:
                 continue
             n = self._chunk_len(seq.num_computed, len(seq) - seq.num_computed, budget)
-            if self._allocate_or_preempt(seq, seq.num_computed + n):
+            if self._allocate_or_preempt(seq, seq.num_computed + n, batch):
                 cost = self._chunk_cost(seq.num_computed, n)
                 batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n],
                                              seq.num_computed))

@@ -234,7 +234,7 @@ def test_penalized_sampling_survives_a_rebuild(checkpoint, llms):
 def test_a_rank_without_the_history_gets_it_with_the_step(llms):
     """A penalized sequence that continues (start > 0) without having been in the rank's previous step (a chunk
     that waited, or a prefix-cache hit) gets its earlier tokens in SeqStep.history, and samples as if it had run
-    without a gap; the engine decides that from the step it sent last."""
+    without a gap; the engine decides that from the steps it sent last (the ranks remember those)."""
     from raytp.engine.scheduler import ScheduledSeq, Sequence
     from raytp.engine.step import SeqStep
 
@@ -259,11 +259,15 @@ def test_a_rank_without_the_history_gets_it_with_the_step(llms):
     assert worker.execute([chunk(20, history=prompt[:20])]).token_ids == straight
 
     seq = Sequence("resumed", list(prompt), params)
-    core._previous_step = set()
+    core._recent_steps.clear()
     (step,) = core.to_steps([ScheduledSeq(seq, prompt[20:], 20, 0)])
     assert step.history == prompt[:20]
     (step,) = core.to_steps([ScheduledSeq(seq, prompt[20:], 20, 0)])  # it was in the step sent last
     assert step.history is None
+    # Admitted again (preempted, then a cached prefix lets it start at 20): what the ranks remember of it may end
+    # short of that, so the history comes with the step.
+    (step,) = core.to_steps([ScheduledSeq(seq, prompt[20:], 20, 0, admitted=True)])
+    assert step.history == prompt[:20]
 
 
 def test_penalties_with_steps_scheduled_ahead(checkpoint):

@@ -431,3 +431,30 @@ def test_one_step_in_flight_decodes_every_sequence_once_its_token_is_back():
     assert sched.schedule() == []
     advance(sched, batch)
     assert names(sched.schedule()) == ["s0", "s1", "s2"]
+
+
+@pytest.mark.parametrize("micro_batches, max_pending", [(1, 2), (2, 2), (3, 2), (2, 3)])
+def test_every_row_of_a_step_has_its_blocks_even_when_blocks_run_out(micro_batches, max_pending):
+    """Short of blocks, steps in flight, sequences arriving and finishing at random: every row the scheduler hands out
+    belongs to a running sequence whose blocks cover the positions it computes (a sequence preempted after its row
+    was added would compute in blocks that are no longer its own)."""
+    import random
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        sched = Scheduler(KVCacheManager(12, 4), 6, 24, micro_batches=micro_batches, max_pending=max_pending)
+        in_flight, arrivals = [], 0
+        for _ in range(60):
+            if rng.random() < 0.3:
+                params = SamplingParams(max_tokens=rng.randrange(2, 12), temperature=0.0)
+                sched.add(Sequence(f"s{arrivals}", list(range(1, rng.randrange(2, 14))), params, arrival_time=arrivals))
+                arrivals += 1
+            batch = sched.schedule() if len(in_flight) < micro_batches * max_pending else []
+            for row in batch:
+                seq = row.seq
+                assert seq.status is SeqStatus.RUNNING, (seed, seq.request_id)
+                assert len(seq.block_table) * 4 >= row.start + len(row.token_ids), (seed, seq.request_id)
+            if batch:
+                in_flight.append(batch)
+            if in_flight and (not batch or rng.random() < 0.5):
+                advance(sched, in_flight.pop(0))
