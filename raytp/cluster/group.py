@@ -245,8 +245,7 @@ class TPGroup(Executor):
     def _connect(self, tp: int, timeout: float, epoch: int = 0) -> None:
         """Each stage's ranks join their TP communicator (rank 0 of the stage makes the rendezvous), and each rank
         of a stage but the last links to the same rank of the next stage, and the last stage's to the first's.
-        Again after a replacement (epoch > 0):
-        every rank then joins new ones, keeping its rank number."""
+        Again after a replacement (epoch > 0): every rank then joins new ones, keeping its rank number."""
         rendezvous = ray.get([self.workers[s.index * tp].make_rendezvous.remote(self.config.cpu_collectives)
                               for s in self.stages], timeout=timeout)
         backends = ray.get([w.init_communicator.remote(rendezvous[i // tp], timeout, epoch)
@@ -279,12 +278,11 @@ class TPGroup(Executor):
                 raise RuntimeError(f"TP rank {rank} sampled {r.token_ids} where rank 0 sampled {tokens}")
         # The ranks wait for each other in every collective: the slowest rank's time is the step's.
         leads = [r.lead_seconds for r in results]
+        stages = [results[s * self.tp_size : (s + 1) * self.tp_size] for s in range(len(self.stages))]
         step = StepResult(tokens, max(r.collective_seconds for r in results), max(r.step_seconds for r in results),
                           last[0].logprobs, None if None in leads else min(leads),  # the last rank to get it
-                          merge_expert_tokens([results[s * self.tp_size].expert_tokens for s in range(len(self.stages))],
-                                              self.moe_layers))
-        if len(self.stages) > 1:
-            stages = [results[s * self.tp_size : (s + 1) * self.tp_size] for s in range(len(self.stages))]
+                          merge_expert_tokens([ranks[0].expert_tokens for ranks in stages], self.moe_layers))
+        if len(stages) > 1:
             step.stage_compute_seconds = [max(r.step_seconds - r.stream_wait_seconds for r in ranks) for ranks in stages]
             step.stage_sent_bytes = [sum(r.stream_sent_bytes for r in ranks) for ranks in stages[:-1]]
         return step

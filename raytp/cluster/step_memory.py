@@ -41,12 +41,11 @@ class RecentSequences:
         self.step = 0
         self.last_step, self.tokens, self.histories = {}, {}, {}
 
-    def ran(self, request_ids: list[str], tokens: list[int] | None) -> None:
-        """The step that ran had these sequences and sampled these tokens (None where this rank does not sample)."""
+    def ran(self, request_ids: list[str], tokens: list[int]) -> None:
+        """The step that ran had these sequences and sampled these tokens (none on a stage before the last)."""
         for rid in request_ids:
             self.last_step[rid] = self.step
-        if tokens is not None:
-            self.tokens.update(zip(request_ids, tokens))
+        self.tokens.update(zip(request_ids, tokens))
         self.step += 1
         oldest = self.step - self.steps  # the oldest step a later one may still refer to
         for rid in [rid for rid, step in self.last_step.items() if step < oldest]:

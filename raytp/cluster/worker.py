@@ -531,7 +531,7 @@ class TPWorker:
         request_ids = [s.request_id for s in seqs]
         if self.tokens_from_last is not None and not throwaway:
             self.tokens_from_last.expect(request_ids)
-        self.recent.ran(request_ids, tokens if self.model.stage.last else None)
+        self.recent.ran(request_ids, tokens)
         return StepResult(tokens, self.comm.take_seconds(), time.perf_counter() - t0, logprobs,
                           expert_tokens=self.model.expert_tokens() if self.rank == 0 else None,
                           stream_wait_seconds=self.stream_wait_seconds, stream_sent_bytes=self.stream_sent_bytes)

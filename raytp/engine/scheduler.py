@@ -9,7 +9,7 @@ dropped. Recovery after a group failure uses the same path for every sequence.
 The engine may schedule step N+1 while step N still runs (so the workers never
 wait for the engine): a sequence's token sampled by a step in flight is
 "pending", and the next step computes it as PREVIOUS_TOKEN, which the workers
-replace with what they sampled for that sequence in their previous step.
+replace with what they sampled for that sequence in their last step that had it.
 
 A pipeline (micro_batches > 1) has several steps in flight, each decoding at
 most its share (1 / micro_batches) of the running sequences, so that the

@@ -11,8 +11,10 @@ Penalties need a sequence's tokens so far. A rank keeps them for the
 penalized sequences of its recent steps only (the previous one; a pipeline's
 last steps in flight: EngineConfig.steps_remembered), so nothing outlives its
 request; the engine sends `history` when a penalized sequence continues
-(start > 0) but was in none of them, which only happens to a prompt chunk
-that waited for budget. Decode steps send nothing extra.
+(start > 0) but was in none of them (a prompt chunk that waited for budget),
+or was just admitted (what the ranks remember of it from before a preemption
+may end short of a cached prefix it now starts after). Decode steps send
+nothing extra.
 
 A request under a grammar (structured outputs, forced tool calls) gets its
 allowed tokens with each step that samples for it: the engine's matcher

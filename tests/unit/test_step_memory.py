@@ -36,7 +36,7 @@ def test_the_first_stage_reads_the_tokens_each_step_needs_in_order(link_pair):
     for rids in (["a", "b"], ["c", "d"]):
         tokens_in.read_for([])  # nothing needed yet, nothing old enough to read
         tokens_in.expect(rids)
-        first.ran(rids, None)
+        first.ran(rids, [])
     assert first.tokens == {}
     send_tokens(sender, 0, [10, 11])
     send_tokens(sender, 1, [12, 13])
@@ -44,11 +44,11 @@ def test_the_first_stage_reads_the_tokens_each_step_needs_in_order(link_pair):
     tokens_in.read_for(["a", "b"])
     assert first.tokens == {"a": 10, "b": 11}
     tokens_in.expect(["a", "b"])
-    first.ran(["a", "b"], None)
+    first.ran(["a", "b"], [])
     tokens_in.read_for(["c"])  # step 3 needs c: step 1's message
     assert first.tokens == {"a": 10, "b": 11, "c": 12, "d": 13}
     tokens_in.expect(["c"])
-    first.ran(["c"], None)
+    first.ran(["c"], [])
     send_tokens(sender, 2, [20, 21])
     tokens_in.read_for(["a"])  # step 4: a's last step was 2
     assert first.tokens == {"a": 20, "b": 21, "c": 12, "d": 13}
@@ -63,7 +63,7 @@ def test_messages_nobody_needed_are_read_once_old_enough(link_pair):
     for step, rid in enumerate(["a", "b"]):
         tokens_in.read_for([])
         tokens_in.expect([rid])
-        first.ran([rid], None)
+        first.ran([rid], [])
     send_tokens(sender, 0, [10])
     tokens_in.read_for([])  # step 2: step 0 is two steps back
     assert first.tokens == {"a": 10}
@@ -73,7 +73,7 @@ def test_a_message_of_another_step_is_an_error_not_a_desync(link_pair):
     first = RecentSequences(steps=2)
     tokens_in = TokensFromLastStage(receiver, first)
     tokens_in.expect(["a"])
-    first.ran(["a"], None)
+    first.ran(["a"], [])
     send_tokens(sender, 5, [1])
     with pytest.raises(RuntimeError, match="step 5 arrived where step 0 was expected"):
         tokens_in.read_for(["a"])
