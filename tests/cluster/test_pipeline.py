@@ -111,9 +111,20 @@ def _stage_nodes(executor) -> list[set[str]]:
     return [{node_of[pid] for pid in pids[s * tp : (s + 1) * tp]} for s in range(len(pids) // tp)]
 
 
+def _wait_for_every_cpu_free(timeout_s: float = 30.0) -> None:
+    """Until Ray's view has every CPU free again: a placement group's resources come back from its node a moment
+    after Ray calls it removed, and SPREAD places only over the CPUs free at the time."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("tp, pp, partition", [(1, 2, None), (2, 2, None), (1, 3, [1, 2, 1])])
 def test_greedy_tokens_equal_transformers_with_a_node_per_stage(extra_nodes, checkpoint, tp, pp, partition):
     prompts = _prompts(3)
+    _wait_for_every_cpu_free()
     llm = LLM(checkpoint, executor_factory=None, device="cpu", tensor_parallel_size=tp, pipeline_parallel_size=pp,
               pipeline_partition=partition, cpus_per_rank=1, num_spare_ranks=0)
     try:
@@ -266,6 +277,20 @@ def _hold_head_cpus() -> list:
     return holders
 
 
+def _lose_node(extra_nodes: ExtraNodes, node_id: str, pids: list[int]) -> None:
+    """A node lost as a machine is: its raylet removed and, with it, its ranks' processes (pids). Cluster.remove_node
+    stops only the raylet; its workers notice later, and may finish every stream first (seen on a fast machine)."""
+    import os
+    import signal
+
+    extra_nodes.remove(node_id)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_removed_node_moves_its_stage_to_a_spare_node_then_without_one_the_error_is_clear(extra_nodes, checkpoint):
     holders = _hold_head_cpus()
     try:
@@ -279,7 +304,7 @@ def test_a_removed_node_moves_its_stage_to_a_spare_node_then_without_one_the_err
             seen["before"] = set.union(*stages)
             seen["removed"] = next(iter(stages[1]))
             seen["spare"] = {n.node_id for n in extra_nodes.nodes} - seen["before"]
-            extra_nodes.remove(seen["removed"])
+            _lose_node(extra_nodes, seen["removed"], seen["pids"][2:])
 
         def after(engine):
             seen["after"] = set.union(*_stage_nodes(engine.core.executor))
@@ -295,7 +320,8 @@ def test_a_removed_node_moves_its_stage_to_a_spare_node_then_without_one_the_err
         # Two nodes of 2 CPUs left, both used by the pipeline: removing one leaves its stage nowhere to go.
         async def remove_without_spare(engine):
             stages = await asyncio.to_thread(_stage_nodes, engine.core.executor)
-            extra_nodes.remove(next(iter(stages[0])))
+            pids = await asyncio.to_thread(engine.core.executor.worker_pids)
+            _lose_node(extra_nodes, next(iter(stages[0])), pids[:2])
 
         engine = _engine(checkpoint, tensor_parallel_size=2, min_tensor_parallel_size=2, placement_timeout_s=2,
                          init_timeout_s=20)
