@@ -20,7 +20,7 @@ reports output tokens/s:
   step is sent (how raytp's pipelines ran before the tokens link).
 
 The stages split the layers as raytp does by default: balanced by the weights
-a step reads, the LM head counting on the last stage (87m: 5 layers and 1).
+a step reads, half the LM head's counting on the last stage (87m: 4 layers and 2).
 
     python benchmarks/pipeline_throughput.py --shape 87m --rounds 2 --out benchmarks/results/pipeline/87m.json
 

@@ -327,12 +327,10 @@ class Scheduler:
         #    blocks, the latest arrival is preempted until the others fit. A pipeline's sequences go least
         #    recently scheduled first (sorted is stable: then by arrival), and not in two of any micro_batches
         #    steps in a row (its token would not be back at the first stage in time, which would wait for it)
-        #    unless no other sequence can decode (a lone sequence decodes in every step).
+        #    unless the step would otherwise be empty (step 4).
         if self.micro_batches > 1:
             decode_order = sorted(running, key=lambda s: s.last_step)
             self._schedule_decodes(batch, decode_order, decode_rows, spaced=True)
-            if not batch:
-                self._schedule_decodes(batch, decode_order, decode_rows, spaced=False)
         else:
             self._schedule_decodes(batch, running, decode_rows, spaced=False)
         budget -= len(batch)
@@ -370,6 +368,12 @@ class Scheduler:
             batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed))
             batch[-1].admitted = True
             budget -= cost
+        # 4. A pipeline with nothing else to compute decodes the sequences that were in a recent step (a lone
+        #    sequence decodes in every step). Not before prompts: a prompt chunk needs no token from the steps in
+        #    flight, so the first stage computes it while the last one finishes them (in a burst, every prefill
+        #    step would otherwise wait for the one before).
+        if self.micro_batches > 1 and not batch:
+            self._schedule_decodes(batch, decode_order, decode_rows, spaced=False)
         if batch:
             self.steps += 1
         return batch

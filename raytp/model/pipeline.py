@@ -67,13 +67,21 @@ def partition_layers(num_layers: int, pipeline_parallel_size: int, partition: li
     return stages
 
 
+# The LM head's share of a serving workload's steps: it runs on the sampled rows only, every row of a decode step
+# but one row of a whole prompt, so it costs its weights' worth in decode steps and next to nothing in prefill.
+# Where prompts and outputs are about as long (the burst that pipeline_throughput.py measures), it is half.
+LM_HEAD_SHARE = 0.5
+
+
 def model_partition(args, pipeline_parallel_size: int, partition: list[int] | None = None) -> list[Stage]:
-    """partition_layers for a model (ModelArgs): a stage's cost is the weights a decode step reads, which on CPU
-    and GPU alike sets a decode step's time; the last stage also reads the LM head (vocab x hidden: in a small
-    model several layers' worth, e.g. 3.5 of the 87m shape's layers)."""
+    """partition_layers for a model (ModelArgs): a layer's cost is its weights, which set its time in a decode step
+    (read once) and in prefill (its FLOPs per token) alike; the last stage also computes the LM head (vocab x
+    hidden: in a small model several layers' worth, 3.9 of the 87m shape's), at LM_HEAD_SHARE of its weights.
+    87m on 2 stages: [4, 2] (counting the whole head, [5, 1] left the first stage 5/6 of every prompt's work and
+    ran 5-10% slower on a burst of 32; benchmarks/results/pipeline)."""
     costs = [float(args.layer_weights(i)) for i in range(args.num_layers)]
     return partition_layers(args.num_layers, pipeline_parallel_size, partition, costs,
-                            float(args.vocab_size * args.hidden_size))
+                            LM_HEAD_SHARE * args.vocab_size * args.hidden_size)
 
 
 def balanced_partition(layer_costs: list[float], stages: int, head_cost: float = 0.0) -> list[int]:

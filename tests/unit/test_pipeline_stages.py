@@ -27,14 +27,17 @@ def test_even_partition_gives_the_first_stages_the_extra_layers():
     assert partition_layers(4, 1) == [Stage.whole(4)]
 
 
-def test_the_default_partition_balances_the_weights_a_step_reads_with_the_lm_head_on_the_last_stage():
+def test_the_default_partition_balances_the_layers_with_the_lm_head_share_on_the_last_stage():
     from raytp.model.llama import ModelArgs
     from raytp.random_checkpoint import random_llama_config
 
-    # 87m: 6 layers of 7.1M weights, and an LM head of 24.6M (32,000 x 768) on the last stage: an even split would
-    # leave the last stage 2.2x the first's reads; [5, 1] is the most even (35.4M against 31.7M).
+    # 87m: 6 layers of 6.3M weights, and an LM head of 24.6M (32,000 x 768) on the last stage, half of which counts
+    # (it runs on decode rows, not on prompts): [4, 2] is the most even (25.2M against 12.6M + 12.3M).
     args = ModelArgs.from_hf_config(random_llama_config("87m"))
-    assert [s.num_layers for s in model_partition(args, 2)] == [5, 1]
+    assert args.layer_weights(0) == 6_291_456
+    assert [s.num_layers for s in model_partition(args, 2)] == [4, 2]
+    # 0.5b: 16 layers of 25.2M, a head of 49.2M (two layers' worth): [8, 8] (201M against 201M + 24.6M).
+    assert [s.num_layers for s in model_partition(ModelArgs.from_hf_config(random_llama_config("0.5b")), 2)] == [8, 8]
     assert [s.num_layers for s in model_partition(args, 2, [3, 3])] == [3, 3]  # an explicit partition is kept
     # Equal costs and no head: as even as possible, the earlier stages taking the extra layers.
     assert balanced_partition([1.0] * 7, 3) == [3, 2, 2]

@@ -420,6 +420,20 @@ def test_micro_batches_take_turns_with_two_steps_each_in_flight():
     assert names(sched.schedule()) == ["s0", "s1"]
 
 
+def test_a_prompt_goes_before_the_decode_of_a_sequence_in_the_step_just_sent():
+    """Two micro-batches: a sequence that was in the step just sent decodes in the next one only when that step would
+    otherwise be empty. A prompt waiting is computed instead (it needs no token from the steps in flight, so the
+    first stage does not wait for the last), and the sequence decodes in the step after."""
+    sched = Scheduler(KVCacheManager(64, 4), 4, 8, micro_batches=2, max_pending=2)
+    sched.add(make_seq("a", 4, 0.0))
+    advance(sched, sched.schedule())  # a's prompt; its first token is back
+    assert [s.token_ids for s in sched.schedule()] == [[7]]
+    sched.add(make_seq("b", 8, 1.0))
+    assert names(sched.schedule()) == ["b"]  # b's prompt, not a's next token right behind the one before
+    # Nothing else can run now (b's first token is in flight): a decodes, a step after its last.
+    assert [(s.seq.request_id, s.token_ids) for s in sched.schedule()] == [("a", [PREVIOUS_TOKEN])]
+
+
 def test_one_step_in_flight_decodes_every_sequence_once_its_token_is_back():
     """pipeline_steps_in_flight=1: one micro-batch, and a sequence with a token in flight waits for it."""
     sched = Scheduler(KVCacheManager(64, 4), 4, 256, micro_batches=1, max_pending=1)
