@@ -18,6 +18,10 @@ reports output tokens/s:
 - `tp1_pp2_two_steps` (not run by default): two micro-batches, one step each
   in flight: a micro-batch's tokens go through the engine before its next
   step is sent (how raytp's pipelines ran before the tokens link).
+- `tp1_pp2_eight_steps` (not run by default): two micro-batches, four steps
+  each in flight: more slack for the engine's round trip (a step's tokens
+  back to the engine, the next step out), at the price of later stops and a
+  longer queue ahead of a new prompt.
 
 The stages split the layers as raytp does by default: balanced by the weights
 a step reads, half the LM head's counting on the last stage (87m: 4 layers and 2).
@@ -41,6 +45,7 @@ LAYOUTS = {
     "tp1_pp2_one_step": dict(tensor_parallel_size=1, pipeline_parallel_size=2, pipeline_steps_in_flight=1),
     "tp1_pp2": dict(tensor_parallel_size=1, pipeline_parallel_size=2),
     "tp1_pp2_two_steps": dict(tensor_parallel_size=1, pipeline_parallel_size=2, pipeline_steps_in_flight=2),
+    "tp1_pp2_eight_steps": dict(tensor_parallel_size=1, pipeline_parallel_size=2, pipeline_steps_in_flight=8),
 }
 
 
