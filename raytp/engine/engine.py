@@ -21,14 +21,12 @@ from typing import AsyncIterator, Awaitable, Callable
 from raytp.config import EngineConfig
 from raytp.cluster.executor import Executor, GroupFailure
 from raytp.model import cpu_ops
-from raytp.model.llama import ModelShapeError, check_tp_degree
-from raytp.model.loader import CheckpointError, read_model_args
-from raytp.model.pipeline import model_partition
 from raytp.engine.output_processor import OutputProcessor, RequestState
 from raytp.engine.pacing import StepPacer
 from raytp.outputs import RequestOutput, TokenLogprob
 from raytp.sampling import SamplingParams
 from raytp.engine.kv_cache import KVCacheManager
+from raytp.engine.model_check import checked_model_args
 from raytp.engine.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
 from raytp.named_models import resolve_model_path
 from raytp.engine.tokenizer import Tokenizer
@@ -57,17 +55,8 @@ class EngineCore:
         # Tokens a sequence may have in flight: its micro-batch's share of the steps in flight.
         self.max_pending = math.ceil(config.steps_in_flight() / self.micro_batches)
         self.model_path = resolve_model_path(config.model)
-        self.args = read_model_args(self.model_path)
-        try:
-            check_tp_degree(self.args, config.tensor_parallel_size, config.expert_parallel)
-        except ModelShapeError as err:
-            raise CheckpointError(f"{self.model_path}: {err}") from None
-        # A pipeline that does not fit the model's layers: PipelineError (a ValueError) names the field.
-        model_partition(self.args, config.pipeline_parallel_size, config.pipeline_partition)
-        limit = self.args.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise ValueError(f"max_model_len={config.max_model_len} is larger than the model's max_position_embeddings={limit}")
-        self.max_model_len = config.max_model_len or limit
+        self.args = checked_model_args(config, self.model_path)
+        self.max_model_len = config.max_model_len or self.args.max_position_embeddings
         self.tokenizer = Tokenizer.from_dir(self.model_path)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.model_name = config.served_model_name or ("tiny" if config.model == "tiny" else config.model_name())
