@@ -41,8 +41,11 @@ def ray_cluster():
         include_dashboard=False,
         _metrics_export_port=port,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-        # Export metrics every second (default 10 s) so metric tests see them quickly.
-        _system_config={"metrics_report_interval_ms": 1000},
+        # Export metrics every second (default 10 s) so metric tests see them quickly. A node whose raylet is gone
+        # is declared dead after ~3 s of refused health checks (default ~15 s), so that a removed node's stage moves
+        # sooner (test_pipeline.py); a raylet that is slow to answer still has the default 10 s per check.
+        _system_config={"metrics_report_interval_ms": 1000, "health_check_period_ms": 1000,
+                        "health_check_failure_threshold": 3},
         log_to_driver=False,
     )
     yield RayCluster(num_cpus, port)
