@@ -54,9 +54,16 @@ class SocketLink(Communicator):
 
     def send(self, tensor: torch.Tensor, dst: int = 1) -> None:
         data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()  # the tensor's bytes, no copy
+        # Length and bytes in one call, so a small message (a step's tokens, a decode step's rows) is one segment:
+        # the peer is woken once, not once for the length and again for the bytes.
+        buffers = [memoryview(_LENGTH.pack(data.nbytes)), memoryview(data).cast("B")]
         try:
-            self._sock.sendall(_LENGTH.pack(data.nbytes))
-            self._sock.sendall(data)
+            while buffers:
+                sent = self._sock.sendmsg(buffers)
+                while buffers and sent >= len(buffers[0]):  # a large message may go out over several calls
+                    sent -= len(buffers.pop(0))
+                if sent:
+                    buffers[0] = buffers[0][sent:]
         except OSError as err:
             raise self._failed(err) from None
 
