@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raytp.model import cpu_ops
 from raytp.outputs import TokenLogprob
 from raytp.engine.structured import StructuredOutputs, apply_token_bitmask
 
@@ -195,7 +196,7 @@ def sample(
     advances alike.
     """
     logits = process_logits(logits, params, contexts)  # (B, V) float32
-    out = logits.argmax(dim=-1)  # (B,)
+    out = _argmax_rows(logits)  # (B,)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out.tolist()
@@ -222,8 +223,16 @@ def sample(
             row_gen = torch.Generator(device=device).manual_seed(_row_seed(p.seed, num_generated[i]))
             noise[j].uniform_(generator=row_gen)
     gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20)))  # (S, V)
-    out[index] = (x + gumbel).argmax(dim=-1)
+    out[index] = _argmax_rows(x + gumbel)
     return out.tolist()
+
+
+def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x: (B, V) -> (B,) each row's first largest index: raytp's vectorised op for float32 on the CPU (torch's
+    argmax runs near scalar speed there: 0.43 ms for 16 rows of 32,000), torch's elsewhere."""
+    if x.is_cpu and x.dtype == torch.float32 and x.stride(-1) == 1 and (op := cpu_ops.rowwise_op()) is not None:
+        return op.argmax_rows(x)
+    return x.argmax(dim=-1)
 
 
 def gather_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[TokenLogprob]:

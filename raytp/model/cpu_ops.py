@@ -4,7 +4,8 @@ Three small C++ sources, each a module of its own: paged attention over the
 block KV cache (attention/paged_attention_cpu.cpp), float32, bfloat16 and
 int8/int4 linear layers that stream their packed weight (linear_cpu.cpp), and a
 layer's per-token ops in one pass each (rowwise_cpu.cpp: RMSNorm, residual
-add + RMSNorm, rotary with the KV cache write, SiLU * up). Each is compiled for this
+add + RMSNorm, rotary with the KV cache write, SiLU * up; and greedy
+sampling's row argmax). Each is compiled for this
 CPU (-march=native) by g++ and ninja the first time a process here asks for
 it (about a minute), into a directory keyed by the source, the flags and the
 CPU's instruction set, so a restarted rank loads the built .so in

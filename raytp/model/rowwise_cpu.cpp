@@ -1,5 +1,6 @@
 // The small per-token ops of a decoder layer on the CPU, each in one pass, float32 or bfloat16: RMSNorm (alone, and
-// after the residual add), rotary embedding of q and k with the KV cache write, and SiLU(gate) * up.
+// after the residual add), rotary embedding of q and k with the KV cache write, and SiLU(gate) * up; and the row
+// argmax that greedy sampling takes of the logits.
 //
 // In torch each of these is several ops (RMSNorm: pow, mean, add, rsqrt, mul, mul; rotary: two slices, a negation,
 // a concatenation, two products and a sum, then a split and two index_copy_ into the cache), each a few
@@ -192,6 +193,62 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// Row r of logits (a float32 (B, V) matrix, rows `row_stride` apart: a slice of a padded vocabulary is one) ->
+// the index of its first largest value, as torch.argmax (a NaN counts as the largest). torch's own takes ~27 us per
+// 32,000-entry row here, near scalar speed; this reads the row once, vectorised, in chunks (below): ~5 us.
+// It compares integer keys, not floats: this file is built with -ffast-math, under which the compiler may assume
+// no NaN and no infinity (a row of -inf, every token banned, is a real case).
+inline bool is_nan_bits(float v) { return (__builtin_bit_cast(uint32_t, v) & 0x7FFFFFFFu) > 0x7F800000u; }
+inline int32_t order_key(float v) {  // ordered as the floats are (NaN aside), -0 equal to +0
+  int32_t bits = __builtin_bit_cast(int32_t, v);
+  bits = bits == INT32_MIN ? 0 : bits;
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF);
+}
+
+torch::Tensor argmax_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1 && logits.size(1) > 0,
+              "logits must be a float32 (rows, vocab) matrix with contiguous rows");
+  const int64_t B = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  auto out = torch::empty({B}, logits.options().dtype(at::kLong));
+  const float* x = logits.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  // A row in chunks small enough to stay in L1: each chunk's maximum vectorised, and only a chunk that raises the
+  // row's best is searched again (from L1) for where; so the row is read from memory once.
+  constexpr int64_t kChunk = 2048;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = x + r * stride;
+      int32_t best = INT32_MIN;
+      int64_t best_index = 0;
+      for (int64_t c = 0; c < V; c += kChunk) {
+        const float* chunk = row + c;
+        const int64_t n = std::min(kChunk, V - c);
+        int32_t top = INT32_MIN;
+        int32_t nan = 0;
+#pragma omp simd reduction(max : top) reduction(| : nan)
+        for (int64_t i = 0; i < n; ++i) {
+          top = std::max(top, order_key(chunk[i]));
+          nan |= static_cast<int32_t>(is_nan_bits(chunk[i]));
+        }
+        if (nan) {  // the first NaN is the answer
+          int64_t i = 0;
+          while (!is_nan_bits(chunk[i])) ++i;
+          best_index = c + i;
+          break;
+        }
+        if (top > best) {  // strictly larger: an equal maximum later does not move the first one
+          int64_t i = 0;
+          while (order_key(chunk[i]) != top) ++i;  // the maximum is one of the chunk's keys
+          best = top;
+          best_index = c + i;
+        }
+      }
+      o[r] = best_index;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (float32 or bfloat16)", py::call_guard<py::gil_scoped_release>());
   m.def("add_rms_norm_", &add_rms_norm_, "x += h in place, then RMSNorm of each row of x",
@@ -199,4 +256,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_write_kv", &rotary_write_kv, "rotary embedding of q and k; k and v written to the KV cache",
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of each row", py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_rows", &argmax_rows, "each row's index of its first largest value (float32 logits)",
+        py::call_guard<py::gil_scoped_release>());
 }

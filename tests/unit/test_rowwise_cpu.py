@@ -1,5 +1,6 @@
 """raytp's per-token CPU ops (rowwise_cpu.cpp) against transformers' Llama modules, float32 and bfloat16: RMSNorm,
-the residual add + RMSNorm, rotary embedding with the KV cache write, SiLU(gate) * up."""
+the residual add + RMSNorm, rotary embedding with the KV cache write, SiLU(gate) * up; and the row argmax of greedy
+sampling against torch.argmax."""
 from __future__ import annotations
 
 import pytest
@@ -120,3 +121,33 @@ def test_per_token_ops_refuse_mismatched_operands():
     with pytest.raises(RuntimeError, match="qkv must be"):
         op.rotary_write_kv(torch.randn(3, 100), torch.randn(3, 16), torch.randn(3, 16), 4, torch.zeros(8, 1, 16),
                            torch.zeros(8, 1, 16), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 7), (16, 32000), (33, 49152)])
+def test_argmax_rows_equals_torch_argmax(rows, vocab):
+    gen = torch.Generator().manual_seed(rows + vocab)
+    logits = 4 * torch.randn(rows, vocab, generator=gen)
+    assert torch.equal(op.argmax_rows(logits), logits.argmax(dim=-1))
+    sliced = logits[:, : max(1, vocab - 5)]  # a padded vocabulary's slice: rows apart by more than their length
+    assert torch.equal(op.argmax_rows(sliced), sliced.argmax(dim=-1))
+
+
+def test_argmax_rows_takes_the_first_of_equal_maxima_and_treats_nan_and_inf_as_torch_does():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([
+        [1.0, 3.0, 2.0, 3.0, 3.0],  # ties: the first
+        [-inf, -inf, -inf, -inf, -inf],  # every token banned
+        [-inf, 0.5, -inf, 0.5, -inf],
+        [1.0, nan, 2.0, nan, inf],  # a NaN is the largest: the first NaN
+        [1.0, 2.0, inf, 3.0, inf],
+        [-1.0, -0.0, 0.0, -2.0, -3.0],  # -0 equals +0
+    ])
+    assert op.argmax_rows(logits).tolist() == logits.argmax(dim=-1).tolist() == [1, 0, 1, 1, 2, 1]
+
+
+def test_greedy_sampling_picks_each_rows_argmax():
+    from raytp.sampling import SamplingParams, sample
+
+    logits = torch.randn(16, 32000, generator=torch.Generator().manual_seed(3))
+    greedy = [SamplingParams(temperature=0.0)] * 16
+    assert sample(logits, greedy, [0] * 16, torch.Generator()) == logits.argmax(dim=-1).tolist()
