@@ -253,8 +253,8 @@ class Scheduler:
     def _allocate_or_preempt(self, seq: Sequence, num_tokens: int, batch: list[ScheduledSeq]) -> bool:
         """Grow seq's blocks to num_tokens, preempting the latest arrival not already in this step's batch until they
         fit; False if seq itself was the one preempted. (A sequence in the batch keeps its blocks: its row runs.)"""
-        in_batch = {id(s.seq) for s in batch}
         while not self._grow_blocks(seq, num_tokens):
+            in_batch = {id(s.seq) for s in batch}  # (only when short of blocks: not for every row of every step)
             victim = max((s for s in self.running if s is seq or id(s) not in in_batch), key=lambda s: s.arrival_time)
             self._preempt(victim)
             if victim is seq:
