@@ -193,7 +193,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-// Row r of logits (a float32 (B, V) matrix, rows `row_stride` apart: a slice of a padded vocabulary is one) ->
+// Row r of logits (a float32 (B, V) matrix, rows `stride` apart: a slice of a padded vocabulary is one) ->
 // the index of its first largest value, as torch.argmax (a NaN counts as the largest). torch's own takes ~27 us per
 // 32,000-entry row here, near scalar speed; this reads the row once, vectorised, in chunks (below): ~5 us.
 // It compares integer keys, not floats: this file is built with -ffast-math, under which the compiler may assume
