@@ -35,7 +35,7 @@ from raytp.cluster.watchdog import StepWatchdog
 from raytp.engine.step import SeqStep, StepResult
 from raytp.cluster.worker_actor import MAX_CONCURRENT_CALLS, SPARE_RANK, TPWorkerActor
 from raytp.model.loader import checkpoint_dtype, read_model_args
-from raytp.model.pipeline import merge_expert_tokens, model_partition
+from raytp.model.pipeline import merge_expert_tokens, model_partition, moe_layers_per_stage
 
 SPARE_REFILL_DELAY_S = 3.0
 PING_TIMEOUT_S = 1.0  # a live rank answers a ping in milliseconds, even mid-step (its Ray calls have threads of their own)
@@ -108,7 +108,7 @@ class TPGroup(Executor):
         # Pipeline stages (one: the whole model); self.workers holds stage 0's ranks, then stage 1's, ...
         args = read_model_args(model_path)
         self.stages = model_partition(args, config.pipeline_parallel_size, config.pipeline_partition)
-        self.moe_layers = [sum(map(args.is_moe_layer, range(s.start, s.stop))) for s in self.stages]  # per stage
+        self.moe_layers = moe_layers_per_stage(args, self.stages)
 
     # ---- building ----------------------------------------------------------------
 

@@ -114,6 +114,12 @@ def balanced_partition(layer_costs: list[float], stages: int, head_cost: float =
     return sizes[::-1]
 
 
+def moe_layers_per_stage(args, stages: list[Stage]) -> list[int]:
+    """How many mixture-of-experts layers each stage computes (all zero for a dense model): what
+    merge_expert_tokens weights each stage's expert load by."""
+    return [sum(map(args.is_moe_layer, range(s.start, s.stop))) for s in stages]
+
+
 def merge_expert_tokens(per_stage: list[list[float] | None], moe_layers: list[int]) -> list[float] | None:
     """The tokens each expert got in a step, averaged over every MoE layer of the model, from each stage's average
     over its own MoE layers (`moe_layers` of them; a stage with none reports nothing that counts). None for a dense

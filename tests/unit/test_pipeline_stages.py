@@ -13,7 +13,7 @@ from raytp.cluster.comm import SingleRank
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.model.loader import load_model
 from raytp.model.pipeline import (PipelineError, Stage, balanced_partition, merge_expert_tokens, model_partition,
-                                  partition_layers)
+                                  moe_layers_per_stage, partition_layers)
 from tests.helpers import load_reference, write_llama, write_qwen2, write_qwen3_moe
 
 BLOCK_SIZE, NUM_BLOCKS, PROMPT_LEN, NEW_TOKENS = 4, 16, 12, 8
@@ -113,7 +113,7 @@ def test_a_pipelined_mixture_of_experts_reports_the_whole_models_expert_load(tmp
     table = list(range(NUM_BLOCKS))
     _run(models, caches, prompt, 0, table)
     _run([whole], [torch.zeros(whole.kv_cache_shape(NUM_BLOCKS * BLOCK_SIZE))], prompt, 0, table)
-    moe_layers = [sum(map(whole.args.is_moe_layer, range(m.stage.start, m.stage.stop))) for m in models]
+    moe_layers = moe_layers_per_stage(whole.args, [m.stage for m in models])
     assert moe_layers == [1, 2]
     merged = merge_expert_tokens([m.expert_tokens() for m in models], moe_layers)
     assert merged == pytest.approx(whole.expert_tokens())
