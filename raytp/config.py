@@ -117,7 +117,16 @@ class EngineConfig(BaseModel):
     num_spare_ranks: int = Field(
         default=1, ge=0, le=64, description="Warm spare rank processes per replica, per pipeline stage (CPU, more "
         "than one rank in all): one takes a dead or hung rank's place, its shard and KV cache, while the other ranks "
-        "keep theirs; 0: every failure rebuilds the whole group."
+        "keep theirs (where no spare is up, a new rank process is started in the lost rank's place and maps them); "
+        "0: every failure rebuilds the whole group."
+    )
+    kv_host_mirror: bool = Field(
+        default=False, description="GPU, more than one rank in all: keep a host copy of each rank's KV cache in "
+        "/dev/shm, updated after every step, so that a lost rank is started again in its place with its cache (and "
+        "its shard from the checkpoint) while the other ranks keep their processes, weights and KV caches, and only "
+        "the steps in flight are recomputed; off: a lost GPU rank rebuilds the group (every running request "
+        "recomputed). Host memory: as much as the KV cache takes on the GPUs. (CPU ranks' caches live in /dev/shm "
+        "already.)"
     )
     max_recoveries: int = Field(
         default=5, ge=1, description="Recoveries allowed within recovery_window_s; one more fails the requests that "

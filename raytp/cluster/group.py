@@ -7,10 +7,13 @@ their init call. Every wait has a timeout: nothing here hangs.
 
 `replace_lost_ranks` mends the group after a rank died or hung, keeping the
 survivors' processes, shards and KV caches: the survivors' running step is
-aborted, a warm spare (spares.py) takes each lost rank's index, its shard and
-KV cache come from the store the lost rank left in shared memory
-(rank_store.py), and every rank joins a new communicator with the old rank
-numbers. Where that cannot be done, the supervisor rebuilds the group.
+aborted, a warm spare (spares.py; CPU) takes each lost rank's index, or
+where none is up a new rank process is started in the lost rank's bundle;
+its KV cache comes from the store the lost rank left in shared memory
+(rank_store.py; a GPU rank's host mirror, kv_mirror.py), its shard from
+there too (CPU) or from the checkpoint (GPU), and every rank joins a new
+communicator with the old rank numbers. Where that cannot be done, the
+supervisor rebuilds the group.
 """
 from __future__ import annotations
 
@@ -202,9 +205,11 @@ class TPGroup(Executor):
                     else:
                         log.info("the %d GPUs of TP group %d are all NVLink-connected", tp_size, stage.index)
             self._connect(tp_size, timeout)
-            # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them.
-            # (A lone rank has no survivors to keep: it is rebuilt. A pipeline's other stages are survivors.)
-            replaceable = self.device == "cpu" and tp_size * len(self.stages) > 1 and self.config.num_spare_ranks > 0
+            # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them; GPU ranks
+            # (kv_host_mirror) a host copy of their KV caches. (A lone rank has no survivors to keep: it is rebuilt.
+            # A pipeline's other stages are survivors.)
+            keeps = self.config.num_spare_ranks > 0 if self.device == "cpu" else self.config.kv_host_mirror
+            replaceable = keeps and tp_size * len(self.stages) > 1
             stores = [new_store_dir() for _ in self.stages] if replaceable else []
             self.store_dirs = stores if stores and None not in stores else None
             bs = self.config.resolved_block_size()
@@ -234,7 +239,7 @@ class TPGroup(Executor):
             raise  # anything a rank raised itself (a bad checkpoint, a KV cache too small) is permanent
         # Only now: the group's size says it runs (engine_stats, the supervisor), not while it starts.
         self.tp_size, self.rebuilding = tp_size, True
-        if self.store_dirs is not None:
+        if self.store_dirs is not None and self.device == "cpu":  # (a GPU spare would need a GPU of its own)
             self.spares = [SparePool(functools.partial(self._start_spare, stage.index), self.config.num_spare_ranks)
                            for stage in self.stages]
             for pool in self.spares:
@@ -374,12 +379,15 @@ class TPGroup(Executor):
     # ---- mending ---------------------------------------------------------------------
 
     def replace_lost_ranks(self, known_lost: tuple[int, ...] = ()) -> dict[str, float]:
-        """Replace the ranks that died or hung with warm spares; the survivors keep their processes, shards and KV
-        caches, and so does the group's KV cache as a whole (the replacements map the lost ranks' caches). Returns
-        the seconds each phase took. GroupFailure where it cannot (no store or spare, a rank that does not come up):
-        the group must be rebuilt."""
-        if self.store_dirs is None or self.spares is None:
-            raise GroupFailure("this group has no spare ranks (num_spare_ranks=0, GPU or TP=1)")
+        """Replace the ranks that died or hung; the survivors keep their processes, shards and KV caches, and so
+        does the group's KV cache as a whole. A warm spare takes a lost rank's place where one is up (CPU); else a
+        new rank process is started in the lost rank's bundle (GPU, or a spare that died too). Either takes the
+        lost rank's KV cache from the store (CPU: its file; GPU: its host mirror) and its shard from the store
+        (CPU) or the checkpoint (GPU). Returns the seconds each phase took. GroupFailure where it cannot (no store,
+        a rank that does not come up): the group must be rebuilt."""
+        if self.store_dirs is None:
+            raise GroupFailure("this group keeps no rank's state outside its process (num_spare_ranks=0 on CPU, "
+                               "kv_host_mirror off on GPU, or a lone rank)")
         tp = self.tp_size
         timeout = self.config.init_timeout_s
         clock = PhaseClock()
@@ -397,16 +405,23 @@ class TPGroup(Executor):
             phase("abort")
             if self._refill is not None:
                 self._refill.cancel()  # a replacement follows the last closely: its spares start now, not later
-            self._refill_spares(self.spares)
+            if self.spares is not None:
+                self._refill_spares(self.spares)
+            cold = []  # the lost ranks no spare takes
             for index in lost:  # (an index into self.workers: stage index // tp, rank index % tp)
-                spare = self.spares[index // tp].take(timeout_s=timeout)
+                spare = self.spares[index // tp].take(timeout_s=timeout) if self.spares is not None else None
                 if spare is None:
-                    raise GroupFailure(f"no spare rank could take rank {index % tp}'s place (stage {index // tp})")
-                self.workers[index] = spare
+                    cold.append(index)
+                else:
+                    self.workers[index] = spare
             phase("spare_join")
-            taken = ray.get([self.workers[index].take_over.remote(
-                index % tp, tp, self.store_dirs[index // tp], self.num_kv_blocks, self.config.resolved_block_size())
-                for index in lost], timeout=timeout)
+            if cold:
+                self._start_in_place(cold, timeout)
+                phase("start")
+            bs = self.config.resolved_block_size()
+            taken = ray.get([self._restore(index) if index in cold else self.workers[index].take_over.remote(
+                index % tp, tp, self.store_dirs[index // tp], self.num_kv_blocks, bs) for index in lost],
+                timeout=timeout)
             phase("shard_load")
             phases["kv_restore"] = max(info["kv_s"] for info in taken)
             phases["shard_load"] -= phases["kv_restore"]
@@ -419,9 +434,29 @@ class TPGroup(Executor):
         # steps, the last part of the pause.
         self._refill = threading.Timer(SPARE_REFILL_DELAY_S, self._refill_spares, args=(self.spares,))
         self._refill.start()
-        log.warning("TP rank(s) %s replaced by spares (pids %s); survivors kept their processes: %s", lost,
-                    [info["pid"] for info in taken], ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
+        log.warning("TP rank(s) %s replaced (%d by spares, %d started in place; pids %s); survivors kept their "
+                    "processes: %s", lost, len(lost) - len(cold), len(cold), [info["pid"] for info in taken],
+                    ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
         return phases
+
+    def _start_in_place(self, indices: list[int], timeout: float) -> None:
+        """New rank processes for these lost ranks (indices into self.workers), each in its lost rank's bundle of the
+        placement group, with its rank number: the bundle's CPUs or GPU are free once the lost process is gone."""
+        tp = self.tp_size
+        if not wait_until_gone([self.workers[i] for i in indices], KILLED_RANKS_EXIT_S):
+            raise GroupFailure(f"lost rank(s) {indices} still answer {KILLED_RANKS_EXIT_S:g}s after being killed")
+        for i in indices:
+            self.workers[i] = self._new_stage_rank(i // tp, i % tp, tp)
+        ray.get([self.workers[i].node_info.remote() for i in indices], timeout=timeout)  # up: imports done
+
+    def _restore(self, index: int):
+        """The call that gives a rank started in place the lost rank's shard and KV cache (worker.restore)."""
+        cfg, stage = self.config, index // self.tp_size
+        graph_limits = (cfg.max_num_seqs, self.max_model_len) if cfg.cuda_graphs else None
+        return self.workers[index].restore.remote(self.model_path, cfg.attention_backend, cfg.pack_weights,
+                                                  self.store_dirs[stage], cfg.quantization, self.num_kv_blocks,
+                                                  cfg.resolved_block_size(), cfg.expert_parallel, self.stages[stage],
+                                                  graph_limits)
 
     def rebuild_stage(self, known_lost: tuple[int, ...] = ()) -> dict[str, float]:
         """A pipeline with no spare to replace its lost ranks (GPU, num_spare_ranks 0): start only their stage again,

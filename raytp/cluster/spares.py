@@ -25,6 +25,11 @@ class SparePool:
         self._start_spare, self.size = start_spare, size
         self._spares: list[tuple[ray.actor.ActorHandle, ray.ObjectRef]] = []  # (spare, the call that says it is ready)
 
+    @property
+    def handles(self) -> list["ray.actor.ActorHandle"]:
+        """The pool's spares, up or starting."""
+        return [spare for spare, _ in self._spares]
+
     def fill(self) -> None:
         """Start spares until the pool has `size` (returns at once: they come up in the background)."""
         while len(self._spares) < self.size:
@@ -32,11 +37,10 @@ class SparePool:
             log.info("starting a spare TP rank (%d of %d)", len(self._spares), self.size)
 
     def take(self, timeout_s: float) -> ray.actor.ActorHandle | None:
-        """A spare that is up (waiting up to timeout_s for one still starting), or None. A spare that died or did
-        not come up is dropped and another one started in its place, once."""
-        for _ in range(self.size + 1):
-            if not self._spares:
-                return None
+        """A spare that is up (waiting up to timeout_s for one still starting), or None: the caller then starts a
+        rank in the lost one's place itself, which costs what waiting for a new spare would. A spare that died or
+        did not come up is dropped (the pool is filled again after the replacement)."""
+        while self._spares:
             spare, ready = self._spares.pop(0)
             try:
                 pid = ray.get(ready, timeout=timeout_s)
@@ -44,9 +48,8 @@ class SparePool:
                 log.info("spare TP rank pid %d takes over", pid)
                 return spare
             except Exception as err:  # noqa: BLE001 - a spare that is not up is of no use: the next one
-                log.warning("a spare TP rank is not up (%s): dropped, another one starts", type(err).__name__)
+                log.warning("a spare TP rank is not up (%s): dropped", type(err).__name__)
                 ray.kill(spare, no_restart=True)
-                self.fill()
         return None
 
     def wait_ready(self, timeout_s: float) -> int:

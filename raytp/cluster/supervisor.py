@@ -4,10 +4,12 @@ The supervisor owns the executor (the group) and decides when and at which
 TP degree it is (re)built; the engine calls it at step boundaries and never
 the other way round. What it does when a step fails, cheapest first:
 
-- **replace**: the ranks that died or hang are replaced by warm spares that
-  take over their shards and KV caches; the survivors keep theirs, and the
-  engine replays only the steps that were in flight;
-- **rebuild**: where that cannot be done (no spare, GPU, a replacement that
+- **replace**: the ranks that died or hang are replaced (by warm spares, or
+  by new rank processes started in their places) that take over their shards
+  and KV caches; the survivors keep theirs, and the engine replays only the
+  steps that were in flight;
+- **rebuild**: where that cannot be done (nothing kept outside the ranks:
+  num_spare_ranks 0 on CPU, kv_host_mirror off on GPU; a replacement that
   fails), the group is built again and every running request is recomputed: in
   a pipeline only the stage that lost ranks, where it can, the other stages
   keeping their processes and weights; else from nothing; a group failure and a placement timeout are transient and

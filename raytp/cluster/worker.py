@@ -35,12 +35,13 @@ from raytp.cluster.comm import (
     open_store,
 )
 from raytp.cluster.devices import nvml_uuid, ray_gpu_ids, select_cuda_device
+from raytp.cluster.kv_mirror import KVHostMirror
 from raytp.cluster.memory import MemoryProfile
 from raytp.cluster.stage_link import SocketLink, listen
 from raytp.cluster.step_memory import RecentSequences, TokensFromLastStage, send_tokens
 from raytp.cluster.rank_store import (kv_path, load_shard, map_kv_cache, mark_user, save_shard, shard_path,
                                       sweep_stale_stores)
-from raytp.model.attention import SeqChunk, build_metadata, select_backend
+from raytp.model.attention import SeqChunk, build_metadata, select_backend, token_slots
 from raytp.model.cuda_graphs import MAX_GATHERED_KEYS, DecodeGraphs, graph_batch_sizes
 from raytp.model.layers import build_gemm_kernels
 from raytp.model.llama import LlamaModel
@@ -188,7 +189,10 @@ class TPWorker:
         self.block_size = 16
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # the same seed on every rank: the same samples
-        self.store_dir: str | None = None  # where this rank's shard and KV cache outlive it (CPU), if anywhere
+        # Where what this rank keeps outlives it, if anywhere (rank_store.py): on CPU its shard and KV cache, on GPU
+        # its KV cache's host mirror (kv_mirror.py).
+        self.store_dir: str | None = None
+        self.kv_mirror: KVHostMirror | None = None
         self._store = None  # rank 0: the rendezvous' store, listening from make_rendezvous until init_communicator
         self._spare_models: dict[int, LlamaModel] = {}  # a spare: every rank's model over the store, until it takes one
         self.graph_limits: tuple[int, int] | None = None  # (max_num_seqs, max_model_len) where decode steps use graphs
@@ -320,20 +324,22 @@ class TPWorker:
     def load(self, model_path: str, attention_backend: str = "auto", pack_weights: bool = True,
              store_dir: str | None = None, quantization: str = "none", block_size: int = 16,
              expert_parallel: bool = False, stage: Stage | None = None) -> dict:
-        """Load this rank's shard from the checkpoint; with store_dir (CPU), also write it where a replacement finds
-        it (rank_store.py). The attention backend is chosen for the KV cache's block size; `stage`: the pipeline stage
+        """Load this rank's shard from the checkpoint; with store_dir, keep there what a replacement takes over
+        (rank_store.py): on CPU the shard, written now, and the KV cache; on GPU the KV cache's host mirror. The
+        attention backend is chosen for the KV cache's block size; `stage`: the pipeline stage
         whose layers this rank computes (all of them by default)."""
         device = "cuda" if self.device == "cuda" else "cpu"
         attention = select_backend(device, attention_backend, DTYPES[self.dtype], block_size)
         self.model = load_model(model_path, self.comm, self.dtype, device, progress=self.rank == 0,
                                 attention=attention, pack_weights=pack_weights, quantization=quantization,
                                 expert_parallel=expert_parallel, stage=stage)
-        if store_dir is not None and device == "cpu":
+        if store_dir is not None:
             if self.rank == 0:
                 for stale in sweep_stale_stores(os.path.dirname(store_dir)):
                     log.warning("removed %s: a store left behind by a group whose processes all exited", stale)
             mark_user(store_dir)
-            save_shard(self.model, shard_path(store_dir, self.rank))
+            if device == "cpu":
+                save_shard(self.model, shard_path(store_dir, self.rank))
             self.store_dir = store_dir
         return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.label,
                 "attention_detail": attention.describe()}
@@ -398,9 +404,33 @@ class TPWorker:
         self._spare_models = {}  # the other ranks' models were only for this moment
         self.rank, self.world_size, self.comm = rank, world_size, self.model.comm
         shard_s = time.perf_counter() - t0
-        self.block_size, self.store_dir = block_size, store_dir
-        shape = self.model.kv_cache_shape(num_kv_blocks * block_size)
-        self.kv_cache = map_kv_cache(kv_path(store_dir, rank), shape, self.model.dtype, create=False)
+        self.store_dir = store_dir
+        self.init_kv_cache(num_kv_blocks, block_size, restore=True)
+        return {"shard_s": shard_s, "kv_s": time.perf_counter() - t0 - shard_s, "pid": os.getpid()}
+
+    @on_rank_device
+    def restore(self, model_path: str, attention_backend: str, pack_weights: bool, store_dir: str, quantization: str,
+                num_kv_blocks: int, block_size: int, expert_parallel: bool = False, stage: Stage | None = None,
+                graph_limits: tuple[int, int] | None = None) -> dict:
+        """This new process takes the place of a lost rank of the same number that no spare could take: the lost
+        rank's KV cache from the store (CPU: its file, mapped; GPU: its host mirror, copied to the device), its
+        shard from the store (CPU: mapped) or from the checkpoint (GPU). It joins the communicator next."""
+        t0 = time.perf_counter()
+        if self.device == "cuda":
+            # The communicator object the layers keep; the connection inside comes when the rank joins the group.
+            self.comm = TimedCommunicator(NotConnected(self.rank, self.world_size), cuda_events=self.world_size > 1)
+            self.load(model_path, attention_backend, pack_weights, store_dir, quantization, block_size,
+                      expert_parallel, stage)
+            if graph_limits is not None:
+                self.configure_cuda_graphs(*graph_limits)
+        else:
+            self.model = self._model_from_store(model_path, attention_backend, store_dir, self.rank, self.world_size,
+                                                expert_parallel, stage)
+            self.comm = self.model.comm
+            mark_user(store_dir)
+            self.store_dir = store_dir
+        shard_s = time.perf_counter() - t0
+        self.init_kv_cache(num_kv_blocks, block_size, restore=True)
         return {"shard_s": shard_s, "kv_s": time.perf_counter() - t0 - shard_s, "pid": os.getpid()}
 
     def kv_block_bytes(self, block_size: int) -> int:
@@ -459,18 +489,27 @@ class TPWorker:
         return max(0, used)
 
     @on_rank_device
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        """A zeroed KV cache; on CPU with a store, mapped from a file that outlives this process (rank_store.py)."""
+    def init_kv_cache(self, num_blocks: int, block_size: int, restore: bool = False) -> None:
+        """A zeroed KV cache, or (restore) the one this rank's store kept of a lost rank of the same number. With a
+        store, on CPU the cache is a file that outlives this process (rank_store.py); on GPU it has a host mirror
+        in such a file (kv_mirror.py)."""
         self.block_size = block_size
         self.kv_cache = None  # free the old cache first
         device = "cuda" if self.device == "cuda" else "cpu"
         self.graphs = None  # captured over the old cache
         # On CUDA one block more, which no sequence owns: the padding rows of decode graphs write their K/V there.
         shape = self.model.kv_cache_shape((num_blocks + (self.device == "cuda")) * block_size)
-        if self.store_dir is not None:
-            self.kv_cache = map_kv_cache(kv_path(self.store_dir, self.rank), shape, self.model.dtype, create=True)
-        else:
+        self.kv_mirror = None
+        if self.store_dir is None:
             self.kv_cache = torch.zeros(shape, dtype=self.model.dtype, device=device)
+        elif device == "cpu":
+            self.kv_cache = map_kv_cache(kv_path(self.store_dir, self.rank), shape, self.model.dtype,
+                                         create=not restore)
+        else:
+            self.kv_mirror = KVHostMirror(kv_path(self.store_dir, self.rank), shape, self.model.dtype,
+                                          create=not restore)
+            self.kv_cache = (self.kv_mirror.restore(device) if restore
+                             else torch.zeros(shape, dtype=self.model.dtype, device=device))
         if self.stream is not None:
             torch.cuda.synchronize()  # weights and cache were written on the default stream; steps read them on self.stream
 
@@ -526,6 +565,10 @@ class TPWorker:
         self.stream_wait_seconds, self.stream_sent_bytes = 0.0, 0
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             tokens, logprobs = self._step(seqs, throwaway)
+            if self.kv_mirror is not None and not throwaway:
+                # Before the tokens go back: a token the engine has seen has its K/V on the host.
+                chunks = [SeqChunk(s.start, len(s.token_ids), s.block_table) for s in seqs]
+                self.kv_mirror.record(self.kv_cache, token_slots(chunks, self.block_size))
         if self.stream is not None:
             self.stream.synchronize()  # the step's final sync: its collectives' CUDA events are complete now
         request_ids = [s.request_id for s in seqs]

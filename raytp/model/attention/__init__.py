@@ -63,6 +63,17 @@ class AttentionMetadata:
     derived: object = None
 
 
+def token_slots(chunks: list[SeqChunk], block_size: int) -> np.ndarray:
+    """(T,) int64: the KV-cache slot each new token of the chunks writes, in the step's row order (what
+    build_metadata puts in slot_mapping)."""
+    slots = []
+    for c in chunks:
+        positions = np.arange(c.start, c.start + c.num_new)  # (n,)
+        table = np.asarray(c.block_table, dtype=np.int64)
+        slots.append(table[positions // block_size] * block_size + positions % block_size)
+    return np.concatenate(slots) if slots else np.empty(0, dtype=np.int64)
+
+
 def build_metadata(
     chunks: list[SeqChunk], block_size: int, device: torch.device, sliding_window: int | None = None
 ) -> AttentionMetadata:
