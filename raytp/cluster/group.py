@@ -441,8 +441,15 @@ class TPGroup(Executor):
 
     def _start_in_place(self, indices: list[int], timeout: float) -> None:
         """New rank processes for these lost ranks (indices into self.workers), each in its lost rank's bundle of the
-        placement group, with its rank number: the bundle's CPUs or GPU are free once the lost process is gone."""
+        placement group, with its rank number: the bundle's CPUs or GPU are free once the lost process is gone. Only
+        where a rank of each of their stages survived; GroupFailure where not."""
         tp = self.tp_size
+        lost_stages = {i // tp for i in indices}
+        survived = {i // tp for i in range(len(self.workers)) if i not in indices}
+        if not lost_stages <= survived:
+            # The store is on the stage's node, and a live rank of the stage is what says the node is alive (a lost
+            # node takes the stage's ranks and its spares with it: then the stage is rebuilt elsewhere).
+            raise GroupFailure(f"no rank of stage(s) {sorted(lost_stages - survived)} survived to keep its store")
         if not wait_until_gone([self.workers[i] for i in indices], KILLED_RANKS_EXIT_S):
             raise GroupFailure(f"lost rank(s) {indices} still answer {KILLED_RANKS_EXIT_S:g}s after being killed")
         for i in indices:
