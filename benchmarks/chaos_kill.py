@@ -103,7 +103,7 @@ def longest_gap_after(times: list[float], since: float) -> float:
 
 
 async def run_round(url: str, model: str, prompts: list[list[int]], max_tokens: int,
-                    kill_signal: signal.Signals | None) -> dict:
+                    kill_signal: signal.Signals | None, kill_spares: bool = False) -> dict:
     progress: dict = {}  # stream -> arrival times of its tokens
     victim, signalled = None, float("inf")
     try:
@@ -121,6 +121,9 @@ async def run_round(url: str, model: str, prompts: list[list[int]], max_tokens: 
                 if not ranks:
                     raise RuntimeError("no ray::TPWorker process found on this machine")
                 victim = random.choice(sorted(ranks))
+                if kill_spares:  # no spare is up: the rank is started again in its place
+                    for spare in set(worker_pids()) - set(ranks):
+                        os.kill(spare, signal.SIGKILL)
                 os.kill(victim, kill_signal)
             results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
@@ -145,7 +148,7 @@ def chaos(url: str, model: str, args: argparse.Namespace) -> dict | None:
     gaps = []
     for i in range(args.rounds):
         time.sleep(args.settle_s)  # the replica's spare rank comes up (a few seconds after the last replacement)
-        out = asyncio.run(run_round(url, model, prompts, args.max_tokens, kill_signal))
+        out = asyncio.run(run_round(url, model, prompts, args.max_tokens, kill_signal, args.kill_spares))
         errors = [r for r in out["results"] if isinstance(r, BaseException)]
         diffs = sum(1 for r, ref in zip(out["results"], reference) if not isinstance(r, BaseException) and r != ref)
         failed += len(errors)
@@ -225,6 +228,9 @@ def main() -> int:
                     help="extra `raytp serve` options with --shapes (repeatable), e.g. --serve-arg='--step-timeout-s 5'")
     ap.add_argument("--kill-signal", choices=("KILL", "STOP"), default="KILL",
                     help="SIGKILL the worker, or SIGSTOP it (a hung rank; killed after the round if still there)")
+    ap.add_argument("--kill-spares", action="store_true",
+                    help="SIGKILL the replica's warm spares with the rank: the rank is then started again in its place "
+                         "(what a GPU rank with kv_host_mirror gets, having no spare)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--settle-s", type=float, default=10.0,
                     help="seconds before each round, so that the replica has its warm spare again (0: back to back)")
