@@ -348,10 +348,12 @@ def test_a_partition_that_does_not_fit_the_model_is_refused_before_any_rank_star
         LLM(checkpoint, executor_factory=None, device="cpu", pipeline_parallel_size=5)
 
 
-def test_a_killed_rank_of_a_stage_is_replaced_and_every_other_rank_keeps_everything(extra_nodes, checkpoint):
+@pytest.mark.parametrize("spare_up", [True, False], ids=["spare", "no_spare_up"])
+def test_a_killed_rank_of_a_stage_is_replaced_and_every_other_rank_keeps_everything(extra_nodes, checkpoint, spare_up):
     """TP=2 x PP=2 with a warm spare per stage: a rank of the second stage killed mid-stream is replaced by its
-    stage's spare (its shard and KV cache from the stage's store in /dev/shm); every other rank keeps its process,
-    no computed token is thrown away, and every stream ends as without the fault."""
+    stage's spare (its shard and KV cache from the stage's store in /dev/shm), or, its spare killed first, by a rank
+    started in its place that maps them; every other rank keeps its process, no computed token is thrown away, and
+    every stream ends as without the fault."""
     import os
     import signal
 
@@ -360,6 +362,9 @@ def test_a_killed_rank_of_a_stage_is_replaced_and_every_other_rank_keeps_everyth
 
     async def kill_a_second_stage_rank(engine):
         seen["before"] = await asyncio.to_thread(engine.core.executor.worker_pids)
+        if not spare_up:
+            for spare in engine.core.executor.spares[1].handles:
+                ray.kill(spare, no_restart=True)
         os.kill(seen["before"][3], signal.SIGKILL)  # stage 1, rank 1
 
     engine = _engine(checkpoint, tensor_parallel_size=2, num_spare_ranks=1)
