@@ -24,7 +24,8 @@ import threading
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, WorkerCrashedError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayError,
+                            WorkerCrashedError)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -59,9 +60,9 @@ def wait_until_gone(actors: list, timeout_s: float) -> bool:
                 return False
             try:
                 ray.get(actor.ping.remote(), timeout=min(1.0, left))
-            except RayActorError:
+            except ActorDiedError:  # (not ActorUnavailableError: that one may come while the process still exits)
                 break
-            except GetTimeoutError:
+            except (GetTimeoutError, ActorUnavailableError):
                 continue
             time.sleep(0.05)  # it answered: not killed yet
     return True
@@ -208,8 +209,9 @@ class TPGroup(Executor):
             # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them; GPU ranks
             # (kv_host_mirror) a host copy of their KV caches. (A lone rank has no survivors to keep: it is rebuilt.
             # A pipeline's other stages are survivors.)
-            keeps = self.config.num_spare_ranks > 0 if self.device == "cpu" else self.config.kv_host_mirror
-            replaceable = keeps and tp_size * len(self.stages) > 1
+            # (A GPU rank is only started in a lost one's place beside a surviving rank of its stage: TP > 1.)
+            replaceable = (self.config.num_spare_ranks > 0 and tp_size * len(self.stages) > 1 if self.device == "cpu"
+                           else self.config.kv_host_mirror and tp_size > 1)
             stores = [new_store_dir() for _ in self.stages] if replaceable else []
             self.store_dirs = stores if stores and None not in stores else None
             bs = self.config.resolved_block_size()
@@ -400,6 +402,7 @@ class TPGroup(Executor):
             ray.kill(self.workers[rank], no_restart=True)  # a hung rank must not wake up into the new group
         phase("detect")
         survivors = [w for rank, w in enumerate(self.workers) if rank not in lost]
+        cold: list[int] = []  # the lost ranks no spare takes: started in their places
         try:
             ray.get([w.abort.remote() for w in survivors], timeout=timeout)
             phase("abort")
@@ -407,13 +410,21 @@ class TPGroup(Executor):
                 self._refill.cancel()  # a replacement follows the last closely: its spares start now, not later
             if self.spares is not None:
                 self._refill_spares(self.spares)
-            cold = []  # the lost ranks no spare takes
+            # A rank is started in a lost one's place only where a rank of its stage survived: a live rank is what
+            # says that the stage's node, and the store on it, are alive. Elsewhere (a TP=1 stage, a whole stage
+            # lost) only a spare can take the place: one still starting is waited for, a dead one started again.
+            kept = {i // tp for i in range(len(self.workers)) if i not in lost}
             for index in lost:  # (an index into self.workers: stage index // tp, rank index % tp)
-                spare = self.spares[index // tp].take(timeout_s=timeout) if self.spares is not None else None
-                if spare is None:
+                stage = index // tp
+                pool = self.spares[stage] if self.spares is not None else None
+                spare = pool.take(timeout_s=timeout, restart=stage not in kept) if pool is not None else None
+                if spare is not None:
+                    self.workers[index] = spare
+                elif stage in kept:
                     cold.append(index)
                 else:
-                    self.workers[index] = spare
+                    raise GroupFailure(f"no spare took rank {index % tp}'s place in stage {stage}, and no rank of "
+                                       "the stage survived to vouch for its node")
             phase("spare_join")
             if cold:
                 self._start_in_place(cold, timeout)
@@ -429,11 +440,14 @@ class TPGroup(Executor):
             self._connect(tp, timeout, self.epoch)
             phase("communicator")
         except (GetTimeoutError, RayError) as err:
+            for index in lost:  # a replacement that failed must not answer pings as if it were the lost rank
+                ray.kill(self.workers[index], no_restart=True)
             raise GroupFailure(f"replacing rank(s) {lost} failed: {type(err).__name__}: {err}") from err
-        # The next spare starts a little later: its start-up (imports, ~5 s of CPU here) would slow the replayed
-        # steps, the last part of the pause.
-        self._refill = threading.Timer(SPARE_REFILL_DELAY_S, self._refill_spares, args=(self.spares,))
-        self._refill.start()
+        if self.spares is not None:
+            # The next spare starts a little later: its start-up (imports, ~5 s of CPU here) would slow the
+            # replayed steps, the last part of the pause.
+            self._refill = threading.Timer(SPARE_REFILL_DELAY_S, self._refill_spares, args=(self.spares,))
+            self._refill.start()
         log.warning("TP rank(s) %s replaced (%d by spares, %d started in place; pids %s); survivors kept their "
                     "processes: %s", lost, len(lost) - len(cold), len(cold), [info["pid"] for info in taken],
                     ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
@@ -441,15 +455,8 @@ class TPGroup(Executor):
 
     def _start_in_place(self, indices: list[int], timeout: float) -> None:
         """New rank processes for these lost ranks (indices into self.workers), each in its lost rank's bundle of the
-        placement group, with its rank number: the bundle's CPUs or GPU are free once the lost process is gone. Only
-        where a rank of each of their stages survived; GroupFailure where not."""
+        placement group, with its rank number: the bundle's CPUs or GPU are free once the lost process is gone."""
         tp = self.tp_size
-        lost_stages = {i // tp for i in indices}
-        survived = {i // tp for i in range(len(self.workers)) if i not in indices}
-        if not lost_stages <= survived:
-            # The store is on the stage's node, and a live rank of the stage is what says the node is alive (a lost
-            # node takes the stage's ranks and its spares with it: then the stage is rebuilt elsewhere).
-            raise GroupFailure(f"no rank of stage(s) {sorted(lost_stages - survived)} survived to keep its store")
         if not wait_until_gone([self.workers[i] for i in indices], KILLED_RANKS_EXIT_S):
             raise GroupFailure(f"lost rank(s) {indices} still answer {KILLED_RANKS_EXIT_S:g}s after being killed")
         for i in indices:
@@ -466,7 +473,8 @@ class TPGroup(Executor):
                                                   graph_limits)
 
     def rebuild_stage(self, known_lost: tuple[int, ...] = ()) -> dict[str, float]:
-        """A pipeline with no spare to replace its lost ranks (GPU, num_spare_ranks 0): start only their stage again,
+        """A pipeline whose lost ranks cannot be replaced (no store: num_spare_ranks 0, or GPU without
+        kv_host_mirror; a whole stage lost with its spares): start only their stage again,
         in the stage's bundle of the placement group (Ray places a bundle whose node is gone on another node that
         fits), loaded from the checkpoint; every other stage keeps its processes and weights. The stage's KV cache is
         gone, so the caller recomputes every running request over a fresh one. GroupFailure where it cannot (one
@@ -509,13 +517,16 @@ class TPGroup(Executor):
                     log.warning("stage %d's new ranks died with their node: starting them again", stage)
                     for i in indices:
                         ray.kill(self.workers[i], no_restart=True)
-            self.node_ids[stage] = infos[0]["node_id"]
+            old_node, self.node_ids[stage] = self.node_ids[stage], infos[0]["node_id"]
             phase("start")
             self.epoch, self.steps_sent = self.epoch + 1, 0
             self._connect(tp, timeout, self.epoch)
             phase("communicator")
             bs = self.config.resolved_block_size()
-            ray.get([self._load(self.workers[i], stage, None) for i in indices], timeout=timeout)
+            store = self._renew_store(stage, old_node)
+            ray.get([self._load(self.workers[i], stage, store) for i in indices], timeout=timeout)
+            if self.spares is not None:
+                self._refill_spares(self.spares)
             # Every rank's cache starts empty: the other stages' blocks are stale without the lost stage's.
             ray.get([w.init_kv_cache.remote(self.num_kv_blocks, bs) for w in self.workers], timeout=timeout)
             phase("shard_load")
@@ -524,6 +535,20 @@ class TPGroup(Executor):
         log.warning("stage %d of the pipeline rebuilt on node %s; the other stages kept their processes: %s", stage,
                     self.node_ids[stage], ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items()))
         return phases
+
+    def _renew_store(self, stage: int, old_node: str) -> str | None:
+        """A rebuilt stage's ranks keep their shards and caches in a new store (where the group keeps stores): the
+        old one holds the lost ranks' files, which a later replacement must not take. The old one is removed (in
+        the background: its node may be gone), and the stage's spares, built over it, are replaced by new ones."""
+        if self.store_dirs is None:
+            return None
+        old, self.store_dirs[stage] = self.store_dirs[stage], new_store_dir()
+        threading.Thread(target=self._remove_store, args=(old_node, old), name="raytp-remove-store", daemon=True).start()
+        with self._refill_lock:
+            if self.spares is not None:
+                self.spares[stage].shutdown()  # (a new pool is filled once the new ranks have written the store)
+                self.spares[stage] = SparePool(functools.partial(self._start_spare, stage), self.config.num_spare_ranks)
+        return self.store_dirs[stage]
 
     def _wait_placed(self) -> None:
         """Wait up to placement_timeout_s for every bundle of the placement group to be placed (Ray places a bundle

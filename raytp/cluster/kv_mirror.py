@@ -5,19 +5,25 @@ that dies leaves it behind. A GPU rank's cache is device memory and dies with
 the rank's process. With `kv_host_mirror` on, each GPU rank keeps a mirror of
 its cache in such a file: after every step's forward pass, and before the
 step's tokens go back to the engine, the slots the step wrote are copied to
-the host (one gather on the device, one device-to-host copy, one scatter on
-the host). A token the engine has seen therefore has its K/V on the host, and
-a rank started in a lost rank's place copies the mirror into its new device
-cache: the engine then replays only the steps that were in flight, as with a
-CPU replacement, instead of recomputing every running request.
+the host (a gather on the device, a device-to-host copy, a scatter on the
+host, a few layers at a time). A token the engine has seen therefore has its
+K/V on the host, and a rank started in a lost rank's place copies the mirror
+into its new device cache: the engine then replays only the steps that were
+in flight, as with a CPU replacement, instead of recomputing every running
+request.
 
 The copy is synchronous on the step's stream: a decode step writes a few MB
 per rank (batch 64, 80 layers, one KV head of 128 in bf16: 2.6 MB), a long
-prefill more (an 8k-token chunk, 335 MB). The mirror takes as much host memory
-as the cache takes device memory (its pages are only taken as blocks are
-written).
+prefill more (an 8k-token chunk, 335 MB, gathered at most RECORD_BYTES at a
+time so that the device needs no large buffer the KV sizing did not count).
+The file is sparse: its pages are taken as blocks are written, up to the
+cache's size, and /dev/shm must have room for all of it (checked when it is
+created). A restore reads only the pages that were written, so it neither
+takes the holes' memory nor copies them.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -25,11 +31,25 @@ import torch
 from raytp.cluster.rank_store import map_kv_cache
 
 SLOT_DIM = 2  # the cache is (layers, 2, slots, kv_heads, head_dim): slots are its third dimension
+RECORD_BYTES = 64 * 2**20  # the most a step's gathered slots take on the device at once
+RESTORE_CHUNK_BYTES = 64 * 2**20  # host staging for a restore
 
 
 class KVHostMirror:
-    def __init__(self, path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool):
-        """The mirror in the file at `path`: a new, zeroed one (create) or the one a lost rank left."""
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool, ranks_on_node: int = 1):
+        """The mirror in the file at `path`: a new, zeroed one (create; ValueError unless the file system has room
+        for `ranks_on_node` of them, the node's ranks each keeping one) or the one a lost rank left."""
+        self.path = path
+        if create:
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            stat = os.statvfs(os.path.dirname(path))
+            free = stat.f_bavail * stat.f_frsize
+            if free < nbytes * ranks_on_node:
+                raise ValueError(f"kv_host_mirror: {ranks_on_node} rank(s) need {nbytes * ranks_on_node / 2**30:.1f} "
+                                 f"GiB for their KV caches' host copies in {os.path.dirname(path)}, which has "
+                                 f"{free / 2**30:.1f} GiB free: give /dev/shm more room, lower "
+                                 f"gpu_memory_utilization, or turn kv_host_mirror off")
         self.host = map_kv_cache(path, shape, dtype, create)  # (layers, 2, slots, kv_heads, head_dim)
 
     def record(self, cache: torch.Tensor, slots: np.ndarray) -> None:
@@ -38,9 +58,34 @@ class KVHostMirror:
         if len(slots) == 0:
             return
         host_index = torch.from_numpy(slots)  # (n,)
-        written = cache.index_select(SLOT_DIM, host_index.to(cache.device))  # (layers, 2, n, kv_heads, head_dim)
-        self.host.index_copy_(SLOT_DIM, host_index, written.cpu())
+        device_index = host_index.to(cache.device)
+        layer_bytes = cache[0, :, :1].nbytes * len(slots)  # one layer's K and V rows of these slots
+        step = max(1, RECORD_BYTES // layer_bytes)  # layers per gather
+        for first in range(0, cache.shape[0], step):
+            layers = slice(first, first + step)
+            written = cache[layers].index_select(SLOT_DIM, device_index)  # (layers, 2, n, kv_heads, head_dim)
+            self.host[layers].index_copy_(SLOT_DIM, host_index, written.cpu())
 
     def restore(self, device: torch.device | str) -> torch.Tensor:
-        """A device cache holding what the mirror holds (for a rank taking a lost rank's place)."""
-        return self.host.to(device, copy=True)  # (a copy on CPU too: the mirror stays the mirror)
+        """A device cache holding what the mirror holds (for a rank taking a lost rank's place): zeros, then the
+        file's written ranges (SEEK_DATA / SEEK_HOLE), read in chunks; holes are neither read nor allocated."""
+        cache = torch.zeros(self.host.shape, dtype=self.host.dtype, device=device)
+        flat = cache.view(-1).view(torch.uint8)  # the cache's bytes, in the file's order
+        staging = torch.empty(RESTORE_CHUNK_BYTES, dtype=torch.uint8,
+                              pin_memory=torch.device(device).type == "cuda")
+        with open(self.path, "rb") as f:
+            fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data after pos
+                    break
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+                for offset in range(start, end, RESTORE_CHUNK_BYTES):
+                    n = min(RESTORE_CHUNK_BYTES, end - offset)
+                    got = os.preadv(fd, [staging[:n].numpy()], offset)
+                    if got != n:
+                        raise OSError(f"{self.path}: read {got} of {n} bytes at {offset}")
+                    flat[offset : offset + n].copy_(staging[:n])  # (synchronous: staging is reused next)
+                pos = end
+        return cache

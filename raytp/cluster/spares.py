@@ -36,20 +36,25 @@ class SparePool:
             self._spares.append(self._start_spare())
             log.info("starting a spare TP rank (%d of %d)", len(self._spares), self.size)
 
-    def take(self, timeout_s: float) -> ray.actor.ActorHandle | None:
-        """A spare that is up (waiting up to timeout_s for one still starting), or None: the caller then starts a
-        rank in the lost one's place itself, which costs what waiting for a new spare would. A spare that died or
-        did not come up is dropped (the pool is filled again after the replacement)."""
-        while self._spares:
-            spare, ready = self._spares.pop(0)
-            try:
-                pid = ray.get(ready, timeout=timeout_s)
-                ray.get(spare.ping.remote(), timeout=timeout_s)  # up once is not up now: a spare can die too
-                log.info("spare TP rank pid %d takes over", pid)
-                return spare
-            except Exception as err:  # noqa: BLE001 - a spare that is not up is of no use: the next one
-                log.warning("a spare TP rank is not up (%s): dropped", type(err).__name__)
-                ray.kill(spare, no_restart=True)
+    def take(self, timeout_s: float, restart: bool = False) -> ray.actor.ActorHandle | None:
+        """A spare that is up (waiting up to timeout_s for one still starting), or None. A spare that died or did not
+        come up is dropped; where none is left, `restart` starts a new one and waits for it, once (the caller that
+        can start a rank in the lost one's place itself, at the same cost, passes False). The pool is filled again
+        after the replacement."""
+        for attempt in range(2):
+            while self._spares:
+                spare, ready = self._spares.pop(0)
+                try:
+                    pid = ray.get(ready, timeout=timeout_s)
+                    ray.get(spare.ping.remote(), timeout=timeout_s)  # up once is not up now: a spare can die too
+                    log.info("spare TP rank pid %d takes over", pid)
+                    return spare
+                except Exception as err:  # noqa: BLE001 - a spare that is not up is of no use: the next one
+                    log.warning("a spare TP rank is not up (%s): dropped", type(err).__name__)
+                    ray.kill(spare, no_restart=True)
+            if not restart or attempt:
+                return None
+            self.fill()
         return None
 
     def wait_ready(self, timeout_s: float) -> int:

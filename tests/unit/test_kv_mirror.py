@@ -2,16 +2,19 @@
 kv_host_mirror, where the cache is the rank's own memory and the mirror a file. (tests/gpu runs it on a GPU.)
 
 - the slots a step writes, as the worker derives them for the mirror, are build_metadata's slot mapping;
-- after real prefill steps the mirror equals the rank's cache, and a rank that takes the rank's place with it
-  decodes the same tokens.
+- after real prefill steps the mirror equals the rank's cache (gathered a few layers at a time), a restore reads
+  only the pages written, and a rank that takes the rank's place with it decodes the same tokens;
+- a mirror that /dev/shm has no room for is refused when it is created.
 """
+import os
 import random
 
 import pytest
 import torch
 
+from raytp.cluster import kv_mirror
 from raytp.cluster.kv_mirror import KVHostMirror
-from raytp.cluster.rank_store import kv_path
+from raytp.cluster.rank_store import kv_path, new_store_dir, remove_store
 from raytp.cluster.worker import TPWorker
 from raytp.engine.step import SeqStep
 from raytp.model.attention import SeqChunk, build_metadata, token_slots
@@ -56,8 +59,18 @@ def _decode(w: TPWorker, steps: list[SeqStep], tokens: list[int]) -> list[int]:
                       for s, t in zip(steps, tokens)]).token_ids
 
 
-def test_a_rank_restored_from_the_mirror_has_the_cache_and_decodes_the_same(checkpoint, tmp_path):
-    store = str(tmp_path / "store")
+def test_a_rank_restored_from_the_mirror_has_the_cache_and_decodes_the_same(checkpoint, tmp_path, monkeypatch):
+    # Small enough that a step's slots are gathered a layer at a time and a restore reads in several chunks.
+    monkeypatch.setattr(kv_mirror, "RECORD_BYTES", 1)
+    monkeypatch.setattr(kv_mirror, "RESTORE_CHUNK_BYTES", 3 * 4096)
+    store = new_store_dir("/dev/shm") or str(tmp_path / "store")  # tmpfs, as in production, where it is there
+    try:
+        _restore_and_decode(checkpoint, store)
+    finally:
+        remove_store(store)
+
+
+def _restore_and_decode(checkpoint, store: str) -> None:
     rank = _worker(checkpoint)
     rank.init_kv_cache(NUM_BLOCKS, BLOCK)
     rank.kv_mirror = KVHostMirror(kv_path(store, 0), tuple(rank.kv_cache.shape), rank.kv_cache.dtype, create=True)
@@ -71,10 +84,20 @@ def test_a_rank_restored_from_the_mirror_has_the_cache_and_decodes_the_same(chec
     steps[0] = more
     # Every slot those steps wrote is on the host, and no other was written.
     mirrored = KVHostMirror(kv_path(store, 0), tuple(rank.kv_cache.shape), rank.kv_cache.dtype, create=False)
+    allocated = os.stat(kv_path(store, 0)).st_blocks
     assert torch.equal(mirrored.restore("cpu"), rank.kv_cache) and rank.kv_cache.abs().sum() > 0
+    # Only the written pages were read: the file's holes are still holes (no memory taken for them).
+    assert os.stat(kv_path(store, 0)).st_blocks == allocated < os.stat(kv_path(store, 0)).st_size // 512
 
     replacement = _worker(checkpoint)  # (a CPU rank with a store maps the cache file: here, the mirror's)
     replacement.store_dir = store
     replacement.init_kv_cache(NUM_BLOCKS, BLOCK, restore=True)
     next_tokens = [7, first[1], first[2]]
     assert _decode(replacement, steps, next_tokens) == _decode(rank, steps, next_tokens)
+
+
+def test_a_mirror_the_file_system_has_no_room_for_is_refused_naming_the_sizes(tmp_path):
+    with pytest.raises(ValueError) as err:
+        KVHostMirror(str(tmp_path / "rank0.kv"), (2, 2, 1024, 4, 64), torch.bfloat16, create=True,
+                     ranks_on_node=10**9)
+    assert "kv_host_mirror" in str(err.value) and "GiB free" in str(err.value)
