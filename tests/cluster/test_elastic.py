@@ -142,28 +142,6 @@ def test_killed_worker_is_replaced_and_the_survivor_keeps_everything(ray_cluster
     assert recomputed == 0
 
 
-def test_a_killed_rank_with_no_spare_up_is_started_again_in_its_place(ray_cluster, reference):
-    """The spare died before the rank (or never came up): a new rank process starts in the lost rank's bundle and
-    maps its shard and KV cache from the store, as a spare would; the survivor keeps everything and nothing is
-    recomputed (the path a GPU rank takes with kv_host_mirror, where there are no spares)."""
-
-    async def run(engine):
-        for spare in engine.core.executor.spares[0].handles:
-            ray.kill(spare, no_restart=True)
-        results, info = await _run_all(engine, "cold", during=_kill_and_resume(engine, 1))
-        t0, before = info["during"]
-        after = await asyncio.to_thread(engine.core.executor.worker_pids)
-        return results, _pause_after(info["seen"], t0), before, after, engine.core.supervisor.recoveries, \
-            engine.core.recomputed_tokens
-
-    results, resume_s, before, after, recoveries, recomputed = _with_engine(run)
-    print(f"kill with no spare up: the streams paused {resume_s:.2f}s")
-    assert results == reference
-    assert recoveries == {"replace": 1}
-    assert after[0] == before[0] and after[1] != before[1]
-    assert recomputed == 0
-
-
 def test_a_mixture_of_experts_keeps_every_token_through_a_killed_rank_and_a_resize(ray_cluster, tmp_path):
     """Mixtral with whole experts per rank (expert_parallel): SIGKILL of rank 1 under 16 streams; the spare takes its
     experts, shard and KV cache from the store (nothing recomputed). Then, the streams still running, a live resize
