@@ -230,7 +230,7 @@ def main() -> int:
                     help="SIGKILL the worker, or SIGSTOP it (a hung rank; killed after the round if still there)")
     ap.add_argument("--kill-spares", action="store_true",
                     help="SIGKILL the replica's warm spares with the rank: the rank is then started again in its place "
-                         "(what a GPU rank with kv_host_mirror gets, having no spare)")
+                         "(what a GPU rank with gpu_host_copies gets, having no spare)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--settle-s", type=float, default=10.0,
                     help="seconds before each round, so that the replica has its warm spare again (0: back to back)")

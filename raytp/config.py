@@ -120,13 +120,12 @@ class EngineConfig(BaseModel):
         "keep theirs (where no spare is up, a new rank process is started in the lost rank's place and maps them); "
         "0: every failure rebuilds the whole group."
     )
-    kv_host_mirror: bool = Field(
-        default=False, description="GPU, more than one rank in all: keep a host copy of each rank's KV cache in "
-        "/dev/shm, updated after every step, so that a lost rank is started again in its place with its cache (and "
-        "its shard from the checkpoint) while the other ranks keep their processes, weights and KV caches, and only "
-        "the steps in flight are recomputed; off: a lost GPU rank rebuilds the group (every running request "
-        "recomputed). Host memory: as much as the KV cache takes on the GPUs. (CPU ranks' caches live in /dev/shm "
-        "already.)"
+    gpu_host_copies: bool = Field(
+        default=False, description="GPU, TP > 1: keep host copies of each rank's weight shard (written once) and KV "
+        "cache (updated after every step) in /dev/shm, so that a lost rank is started again in its place from them "
+        "while the other ranks keep their processes, weights and KV caches, and only the steps in flight are "
+        "recomputed; off: a lost GPU rank rebuilds the group (every running request recomputed). Host memory: the "
+        "GPUs' weights plus their KV caches. (CPU ranks keep both in /dev/shm with num_spare_ranks > 0.)"
     )
     max_recoveries: int = Field(
         default=5, ge=1, description="Recoveries allowed within recovery_window_s; one more fails the requests that "

@@ -41,7 +41,7 @@ APP_CONFIG_KEYS = frozenset(
         "pipeline_steps_in_flight",
         "min_tensor_parallel_size",
         "num_spare_ranks",
-        "kv_host_mirror",
+        "gpu_host_copies",
         "hang_detection_multiple",
         "hang_detection_floor_s",
         "max_recoveries",

@@ -206,12 +206,12 @@ class TPGroup(Executor):
                     else:
                         log.info("the %d GPUs of TP group %d are all NVLink-connected", tp_size, stage.index)
             self._connect(tp_size, timeout)
-            # CPU ranks leave their shards and KV caches in shared memory, where a replacement finds them; GPU ranks
-            # (kv_host_mirror) a host copy of their KV caches. (A lone rank has no survivors to keep: it is rebuilt.
-            # A pipeline's other stages are survivors.)
-            # (A GPU rank is only started in a lost one's place beside a surviving rank of its stage: TP > 1.)
+            # Ranks leave their shards and KV caches in shared memory (a GPU rank: host copies, gpu_host_copies),
+            # where a replacement finds them. A lone rank has no survivors to keep: it is rebuilt; a pipeline's other
+            # stages are survivors, but a GPU rank is only started in a lost one's place beside a survivor of its
+            # own stage (TP > 1).
             replaceable = (self.config.num_spare_ranks > 0 and tp_size * len(self.stages) > 1 if self.device == "cpu"
-                           else self.config.kv_host_mirror and tp_size > 1)
+                           else self.config.gpu_host_copies and tp_size > 1)
             stores = [new_store_dir() for _ in self.stages] if replaceable else []
             self.store_dirs = stores if stores and None not in stores else None
             bs = self.config.resolved_block_size()
@@ -389,7 +389,7 @@ class TPGroup(Executor):
         a rank that does not come up): the group must be rebuilt."""
         if self.store_dirs is None:
             raise GroupFailure("this group keeps no rank's state outside its process (num_spare_ranks=0 on CPU, "
-                               "kv_host_mirror off on GPU, or a lone rank)")
+                               "gpu_host_copies off on GPU, or a lone rank)")
         tp = self.tp_size
         timeout = self.config.init_timeout_s
         clock = PhaseClock()
@@ -467,14 +467,13 @@ class TPGroup(Executor):
         """The call that gives a rank started in place the lost rank's shard and KV cache (worker.restore)."""
         cfg, stage = self.config, index // self.tp_size
         graph_limits = (cfg.max_num_seqs, self.max_model_len) if cfg.cuda_graphs else None
-        return self.workers[index].restore.remote(self.model_path, cfg.attention_backend, cfg.pack_weights,
-                                                  self.store_dirs[stage], cfg.quantization, self.num_kv_blocks,
-                                                  cfg.resolved_block_size(), cfg.expert_parallel, self.stages[stage],
-                                                  graph_limits)
+        return self.workers[index].restore.remote(self.model_path, cfg.attention_backend, self.store_dirs[stage],
+                                                  self.num_kv_blocks, cfg.resolved_block_size(), cfg.expert_parallel,
+                                                  self.stages[stage], graph_limits)
 
     def rebuild_stage(self, known_lost: tuple[int, ...] = ()) -> dict[str, float]:
         """A pipeline whose lost ranks cannot be replaced (no store: num_spare_ranks 0, or GPU without
-        kv_host_mirror; a whole stage lost with its spares): start only their stage again,
+        gpu_host_copies; a whole stage lost with its spares): start only their stage again,
         in the stage's bundle of the placement group (Ray places a bundle whose node is gone on another node that
         fits), loaded from the checkpoint; every other stage keeps its processes and weights. The stage's KV cache is
         gone, so the caller recomputes every running request over a fresh one. GroupFailure where it cannot (one

@@ -2,7 +2,7 @@
 
 A CPU rank's cache is itself a file in /dev/shm (rank_store.py), so a rank
 that dies leaves it behind. A GPU rank's cache is device memory and dies with
-the rank's process. With `kv_host_mirror` on, each GPU rank keeps a mirror of
+the rank's process. With `gpu_host_copies` on, each GPU rank keeps a mirror of
 its cache in such a file: after every step's forward pass, and before the
 step's tokens go back to the engine, the slots the step wrote are copied to
 the host (a gather on the device, a device-to-host copy, a scatter on the
@@ -46,10 +46,10 @@ class KVHostMirror:
             stat = os.statvfs(os.path.dirname(path))
             free = stat.f_bavail * stat.f_frsize
             if free < nbytes * ranks_on_node:
-                raise ValueError(f"kv_host_mirror: {ranks_on_node} rank(s) need {nbytes * ranks_on_node / 2**30:.1f} "
+                raise ValueError(f"gpu_host_copies: {ranks_on_node} rank(s) need {nbytes * ranks_on_node / 2**30:.1f} "
                                  f"GiB for their KV caches' host copies in {os.path.dirname(path)}, which has "
                                  f"{free / 2**30:.1f} GiB free: give /dev/shm more room, lower "
-                                 f"gpu_memory_utilization, or turn kv_host_mirror off")
+                                 f"gpu_memory_utilization, or turn gpu_host_copies off")
         self.host = map_kv_cache(path, shape, dtype, create)  # (layers, 2, slots, kv_heads, head_dim)
 
     def record(self, cache: torch.Tensor, slots: np.ndarray) -> None:

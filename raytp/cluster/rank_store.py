@@ -1,4 +1,4 @@
-"""What a CPU rank keeps outside its process, so that a replacement starts where it stopped.
+"""What a rank keeps outside its process, so that a replacement starts where it stopped.
 
 A rank that dies takes its process with it, but not these files in /dev/shm
 (RAM-backed, one folder per group build):
@@ -8,17 +8,19 @@ A rank that dies takes its process with it, but not these files in /dev/shm
   that takes the rank's place maps the file and computes with its pages as
   they are, with no copy, instead of slicing the checkpoint and packing again
   (packing alone runs at ~1.4 GB/s; a copy of a 0.5B model's shard took
-  0.6-0.7 s, the mapping takes ~0.1 s);
-- its **KV cache**, which the rank maps from a file instead of allocating: the
-  replacement maps the same file, so every sequence keeps its cached tokens
-  and only the steps that were in flight are computed again.
+  0.6-0.7 s, the mapping takes ~0.1 s). A GPU rank's (gpu_host_copies) is a
+  host copy, which a replacement copies to its device instead of reading the
+  checkpoint;
+- its **KV cache**, which a CPU rank maps from a file instead of allocating:
+  the replacement maps the same file, so every sequence keeps its cached
+  tokens and only the steps that were in flight are computed again. A GPU
+  rank's cache is device memory; its host mirror (kv_mirror.py) is the file.
 
 The engine removes the folder with the group (`remove_store`, on the ranks'
 node). A replica that dies before it can (killed by Serve, a crashed node
 agent) leaves its folder behind: every process that uses a folder marks it
 with its pid (`mark_user`), and a new group sweeps folders none of whose users
-is alive (`sweep_stale_stores`). GPU ranks keep their cache on the device:
-this store is for CPU ranks.
+is alive (`sweep_stale_stores`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ import struct
 import uuid
 
 import torch
-from safetensors.torch import save_file
 
 STORE_ROOT = "/dev/shm"
 STORE_PREFIX = "raytp-group-"
@@ -92,12 +93,33 @@ def save_shard(model: torch.nn.Module, path: str) -> None:
                 tensors[name + _SCALES] = module.scales
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.{os.getpid()}.partial"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
+    _write_safetensors(tensors, partial)
     os.replace(partial, path)
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
-           "I32": torch.int32, "U8": torch.uint8}
+           "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors' layout, written one tensor at a time: a GPU rank's shard goes to the host a tensor at a time
+    instead of all at once beside the file (safetensors' own save_file copies every tensor to the host first)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"shard tensor {name}: dtype {t.dtype} has no safetensors name here")
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+        offset = header[name]["data_offsets"][1]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().data)
 
 
 def map_shard(path: str) -> dict[str, torch.Tensor]:
@@ -135,7 +157,8 @@ def load_shard(model: torch.nn.Module, path: str) -> None:
     for name, param in params.items():
         if tensors[name].shape != param.shape:
             raise ValueError(f"shard {path}: {name} has shape {list(tensors[name].shape)}, the model {list(param.shape)}")
-        param.data = tensors[name]
+        # A CPU model computes with the file's pages; a GPU model gets a copy of them on its device.
+        param.data = tensors[name] if param.device.type == "cpu" else tensors[name].to(param.device)
     for name, module in model.named_modules():
         if not isinstance(module, PackableLinear):
             continue

@@ -9,7 +9,7 @@ the other way round. What it does when a step fails, cheapest first:
   and KV caches; the survivors keep theirs, and the engine replays only the
   steps that were in flight;
 - **rebuild**: where that cannot be done (nothing kept outside the ranks:
-  num_spare_ranks 0 on CPU, kv_host_mirror off on GPU; a replacement that
+  num_spare_ranks 0 on CPU, gpu_host_copies off on GPU; a replacement that
   fails), the group is built again and every running request is recomputed: in
   a pipeline only the stage that lost ranks, where it can, the other stages
   keeping their processes and weights; else from nothing; a group failure and a placement timeout are transient and

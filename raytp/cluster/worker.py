@@ -325,8 +325,8 @@ class TPWorker:
              store_dir: str | None = None, quantization: str = "none", block_size: int = 16,
              expert_parallel: bool = False, stage: Stage | None = None) -> dict:
         """Load this rank's shard from the checkpoint; with store_dir, keep there what a replacement takes over
-        (rank_store.py): on CPU the shard, written now, and the KV cache; on GPU the KV cache's host mirror. The
-        attention backend is chosen for the KV cache's block size; `stage`: the pipeline stage
+        (rank_store.py): the shard, written now (a GPU rank's: a host copy), and the KV cache (a GPU rank's: its host
+        mirror). The attention backend is chosen for the KV cache's block size; `stage`: the pipeline stage
         whose layers this rank computes (all of them by default)."""
         device = "cuda" if self.device == "cuda" else "cpu"
         attention = select_backend(device, attention_backend, DTYPES[self.dtype], block_size)
@@ -338,8 +338,7 @@ class TPWorker:
                 for stale in sweep_stale_stores(os.path.dirname(store_dir)):
                     log.warning("removed %s: a store left behind by a group whose processes all exited", stale)
             mark_user(store_dir)
-            if device == "cpu":
-                save_shard(self.model, shard_path(store_dir, self.rank))
+            save_shard(self.model, shard_path(store_dir, self.rank))  # (a GPU rank's: a host copy)
             self.store_dir = store_dir
         return {"rank": self.rank, "weight_bytes": weight_bytes(self.model), "attention": attention.label,
                 "attention_detail": attention.describe()}
@@ -383,11 +382,15 @@ class TPWorker:
                               for rank in range(world_size)}
 
     def _model_from_store(self, model_path: str, attention_backend: str, store_dir: str, rank: int,
-                          world_size: int, expert_parallel: bool = False, stage: Stage | None = None) -> LlamaModel:
+                          world_size: int, expert_parallel: bool = False, stage: Stage | None = None,
+                          block_size: int = 16) -> LlamaModel:
+        """Rank `rank`'s model with the shard in its store: on CPU computing with the file's pages, on GPU copied to
+        the device from them."""
+        device = "cuda" if self.device == "cuda" else "cpu"
         # The communicator object the layers keep; the connection inside comes when the rank joins the group.
-        comm = TimedCommunicator(NotConnected(rank, world_size))
-        attention = select_backend("cpu", attention_backend, DTYPES[self.dtype])
-        with torch.device("cpu"):
+        comm = TimedCommunicator(NotConnected(rank, world_size), cuda_events=device == "cuda" and world_size > 1)
+        attention = select_backend(device, attention_backend, DTYPES[self.dtype], block_size)
+        with torch.device(device):
             model = LlamaModel(read_model_args(model_path), comm, DTYPES[self.dtype], attention, expert_parallel, stage)
         load_shard(model, shard_path(store_dir, rank))
         return model
@@ -409,26 +412,20 @@ class TPWorker:
         return {"shard_s": shard_s, "kv_s": time.perf_counter() - t0 - shard_s, "pid": os.getpid()}
 
     @on_rank_device
-    def restore(self, model_path: str, attention_backend: str, pack_weights: bool, store_dir: str, quantization: str,
-                num_kv_blocks: int, block_size: int, expert_parallel: bool = False, stage: Stage | None = None,
+    def restore(self, model_path: str, attention_backend: str, store_dir: str, num_kv_blocks: int, block_size: int,
+                expert_parallel: bool = False, stage: Stage | None = None,
                 graph_limits: tuple[int, int] | None = None) -> dict:
         """This new process takes the place of a lost rank of the same number that no spare could take: the lost
-        rank's KV cache from the store (CPU: its file, mapped; GPU: its host mirror, copied to the device), its
-        shard from the store (CPU: mapped) or from the checkpoint (GPU). It joins the communicator next."""
+        rank's shard and KV cache from the store (CPU: mapped; GPU: copied to the device from the shard's host copy
+        and the cache's host mirror). It joins the communicator next."""
         t0 = time.perf_counter()
-        if self.device == "cuda":
-            # The communicator object the layers keep; the connection inside comes when the rank joins the group.
-            self.comm = TimedCommunicator(NotConnected(self.rank, self.world_size), cuda_events=self.world_size > 1)
-            self.load(model_path, attention_backend, pack_weights, store_dir, quantization, block_size,
-                      expert_parallel, stage)
-            if graph_limits is not None:
-                self.configure_cuda_graphs(*graph_limits)
-        else:
-            self.model = self._model_from_store(model_path, attention_backend, store_dir, self.rank, self.world_size,
-                                                expert_parallel, stage)
-            self.comm = self.model.comm
-            mark_user(store_dir)
-            self.store_dir = store_dir
+        self.model = self._model_from_store(model_path, attention_backend, store_dir, self.rank, self.world_size,
+                                            expert_parallel, stage, block_size)
+        self.comm = self.model.comm
+        mark_user(store_dir)
+        self.store_dir = store_dir
+        if graph_limits is not None:
+            self.configure_cuda_graphs(*graph_limits)
         shard_s = time.perf_counter() - t0
         self.init_kv_cache(num_kv_blocks, block_size, restore=True)
         return {"shard_s": shard_s, "kv_s": time.perf_counter() - t0 - shard_s, "pid": os.getpid()}

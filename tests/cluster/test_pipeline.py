@@ -352,7 +352,7 @@ def test_a_partition_that_does_not_fit_the_model_is_refused_before_any_rank_star
 def test_a_killed_rank_of_a_stage_is_replaced_and_every_other_rank_keeps_everything(extra_nodes, checkpoint, spare_up):
     """TP=2 x PP=2 with a warm spare per stage: a rank of the second stage killed mid-stream is replaced by its
     stage's spare (its shard and KV cache from the stage's store in /dev/shm), or, its spare killed first, by a rank
-    started in its place that maps them (the path a GPU rank with kv_host_mirror takes, having no spare); every
+    started in its place that maps them (the path a GPU rank with gpu_host_copies takes, having no spare); every
     other rank keeps its process, no computed token is thrown away, and every stream ends as without the fault."""
     import os
     import signal

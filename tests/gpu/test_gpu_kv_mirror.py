@@ -1,11 +1,15 @@
-"""CUDA: a GPU rank's KV cache mirrored to the host (kv_host_mirror, raytp/cluster/kv_mirror.py), and the rank
-started in a lost rank's place that restores it (skipped without CUDA).
+"""CUDA: a GPU rank's host copies (gpu_host_copies): its shard, and its KV cache mirrored after every step
+(raytp/cluster/kv_mirror.py); and the rank started in a lost rank's place that restores both (skipped without CUDA).
 
 In-process, world size 1 (the GPU machine has no Ray): a rank with a store prefills some sequences (eager steps
 and decode steps replayed from CUDA graphs, whose padding rows write the scratch block only); a second rank
-process's worth of state (a new TPWorker) restores from the store: the checkpoint for its shard, the mirror for its
-cache. Its cache equals the first rank's on every slot a sequence owns, and both decode the same tokens.
+process's worth of state (a new TPWorker) restores from the store alone (the checkpoint's weights moved away): the
+shard's host copy, the cache's mirror. Its cache equals the first rank's on every slot a sequence owns, and both
+decode the same tokens.
 """
+import glob
+import os
+
 import pytest
 import torch
 
@@ -58,8 +62,15 @@ def test_a_rank_restored_from_the_host_mirror_decodes_as_the_lost_one(checkpoint
         tokens = _decode(rank, steps, tokens, done)
 
     replacement = TPWorker(0, 1, "cuda", "bfloat16")
-    info = replacement.restore(checkpoint, "auto", True, store, "none", NUM_BLOCKS, BLOCK,
-                               graph_limits=(8, 2048) if graphs else None)
+    weights = glob.glob(os.path.join(checkpoint, "*.safetensors"))
+    for path in weights:  # the replacement's shard is the host copy: it reads no weights from the checkpoint
+        os.rename(path, path + ".away")
+    try:
+        info = replacement.restore(checkpoint, "auto", store, NUM_BLOCKS, BLOCK,
+                                   graph_limits=(8, 2048) if graphs else None)
+    finally:
+        for path in weights:
+            os.rename(path + ".away", path)
     replacement.init_communicator(None, epoch=1)
     assert info["pid"] > 0 and replacement.kv_cache.is_cuda
     owned = torch.tensor([b * BLOCK + i for s in steps for b in s.block_table for i in range(BLOCK)], device="cuda")

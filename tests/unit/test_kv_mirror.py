@@ -1,5 +1,5 @@
 """The KV cache's host mirror (raytp/cluster/kv_mirror.py), run on CPU tensors: the arrangement of a GPU rank with
-kv_host_mirror, where the cache is the rank's own memory and the mirror a file. (tests/gpu runs it on a GPU.)
+gpu_host_copies, where the cache is the rank's own memory and the mirror a file. (tests/gpu runs it on a GPU.)
 
 - the slots a step writes, as the worker derives them for the mirror, are build_metadata's slot mapping;
 - after real prefill steps the mirror equals the rank's cache (gathered a few layers at a time), a restore reads
@@ -100,4 +100,35 @@ def test_a_mirror_the_file_system_has_no_room_for_is_refused_naming_the_sizes(tm
     with pytest.raises(ValueError) as err:
         KVHostMirror(str(tmp_path / "rank0.kv"), (2, 2, 1024, 4, 64), torch.bfloat16, create=True,
                      ranks_on_node=10**9)
-    assert "kv_host_mirror" in str(err.value) and "GiB free" in str(err.value)
+    assert "gpu_host_copies" in str(err.value) and "GiB free" in str(err.value)
+
+
+def test_a_rank_started_in_a_lost_one_s_place_restores_from_the_store_alone(checkpoint, tmp_path):
+    """TPWorker.restore in-process on CPU (the method a GPU rank runs, there copying to its device): with the
+    checkpoint's weights moved away, the new rank takes the lost one's shard and KV cache from the store and decodes
+    what the lost one would have."""
+    import glob
+
+    store = new_store_dir("/dev/shm") or str(tmp_path / "store")
+    weights = glob.glob(os.path.join(checkpoint, "*.safetensors"))
+    try:
+        lost = TPWorker(0, 1, "cpu", "float32")
+        lost.init_communicator(None)
+        lost.load(checkpoint, store_dir=store)
+        lost.init_kv_cache(NUM_BLOCKS, BLOCK)
+        g = torch.Generator().manual_seed(2)
+        steps = [SeqStep(torch.randint(3, 500, (n,), generator=g).tolist(), 0, blocks, GREEDY, 0, f"s{i}",
+                         prompt_len=n) for i, (n, blocks) in enumerate([(17, [4, 9]), (30, [1, 2])])]
+        first = lost.execute(steps).token_ids
+        for path in weights:
+            os.rename(path, path + ".away")
+        replacement = TPWorker(0, 1, "cpu", "float32")
+        info = replacement.restore(checkpoint, "auto", store, NUM_BLOCKS, BLOCK)
+        replacement.init_communicator(None, epoch=1)
+        assert info["pid"] == os.getpid()
+        assert _decode(replacement, steps, first) == _decode(lost, steps, first)
+    finally:
+        for path in weights:
+            if os.path.exists(path + ".away"):
+                os.rename(path + ".away", path)
+        remove_store(store)
