@@ -157,8 +157,10 @@ def load_shard(model: torch.nn.Module, path: str) -> None:
     for name, param in params.items():
         if tensors[name].shape != param.shape:
             raise ValueError(f"shard {path}: {name} has shape {list(tensors[name].shape)}, the model {list(param.shape)}")
-        # A CPU model computes with the file's pages; a GPU model gets a copy of them on its device.
-        param.data = tensors[name] if param.device.type == "cpu" else tensors[name].to(param.device)
+        if param.device.type == "cpu":
+            param.data = tensors[name]  # computes with the file's pages
+        else:
+            param.data.copy_(tensors[name])  # a GPU model: a copy on its device, into what the model allocated
     for name, module in model.named_modules():
         if not isinstance(module, PackableLinear):
             continue
