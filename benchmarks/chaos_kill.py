@@ -48,6 +48,8 @@ import time
 
 import httpx
 
+RETRIES_ON_503 = 2  # as the official openai client (max_retries=2)
+
 # Ray's metrics agent exports what the processes recorded every few seconds (10 s by default): wait this long
 # after the last round before scraping, so that the last recovery is in the numbers.
 METRICS_WAIT_S = 12.0
@@ -75,26 +77,37 @@ def rank_pids() -> dict[int, int]:
 
 async def stream_tokens(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
                         progress: dict, key: int) -> list[int]:
-    """One streaming completion; returns the generated token ids in order."""
+    """One streaming completion; returns the generated token ids in order. A 503 (the replica's group is down while
+    it recovers) is retried after a pause, as the official openai client does (twice, backing off from 0.5 s)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}
     tokens: list[int] = []
     times = progress.setdefault(key, [])  # when each token arrived
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    for attempt in range(RETRIES_ON_503 + 1):
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            if resp.status_code == 503 and attempt < RETRIES_ON_503:
+                await asyncio.sleep(0.5 * 2**attempt)
                 continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
-            for choice in chunk.get("choices", []):
-                if not choice.get("token_ids"):
-                    continue
-                tokens.extend(choice["token_ids"])
-                times.append(time.monotonic())
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()!r}")
+            await _read_stream(resp, tokens, times)
+            return tokens
     return tokens
+
+
+async def _read_stream(resp, tokens: list[int], times: list[float]) -> None:
+    """Add the token ids of a 200 streaming response to `tokens`, and when each arrived to `times`."""
+    async for line in resp.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(f"stream error: {chunk['error']}")
+        for choice in chunk.get("choices", []):
+            if not choice.get("token_ids"):
+                continue
+            tokens.extend(choice["token_ids"])
+            times.append(time.monotonic())
 
 
 def longest_gap_after(times: list[float], since: float) -> float:
