@@ -9,11 +9,10 @@ their init call. Every wait has a timeout: nothing here hangs.
 survivors' processes, shards and KV caches: the survivors' running step is
 aborted, a warm spare (spares.py; CPU) takes each lost rank's index, or
 where none is up a new rank process is started in the lost rank's bundle;
-its KV cache comes from the store the lost rank left in shared memory
-(rank_store.py; a GPU rank's host mirror, kv_mirror.py), its shard from
-there too (CPU) or from the checkpoint (GPU), and every rank joins a new
-communicator with the old rank numbers. Where that cannot be done, the
-supervisor rebuilds the group.
+its shard and KV cache come from the store the lost rank left in shared
+memory (rank_store.py; a GPU rank's host copies, the cache's mirrored by
+kv_mirror.py), and every rank joins a new communicator with the old rank
+numbers. Where that cannot be done, the supervisor rebuilds the group.
 """
 from __future__ import annotations
 
@@ -384,9 +383,9 @@ class TPGroup(Executor):
         """Replace the ranks that died or hung; the survivors keep their processes, shards and KV caches, and so
         does the group's KV cache as a whole. A warm spare takes a lost rank's place where one is up (CPU); else a
         new rank process is started in the lost rank's bundle (GPU, or a spare that died too). Either takes the
-        lost rank's KV cache from the store (CPU: its file; GPU: its host mirror) and its shard from the store
-        (CPU) or the checkpoint (GPU). Returns the seconds each phase took. GroupFailure where it cannot (no store,
-        a rank that does not come up): the group must be rebuilt."""
+        lost rank's shard and KV cache from the store (CPU: its files, mapped; GPU: its host copies). Returns the
+        seconds each phase took. GroupFailure where it cannot (no store, a rank that does not come up): the group
+        must be rebuilt."""
         if self.store_dirs is None:
             raise GroupFailure("this group keeps no rank's state outside its process (num_spare_ranks=0 on CPU, "
                                "gpu_host_copies off on GPU, or a lone rank)")
@@ -439,9 +438,11 @@ class TPGroup(Executor):
             self.epoch, self.steps_sent = self.epoch + 1, 0
             self._connect(tp, timeout, self.epoch)
             phase("communicator")
-        except (GetTimeoutError, RayError) as err:
+        except (GetTimeoutError, RayError, GroupFailure) as err:
             for index in lost:  # a replacement that failed must not answer pings as if it were the lost rank
                 ray.kill(self.workers[index], no_restart=True)
+            if isinstance(err, GroupFailure):
+                raise
             raise GroupFailure(f"replacing rank(s) {lost} failed: {type(err).__name__}: {err}") from err
         if self.spares is not None:
             # The next spare starts a little later: its start-up (imports, ~5 s of CPU here) would slow the
@@ -480,6 +481,8 @@ class TPGroup(Executor):
         stage, ranks lost in several stages, a stage that does not come up): the whole group is rebuilt instead."""
         if len(self.stages) == 1 or not self.workers:
             raise GroupFailure("a single TP group: nothing to keep")
+        if self._refill is not None:
+            self._refill.cancel()  # a spare started now would find the stage's new store still empty
         tp, timeout = self.tp_size, self.config.init_timeout_s
         clock = PhaseClock()
         phases, phase = clock.seconds, clock.end

@@ -16,13 +16,14 @@ The copy is synchronous on the step's stream: a decode step writes a few MB
 per rank (batch 64, 80 layers, one KV head of 128 in bf16: 2.6 MB), a long
 prefill more (an 8k-token chunk, 335 MB, gathered at most RECORD_BYTES at a
 time so that the device needs no large buffer the KV sizing did not count).
-The file is sparse: its pages are taken as blocks are written, up to the
-cache's size, and /dev/shm must have room for all of it (checked when it is
-created). A restore reads only the pages that were written, so it neither
-takes the holes' memory nor copies them.
+The file's whole size is reserved when it is created (posix_fallocate: a
+clear error at start where /dev/shm has no room, rather than a SIGBUS in a
+step once it fills up); its pages read as holes until written, and a
+restore copies only the pages that were written.
 """
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -36,21 +37,21 @@ RESTORE_CHUNK_BYTES = 64 * 2**20  # host staging for a restore
 
 
 class KVHostMirror:
-    def __init__(self, path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool, ranks_on_node: int = 1):
-        """The mirror in the file at `path`: a new, zeroed one (create; ValueError unless the file system has room
-        for `ranks_on_node` of them, the node's ranks each keeping one) or the one a lost rank left."""
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool):
+        """The mirror in the file at `path`: a new, zeroed one (create: its whole size reserved in the file system
+        now, ValueError where there is no room) or the one a lost rank left."""
         self.path = path
-        if create:
+        try:
+            self.host = map_kv_cache(path, shape, dtype, create, reserve=True)  # (layers, 2, slots, kv_heads, head_dim)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
             nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             stat = os.statvfs(os.path.dirname(path))
-            free = stat.f_bavail * stat.f_frsize
-            if free < nbytes * ranks_on_node:
-                raise ValueError(f"gpu_host_copies: {ranks_on_node} rank(s) need {nbytes * ranks_on_node / 2**30:.1f} "
-                                 f"GiB for their KV caches' host copies in {os.path.dirname(path)}, which has "
-                                 f"{free / 2**30:.1f} GiB free: give /dev/shm more room, lower "
-                                 f"gpu_memory_utilization, or turn gpu_host_copies off")
-        self.host = map_kv_cache(path, shape, dtype, create)  # (layers, 2, slots, kv_heads, head_dim)
+            raise ValueError(f"gpu_host_copies: this rank's KV cache needs {nbytes / 2**30:.1f} GiB for its host copy "
+                             f"in {os.path.dirname(path)}, which has {stat.f_bavail * stat.f_frsize / 2**30:.1f} GiB "
+                             "free: give /dev/shm more room (every rank on the node keeps one, beside the shards), "
+                             "lower gpu_memory_utilization, or turn gpu_host_copies off") from None
 
     def record(self, cache: torch.Tensor, slots: np.ndarray) -> None:
         """Copy the device cache's `slots` (those a step just wrote) to the mirror. Runs on the current stream, after

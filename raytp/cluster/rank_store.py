@@ -24,6 +24,7 @@ is alive (`sweep_stale_stores`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -171,14 +172,24 @@ def load_shard(model: torch.nn.Module, path: str) -> None:
             module.pack()
 
 
-def map_kv_cache(path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool) -> torch.Tensor:
-    """The KV cache as a tensor over a shared file: a new, zeroed one (create) or the one a dead rank left."""
+def map_kv_cache(path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool,
+                 reserve: bool = False) -> torch.Tensor:
+    """The KV cache as a tensor over a shared file: a new, zeroed one (create) or the one a dead rank left. reserve:
+    the file system sets the new file's space aside now (OSError ENOSPC where it has no room), so that writing a
+    block later cannot fail (on tmpfs that would be a SIGBUS mid-step)."""
     numel = int(torch.Size(shape).numel())
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if create:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
+        with open(path, "wb") as f:  # (truncates a file left at this path first: its pages go back)
             f.truncate(nbytes)  # a sparse file reads as zeros; pages are taken as blocks are written
+            if reserve and nbytes:
+                # Asked first: a posix_fallocate that runs out of room keeps what it took on some file systems
+                # (ext4 does; tmpfs gives it back).
+                stat = os.statvfs(os.path.dirname(path))
+                if stat.f_bavail * stat.f_frsize < nbytes:
+                    raise OSError(errno.ENOSPC, f"{nbytes} bytes do not fit in {os.path.dirname(path)}")
+                os.posix_fallocate(f.fileno(), 0, nbytes)  # (reserved pages still read, and seek, as holes)
     elif os.path.getsize(path) != nbytes:
         raise ValueError(f"KV cache file {path} has {os.path.getsize(path)} bytes, expected {nbytes} for {shape}")
     return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)

@@ -504,7 +504,7 @@ class TPWorker:
                                          create=not restore)
         else:
             self.kv_mirror = KVHostMirror(kv_path(self.store_dir, self.rank), shape, self.model.dtype,
-                                          create=not restore, ranks_on_node=self.world_size)
+                                          create=not restore)
             self.kv_cache = (self.kv_mirror.restore(device) if restore
                              else torch.zeros(shape, dtype=self.model.dtype, device=device))
         if self.stream is not None:
