@@ -17,6 +17,8 @@ import ray
 
 log = logging.getLogger(__name__)
 
+PING_TIMEOUT_S = 2.0  # a spare that is up answers a ping at once: its Ray calls have threads of their own
+
 
 class SparePool:
     def __init__(self, start_spare: Callable[[], tuple["ray.actor.ActorHandle", "ray.ObjectRef"]], size: int):
@@ -46,7 +48,9 @@ class SparePool:
                 spare, ready = self._spares.pop(0)
                 try:
                     pid = ray.get(ready, timeout=timeout_s)
-                    ray.get(spare.ping.remote(), timeout=timeout_s)  # up once is not up now: a spare can die too
+                    # Up once is not up now: a spare can die too (with its node: then the ping would wait until Ray
+                    # declares the node dead). A live one answers in milliseconds.
+                    ray.get(spare.ping.remote(), timeout=min(timeout_s, PING_TIMEOUT_S))
                     log.info("spare TP rank pid %d takes over", pid)
                     return spare
                 except Exception as err:  # noqa: BLE001 - a spare that is not up is of no use: the next one
