@@ -46,12 +46,9 @@ class KVHostMirror:
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise
-            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-            stat = os.statvfs(os.path.dirname(path))
-            raise ValueError(f"gpu_host_copies: this rank's KV cache needs {nbytes / 2**30:.1f} GiB for its host copy "
-                             f"in {os.path.dirname(path)}, which has {stat.f_bavail * stat.f_frsize / 2**30:.1f} GiB "
-                             "free: give /dev/shm more room (every rank on the node keeps one, beside the shards), "
-                             "lower gpu_memory_utilization, or turn gpu_host_copies off") from None
+            raise ValueError(f"gpu_host_copies: the host copy of this rank's KV cache: {err.strerror}: give /dev/shm "
+                             "more room (every rank on the node keeps one, beside the shards), lower "
+                             "gpu_memory_utilization, or turn gpu_host_copies off") from None
 
     def record(self, cache: torch.Tensor, slots: np.ndarray) -> None:
         """Copy the device cache's `slots` (those a step just wrote) to the mirror. Runs on the current stream, after

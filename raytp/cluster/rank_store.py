@@ -188,7 +188,8 @@ def map_kv_cache(path: str, shape: tuple[int, ...], dtype: torch.dtype, create: 
                 # (ext4 does; tmpfs gives it back).
                 stat = os.statvfs(os.path.dirname(path))
                 if stat.f_bavail * stat.f_frsize < nbytes:
-                    raise OSError(errno.ENOSPC, f"{nbytes} bytes do not fit in {os.path.dirname(path)}")
+                    raise OSError(errno.ENOSPC, f"{nbytes / 2**30:.1f} GiB do not fit in {os.path.dirname(path)}, "
+                                                f"which has {stat.f_bavail * stat.f_frsize / 2**30:.1f} GiB free")
                 os.posix_fallocate(f.fileno(), 0, nbytes)  # (reserved pages still read, and seek, as holes)
     elif os.path.getsize(path) != nbytes:
         raise ValueError(f"KV cache file {path} has {os.path.getsize(path)} bytes, expected {nbytes} for {shape}")

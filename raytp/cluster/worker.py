@@ -189,8 +189,8 @@ class TPWorker:
         self.block_size = 16
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # the same seed on every rank: the same samples
-        # Where what this rank keeps outlives it, if anywhere (rank_store.py): on CPU its shard and KV cache, on GPU
-        # its KV cache's host mirror (kv_mirror.py).
+        # Where what this rank keeps outlives it, if anywhere (rank_store.py): its shard and KV cache (on GPU host
+        # copies: the cache's is the mirror, kv_mirror.py).
         self.store_dir: str | None = None
         self.kv_mirror: KVHostMirror | None = None
         self._store = None  # rank 0: the rendezvous' store, listening from make_rendezvous until init_communicator

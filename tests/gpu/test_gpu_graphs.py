@@ -13,7 +13,6 @@ from raytp.cluster.worker import TPWorker
 from raytp.engine.step import PREVIOUS_TOKEN, SeqStep
 from raytp.model.attention import SeqChunk, build_metadata
 from raytp.sampling import SamplingParams
-from tests.helpers import write_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -21,10 +20,8 @@ GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_llama(tmp_path_factory.mktemp("graphs"), hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                       num_attention_heads=8, num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048,
-                       initializer_range=0.1, seed=21)
+def checkpoint(small_llama):
+    return small_llama
 
 
 def make_worker(checkpoint, block_size: int, graphs: bool, num_blocks: int = 64) -> TPWorker:

@@ -17,7 +17,6 @@ from raytp.cluster.rank_store import new_store_dir, remove_store
 from raytp.cluster.worker import TPWorker
 from raytp.engine.step import SeqStep
 from raytp.sampling import SamplingParams
-from tests.helpers import write_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -27,10 +26,8 @@ GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_llama(tmp_path_factory.mktemp("mirror"), hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                       num_attention_heads=8, num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048,
-                       initializer_range=0.1, seed=23)
+def checkpoint(small_llama):
+    return small_llama
 
 
 @pytest.fixture
