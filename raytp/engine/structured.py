@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
-import llguidance.torch as llg_torch
+# llguidance.numpy, not llguidance.torch: the latter's module-level torch.compile imports torch._dynamo and
+# torch._inductor, ~2 s added to every process that imports raytp (each rank, spare and replica).
+import llguidance.numpy as llg_numpy
 import torch
 
 from raytp.engine.tokenizer import Tokenizer
@@ -89,8 +91,8 @@ class GrammarMasks:
         """Each matcher's (W,) int32 packed bitmask of the tokens that may come next; each is a tensor of its own,
         so that pickling one row with a step does not carry the others."""
         bitmask = torch.full((len(matchers), self.words), -1, dtype=torch.int32)  # (G, W)
-        llg_torch.fill_next_token_bitmask_par(self._executor, [(m._matcher, i) for i, m in enumerate(matchers)],
-                                              bitmask)
+        llg_numpy.fill_next_token_bitmask_par(self._executor, [(m._matcher, i) for i, m in enumerate(matchers)],
+                                              bitmask.numpy())  # a view: llguidance writes into the tensor
         return [row.clone() for row in bitmask]
 
 
