@@ -359,8 +359,8 @@ class LlamaModel(nn.Module):
         routes every token, so any rank's numbers are the model's); None for a dense model."""
         if not self.args.num_experts:
             return None
-        layers = [layer.mlp.last_counts for layer in self.layers if isinstance(layer.mlp, MoE)]
-        return [sum(per_layer) / len(layers) for per_layer in zip(*layers)]
+        layers = [layer.mlp.last_counts for layer in self.layers if isinstance(layer.mlp, MoE)]  # (E,) each
+        return torch.stack(layers).double().mean(0).tolist() if layers else []  # a stage of dense layers only
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

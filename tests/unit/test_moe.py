@@ -108,3 +108,28 @@ def test_an_moe_family_raytp_does_not_implement_is_refused_by_name():
            "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 128, "intermediate_size": 128}
     with pytest.raises(ValueError, match="unsupported architecture \\['Qwen2MoeForCausalLM'\\]"):
         ModelArgs.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("held", [range(8), range(2, 6)], ids=["every_expert", "experts_2_to_5"])
+def test_the_grouped_gemm_path_equals_the_expert_loop(dtype, held):
+    """The GPU's computation (torch's grouped GEMM over stacked weights, counts kept on the device) run here on CPU,
+    where torch has the same op, against the CPU's loop over experts: the same output, with every expert held and
+    with some held elsewhere (expert parallel: their pairs sort last and must add nothing)."""
+    from raytp.cluster.comm import SingleRank
+    from raytp.model.moe import MoE
+
+    gen = torch.Generator().manual_seed(3)
+    loop = MoE(64, 8, 2, True, held, 48, dtype, SingleRank())
+    grouped = MoE(64, 8, 2, True, held, 48, dtype, SingleRank())
+    for a, b in zip(loop.parameters(), grouped.parameters()):
+        a.data.copy_(torch.randn(a.shape, generator=gen) * 0.2)
+        b.data.copy_(a.data)
+    assert not loop.grouped  # a CPU module takes the loop
+    grouped.grouped = True
+    x = torch.randn(37, 64, generator=gen).to(dtype)  # (T, h)
+    expected, got = loop(x), grouped(x)
+    assert torch.equal(loop.last_counts, grouped.last_counts) and int(grouped.last_counts.sum()) == 37 * 2
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
+    assert grouped.experts[1].gate_up.weight.data_ptr() == grouped._stacks[0][1].data_ptr()  # views, not copies
