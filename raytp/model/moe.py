@@ -111,8 +111,11 @@ class MoE(DirectCall):
         """Stack the held experts' weights for the grouped GEMM, once (after loading): each expert's weights become
         views of the stacks, so the memory is not doubled and a later copy into them (a restored shard) lands in the
         stacks too."""
-        gate_up = torch.stack([e.gate_up.weight.detach() for e in self.experts])  # (held, 2 I, h)
-        down = torch.stack([e.down.weight.detach() for e in self.experts])  # (held, h, I)
+        # Ordinary tensors even when called from the model's inference-mode forward: they become the parameters' data,
+        # which a restored shard is later copied into.
+        with torch.inference_mode(False):
+            gate_up = torch.stack([e.gate_up.weight.detach() for e in self.experts])  # (held, 2 I, h)
+            down = torch.stack([e.down.weight.detach() for e in self.experts])  # (held, h, I)
         for i, expert in enumerate(self.experts):
             expert.gate_up.weight.data, expert.down.weight.data = gate_up[i], down[i]
         self._stacks = (gate_up, down)

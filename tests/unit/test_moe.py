@@ -128,6 +128,9 @@ def test_the_grouped_gemm_path_equals_the_expert_loop(dtype, held):
     assert not loop.grouped  # a CPU module takes the loop
     grouped.grouped = True
     x = torch.randn(37, 64, generator=gen).to(dtype)  # (T, h)
+    with torch.inference_mode():  # as the model's forward runs it: the stacks are made here
+        grouped(x)
+    assert not grouped._stacks[0].is_inference()  # so that a shard can be copied into the weights later
     expected, got = loop(x), grouped(x)
     assert torch.equal(loop.last_counts, grouped.last_counts) and int(grouped.last_counts.sum()) == 37 * 2
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
