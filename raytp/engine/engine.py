@@ -106,15 +106,26 @@ class EngineCore:
         if self.metrics:
             self.metrics.on_recomputed(recomputed)
 
-    def recover(self, failure: GroupFailure, lost: list[list[ScheduledSeq]]) -> None:
+    def recover(self, failure: GroupFailure, lost: list[list[ScheduledSeq]]) -> list[RequestOutput]:
         """The group failed with these steps in flight: mend it (replace the lost ranks, or rebuild it) and resume
-        every request."""
+        every request, but for those that were in every failed step past the recovery cap: they end, aborted, and
+        their outputs are returned (AsyncEngine._recover does the same off its event loop)."""
+        culprits = self.supervisor.note_failure({s.seq.request_id for batch in lost for s in batch})
         self.roll_back(lost)
+        ended = []
+        for rid in sorted(culprits & self.requests.keys()):
+            log.error("request %s was in every one of the %d steps that brought the TP group down within %gs: it "
+                      "ends (finish_reason 'abort'), the other requests go on", rid, self.config.max_recoveries + 1,
+                      self.config.recovery_window_s)
+            state = self.requests[rid]
+            self.abort(rid)
+            ended.append(self.output_processor.output(state))
         if not self.supervisor.replace(failure):
             self.preempt_all()
             if not self.supervisor.rebuild_stage(failure):
                 self.supervisor.rebuild(str(failure))
         log.warning("%d requests resume", len(self.scheduler.running) + len(self.scheduler.waiting))
+        return ended
 
     def shutdown(self) -> None:
         self.supervisor.shutdown()
@@ -235,8 +246,7 @@ class EngineCore:
         try:
             result = self.executor.execute(self.to_steps(batch))
         except GroupFailure as err:
-            self.recover(err, [batch])
-            return []
+            return self.recover(err, [batch])
         return self.postprocess(batch, result)
 
     def postprocess(self, batch: list[ScheduledSeq], result: StepResult) -> list[RequestOutput]:

@@ -122,9 +122,10 @@ def test_requests_in_every_failed_step_are_failed_past_the_cap_and_the_rest_serv
         engine = AsyncEngine(config, lambda c, p, n: PoisonedExecutor(c, p, n))
         await engine.start()
         expected = await collect(engine, "reference", [9, 10, 11, 12])
+        failures_before = PoisonedExecutor.failures  # (a class count: other tests' executors add to it)
         poisoned = asyncio.create_task(collect(engine, "poison", [3, 4]))
         beside = asyncio.create_task(collect(engine, "beside", [5, 6, 7]))
-        while PoisonedExecutor.failures < 1:
+        while PoisonedExecutor.failures < failures_before + 1:
             await asyncio.sleep(0.001)
         late = await collect(engine, "late", [9, 10, 11, 12])
         errors = await asyncio.gather(poisoned, beside, return_exceptions=True)
@@ -138,6 +139,39 @@ def test_requests_in_every_failed_step_are_failed_past_the_cap_and_the_rest_serv
     assert [str(e).split(" was ")[0] for e in errors] == ["request poison", "request beside"]
     assert all("in every one of the 3 steps that brought the TP group down" in str(e) for e in errors)
     assert recoveries == {"replace": 3} and recomputed == 0 and failed is None  # the third one mends too
+
+
+def test_the_offline_engine_ends_the_requests_in_every_failed_step_past_the_cap(tmp_path):
+    """The same cap in the synchronous engine (the offline LLM API steps it): the poisoned request and the one beside
+    it end with finish_reason "abort" after the 3rd failure in a row, instead of the group being mended forever; a
+    request added after them gets the tokens of a run without faults."""
+    from raytp.engine.engine import EngineCore
+
+    path = write_llama(tmp_path)
+    config = EngineConfig(model=path, device="cpu", tensor_parallel_size=1, max_model_len=64, max_recoveries=2)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    failures_before = PoisonedExecutor.failures
+    core = EngineCore(config, lambda c, p, n: PoisonedExecutor(c, p, n))
+    core.start()
+
+    def run(requests: dict[str, list[int]]) -> dict:
+        for rid, prompt in requests.items():
+            core.add_request(rid, prompt, params)
+        finals = {}
+        while core.has_work():
+            finals.update({o.request_id: o.outputs[0] for o in core.step() if o.finished})
+        return finals
+
+    try:
+        expected = run({"reference": [9, 10, 11, 12]})["reference"].token_ids
+        ended = run({"poison": [3, 4], "beside": [5, 6, 7]})
+        after = run({"after": [9, 10, 11, 12]})["after"]
+    finally:
+        core.shutdown()
+    assert {rid: out.finish_reason for rid, out in ended.items()} == {"poison": "abort", "beside": "abort"}
+    assert PoisonedExecutor.failures - failures_before == 3
+    assert after.token_ids == expected and after.finish_reason == "length"
+    assert core.supervisor.recoveries == {"replace": 3} and core.recomputed_tokens == 0
 
 
 def test_failures_with_no_request_in_common_keep_being_mended(tmp_path):
