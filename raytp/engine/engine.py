@@ -106,17 +106,23 @@ class EngineCore:
         if self.metrics:
             self.metrics.on_recomputed(recomputed)
 
-    def recover(self, failure: GroupFailure, lost: list[list[ScheduledSeq]]) -> list[RequestOutput]:
-        """The group failed with these steps in flight: mend it (replace the lost ranks, or rebuild it) and resume
-        every request, but for those that were in every failed step past the recovery cap: they end, aborted, and
-        their outputs are returned (AsyncEngine._recover does the same off its event loop)."""
+    def roll_back_failed(self, lost: list[list[ScheduledSeq]]) -> dict[str, str]:
+        """A step failed with these steps in flight: roll them back, and single out the requests that were in every
+        failed step past the recovery cap (the supervisor counts), each with the message that says why. The caller
+        ends those; the others resume once the group is mended."""
         culprits = self.supervisor.note_failure({s.seq.request_id for batch in lost for s in batch})
         self.roll_back(lost)
+        return {rid: f"request {rid} was in every one of the {self.config.max_recoveries + 1} steps that brought the "
+                     f"TP group down within {self.config.recovery_window_s:g}s: it is failed alone, the other requests "
+                     "go on" for rid in sorted(culprits & self.requests.keys())}
+
+    def recover(self, failure: GroupFailure, lost: list[list[ScheduledSeq]]) -> list[RequestOutput]:
+        """The group failed with these steps in flight: mend it (replace the lost ranks, or rebuild it) and resume
+        every request, but for those roll_back_failed singles out: they end, aborted (finish_reason "abort"), and
+        their outputs are returned (AsyncEngine._recover does the same off its event loop)."""
         ended = []
-        for rid in sorted(culprits & self.requests.keys()):
-            log.error("request %s was in every one of the %d steps that brought the TP group down within %gs: it "
-                      "ends (finish_reason 'abort'), the other requests go on", rid, self.config.max_recoveries + 1,
-                      self.config.recovery_window_s)
+        for rid, why in self.roll_back_failed(lost).items():
+            log.error("%s (finish_reason 'abort')", why)
             state = self.requests[rid]
             self.abort(rid)
             ended.append(self.output_processor.output(state))
@@ -440,12 +446,8 @@ class AsyncEngine:
         self._found_unhealthy = None  # whatever the health check found, this recovery mends
         self._unhealthy.clear()
         core = self.core
-        culprits = core.supervisor.note_failure({s.seq.request_id for batch in lost for s in batch})
-        core.roll_back(lost)
-        for rid in sorted(culprits):
-            self._fail_request(rid, f"request {rid} was in every one of the {self.config.max_recoveries + 1} steps "
-                               f"that brought the TP group down within {self.config.recovery_window_s:g}s: it is "
-                               f"failed alone, the other requests go on")
+        for rid, why in core.roll_back_failed(lost).items():
+            self._fail_request(rid, why)
         if await asyncio.to_thread(core.supervisor.replace, failure):
             self._replaying_since = time.monotonic()
             log.warning("%d requests resume on the mended group", len(core.scheduler.running) + len(core.scheduler.waiting))
