@@ -100,10 +100,10 @@ class PackableLinear(DirectCall):
     (linear_cpu.cpp) streams a weight packed in 16-column blocks: as fast as
     oneDNN from 64 rows up and up to 1.8x faster for the few rows of a decode
     step, where oneDNN reads the weight at half the memory's speed
-    (benchmarks/README.md; measured on a CPU without AMX, whose tiles would
-    likely make oneDNN the faster one from a few dozen bfloat16 rows up).
-    Elsewhere oneDNN's inner product with the weight packed ahead of time, and
-    for float16 torch's F.linear. `pack()` is called after the weights are
+    (benchmarks/README.md; measured on an EPYC without AMX). On a CPU with AMX
+    tiles, bfloat16 goes to oneDNN, whose AMX GEMM is 1.8-6.5x faster from 8
+    rows up (amx_computes_bf16). Elsewhere oneDNN's inner product with the
+    weight packed ahead of time, and for float16 torch's F.linear. `pack()` is called after the weights are
     loaded; the original weight stays (the loader, tied embeddings and tests
     read it).
     """

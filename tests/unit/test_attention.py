@@ -32,7 +32,7 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_
     assert fast.name == "cpu"
     # Which sequences take the GEMM path instead of the row-by-row op: the 17-, 24- and 40-token chunks, all of
     # them (decode rows too), or none.
-    fast.gemm_min_rows, fast.gemm_min_keys, fast.prefix_min_rows = gemm_min_rows, 0, gemm_min_rows
+    fast.gemm_thresholds = {dtype: (gemm_min_rows, 0, gemm_min_rows)}
     chunks, q, k, v, cache = random_step(MIXED, heads, kv_heads, 32, BLOCK_SIZE, dtype, seed=heads * 10 + kv_heads)
     outs = []
     for backend in (reference, fast):
@@ -59,7 +59,7 @@ def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window,
     sequences' 8 rows on the prefix attend to it through GEMMs, the op doing the rest of each row; or (2) the
     5-token chunk is a GEMM chunk and the other three share the prefix GEMM."""
     reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
-    fast.gemm_min_rows, fast.gemm_min_keys, fast.prefix_min_rows = gemm_min_rows, 0, gemm_min_rows
+    fast.gemm_thresholds = {dtype: (gemm_min_rows, 0, gemm_min_rows)}
     prefix = [9, 2, 14, 5, 11]  # 20 cached tokens
     chunks = [
         SeqChunk(20, 1, prefix + [0]),

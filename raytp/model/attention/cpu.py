@@ -17,13 +17,14 @@ log-sum-exps. The op is built once per machine and cached on disk
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from raytp.model.attention import AttentionBackend, AttentionMetadata
 from raytp.model.cpu_ops import ATTENTION_SOURCE, load_extension
-from raytp.model.layers import onednn_linear_available, padded_rows, rowwise_op
+from raytp.model.layers import padded_rows, rowwise_op
 
 
 def load_op():
@@ -111,17 +112,12 @@ def plan_gemms(meta: AttentionMetadata, min_rows: int, min_keys: int, prefix_min
 
 class CpuPagedAttention(AttentionBackend):
     name = "cpu"
-    # Which chunks go through GEMMs: measured on one core (2-vCPU EPYC, fp32, 8 heads / 4 KV heads of 64; best of 7,
-    # 2026-12-02), the op (AVX-512, a chunk's rows sharing each key tile) wins below 64 new tokens (32 at 800 keys:
-    # 0.67 ms against 0.88) and below ~512 keys at any row count (128 rows at 128 keys 0.23 against 0.54, 256 at 256
-    # 0.8 against 1.2); from 512 keys up GEMMs are even or ahead (128 at 512 1.35 against 1.18, 256 at 1,200 6.5
-    # against 4.6).
-    gemm_min_rows = 64
-    gemm_min_keys = 512
-    # Shared prefixes (of at least gemm_min_keys keys) too, from 64 rows on them: bench-58m, a 768-token prefix, 8
-    # sequences admitted with 32 tokens each, the whole step in bf16 150 -> 123 ms (fp32: even, 221 -> 220); with
-    # 8-40 rows (decode rows and one admission) neither way is ahead (2026-12-03).
-    prefix_min_rows = 64
+    # What goes through torch's flash attention instead of the op, by dtype: (a chunk's min new tokens, its min keys,
+    # min rows on one shared prefix of at least min keys). Measured on one core of a Xeon with AMX (8 heads / 4 KV
+    # heads of 64, one chunk, the op's time / flash attention's, 2026-12-05): bfloat16 1.0-2.7x from 16 rows on 128
+    # keys (0.6-0.8x below; 0.3-1.0x at 4-8 rows); float32 1.3-1.5x from 32 rows on 512 keys (0.4-0.9x at fewer
+    # rows or keys). Other dtypes go by float32's.
+    gemm_thresholds = {torch.bfloat16: (16, 128, 16), torch.float32: (32, 512, 32)}
 
     def __init__(self):
         self.op = load_op()
@@ -138,7 +134,7 @@ class CpuPagedAttention(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)
         if meta.derived is None:
-            meta.derived = plan_gemms(meta, self.gemm_min_rows, self.gemm_min_keys, self.prefix_min_rows)
+            meta.derived = plan_gemms(meta, *(self.gemm_thresholds.get(q.dtype) or self.gemm_thresholds[torch.float32]))
         plan: GemmPlan = meta.derived
         # out (T, H, D), lse (T, H): float32
         out, lse = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
@@ -158,34 +154,40 @@ class CpuPagedAttention(AttentionBackend):
 
     def _gemm_attention(self, q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, num_keys: int, scale: float,
                         causal: bool, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows' attention to the keys at `slots` (num_keys real ones, then padding), one KV head at a time:
-        q (M, H, D) -> out (M, H, D) and, unless causal, each row's log-sum-exp of scores (M, H) float32.
+        """Rows' attention to the keys at `slots` (num_keys real ones, then padding) through torch's CPU flash
+        attention (blocked, float32 sums, its GEMMs on AMX tiles where the CPU has them): q (M, H, D) -> out
+        (M, H, D) and each row's log-sum-exp of scores (M, H) float32.
 
         causal: the rows are one chunk's new tokens, the last M of the keys (which each sees up to its own, within
         `window`); else every row sees every key (a prefix before all of them)."""
         M, H, D = q.shape
         Hkv = cache.shape[2]
         G = H // Hkv  # query heads per KV head
-        M_pad = padded_rows(M)
-        q_pad = q.new_zeros(M_pad, H, D)
-        q_pad[:M] = q * scale
-        out, lse = torch.empty_like(q), q.new_empty(M, H, dtype=torch.float32)
-        for h in range(Hkv):
-            k = cache[0][:, h].index_select(0, slots)  # (L_pad, D)
-            v_t = cache[1][:, h].index_select(0, slots).T.contiguous()  # (D, L_pad)
-            qh = q_pad[:, h * G : (h + 1) * G].transpose(0, 1).reshape(G * M_pad, D)  # (G*M_pad, D), head-major
-            scores = _matmul_t(qh, k).float()  # (G*M_pad, L_pad); the probabilities after the softmax, 0 if masked
-            if causal:
-                self.op.causal_softmax_(scores, M, M_pad, num_keys, window)
-            else:
-                lse[:, h * G : (h + 1) * G] = self.op.softmax_lse_(scores, num_keys).view(G, M_pad)[:, :M].T
-            o = _matmul_t(scores.to(q.dtype), v_t).view(G, M_pad, D)  # (G, M_pad, D)
-            out[:, h * G : (h + 1) * G] = o[:, :M].transpose(0, 1)
-        return out, lse
+        M_pad, L_pad = padded_rows(M), slots.shape[0]
+        if M_pad != M:
+            q = torch.cat([q, q.new_zeros(M_pad - M, H, D)])  # (M_pad, H, D)
+        q = q.view(M_pad, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, M_pad, D), a view
+        # (L_pad, Hkv, D) -> (Hkv, G, L_pad, D): each KV head seen by its G query heads (a stride-0 view, no copy)
+        k, v = (cache[i].index_select(0, slots).permute(1, 0, 2).unsqueeze(1).expand(Hkv, G, L_pad, D) for i in (0, 1))
+        mask = _key_mask(M, M_pad, L_pad, num_keys, window if causal else None, q.dtype)  # (M_pad, L_pad)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+        # out (Hkv, G, M_pad, D) -> (M, H, D); lse (Hkv, G, M_pad) -> (M, H)
+        return out[:, :, :M].permute(2, 0, 1, 3).reshape(M, H, D), lse[:, :, :M].permute(2, 0, 1).reshape(M, H)
 
 
-def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T, through oneDNN where it is available (2x MKL's speed on some CPUs)."""
-    if onednn_linear_available(a.dtype):
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return a @ b.T
+# A step's layers share their chunks' masks (every layer asks for the same ones; a few steps' worth kept).
+@functools.lru_cache(maxsize=8)
+def _key_mask(M: int, M_pad: int, L_pad: int, num_keys: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """(M_pad, L_pad) additive mask, 0 where a row sees a key and -inf elsewhere. window None: every row sees the
+    num_keys real keys (a shared prefix); else (a chunk, its M new tokens the last of the keys) row i at position
+    p = num_keys - M + i sees keys max(0, p - window + 1) .. p (window 0: no window). Padding rows (i >= M) see every
+    real key, so that they stay finite."""
+    keys = torch.arange(L_pad)  # (L_pad,)
+    if window is None:
+        seen = (keys < num_keys).expand(M_pad, L_pad)
+    else:
+        last = (num_keys - M + torch.arange(M_pad)).clamp(max=num_keys - 1)[:, None]  # (M_pad, 1)
+        seen = keys <= last
+        if window > 0:
+            seen &= keys > last - window
+    return torch.zeros(M_pad, L_pad, dtype=dtype).masked_fill_(~seen, float("-inf"))

@@ -424,58 +424,8 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(
   return {out, lse};
 }
 
-// The softmax of a long chunk's scores, in place, with its causal (and sliding-window) mask applied on the fly.
-// scores (R, L_pad) float32 holds G blocks of M_pad rows (G query heads, each with rows for the chunk's M new
-// tokens, then padding) against the chunk's context of num_keys keys, its new tokens last, then padding keys.
-// Row r is token i = r % M_pad at position p = num_keys - M + i, which sees keys max(0, p - window + 1) .. p;
-// a padding row (i >= M) sees every real key, so that it stays finite. Everything else becomes 0 (padding keys
-// included: they then add nothing to the output). Cheaper than masked_fill + softmax: one pass over the visible
-// keys.
-void causal_softmax_(torch::Tensor scores, int64_t num_new, int64_t rows_per_head, int64_t num_keys,
-                     int64_t window) {
-  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
-              "scores must be a contiguous 2-d float32 tensor");
-  const int64_t R = scores.size(0), L = scores.size(1);
-  TORCH_CHECK(num_new >= 1 && num_new <= rows_per_head && R % rows_per_head == 0 && num_new <= num_keys &&
-                  num_keys <= L, "bad num_new, rows_per_head or num_keys for these scores");
-  float* base = scores.data_ptr<float>();
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* s = base + r * L;
-      const int64_t p = std::min(num_keys - num_new + r % rows_per_head, num_keys - 1);
-      const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-      softmax_(s + first, p - first + 1);
-      std::fill(s, s + first, 0.f);
-      std::fill(s + p + 1, s + L, 0.f);
-    }
-  });
-}
-
-// The softmax of each row's first num_keys scores, in place, the padding keys after them set to 0; returns each
-// row's log-sum-exp of those scores (R,). scores: (R, L_pad) contiguous float32 (a shared prefix's, see cpu.py).
-torch::Tensor softmax_lse_(torch::Tensor scores, int64_t num_keys) {
-  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
-              "scores must be a contiguous 2-d float32 tensor");
-  const int64_t R = scores.size(0), L = scores.size(1);
-  TORCH_CHECK(num_keys >= 1 && num_keys <= L, "bad num_keys for these scores");
-  auto lse = torch::empty({R}, scores.options());
-  float* base = scores.data_ptr<float>();
-  float* out = lse.data_ptr<float>();
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      out[r] = softmax_(base + r * L, num_keys);
-      std::fill(base + r * L + num_keys, base + (r + 1) * L, 0.f);
-    }
-  });
-  return lse;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL while they run (they touch no Python object): a rank's Ray threads unpickle the next step meanwhile.
   m.def("paged_attention", &paged_attention, "varlen paged attention over a block KV cache (CPU)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("causal_softmax_", &causal_softmax_, "in-place causal (sliding-window) softmax of a chunk's scores",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("softmax_lse_", &softmax_lse_, "in-place softmax of each row's first num_keys scores, returning log-sum-exps",
         py::call_guard<py::gil_scoped_release>());
 }
