@@ -114,10 +114,12 @@ class CpuPagedAttention(AttentionBackend):
     name = "cpu"
     # What goes through torch's flash attention instead of the op, by dtype: (a chunk's min new tokens, its min keys,
     # min rows on one shared prefix of at least min keys). Measured on one core of a Xeon with AMX (8 heads / 4 KV
-    # heads of 64, one chunk, the op's time / flash attention's, 2026-12-05): bfloat16 1.0-2.7x from 16 rows on 128
-    # keys (0.6-0.8x below; 0.3-1.0x at 4-8 rows); float32 1.3-1.5x from 32 rows on 512 keys (0.4-0.9x at fewer
-    # rows or keys). Other dtypes go by float32's.
-    gemm_thresholds = {torch.bfloat16: (16, 128, 16), torch.float32: (32, 512, 32)}
+    # heads of 64, 2026-12-05): for one chunk, the op's time / flash attention's is 1.0-2.7x in bfloat16 from 16 rows
+    # on 128 keys (0.3-1.0x at 4-8 rows) and 1.3-1.5x in float32 from 32 rows on 512 keys (0.4-0.9x at fewer rows or
+    # keys). Where several sequences on a cached prefix each bring 16-48 tokens, one flash call for all their rows
+    # on the prefix (the op doing the rest) beats a call per sequence: the step admitting 4 of them on a 768-token
+    # prefix 53 -> 46 ms; hence a chunk alone from 64 rows. Other dtypes go by float32's.
+    gemm_thresholds = {torch.bfloat16: (64, 128, 16), torch.float32: (64, 512, 32)}
 
     def __init__(self):
         self.op = load_op()
