@@ -32,7 +32,7 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_
     assert fast.name == "cpu"
     # Which sequences take the GEMM path instead of the row-by-row op: the 17-, 24- and 40-token chunks, all of
     # them (decode rows too), or none.
-    fast.gemm_thresholds = {dtype: (gemm_min_rows, 0, gemm_min_rows)}
+    fast.flash_thresholds = {dtype: (gemm_min_rows, 0, gemm_min_rows)}
     chunks, q, k, v, cache = random_step(MIXED, heads, kv_heads, 32, BLOCK_SIZE, dtype, seed=heads * 10 + kv_heads)
     outs = []
     for backend in (reference, fast):
@@ -52,18 +52,19 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_
 @pytest.mark.parametrize("head_dim", [32, 64, 48], ids=["d32", "d64", "d48"])
 @pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("gemm_min_rows", [1000, 6, 2], ids=["op", "prefix-gemm", "prefix-and-chunk-gemm"])
-def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window, dtype, gemm_min_rows):
+@pytest.mark.parametrize("thresholds", [(1000, 0, 1000), (1000, 0, 2), (2, 0, 1000)],
+                         ids=["op", "prefix-group", "chunk"])
+def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window, dtype, thresholds):
     """Sequences that share a cached prefix's blocks (what prefix caching hands out), with decode rows and a short
-    chunk after it, beside a sequence of its own: the op computes rows that share blocks together; or (6) the four
-    sequences' 8 rows on the prefix attend to it through GEMMs, the op doing the rest of each row; or (2) the
-    5-token chunk is a GEMM chunk and the other three share the prefix GEMM."""
+    chunk after it, beside a sequence of its own: the op computes rows that share blocks together; or the four
+    sequences' 8 rows go through one flash call (the prefix once, then each one's own keys, masked to their own);
+    or the 5-token chunk goes through flash attention alone."""
     reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
-    fast.gemm_thresholds = {dtype: (gemm_min_rows, 0, gemm_min_rows)}
+    fast.flash_thresholds = {dtype: thresholds}
     prefix = [9, 2, 14, 5, 11]  # 20 cached tokens
     chunks = [
         SeqChunk(20, 1, prefix + [0]),
-        SeqChunk(37, 1, prefix + [7, 3, 12, 1, 16]),
+        SeqChunk(29, 1, prefix + [7, 3, 12]),
         SeqChunk(20, 5, prefix + [4, 15]),
         SeqChunk(17, 1, [8, 6, 10, 13, 17]),
         SeqChunk(23, 1, prefix + [18]),
@@ -75,8 +76,10 @@ def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window,
     metas = [build_metadata(chunks, BLOCK_SIZE, CPU, window) for _ in range(2)]
     outs = [backend.forward(q, k, v, cache.clone(), meta, 0.1) for backend, meta in zip((reference, fast), metas)]
     plan = metas[1].derived
-    assert len(plan.prefixes) == (gemm_min_rows < 1000 and window is None)
-    assert int(plan.skip.sum()) == (gemm_min_rows == 2)
+    grouped = thresholds[2] < 1000 and window is None
+    chunk_alone = thresholds[0] < 1000
+    assert len(plan.groups) == grouped + chunk_alone
+    assert int(plan.skip.sum()) == 4 * grouped + chunk_alone
     tol = 2e-6 if dtype == torch.float32 else 2e-2
     assert (outs[1].float() - outs[0].float()).abs().max().item() < tol
 

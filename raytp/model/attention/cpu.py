@@ -1,23 +1,23 @@
-"""The CPU attention backend: a small C++ op that reads the block KV cache in place, and GEMMs for long prompt
-chunks.
+"""The CPU attention backend: a small C++ op that reads the block KV cache in place, and torch's CPU flash attention
+for long prompt chunks and for sequences on a shared prefix.
 
 No library offers variable-length paged attention on the CPU for plain torch
 (SDPA needs the keys gathered into padded batches, FlexAttention needs
 torch.compile per shape), so paged_attention_cpu.cpp does it in a few hundred
 lines: one call per layer for a step's decode rows and short chunks, GQA and
 sliding windows included. It computes row by row (rows that share their first
-cache block, key tile by key tile, so a shared prefix is read once); a long
-prompt chunk instead gathers its context once and runs through oneDNN's
-GEMMs, which reuse each key across all its queries. So do the rows of
-sequences on one cached prefix (requests admitted together on a shared
-system prompt or document): their attention to the prefix is one GEMM, the
-op computes the rest of each row, and the two parts are merged by their
-log-sum-exps. The op is built once per machine and cached on disk
-(raytp/model/cpu_ops.py).
+cache block, key tile by key tile, so a shared prefix is read once). A long
+prompt chunk instead gathers its context once and goes through torch's flash
+attention (`_scaled_dot_product_flash_attention_for_cpu`: blocked, float32
+sums, its GEMMs on AMX tiles where the CPU has them), with an additive mask for
+its causal (and sliding-window) pattern. So do the rows of sequences on one
+cached prefix (requests admitted together on a shared system prompt or
+document): one call for all of them, over the prefix once and each one's keys
+after it, the mask keeping each row to the prefix and its own keys. The op is
+built once per machine and cached on disk (raytp/model/cpu_ops.py).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,94 +32,116 @@ def load_op():
     return load_extension(ATTENTION_SOURCE)
 
 
-# The GEMMs' shapes are bucketed (context keys to a multiple of this, query rows by padded_rows): oneDNN compiles
-# a kernel for every new shape (~0.9 ms for a 60 x 800 one, against 0.07 ms to run it), and without buckets
-# nearly every chunk would bring new ones.
+# Flash attention's shapes are bucketed (keys to a multiple of this, query rows by padded_rows): its GEMM kernels
+# are made (JIT-compiled) for each new shape, and without buckets nearly every chunk would bring new ones.
 KEY_BUCKET = 128
 
 
-class LongChunk:
-    """A prompt chunk computed with GEMMs: its query rows and its context's cache slots."""
+class FlashGroup:
+    """Rows that one call of torch's flash attention computes: a prompt chunk's, or those of several sequences on
+    one cached prefix (each row sees the prefix and its own sequence's keys after it, up to its position)."""
 
-    def __init__(self, rows: slice, slots: torch.Tensor, num_keys: int):
-        self.rows = rows  # its new tokens' rows in q
-        # (L_pad,) cache slot of each context position 0 .. L-1 (its new tokens last), then padding keys (slot of
-        # position 0: real, finite values, masked out)
-        self.slots = slots
-        self.num_keys = num_keys  # L
+    def __init__(self, rows: torch.Tensor, slots: torch.Tensor, seen: torch.Tensor):
+        self.rows = rows  # (R,) int64: the rows in q
+        self.slots = slots  # (L_pad,) cache slot of each key, then padding keys (slot of the first: finite, unseen)
+        self.seen = seen  # (R_pad, L_pad) bool: which keys each row sees (padding rows: the first key only)
+        self._masks: dict[torch.dtype, torch.Tensor] = {}
 
-
-class SharedPrefix:
-    """Rows of several sequences whose contexts begin with the same cached blocks: their attention to those keys."""
-
-    def __init__(self, rows: torch.Tensor, slots: torch.Tensor, num_keys: int):
-        self.rows = rows  # (R,) int64: the sequences' new tokens' rows in q
-        self.slots = slots  # (L_pad,) cache slot of each prefix position 0 .. L-1, then padding keys (masked out)
-        self.num_keys = num_keys  # L: every row sees all of them (they precede each sequence's new tokens)
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(R_pad, L_pad) additive mask in `dtype` (what the flash op takes): 0 where seen, else -inf. Made at the
+        step's first layer, reused by the others."""
+        if dtype not in self._masks:
+            self._masks[dtype] = torch.zeros(self.seen.shape, dtype=dtype).masked_fill_(~self.seen, float("-inf"))
+        return self._masks[dtype]
 
 
 @dataclass
-class GemmPlan:
-    """What a step computes with GEMMs (derived once per step): long chunks (the op skips their sequences) and shared
-    prefixes (the op starts their sequences' rows at key_start)."""
+class FlashPlan:
+    """What a step computes through flash attention (derived once per step); the op skips those sequences."""
 
-    chunks: list[LongChunk]
-    prefixes: list[SharedPrefix]
+    groups: list[FlashGroup]
     skip: torch.Tensor  # (B,) bool
-    key_start: torch.Tensor  # (B,) int32
 
 
-def _context_slots(meta: AttentionMetadata, b: int, num_keys: int) -> torch.Tensor:
-    """(L_pad,) cache slots of sequence b's positions 0 .. num_keys - 1, padded to a KEY_BUCKET multiple with the
-    slot of position 0 (real, finite values, to be masked out)."""
-    blocks = meta.block_tables[b, : -(-num_keys // meta.block_size)].long()
-    slots = (blocks[:, None] * meta.block_size + torch.arange(meta.block_size)).reshape(-1)[:num_keys]  # (L,)
-    return torch.cat([slots, slots[:1].expand(-num_keys % KEY_BUCKET)])
+def _slots(meta: AttentionMetadata, b: int, start: int, end: int) -> torch.Tensor:
+    """(end - start,) cache slots of sequence b's positions start .. end - 1."""
+    positions = torch.arange(start, end)
+    return meta.block_tables[b].long()[positions // meta.block_size] * meta.block_size + positions % meta.block_size
 
 
-def plan_gemms(meta: AttentionMetadata, min_rows: int, min_keys: int, prefix_min_rows: int) -> GemmPlan:
-    """Which of the step's rows go through GEMMs: a chunk of at least min_rows new tokens on at least min_keys keys
-    (all its attention), and sequences sharing at least min_keys keys of cached prefix with at least prefix_min_rows
-    rows among them (their attention to that prefix; not under a sliding window, where rows see different
-    prefixes)."""
+def flash_group(meta: AttentionMetadata, seqs: list[int], prefix_len: int) -> FlashGroup:
+    """The FlashGroup of sequences `seqs` (indices in the step) sharing their first prefix_len keys (0 for one
+    chunk alone). Its keys: the prefix once, then each sequence's own after it. Row i of sequence b at position p
+    sees the prefix and b's keys up to p (within the sliding window); keys and rows are padded to buckets (KEY_BUCKET,
+    padded_rows) so that the flash kernels' shapes repeat."""
     offsets, lens = meta.query_start.tolist(), meta.seq_lens.tolist()
-    first_blocks = meta.block_tables[:, 0].tolist()
-    chunks, skip = [], torch.zeros(len(lens), dtype=torch.bool)
-    on_block: dict[int, list[int]] = {}  # first cache block -> the sequences (not GEMM chunks) starting with it
-    for b, seq_len in enumerate(lens):
+    window = meta.sliding_window or 0
+    slots, key_pos, key_owner = [_slots(meta, seqs[0], 0, prefix_len)], [torch.arange(prefix_len)], [
+        torch.full((prefix_len,), -1)]
+    rows, row_pos, row_owner = [], [], []
+    for i, b in enumerate(seqs):
         num_new = offsets[b + 1] - offsets[b]
-        if num_new >= min_rows and seq_len >= min_keys:
-            chunks.append(LongChunk(slice(offsets[b], offsets[b + 1]), _context_slots(meta, b, seq_len), seq_len))
-            skip[b] = True
-        elif seq_len - num_new >= min_keys and meta.sliding_window is None:
-            on_block.setdefault(first_blocks[b], []).append(b)
-    prefixes, key_start = [], torch.zeros(len(lens), dtype=torch.int32)
-    for group in on_block.values():
-        if len(group) < 2 or sum(offsets[b + 1] - offsets[b] for b in group) < prefix_min_rows:
+        slots.append(_slots(meta, b, prefix_len, lens[b]))
+        key_pos.append(torch.arange(prefix_len, lens[b]))
+        key_owner.append(torch.full((lens[b] - prefix_len,), i))
+        rows.append(torch.arange(offsets[b], offsets[b + 1]))
+        row_pos.append(torch.arange(lens[b] - num_new, lens[b]))
+        row_owner.append(torch.full((num_new,), i))
+    slots, key_pos, key_owner = torch.cat(slots), torch.cat(key_pos), torch.cat(key_owner)  # (L,)
+    rows, row_pos, row_owner = torch.cat(rows), torch.cat(row_pos), torch.cat(row_owner)  # (R,)
+    L, R = slots.shape[0], rows.shape[0]
+    key_pad, row_pad = -L % KEY_BUCKET, padded_rows(R) - R
+    slots = torch.cat([slots, slots[:1].expand(key_pad)])  # (L_pad,)
+    key_pos, key_owner = torch.cat([key_pos, key_pos.new_zeros(key_pad)]), torch.cat([key_owner, key_owner.new_full((key_pad,), -2)])
+    row_pos, row_owner = torch.cat([row_pos, row_pos.new_zeros(row_pad)]), torch.cat([row_owner, row_owner.new_full((row_pad,), -3)])
+    seen = ((key_owner == -1) | (key_owner == row_owner[:, None])) & (key_pos <= row_pos[:, None])  # (R_pad, L_pad)
+    if window:
+        seen &= key_pos > row_pos[:, None] - window
+    seen[R:, 0] = True
+    return FlashGroup(rows, slots, seen)
+
+
+def plan_flash(meta: AttentionMetadata, min_rows: int, min_keys: int, group_min_rows: int) -> FlashPlan:
+    """Which of the step's sequences go through flash attention: those sharing a cached prefix of at least min_keys
+    keys, with at least group_min_rows rows among them and fewer keys of their own after it than the prefix (so that
+    keys seen by one row only do not outweigh the shared ones), as one group; then a chunk of at least min_rows new
+    tokens on at least min_keys keys alone. Not groups under a sliding window, where rows see different prefixes."""
+    offsets, lens = meta.query_start.tolist(), meta.seq_lens.tolist()
+    num_new = [offsets[b + 1] - offsets[b] for b in range(len(lens))]
+    groups, skip = [], torch.zeros(len(lens), dtype=torch.bool)
+    on_block: dict[int, list[int]] = {}  # first cache block -> the sequences with enough cached context
+    if meta.sliding_window is None:
+        first_blocks = meta.block_tables[:, 0].tolist()
+        for b, seq_len in enumerate(lens):
+            if seq_len - num_new[b] >= min_keys:
+                on_block.setdefault(first_blocks[b], []).append(b)
+    for seqs in on_block.values():
+        if len(seqs) < 2 or sum(num_new[b] for b in seqs) < group_min_rows:
             continue
         # The blocks all of them hold, within every one's context (positions before its new tokens).
-        context_blocks = min((lens[b] - (offsets[b + 1] - offsets[b])) // meta.block_size for b in group)
-        tables = meta.block_tables[group, :context_blocks]  # (n, C)
+        context_blocks = min((lens[b] - num_new[b]) // meta.block_size for b in seqs)
+        tables = meta.block_tables[seqs, :context_blocks]  # (n, C)
         same = (tables == tables[0]).all(dim=0)  # (C,)
-        num_keys = (context_blocks if bool(same.all()) else int(same.to(torch.int8).argmin())) * meta.block_size
-        if num_keys < min_keys:
+        prefix_len = (context_blocks if bool(same.all()) else int(same.to(torch.int8).argmin())) * meta.block_size
+        if prefix_len < min_keys or sum(lens[b] - prefix_len for b in seqs) > prefix_len:
             continue
-        rows = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in group])
-        prefixes.append(SharedPrefix(rows, _context_slots(meta, group[0], num_keys), num_keys))
-        key_start[group] = num_keys
-    return GemmPlan(chunks, prefixes, skip, key_start)
+        groups.append(flash_group(meta, seqs, prefix_len))
+        skip[seqs] = True
+    for b, seq_len in enumerate(lens):
+        if not skip[b] and num_new[b] >= min_rows and seq_len >= min_keys:
+            groups.append(flash_group(meta, [b], 0))
+            skip[b] = True
+    return FlashPlan(groups, skip)
 
 
 class CpuPagedAttention(AttentionBackend):
     name = "cpu"
     # What goes through torch's flash attention instead of the op, by dtype: (a chunk's min new tokens, its min keys,
-    # min rows on one shared prefix of at least min keys). Measured on one core of a Xeon with AMX (8 heads / 4 KV
-    # heads of 64, 2026-12-05): for one chunk, the op's time / flash attention's is 1.0-2.7x in bfloat16 from 16 rows
-    # on 128 keys (0.3-1.0x at 4-8 rows) and 1.3-1.5x in float32 from 32 rows on 512 keys (0.4-0.9x at fewer rows or
-    # keys). Where several sequences on a cached prefix each bring 16-48 tokens, one flash call for all their rows
-    # on the prefix (the op doing the rest) beats a call per sequence: the step admitting 4 of them on a 768-token
-    # prefix 53 -> 46 ms; hence a chunk alone from 64 rows. Other dtypes go by float32's.
-    gemm_thresholds = {torch.bfloat16: (64, 128, 16), torch.float32: (64, 512, 32)}
+    # min rows of sequences on one cached prefix of at least min keys). Measured on one core of a Xeon with AMX (8
+    # heads / 4 KV heads of 64, 2026-12-05): for one chunk, the op's time / flash attention's is 1.0-2.7x in bfloat16
+    # from 16 rows on 128 keys (0.3-1.0x at 4-8 rows) and 1.3-1.5x in float32 from 32 rows on 512 keys (0.4-0.9x at
+    # fewer rows or keys). Other dtypes go by float32's.
+    flash_thresholds = {torch.bfloat16: (16, 128, 16), torch.float32: (32, 512, 32)}
 
     def __init__(self):
         self.op = load_op()
@@ -136,60 +158,34 @@ class CpuPagedAttention(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)
         if meta.derived is None:
-            meta.derived = plan_gemms(meta, *(self.gemm_thresholds.get(q.dtype) or self.gemm_thresholds[torch.float32]))
-        plan: GemmPlan = meta.derived
-        # out (T, H, D), lse (T, H): float32
-        out, lse = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
-                                           meta.block_size, scale, meta.sliding_window or 0, plan.skip, plan.key_start)
-        for chunk in plan.chunks:
-            out[chunk.rows], _ = self._gemm_attention(q[chunk.rows], cache, chunk.slots, chunk.num_keys, scale,
-                                                      causal=True, window=meta.sliding_window or 0)
-        for prefix in plan.prefixes:
-            # softmax over prefix + rest = each part's softmax, weighted by its share of the exp-sum: sigmoid of
-            # the difference of their log-sum-exps.
-            o_prefix, lse_prefix = self._gemm_attention(q[prefix.rows], cache, prefix.slots, prefix.num_keys, scale,
-                                                        causal=False)
-            o_rest = out[prefix.rows]  # (R, H, D)
-            weight = torch.sigmoid(lse_prefix - lse[prefix.rows]).unsqueeze(-1)  # (R, H, 1)
-            out[prefix.rows] = o_rest + (o_prefix - o_rest) * weight
-        return out.to(q.dtype)
+            meta.derived = plan_flash(meta, *(self.flash_thresholds.get(q.dtype) or self.flash_thresholds[torch.float32]))
+        plan: FlashPlan = meta.derived
+        # out (T, H, D) float32 (the op's log-sum-exps are not needed here)
+        out, _ = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
+                                         meta.block_size, scale, meta.sliding_window or 0, plan.skip, self._no_key_start(meta))
+        out = out.to(q.dtype)
+        for group in plan.groups:
+            out[group.rows] = self._flash_attention(q[group.rows], cache, group, scale)
+        return out
 
-    def _gemm_attention(self, q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, num_keys: int, scale: float,
-                        causal: bool, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows' attention to the keys at `slots` (num_keys real ones, then padding) through torch's CPU flash
-        attention (blocked, float32 sums, its GEMMs on AMX tiles where the CPU has them): q (M, H, D) -> out
-        (M, H, D) and each row's log-sum-exp of scores (M, H) float32.
+    @staticmethod
+    def _no_key_start(meta: AttentionMetadata) -> torch.Tensor:
+        # (B,) int32 zeros: every row the op computes attends from the first key.
+        return torch.zeros(meta.seq_lens.shape[0], dtype=torch.int32)
 
-        causal: the rows are one chunk's new tokens, the last M of the keys (which each sees up to its own, within
-        `window`); else every row sees every key (a prefix before all of them)."""
-        M, H, D = q.shape
+    def _flash_attention(self, q: torch.Tensor, cache: torch.Tensor, group: FlashGroup, scale: float) -> torch.Tensor:
+        """A group's rows through torch's CPU flash attention (blocked, float32 sums, its GEMMs on AMX tiles where
+        the CPU has them): q (R, H, D) -> (R, H, D)."""
+        R, H, D = q.shape
         Hkv = cache.shape[2]
         G = H // Hkv  # query heads per KV head
-        M_pad, L_pad = padded_rows(M), slots.shape[0]
-        if M_pad != M:
-            q = torch.cat([q, q.new_zeros(M_pad - M, H, D)])  # (M_pad, H, D)
-        q = q.view(M_pad, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, M_pad, D), a view
+        R_pad, L_pad = group.seen.shape
+        if R_pad != R:
+            q = torch.cat([q, q.new_zeros(R_pad - R, H, D)])  # (R_pad, H, D)
+        q = q.view(R_pad, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, R_pad, D), a view
         # (L_pad, Hkv, D) -> (Hkv, G, L_pad, D): each KV head seen by its G query heads (a stride-0 view, no copy)
-        k, v = (cache[i].index_select(0, slots).permute(1, 0, 2).unsqueeze(1).expand(Hkv, G, L_pad, D) for i in (0, 1))
-        mask = _key_mask(M, M_pad, L_pad, num_keys, window if causal else None, q.dtype)  # (M_pad, L_pad)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
-        # out (Hkv, G, M_pad, D) -> (M, H, D); lse (Hkv, G, M_pad) -> (M, H)
-        return out[:, :, :M].permute(2, 0, 1, 3).reshape(M, H, D), lse[:, :, :M].permute(2, 0, 1).reshape(M, H)
-
-
-# A step's layers share their chunks' masks (every layer asks for the same ones; a few steps' worth kept).
-@functools.lru_cache(maxsize=8)
-def _key_mask(M: int, M_pad: int, L_pad: int, num_keys: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """(M_pad, L_pad) additive mask, 0 where a row sees a key and -inf elsewhere. window None: every row sees the
-    num_keys real keys (a shared prefix); else (a chunk, its M new tokens the last of the keys) row i at position
-    p = num_keys - M + i sees keys max(0, p - window + 1) .. p (window 0: no window). Padding rows (i >= M) see every
-    real key, so that they stay finite."""
-    keys = torch.arange(L_pad)  # (L_pad,)
-    if window is None:
-        seen = (keys < num_keys).expand(M_pad, L_pad)
-    else:
-        last = (num_keys - M + torch.arange(M_pad)).clamp(max=num_keys - 1)[:, None]  # (M_pad, 1)
-        seen = keys <= last
-        if window > 0:
-            seen &= keys > last - window
-    return torch.zeros(M_pad, L_pad, dtype=dtype).masked_fill_(~seen, float("-inf"))
+        k, v = (cache[i].index_select(0, group.slots).permute(1, 0, 2).unsqueeze(1).expand(Hkv, G, L_pad, D)
+                for i in (0, 1))
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=group.mask(q.dtype),
+                                                                            scale=scale)
+        return out[:, :, :R].permute(2, 0, 1, 3).reshape(R, H, D)  # (Hkv, G, R_pad, D) -> (R, H, D)
