@@ -160,18 +160,12 @@ class CpuPagedAttention(AttentionBackend):
         if meta.derived is None:
             meta.derived = plan_flash(meta, *(self.flash_thresholds.get(q.dtype) or self.flash_thresholds[torch.float32]))
         plan: FlashPlan = meta.derived
-        # out (T, H, D) float32 (the op's log-sum-exps are not needed here)
-        out, _ = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
-                                         meta.block_size, scale, meta.sliding_window or 0, plan.skip, self._no_key_start(meta))
-        out = out.to(q.dtype)
+        # (T, H, D): the op's float32 rows rounded once
+        out = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
+                                      meta.block_size, scale, meta.sliding_window or 0, plan.skip).to(q.dtype)
         for group in plan.groups:
             out[group.rows] = self._flash_attention(q[group.rows], cache, group, scale)
         return out
-
-    @staticmethod
-    def _no_key_start(meta: AttentionMetadata) -> torch.Tensor:
-        # (B,) int32 zeros: every row the op computes attends from the first key.
-        return torch.zeros(meta.seq_lens.shape[0], dtype=torch.int32)
 
     def _flash_attention(self, q: torch.Tensor, cache: torch.Tensor, group: FlashGroup, scale: float) -> torch.Tensor:
         """A group's rows through torch's CPU flash attention (blocked, float32 sums, its GEMMs on AMX tiles where

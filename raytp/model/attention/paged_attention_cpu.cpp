@@ -9,12 +9,10 @@
 // block_tables[b][k / block_size] * block_size + k % block_size.
 //
 // Sequences flagged in skip (B,) bool are left out, their output rows
-// unwritten: the caller computes those long prompt chunks with GEMMs, which
-// reuse each key across many queries (see cpu.py). Sequence b's rows see no
-// key before key_start[b] either: the caller computes their attention to a
-// cached prefix shared by several sequences with GEMMs and merges the two
-// parts by each row's log-sum-exp of scores, which the op returns beside its
-// output (both float32, whatever the dtype of q and the cache).
+// unwritten: the caller computes those (long prompt chunks, sequences on a
+// shared prefix) with torch's flash attention, which reuses each key across
+// many queries (see cpu.py). The output is float32, whatever the dtype of q
+// and the cache.
 //
 // Work items are groups of query rows whose sequences share their first cache
 // block (one sequence's chunk; sequences on a cached prefix), at most 16 rows,
@@ -44,9 +42,8 @@
 
 namespace {
 
-// s[0..n) <- softmax(s[0..n)), in place (n >= 1); returns log(sum(exp(s))) of the scores it was given. exp is
-// vectorised (-ffast-math, libmvec).
-inline float softmax_(float* s, int64_t n) {
+// s[0..n) <- softmax(s[0..n)), in place (n >= 1). exp is vectorised (-ffast-math, libmvec).
+inline void softmax_(float* s, int64_t n) {
   float mx = s[0];
   for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
   float sum = 0.f;
@@ -58,7 +55,6 @@ inline float softmax_(float* s, int64_t n) {
   const float inv = 1.f / sum;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-  return mx + std::log(sum);
 }
 
 // The cache slot of each of a row's keys first_key .. last_key, block by block (no division per key).
@@ -158,7 +154,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
                          int64_t block_size, int64_t H, int64_t Hkv, float scale,
                          std::vector<std::vector<int64_t>>& slots,   // scratch: each row's key slots
                          std::vector<std::vector<float>>& scores,    // scratch: each row's (H, keys) scores
-                         float* out, float* lse) {
+                         float* out) {
   constexpr int64_t D = 16 * NC;
   // Keys per tile of the values' pass: one KV head's values for 64 keys are 16 KiB at head_dim 64, so a group's
   // rows share them in L1, and a row's accumulators go through memory once per 64 keys.
@@ -200,7 +196,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
   }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = slots[r].size();
-    for (int64_t h = 0; h < H; ++h) lse[rows[r].index * H + h] = softmax_(scores[r].data() + h * n, n);
+    for (int64_t h = 0; h < H; ++h) softmax_(scores[r].data() + h * n, n);
     std::fill(out + rows[r].index * H * D, out + (rows[r].index + 1) * H * D, 0.f);
   }
   // Tile by tile (a tile's values come from memory once, for every head), two query heads of the same KV head at
@@ -249,7 +245,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
 template <typename scalar_t>
 void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* slots,
                         int64_t n, int64_t H, int64_t Hkv, int64_t D, float scale, float* scores,
-                        std::vector<float>& qf, float* out, float* lse) {
+                        std::vector<float>& qf, float* out) {
   const int64_t G = H / Hkv;  // query heads per KV head (GQA)
   std::fill(out, out + H * D, 0.f);
   qf.resize(H * D);
@@ -265,7 +261,7 @@ void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar
       scores[h * n + j] = dot * scale;
     }
   }
-  for (int64_t h = 0; h < H; ++h) lse[h] = softmax_(scores + h * n, n);
+  for (int64_t h = 0; h < H; ++h) softmax_(scores + h * n, n);
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t* vslot = v_cache + slots[j] * Hkv * D;
     for (int64_t h = 0; h < H; ++h) {
@@ -283,13 +279,13 @@ void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar
 template <typename kv_t>
 void attend_group_fast(const Row* rows, int64_t R, const float* q, const kv_t* k_cache, const kv_t* v_cache,
                        int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
-                       std::vector<std::vector<int64_t>>& slots, std::vector<std::vector<float>>& scores, float* out,
-                       float* lse) {
+                       std::vector<std::vector<int64_t>>& slots, std::vector<std::vector<float>>& scores,
+                       float* out) {
   switch (D) {
 #define RAYTP_GROUP(NC)                                                                                          \
   case 16 * NC:                                                                                                 \
     return attend_group_avx512<NC, kv_t>(rows, R, q, k_cache, v_cache, block_size, H, Hkv, scale, slots, scores, \
-                                         out, lse);
+                                         out);
     RAYTP_GROUP(1) RAYTP_GROUP(2) RAYTP_GROUP(3) RAYTP_GROUP(4)
     RAYTP_GROUP(5) RAYTP_GROUP(6) RAYTP_GROUP(7) RAYTP_GROUP(8)
 #undef RAYTP_GROUP
@@ -311,26 +307,24 @@ bool has_fast_kernel(at::ScalarType dtype, int64_t D) {
 template <typename scalar_t>
 void attend_group_generic(const Row* rows, int64_t R, const scalar_t* q, const scalar_t* k_cache,
                           const scalar_t* v_cache, int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
-                          std::vector<int64_t>& slots, std::vector<float>& scores, std::vector<float>& qf, float* out,
-                          float* lse) {
+                          std::vector<int64_t>& slots, std::vector<float>& scores, std::vector<float>& qf,
+                          float* out) {
   for (int64_t r = 0; r < R; ++r) {
     key_slots(rows[r].table, block_size, rows[r].first_key, rows[r].last_key, slots);
     const int64_t n = slots.size();
     scores.resize(H * n);
     attend_row_generic<scalar_t>(q + rows[r].index * H * D, k_cache, v_cache, slots.data(), n, H, Hkv, D, scale,
-                                 scores.data(), qf, out + rows[r].index * H * D, lse + rows[r].index * H);
+                                 scores.data(), qf, out + rows[r].index * H * D);
   }
 }
 
 }  // namespace
 
 // q: (T, H, D); k_cache, v_cache: (slots, Hkv, D); block_tables: (B, max_blocks) int32;
-// query_start: (B + 1,) int32; seq_lens: (B,) int32; skip: (B,) bool; key_start: (B,) int32.
-// Returns out (T, H, D) and each row's log-sum-exp of scores lse (T, H), both float32.
-std::tuple<torch::Tensor, torch::Tensor> paged_attention(
-    torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
-    torch::Tensor query_start, torch::Tensor seq_lens, int64_t block_size, double scale, int64_t window,
-    torch::Tensor skip, torch::Tensor key_start) {
+// query_start: (B + 1,) int32; seq_lens: (B,) int32; skip: (B,) bool. Returns out (T, H, D) float32.
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+                              torch::Tensor query_start, torch::Tensor seq_lens, int64_t block_size, double scale,
+                              int64_t window, torch::Tensor skip) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q and caches must be 3-d");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
@@ -338,11 +332,9 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && query_start.scalar_type() == torch::kInt32 &&
                   seq_lens.scalar_type() == torch::kInt32, "block_tables, query_start and seq_lens must be int32");
   TORCH_CHECK(skip.scalar_type() == torch::kBool && skip.numel() == seq_lens.numel(), "skip must be (B,) bool");
-  TORCH_CHECK(key_start.scalar_type() == torch::kInt32 && key_start.numel() == seq_lens.numel(),
-              "key_start must be (B,) int32");
   q = q.contiguous();
   block_tables = block_tables.contiguous();
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1);
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(2) == D, "head shapes do not match");
   const int64_t B = seq_lens.size(0);
@@ -355,8 +347,6 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   skip = skip.contiguous();
   const bool* skipped = skip.data_ptr<bool>();
-  key_start = key_start.contiguous();
-  const int32_t* starts = key_start.data_ptr<int32_t>();
   std::vector<int64_t> seqs;  // the sequences computed here, ordered by first block
   for (int64_t b = 0; b < B; ++b)
     if (!skipped[b]) seqs.push_back(b);
@@ -372,17 +362,15 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(
       // A group holds at most kMaxGroupRows rows, so that its rows' scores stay in L2.
       if (static_cast<int64_t>(rows.size()) - group_start.back() == kMaxGroupRows) group_start.push_back(rows.size());
       const int64_t pos = lens[b] - num_new + (r - qs[b]);
-      const int64_t first = std::max<int64_t>(starts[b], window > 0 ? pos - window + 1 : 0);
-      TORCH_CHECK(first <= pos, "key_start past a row's own position");
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
       rows.push_back(Row{r, tables + b * max_blocks, first, pos});
     }
   }
   group_start.push_back(rows.size());
   const int64_t num_groups = static_cast<int64_t>(group_start.size()) - 1;
 
-  // Sums in float32; the caller rounds the output once, after any merge.
+  // Sums in float32; the caller rounds the output once.
   auto out = torch::empty(q.sizes(), q.options().dtype(at::kFloat));
-  auto lse = torch::empty({T, H}, q.options().dtype(at::kFloat));
 #if defined(__AVX512F__)
   if (has_fast_kernel(q.scalar_type(), D)) {
     // Queries in float32 (a bfloat16 step's q is widened once here); the cache is read in its own dtype.
@@ -395,7 +383,7 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(
         for (int64_t g = begin; g < end; ++g) {
           attend_group_fast(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qf.data_ptr<float>(),
                             kp, vp, block_size, H, Hkv, D, static_cast<float>(scale), slots, scores,
-                            out.data_ptr<float>(), lse.data_ptr<float>());
+                            out.data_ptr<float>());
         }
       });
     };
@@ -404,7 +392,7 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(
     } else {
       run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
     }
-    return {out, lse};
+    return out;
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
@@ -417,11 +405,11 @@ std::tuple<torch::Tensor, torch::Tensor> paged_attention(
       for (int64_t g = begin; g < end; ++g) {
         attend_group_generic<scalar_t>(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qp, kp, vp,
                                        block_size, H, Hkv, D, static_cast<float>(scale), slots, scores, qf,
-                                       out.data_ptr<float>(), lse.data_ptr<float>());
+                                       out.data_ptr<float>());
       }
     });
   });
-  return {out, lse};
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
