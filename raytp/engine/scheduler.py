@@ -102,9 +102,10 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        # A prompt chunk's token costs 1 + attention_cost * (keys it attends to) of the step's budget
-        # (ModelArgs.attention_cost_per_pair), so that a chunk deep into a long prompt is shorter and the step
-        # that carries it, with every running stream's next token, takes no longer than one near its start.
+        # In a step that carries running streams' next tokens, a prompt chunk's token costs 1 + attention_cost *
+        # (keys it attends to) of the step's budget (ModelArgs.attention_cost_per_pair), so that a chunk deep into
+        # a long prompt is shorter and the step takes no longer than one near its start. A step with no stream in
+        # it keeps nobody waiting: its chunks take the whole budget in tokens.
         self.attention_cost = attention_cost
         self.sliding_window = sliding_window
         self.waiting: deque[Sequence] = deque()
@@ -272,22 +273,25 @@ class Scheduler:
             seq.num_pending += 1
         return sched
 
-    def _chunk_cost(self, context: int, n: int) -> float:
-        """Budget that n prompt tokens after `context` computed ones use: n, plus their query-key pairs at
-        attention_cost each (causal: on average a token sees context + (n + 1) / 2 keys; at most sliding_window)."""
+    def _chunk_cost(self, context: int, n: int, paced: bool) -> float:
+        """Budget that n prompt tokens after `context` computed ones use: n, plus (paced: the step carries running
+        streams) their query-key pairs at attention_cost each (causal: on average a token sees context + (n + 1) / 2
+        keys; at most sliding_window)."""
+        if not paced:
+            return n
         keys = context + (n + 1) / 2
         if self.sliding_window is not None:
             keys = min(keys, self.sliding_window)
         return n * (1 + self.attention_cost * keys)
 
-    def _chunk_len(self, context: int, remaining: int, budget: float) -> int:
+    def _chunk_len(self, context: int, remaining: int, budget: float, paced: bool) -> int:
         """The longest chunk of the `remaining` prompt tokens after `context` that fits `budget` (at least one
         token, so that a prompt longer than any budget still makes progress): a binary search, the cost growing
         with n."""
         low, high = 1, max(1, min(remaining, int(budget)))
         while low < high:
             mid = (low + high + 1) // 2
-            if self._chunk_cost(context, mid) <= budget:
+            if self._chunk_cost(context, mid, paced) <= budget:
                 low = mid
             else:
                 high = mid - 1
@@ -316,8 +320,9 @@ class Scheduler:
 
         A prompt (or a preempted sequence's recompute) longer than what is left
         of `max_num_batched_tokens` is computed in chunks over several steps;
-        only its last chunk samples a token. A chunk's tokens cost the budget
-        more the longer the context they attend to (_chunk_cost).
+        only its last chunk samples a token. Beside running streams, a chunk's
+        tokens cost the budget more the longer the context they attend to
+        (_chunk_cost).
         """
         batch: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens
@@ -334,15 +339,16 @@ class Scheduler:
         else:
             self._schedule_decodes(batch, running, decode_rows, spaced=False)
         budget -= len(batch)
+        paced = bool(batch)  # running streams wait for this step (see __init__)
         # 2. Prompts being prefilled in chunks continue, in arrival order, while the budget allows. Out of
         #    blocks, the latest arrival is preempted (as for decodes): chunks holding blocks must not wait on
         #    each other forever.
         for seq in running:
             if seq.status is not SeqStatus.RUNNING or seq.total_len - seq.num_computed <= 1 or budget < 1:
                 continue
-            n = self._chunk_len(seq.num_computed, len(seq) - seq.num_computed, budget)
+            n = self._chunk_len(seq.num_computed, len(seq) - seq.num_computed, budget, paced)
             if self._allocate_or_preempt(seq, seq.num_computed + n, batch):
-                cost = self._chunk_cost(seq.num_computed, n)
+                cost = self._chunk_cost(seq.num_computed, n, paced)
                 batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n],
                                              seq.num_computed))
                 budget -= cost
@@ -353,7 +359,7 @@ class Scheduler:
             if seq.num_pending:
                 break  # preempted while a step in flight samples its token: recompute once it is known
             self._use_cached_prefix(seq)
-            n = self._chunk_len(seq.num_computed, len(seq) - seq.num_computed, budget)
+            n = self._chunk_len(seq.num_computed, len(seq) - seq.num_computed, budget, paced)
             if not self._grow_blocks(seq, seq.num_computed + n):
                 self._free_blocks(seq)  # the prefix it found stays cached
                 break
@@ -364,7 +370,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            cost = self._chunk_cost(seq.num_computed, n)
+            cost = self._chunk_cost(seq.num_computed, n, paced)
             batch.append(self._scheduled(seq, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed))
             batch[-1].admitted = True
             budget -= cost

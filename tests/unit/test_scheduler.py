@@ -129,6 +129,24 @@ def test_chunks_shorten_as_their_context_grows():
 
 def test_sliding_window_caps_the_context_a_chunk_pays_for():
     sched = Scheduler(KVCacheManager(64, 4), 4, 64, attention_cost=1 / 256, sliding_window=8)
+    short, long = make_seq("short", 3, 0.0), make_seq("long", 200, 1.0)
+    sched.add(short)
+    advance(sched, sched.schedule())
+    sched.add(long)
+    lengths = []
+    while long.num_computed < 200:
+        batch = sched.schedule()
+        lengths += [len(s.token_ids) for s in batch if s.seq is long]
+        advance(sched, batch)
+    # Beside the decode row, a token sees at most 8 keys: n * (1 + 8 / 256) <= 63 -> 61 at every context (without
+    # the window, the chunks would shrink: 56, then 47, ...).
+    assert lengths[:4] == [61, 61, 61, 17]
+
+
+def test_a_step_without_running_streams_takes_the_whole_budget_in_tokens():
+    """Attention is charged only where running streams wait for the step: a prompt alone is cut in chunks of the
+    whole budget, as deep as they go."""
+    sched = Scheduler(KVCacheManager(64, 4), 4, 64, attention_cost=1 / 256)
     long = make_seq("long", 200, 0.0)
     sched.add(long)
     lengths = []
@@ -136,9 +154,7 @@ def test_sliding_window_caps_the_context_a_chunk_pays_for():
         batch = sched.schedule()
         lengths.append(len(batch[0].token_ids))
         advance(sched, batch)
-    # A token sees at most 8 keys: n * (1 + 8 / 256) <= 64 -> 62 at every context (without the window, the
-    # chunks would shrink: 57, then 48, ...).
-    assert lengths[:4] == [62, 62, 62, 14]
+    assert lengths == [64, 64, 64, 8]
 
 def test_chunk_is_scheduled_ahead_like_a_decode():
     """Steps are sent ahead: a chunk's continuation needs no token from the step in flight."""
