@@ -39,7 +39,10 @@ def _layer(out_f: int, in_f: int, dtype: torch.dtype, kernel: str) -> PackableLi
             return None
         layer.pack(kernel)
     else:
-        layer.pack()
+        # raytp's op even where PackableLinear.pack() would pick oneDNN (bfloat16 on a CPU with AMX)
+        op = cpu_ops.linear_op({torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
+        if op is not None:
+            layer.use("raytp", op.pack(layer.weight.detach()))
     return layer if layer.kernel == kernel else None  # None: this CPU has no such kernel (e.g. no AVX512-BF16)
 
 

@@ -139,7 +139,7 @@ class PackableLinear(DirectCall):
         if quantization in QUANTIZED_KERNELS and self.weight.shape[1] % 32 == 0:
             self.use(quantization, *getattr(_quantized_op(quantization), f"pack_{quantization}")(self.weight.detach()))
             return
-        op = self._op()
+        op = None if self._onednn_is_faster() else self._op()
         if op is not None:
             # float32: (ceil(out / 16), in, 16); bfloat16: (ceil(out / 16), in / 2, 32)
             self.use("raytp", op.pack(self.weight.detach()))
@@ -147,18 +147,22 @@ class PackableLinear(DirectCall):
             self.use("onednn", torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_BATCH_HINT))
 
     def _op(self):
-        """raytp's linear op for this weight, or None: not built here, no kernel for the dtype on this CPU, (the
-        bfloat16 kernel takes k in pairs) an odd number of input features, or bfloat16 on a CPU with AMX tiles."""
-        if self.weight.dtype == torch.bfloat16 and (self.weight.shape[1] % 2 or amx_computes_bf16()):
+        """raytp's linear op for this weight, or None: not built here, no kernel for the dtype on this CPU, or (the
+        bfloat16 kernel takes k in pairs) an odd number of input features."""
+        if self.weight.dtype == torch.bfloat16 and self.weight.shape[1] % 2:
             return None
         return cpu_ops.linear_op(_OP_DTYPES.get(self.weight.dtype, ""))
+
+    def _onednn_is_faster(self) -> bool:
+        """bfloat16 on a CPU with AMX tiles: oneDNN's GEMM uses them (amx_computes_bf16)."""
+        return self.weight.dtype == torch.bfloat16 and amx_computes_bf16()
 
     def adopt(self, kernel: str, packed: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         """Compute with a weight packed for raytp's op `kernel` in another process (a lost rank's shard; `scales`
         with a quantized one); where this process has no kernel for a float one, pack again for whatever it has."""
         if kernel in QUANTIZED_KERNELS:
             self.use(kernel, packed, scales)
-        elif self._op() is None:
+        elif self._op() is None or self._onednn_is_faster():
             self.pack()
         else:
             self.use("raytp", packed)
