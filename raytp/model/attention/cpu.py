@@ -76,8 +76,10 @@ def flash_group(meta: AttentionMetadata, seqs: list[int], prefix_len: int) -> Fl
     padded_rows) so that the flash kernels' shapes repeat."""
     offsets, lens = meta.query_start.tolist(), meta.seq_lens.tolist()
     window = meta.sliding_window or 0
+    # Per key: its cache slot, its position, and whose it is (-1: the shared prefix, i: seqs[i]'s own)
     slots, key_pos, key_owner = [_slots(meta, seqs[0], 0, prefix_len)], [torch.arange(prefix_len)], [
         torch.full((prefix_len,), -1)]
+    # Per row: its row in q, its position, and whose it is
     rows, row_pos, row_owner = [], [], []
     for i, b in enumerate(seqs):
         num_new = offsets[b + 1] - offsets[b]
@@ -87,17 +89,20 @@ def flash_group(meta: AttentionMetadata, seqs: list[int], prefix_len: int) -> Fl
         rows.append(torch.arange(offsets[b], offsets[b + 1]))
         row_pos.append(torch.arange(lens[b] - num_new, lens[b]))
         row_owner.append(torch.full((num_new,), i))
-    slots, key_pos, key_owner = torch.cat(slots), torch.cat(key_pos), torch.cat(key_owner)  # (L,)
-    rows, row_pos, row_owner = torch.cat(rows), torch.cat(row_pos), torch.cat(row_owner)  # (R,)
-    L, R = slots.shape[0], rows.shape[0]
+    L, R = sum(len(k) for k in slots), sum(len(r) for r in rows)
     key_pad, row_pad = -L % KEY_BUCKET, padded_rows(R) - R
+    # Padding keys: the first key's slot (finite values), owned by nobody; padding rows: owned by nobody
+    slots = torch.cat(slots)  # (L,)
     slots = torch.cat([slots, slots[:1].expand(key_pad)])  # (L_pad,)
-    key_pos, key_owner = torch.cat([key_pos, key_pos.new_zeros(key_pad)]), torch.cat([key_owner, key_owner.new_full((key_pad,), -2)])
-    row_pos, row_owner = torch.cat([row_pos, row_pos.new_zeros(row_pad)]), torch.cat([row_owner, row_owner.new_full((row_pad,), -3)])
+    key_pos = torch.cat(key_pos + [torch.zeros(key_pad, dtype=torch.long)])  # (L_pad,)
+    key_owner = torch.cat(key_owner + [torch.full((key_pad,), -2)])  # (L_pad,)
+    rows = torch.cat(rows)  # (R,)
+    row_pos = torch.cat(row_pos + [torch.zeros(row_pad, dtype=torch.long)])  # (R_pad,)
+    row_owner = torch.cat(row_owner + [torch.full((row_pad,), -3)])  # (R_pad,)
     seen = ((key_owner == -1) | (key_owner == row_owner[:, None])) & (key_pos <= row_pos[:, None])  # (R_pad, L_pad)
     if window:
         seen &= key_pos > row_pos[:, None] - window
-    seen[R:, 0] = True
+    seen[R:, 0] = True  # a padding row sees the first key, so that its softmax stays finite
     return FlashGroup(rows, slots, seen)
 
 
