@@ -103,9 +103,9 @@ class PackableLinear(DirectCall):
     (benchmarks/README.md; measured on an EPYC without AMX). On a CPU with AMX
     tiles, bfloat16 goes to oneDNN, whose AMX GEMM is 1.8-6.5x faster from 8
     rows up (amx_computes_bf16). Elsewhere oneDNN's inner product with the
-    weight packed ahead of time, and for float16 torch's F.linear. `pack()` is called after the weights are
-    loaded; the original weight stays (the loader, tied embeddings and tests
-    read it).
+    weight packed ahead of time, and for float16 torch's F.linear. `pack()`
+    is called after the weights are loaded; the original weight stays (the
+    loader, tied embeddings and tests read it).
     """
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype):

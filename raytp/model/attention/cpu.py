@@ -37,22 +37,16 @@ def load_op():
 KEY_BUCKET = 128
 
 
+@dataclass
 class FlashGroup:
     """Rows that one call of torch's flash attention computes: a prompt chunk's, or those of several sequences on
     one cached prefix (each row sees the prefix and its own sequence's keys after it, up to its position)."""
 
-    def __init__(self, rows: torch.Tensor, slots: torch.Tensor, seen: torch.Tensor):
-        self.rows = rows  # (R,) int64: the rows in q
-        self.slots = slots  # (L_pad,) cache slot of each key, then padding keys (slot of the first: finite, unseen)
-        self.seen = seen  # (R_pad, L_pad) bool: which keys each row sees (padding rows: the first key only)
-        self._masks: dict[torch.dtype, torch.Tensor] = {}
-
-    def mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """(R_pad, L_pad) additive mask in `dtype` (what the flash op takes): 0 where seen, else -inf. Made at the
-        step's first layer, reused by the others."""
-        if dtype not in self._masks:
-            self._masks[dtype] = torch.zeros(self.seen.shape, dtype=dtype).masked_fill_(~self.seen, float("-inf"))
-        return self._masks[dtype]
+    rows: torch.Tensor  # (R,) int64: the rows in q
+    slots: torch.Tensor  # (L_pad,) cache slot of each key, then padding keys (slot of the first: finite, unseen)
+    # (R_pad, L_pad) additive mask in q's dtype (what the flash op takes): 0 where a row sees a key, else -inf
+    # (padding rows: the first key only). Made with the step's plan, at its first layer; every layer uses it.
+    mask: torch.Tensor
 
 
 @dataclass
@@ -69,9 +63,9 @@ def _slots(meta: AttentionMetadata, b: int, start: int, end: int) -> torch.Tenso
     return meta.block_tables[b].long()[positions // meta.block_size] * meta.block_size + positions % meta.block_size
 
 
-def flash_group(meta: AttentionMetadata, seqs: list[int], prefix_len: int) -> FlashGroup:
+def flash_group(meta: AttentionMetadata, seqs: list[int], prefix_len: int, dtype: torch.dtype) -> FlashGroup:
     """The FlashGroup of sequences `seqs` (indices in the step) sharing their first prefix_len keys (0 for one
-    chunk alone). Its keys: the prefix once, then each sequence's own after it. Row i of sequence b at position p
+    chunk alone), its mask in `dtype`. Its keys: the prefix once, then each sequence's own after it. Row i of sequence b at position p
     sees the prefix and b's keys up to p (within the sliding window); keys and rows are padded to buckets (KEY_BUCKET,
     padded_rows) so that the flash kernels' shapes repeat."""
     offsets, lens = meta.query_start.tolist(), meta.seq_lens.tolist()
@@ -103,14 +97,16 @@ def flash_group(meta: AttentionMetadata, seqs: list[int], prefix_len: int) -> Fl
     if window:
         seen &= key_pos > row_pos[:, None] - window
     seen[R:, 0] = True  # a padding row sees the first key, so that its softmax stays finite
-    return FlashGroup(rows, slots, seen)
+    return FlashGroup(rows, slots, torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf")))
 
 
-def plan_flash(meta: AttentionMetadata, min_rows: int, min_keys: int, group_min_rows: int) -> FlashPlan:
-    """Which of the step's sequences go through flash attention: those sharing a cached prefix of at least min_keys
-    keys, with at least group_min_rows rows among them and fewer keys of their own after it than the prefix (so that
-    keys seen by one row only do not outweigh the shared ones), as one group; then a chunk of at least min_rows new
-    tokens on at least min_keys keys alone. Not groups under a sliding window, where rows see different prefixes."""
+def plan_flash(meta: AttentionMetadata, dtype: torch.dtype, min_rows: int, min_keys: int,
+               group_min_rows: int) -> FlashPlan:
+    """Which of the step's sequences go through flash attention (computing in `dtype`): those sharing a cached
+    prefix of at least min_keys keys, with at least group_min_rows rows among them and no more keys of their own
+    after it than the prefix has (so that keys seen by one row only do not outweigh the shared ones), as one group;
+    then a chunk of at least min_rows new tokens on at least min_keys keys alone. Not groups under a sliding window,
+    where rows see different prefixes."""
     offsets, lens = meta.query_start.tolist(), meta.seq_lens.tolist()
     num_new = [offsets[b + 1] - offsets[b] for b in range(len(lens))]
     groups, skip = [], torch.zeros(len(lens), dtype=torch.bool)
@@ -130,11 +126,11 @@ def plan_flash(meta: AttentionMetadata, min_rows: int, min_keys: int, group_min_
         prefix_len = (context_blocks if bool(same.all()) else int(same.to(torch.int8).argmin())) * meta.block_size
         if prefix_len < min_keys or sum(lens[b] - prefix_len for b in seqs) > prefix_len:
             continue
-        groups.append(flash_group(meta, seqs, prefix_len))
+        groups.append(flash_group(meta, seqs, prefix_len, dtype))
         skip[seqs] = True
     for b, seq_len in enumerate(lens):
         if not skip[b] and num_new[b] >= min_rows and seq_len >= min_keys:
-            groups.append(flash_group(meta, [b], 0))
+            groups.append(flash_group(meta, [b], 0, dtype))
             skip[b] = True
     return FlashPlan(groups, skip)
 
@@ -163,7 +159,8 @@ class CpuPagedAttention(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)
         if meta.derived is None:
-            meta.derived = plan_flash(meta, *(self.flash_thresholds.get(q.dtype) or self.flash_thresholds[torch.float32]))
+            thresholds = self.flash_thresholds.get(q.dtype) or self.flash_thresholds[torch.float32]
+            meta.derived = plan_flash(meta, q.dtype, *thresholds)
         plan: FlashPlan = meta.derived
         # (T, H, D): the op's float32 rows rounded once
         out = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
@@ -178,13 +175,13 @@ class CpuPagedAttention(AttentionBackend):
         R, H, D = q.shape
         Hkv = cache.shape[2]
         G = H // Hkv  # query heads per KV head
-        R_pad, L_pad = group.seen.shape
+        R_pad, L_pad = group.mask.shape
         if R_pad != R:
             q = torch.cat([q, q.new_zeros(R_pad - R, H, D)])  # (R_pad, H, D)
         q = q.view(R_pad, Hkv, G, D).permute(1, 2, 0, 3)  # (Hkv, G, R_pad, D), a view
         # (L_pad, Hkv, D) -> (Hkv, G, L_pad, D): each KV head seen by its G query heads (a stride-0 view, no copy)
         k, v = (cache[i].index_select(0, group.slots).permute(1, 0, 2).unsqueeze(1).expand(Hkv, G, L_pad, D)
                 for i in (0, 1))
-        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=group.mask(q.dtype),
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=group.mask,
                                                                             scale=scale)
         return out[:, :, :R].permute(2, 0, 1, 3).reshape(R, H, D)  # (Hkv, G, R_pad, D) -> (R, H, D)
