@@ -65,11 +65,9 @@ def build_gemm_kernels(model: nn.Module, max_rows: int, max_head_rows: int) -> N
 
 @functools.lru_cache(maxsize=1)
 def amx_computes_bf16() -> bool:
-    """Whether this CPU has AMX tiles for bfloat16 and oneDNN can use them: then oneDNN's packed GEMM does bfloat16
-    linears, not raytp's op. Measured on a Xeon with AMX, one thread (benchmarks/linear_kernels.py): oneDNN 1.8-6.5x
-    faster from 8 rows up (bench-58m's 32,000 x 768 LM head at 32 rows 2.6 against 16.9 ms), level at 4 and 1.0-1.5x
-    slower only at 1-2 rows, where raytp's op streams the weight a little faster. Holding both packings for the
-    few-row steps would be a third copy of every weight."""
+    """Whether this CPU has AMX tiles for bfloat16 and oneDNN can use them. There raytp's op computes bfloat16 on the
+    tiles too, and faster for a decode step's rows (linear_cpu.cpp); where it cannot (PackableLinear._onednn_is_faster)
+    oneDNN's GEMM is 1.8-6.5x faster than raytp's AVX512-BF16 kernel from 8 rows up (benchmarks/linear_kernels.py)."""
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()) and onednn_linear_available(torch.bfloat16)
 
 
@@ -101,8 +99,9 @@ class PackableLinear(DirectCall):
     oneDNN from 64 rows up and up to 1.8x faster for the few rows of a decode
     step, where oneDNN reads the weight at half the memory's speed
     (benchmarks/README.md; measured on an EPYC without AMX). On a CPU with AMX
-    tiles, bfloat16 goes to oneDNN, whose AMX GEMM is 1.8-6.5x faster from 8
-    rows up (amx_computes_bf16). Elsewhere oneDNN's inner product with the
+    tiles raytp's op computes bfloat16 on them, 1.2-2.4x oneDNN's speed from 1
+    to 32 rows and level at 256 (measured on a Xeon); a weight it cannot take
+    there goes to oneDNN (_onednn_is_faster). Elsewhere oneDNN's inner product with the
     weight packed ahead of time, and for float16 torch's F.linear. `pack()`
     is called after the weights are loaded; the original weight stays (the
     loader, tied embeddings and tests read it).
@@ -154,8 +153,12 @@ class PackableLinear(DirectCall):
         return cpu_ops.linear_op(_OP_DTYPES.get(self.weight.dtype, ""))
 
     def _onednn_is_faster(self) -> bool:
-        """bfloat16 on a CPU with AMX tiles: oneDNN's GEMM uses them (amx_computes_bf16)."""
-        return self.weight.dtype == torch.bfloat16 and amx_computes_bf16()
+        """bfloat16 on a CPU with AMX tiles (amx_computes_bf16) where raytp's op cannot use them for this weight (an
+        input width not a multiple of 32, or the op built or run without them): oneDNN's GEMM does."""
+        if self.weight.dtype != torch.bfloat16 or not amx_computes_bf16():
+            return False
+        op = self._op()
+        return op is None or not op.amx() or self.weight.shape[1] % 32 != 0
 
     def adopt(self, kernel: str, packed: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         """Compute with a weight packed for raytp's op `kernel` in another process (a lost rank's shard; `scales`

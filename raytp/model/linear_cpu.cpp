@@ -19,6 +19,13 @@
 // products per instruction; the sums stay float32 and are rounded to bfloat16 once, at the end (as oneDNN does).
 // vdpbf16ps treats denormal inputs as zero.
 //
+// bfloat16 on a CPU with AMX tiles (K a multiple of 32): the same packing is exactly the layout AMX takes for its
+// second operand (16 k pairs x 16 columns x 2 per 1 KiB tile), so x's rows (16 per tile, 32 k) and two column blocks
+// go through tdpbf16ps, 32 rows x 32 columns per pass over K, the sums float32 in tiles and rounded once. There the
+// product is bound by the weight's bytes up to ~32 rows and stays level with oneDNN's AMX GEMM at a prefill chunk's
+// 256 (measured on a Xeon with AMX, one thread, 2026-12-05: 1.2-2.4x oneDNN's speed from 1 to 32 rows with the
+// weights cold, 0.84-1.13x at 256; benchmarks/linear_kernels.py).
+//
 // int8 (`quantization: int8`, where the CPU has AVX512-VNNI): the weight is quantized once per output column,
 // w[n, k] ~ sw[n] * q[n, k] with q in [-127, 127], stored as q + 128 (unsigned) and packed (ceil(N / 16), K / 4,
 // 16, 4): per quad of k, each column's four weights side by side. x is quantized as it comes, per row and per
@@ -43,6 +50,10 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -139,6 +150,108 @@ void run_tiles(const T* xp, const T* wp, T* op, int64_t M, int64_t N, int64_t K,
     }
   });
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Whether this process may use AMX tiles: Linux grants the tile state on request (arch_prctl), once per process.
+bool amx_granted() {
+  static const bool granted = [] {
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return granted;
+}
+
+// The tiles' shapes (palette 1): C tiles 0..3 hold (row tile a, column block b) at 2a + b, rows x 16 float32; A tiles
+// 4, 5 x's row tiles a, rows x 32 bfloat16 (16 k pairs); B tiles 6, 7 the two column blocks' 16 k pairs x 16 columns
+// x 2, rows of the packed weight as they are.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Shapes the tiles for a pass over `rows` (1 .. 32) rows of x: row tile 1 unused (unconfigured) up to 16.
+void configure_tiles(int64_t rows) {
+  TileConfig cfg;
+  const int64_t tile_rows[2] = {std::min<int64_t>(16, rows), std::max<int64_t>(0, rows - 16)};
+  for (int a = 0; a < 2; ++a) {
+    if (tile_rows[a] == 0) continue;
+    for (int t : {2 * a, 2 * a + 1, 4 + a}) {
+      cfg.rows[t] = static_cast<uint8_t>(tile_rows[a]);
+      cfg.colsb[t] = 64;
+    }
+  }
+  for (int t : {6, 7}) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// c (32 x 32 float32, rows 0 .. 15 or 0 .. 31 written: kTwo) = x's rows (row stride ldx) times the packed blocks w0
+// and w1 over K (a multiple of 32).
+template <bool kTwo>
+void amx_block_pair(const at::BFloat16* x, int64_t ldx, int64_t K, const at::BFloat16* w0, const at::BFloat16* w1,
+                    float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (kTwo) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(4, x + k, ldx * 2);
+    _tile_loadd(6, w0 + k * kBlock, 64);  // k pairs k/2 .. k/2 + 15 of the block: 1 KiB from k/2 * 32 elements on
+    _tile_loadd(7, w1 + k * kBlock, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTwo) {
+      _tile_loadd(5, x + 16 * ldx + k, ldx * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 32 * 4);
+  _tile_stored(1, c + 16, 32 * 4);
+  if constexpr (kTwo) {
+    _tile_stored(2, c + 16 * 32, 32 * 4);
+    _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+  }
+}
+
+// out (M, N) = x (M, K) times the packed bfloat16 weight on AMX tiles, K a multiple of 32: per pair of column blocks
+// (split over the threads, each shaping its own tiles), 32 rows at a time.
+void run_amx(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* op, int64_t M, int64_t N, int64_t K,
+             int64_t blocks) {
+  at::parallel_for(0, (blocks + 1) / 2, 8, [&](int64_t begin, int64_t end) {
+    alignas(64) float c[32 * 32];
+    int64_t shaped_for = 0;  // the rows the tiles are shaped for
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1), n0 = b0 * kBlock;
+      const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? __mmask16(0) : columns_mask(n0 + kBlock, N);
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int64_t rows = std::min<int64_t>(32, M - m0);
+        if (rows != shaped_for) {
+          configure_tiles(rows);
+          shaped_for = rows;
+        }
+        if (rows > 16) {
+          amx_block_pair<true>(xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, c);
+        } else {
+          amx_block_pair<false>(xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, c);
+        }
+        for (int64_t m = 0; m < rows; ++m) {
+          at::BFloat16* o = op + (m0 + m) * N + n0;
+          _mm256_mask_storeu_epi16(o, mask0, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + 32 * m)));
+          _mm256_mask_storeu_epi16(o + kBlock, mask1, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + 32 * m + 16)));
+        }
+      }
+    }
+    _tile_release();  // leave the tiles unshaped: oneDNN and torch shape their own
+  });
+}
+#endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 constexpr int64_t kGroup = 32;      // k per activation scale
@@ -324,6 +437,16 @@ bool available(const std::string& dtype) {
   return false;
 }
 
+// Whether bfloat16 products with K a multiple of 32 run on AMX tiles: built for a CPU with them, and this process
+// granted their state.
+bool amx() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return amx_granted();
+#else
+  return false;
+#endif
+}
+
 // w: (N, K) float32 -> (ceil(N / 16), K, 16); bfloat16 (K even) -> (ceil(N / 16), K / 2, 32). Columns past N are
 // zero.
 torch::Tensor pack(torch::Tensor w) {
@@ -399,7 +522,7 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor packed, int64_t N) {
 #endif
 }
 
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N) {
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N, bool amx) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && 2 * packed.size(1) == x.size(1) &&
                   packed.size(0) == (N + kBlock - 1) / kBlock && packed.is_contiguous() &&
                   packed.scalar_type() == at::kBFloat16,
@@ -408,6 +531,13 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N) {
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
   auto out = torch::empty({M, N}, x.options());
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (amx && K % 32 == 0 && amx_granted()) {
+    run_amx(x.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), M, N, K,
+            blocks);
+    return out;
+  }
+#endif
   run_tiles(x.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), M, N, K, K / 2,
             blocks, kTilesBf16);
   return out;
@@ -445,10 +575,11 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor q, torch::Tensor sw, in
 #endif
 }
 
-// x: (M, K) float32 or bfloat16, packed: pack(W) with W (N, K) of x's dtype -> x W^T (M, N) in x's dtype.
-torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N) {
+// x: (M, K) float32 or bfloat16, packed: pack(W) with W (N, K) of x's dtype -> x W^T (M, N) in x's dtype. amx:
+// bfloat16 on AMX tiles where amx() (and K is a multiple of 32); false: the AVX512-BF16 kernel (tests, benchmarks).
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N, bool amx) {
   TORCH_CHECK(x.dim() == 2, "x must be a 2-d tensor");
-  if (x.scalar_type() == at::kBFloat16) return linear_bf16(x, packed, N);
+  if (x.scalar_type() == at::kBFloat16) return linear_bf16(x, packed, N, amx);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
   return linear_f32(x, packed, N);
 }
@@ -492,6 +623,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_int4", &pack_int4, "quantize a (N, K) weight to 4 bits per output column and 32 k, pack it for linear_int4");
   m.def("linear_int4", &linear_int4, "x W^T with W from pack_int4, x quantized per row and 32 k",
         py::call_guard<py::gil_scoped_release>());
-  m.def("linear", &linear, "x W^T with a packed weight (float32 or bfloat16)",
-        py::call_guard<py::gil_scoped_release>());
+  m.def("amx", &amx, "whether bfloat16 products run on AMX tiles here");
+  m.def("linear", &linear, "x W^T with a packed weight (float32 or bfloat16)", py::arg("x"), py::arg("packed"),
+        py::arg("N"), py::arg("amx") = true, py::call_guard<py::gil_scoped_release>());
 }

@@ -82,31 +82,39 @@ def test_a_weight_packed_for_another_shape_is_refused():
 
 
 @needs_bf16
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 33])
-@pytest.mark.parametrize("out_features,in_features", [(16, 64), (17, 2), (40, 4), (512, 1536), (1000, 98)])
-def test_bf16_linear_is_the_exact_product_rounded_once(rows, out_features, in_features):
+@pytest.mark.parametrize("amx", [False, pytest.param(True, marks=pytest.mark.skipif(
+    op_bf16 is None or not op_bf16.amx(), reason="AMX tiles: a CPU with them"))])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 33, 70])
+@pytest.mark.parametrize("out_features,in_features", [(16, 64), (17, 2), (40, 4), (48, 32), (512, 1536), (1000, 98),
+                                                      (1000, 96)])
+def test_bf16_linear_is_the_exact_product_rounded_once(amx, rows, out_features, in_features):
     """bfloat16 in, float32 sums, one rounding to bfloat16 at the end: within half a bfloat16 step (plus float32
-    summation error) of the exact product of the same bfloat16 numbers (normal numbers: vdpbf16ps flushes
-    denormals). N not a multiple of 16 exercises the column masks."""
+    summation error) of the exact product of the same bfloat16 numbers (normal numbers: vdpbf16ps and AMX flush
+    denormals), on the AVX512-BF16 kernel and on AMX tiles (which take in_features multiples of 32 and leave the
+    others to the former). N not a multiple of 16 or of 32 exercises the column masks and an unpaired last block;
+    rows past 16 and 32 a second row tile and a second pass."""
     gen = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, in_features, generator=gen).bfloat16()
     w = torch.randn(out_features, in_features, generator=gen).bfloat16()
-    out = op_bf16.linear(x, op_bf16.pack(w), out_features)
+    out = op_bf16.linear(x, op_bf16.pack(w), out_features, amx=amx)
     exact = x.double() @ w.double().T
     assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
     torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-5 * in_features**0.5)
 
 
 @needs_bf16
-def test_a_bf16_layer_packs_for_the_fast_kernel_and_matches_torch():
-    """raytp's op, or on a CPU with AMX tiles oneDNN's packed GEMM (which uses them)."""
-    layer = ColumnParallelLinear(96, 50, bias=True, dtype=torch.bfloat16)
+@pytest.mark.parametrize("in_features", [96, 98])
+def test_a_bf16_layer_packs_for_the_fast_kernel_and_matches_torch(in_features):
+    """raytp's op; on a CPU with AMX tiles oneDNN's packed GEMM only where raytp's op cannot use them (an input
+    width not a multiple of 32)."""
+    layer = ColumnParallelLinear(in_features, 50, bias=True, dtype=torch.bfloat16)
     torch.nn.init.normal_(layer.weight)
     torch.nn.init.normal_(layer.bias)
-    x = torch.randn(5, 96).bfloat16()
+    x = torch.randn(5, in_features).bfloat16()
     expected = F.linear(x, layer.weight, layer.bias)
     layer.pack()
-    assert layer.kernel == ("onednn" if amx_computes_bf16() else "raytp") and layer.packed.dtype == torch.bfloat16
+    takes_onednn = amx_computes_bf16() and not (op_bf16.amx() and in_features % 32 == 0)
+    assert layer.kernel == ("onednn" if takes_onednn else "raytp") and layer.packed.dtype == torch.bfloat16
     torch.testing.assert_close(layer(x), expected, rtol=2**-7, atol=1e-2)
 
 
