@@ -1,11 +1,13 @@
 """Per-op timing of the CPU linear kernels, one thread: raytp's op (linear_cpu.cpp) and oneDNN's packed GEMM, in
-float32 and bfloat16, and raytp's int8 and int4 ops (quantization int8 and int4, bfloat16 x), over the weight shapes of several models
-and a range of row counts.
+float32 and bfloat16 (raytp's on AMX tiles where the CPU has them, and its AVX512-BF16 kernel), and raytp's int8 and
+int4 ops (quantization int8 and int4, bfloat16 x), over the weight shapes of several models and a range of row counts.
 
-    python benchmarks/linear_kernels.py [--rows 1,8,32,128,512] [--repeat 30]
+    python benchmarks/linear_kernels.py [--rows 1,8,32,128,512] [--repeat 30] [--copies 1]
 
 Prints, per shape and row count, the median time of each kernel and the weight bytes read per second (what a
 decode step is bound by). Every kernel runs alternately in one process, so the machine's drift hits them alike.
+--copies N: N copies of each weight, called in turn, so that each call reads its weight from beyond L2 as a model's
+layers do (1: the same weight again, from cache for the small ones).
 """
 from __future__ import annotations
 
@@ -29,49 +31,60 @@ SHAPES = [
 ]
 
 
-def _layer(out_f: int, in_f: int, dtype: torch.dtype, kernel: str) -> PackableLinear:
+KERNELS = [(torch.float32, "raytp"), (torch.float32, "onednn"), (torch.bfloat16, "raytp-amx"),
+           (torch.bfloat16, "raytp"), (torch.bfloat16, "onednn"), (torch.bfloat16, "int8"), (torch.bfloat16, "int4")]
+NAMES = ["raytp fp32", "oneDNN fp32", "raytp bf16 AMX", "raytp bf16", "oneDNN bf16", "raytp int8", "raytp int4"]
+
+
+def _kernel(out_f: int, in_f: int, dtype: torch.dtype, kernel: str):
+    """x -> x W^T through `kernel` for a random weight, or None where this CPU has no such kernel. "raytp": raytp's
+    float32 or AVX512-BF16 kernel (even where PackableLinear.pack() would pick another); "raytp-amx": its bfloat16
+    kernel on AMX tiles."""
     layer = PackableLinear(out_f, in_f, dtype)
     torch.nn.init.normal_(layer.weight, std=0.02)
     if kernel == "onednn":
         layer.use("onednn", torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 32))
-    elif kernel in ("int8", "int4"):
+        return layer.matmul
+    if kernel in ("int8", "int4"):
         if cpu_ops.linear_op(kernel) is None:
             return None
         layer.pack(kernel)
-    else:
-        # raytp's op even where PackableLinear.pack() would pick oneDNN (bfloat16 on a CPU with AMX)
-        op = cpu_ops.linear_op({torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
-        if op is not None:
-            layer.use("raytp", op.pack(layer.weight.detach()))
-    return layer if layer.kernel == kernel else None  # None: this CPU has no such kernel (e.g. no AVX512-BF16)
+        return layer.matmul
+    op = cpu_ops.linear_op({torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
+    if op is None or (kernel == "raytp-amx" and not op.amx()):
+        return None
+    packed = op.pack(layer.weight.detach())
+    amx = kernel == "raytp-amx"
+    return lambda x: op.linear(x, packed, out_f, amx=amx)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,4,16,32,128,512")
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--copies", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(1)
     rows_list = [int(r) for r in a.rows.split(",")]
-    print(f"{'model':14} {'layer':8} {'N x K':>12} {'rows':>5} " + " ".join(
-        f"{name:>22}" for name in ("raytp fp32", "oneDNN fp32", "raytp bf16", "oneDNN bf16", "raytp int8", "raytp int4")))
+    print(f"{'model':14} {'layer':8} {'N x K':>12} {'rows':>5} " + " ".join(f"{name:>22}" for name in NAMES))
     with torch.inference_mode():
         for model, name, out_f, in_f in SHAPES:
-            kernels = [(torch.float32, "raytp"), (torch.float32, "onednn"), (torch.bfloat16, "raytp"),
-                       (torch.bfloat16, "onednn"), (torch.bfloat16, "int8"), (torch.bfloat16, "int4")]
-            layers = [_layer(out_f, in_f, dtype, kernel) for dtype, kernel in kernels]
+            # per kernel: its copies of the weight, or [] where this CPU has no such kernel
+            calls = [[c for c in (_kernel(out_f, in_f, dtype, kernel) for _ in range(a.copies)) if c is not None]
+                     for dtype, kernel in KERNELS]
             for rows in rows_list:
-                xs = [torch.randn(rows, in_f).to(dtype) for dtype, _ in kernels]
-                times: list[list[float]] = [[] for _ in kernels]
+                xs = [torch.randn(rows, in_f).to(dtype) for dtype, _ in KERNELS]
+                times: list[list[float]] = [[] for _ in KERNELS]
                 for _ in range(a.repeat):
-                    for i, (layer, x) in enumerate(zip(layers, xs)):
-                        if layer is None:
+                    for i, (copies, x) in enumerate(zip(calls, xs)):
+                        if not copies:
                             continue
                         t = time.perf_counter()
-                        layer.matmul(x)
-                        times[i].append(time.perf_counter() - t)
+                        for call in copies:
+                            call(x)
+                        times[i].append((time.perf_counter() - t) / len(copies))
                 cells = []
-                for (dtype, kernel), ts in zip(kernels, times):
+                for (dtype, kernel), ts in zip(KERNELS, times):
                     if not ts:
                         cells.append("n/a")
                         continue

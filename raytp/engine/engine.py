@@ -31,6 +31,7 @@ from raytp.engine.scheduler import ScheduledSeq, Scheduler, Sequence, SeqStatus
 from raytp.named_models import resolve_model_path
 from raytp.engine.tokenizer import Tokenizer
 from raytp.engine.step import PREVIOUS_TOKEN, SeqStep, StepResult
+from raytp.engine.step_cost import StepCostModel, chunk_pairs
 from raytp.engine.structured import GrammarCompiler, GrammarError, GrammarMasks
 from raytp.cluster.supervisor import Supervisor
 
@@ -67,6 +68,7 @@ class EngineCore:
         self.metrics = metrics
         self.requests: dict[str, RequestState] = {}
         self.scheduler: Scheduler | None = None
+        self.step_costs = StepCostModel(self.args.attention_cost_per_pair())  # paces prompt chunks (scheduler.py)
         # Request ids of the last steps sent, newest last: the ones whose tokens so far the ranks still remember
         # (see step.py on history).
         self._recent_steps: collections.deque[set[str]] = collections.deque(maxlen=config.steps_remembered())
@@ -88,7 +90,7 @@ class EngineCore:
         if self.scheduler is None:
             budget = self.config.resolved_max_num_batched_tokens()
             self.scheduler = Scheduler(blocks, self.config.max_num_seqs, budget, self.max_model_len,
-                                       self.args.attention_cost_per_pair(), self.args.sliding_window, self.micro_batches,
+                                       self.step_costs.cost_per_pair, self.args.sliding_window, self.micro_batches,
                                        self.max_pending)
         else:
             self.scheduler.reset_blocks(blocks)
@@ -278,6 +280,7 @@ class EngineCore:
                 if self.metrics:
                     self.metrics.on_finished(seq.finish_reason, now - seq.arrival_time)
             outputs.append(self.output_processor.output(state))
+        self._learn_step_cost(batch, result.step_seconds)
         if self.metrics:
             self.metrics.on_step(len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.blocks.usage(),
                                  result.collective_seconds, result.step_seconds)
@@ -286,6 +289,14 @@ class EngineCore:
             if result.stage_compute_seconds is not None:
                 self.metrics.on_stages(result.stage_compute_seconds, result.stage_sent_bytes)
         return outputs
+
+    def _learn_step_cost(self, batch: list[ScheduledSeq], step_seconds: float) -> None:
+        """What the step's prompt chunks' attention cost on the ranks goes into the pacing of the next steps
+        (step_cost.py). A step of one-token rows (decodes, a prompt's last token) has no chunk pairs."""
+        tokens = sum(len(s.token_ids) for s in batch)
+        pairs = sum(chunk_pairs(s.start, len(s.token_ids), self.args.sliding_window) for s in batch
+                    if len(s.token_ids) > 1)
+        self.scheduler.attention_cost = self.step_costs.observe(tokens, pairs, step_seconds)
 
     def needs_tokens_first(self, batch: list[ScheduledSeq]) -> bool:
         """Whether a step in flight samples for a request under a grammar: its next mask needs that token, so the

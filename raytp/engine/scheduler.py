@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from raytp.engine.kv_cache import BlockHash, KVCacheManager, hash_blocks
+from raytp.engine.step_cost import chunk_pairs
 from raytp.sampling import SamplingParams
 from raytp.engine.step import PREVIOUS_TOKEN
 
@@ -103,7 +104,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         # In a step that carries running streams' next tokens, a prompt chunk's token costs 1 + attention_cost *
-        # (keys it attends to) of the step's budget (ModelArgs.attention_cost_per_pair), so that a chunk deep into
+        # (keys it attends to) of the step's budget (the engine learns it: step_cost.py), so that a chunk deep into
         # a long prompt is shorter and the step takes no longer than one near its start. A step with no stream in
         # it keeps nobody waiting: its chunks take the whole budget in tokens.
         self.attention_cost = attention_cost
@@ -275,14 +276,10 @@ class Scheduler:
 
     def _chunk_cost(self, context: int, n: int, paced: bool) -> float:
         """Budget that n prompt tokens after `context` computed ones use: n, plus (paced: the step carries running
-        streams) their query-key pairs at attention_cost each (causal: on average a token sees context + (n + 1) / 2
-        keys; at most sliding_window)."""
+        streams) their query-key pairs at attention_cost each."""
         if not paced:
             return n
-        keys = context + (n + 1) / 2
-        if self.sliding_window is not None:
-            keys = min(keys, self.sliding_window)
-        return n * (1 + self.attention_cost * keys)
+        return n + self.attention_cost * chunk_pairs(context, n, self.sliding_window)
 
     def _chunk_len(self, context: int, remaining: int, budget: float, paced: bool) -> int:
         """The longest chunk of the `remaining` prompt tokens after `context` that fits `budget` (at least one
