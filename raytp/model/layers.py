@@ -99,8 +99,8 @@ class PackableLinear(DirectCall):
     oneDNN from 64 rows up and up to 1.8x faster for the few rows of a decode
     step, where oneDNN reads the weight at half the memory's speed
     (benchmarks/README.md; measured on an EPYC without AMX). On a CPU with AMX
-    tiles raytp's op computes bfloat16 on them, 1.2-2.4x oneDNN's speed from 1
-    to 32 rows and level at 256 (measured on a Xeon); a weight it cannot take
+    tiles raytp's op computes bfloat16 on them, 1.25-1.6x oneDNN's speed from 1
+    to 32 rows, 0.76-1.19x at 256 (measured on a Xeon); a weight it cannot take
     there goes to oneDNN (_onednn_is_faster). Elsewhere oneDNN's inner product with the
     weight packed ahead of time, and for float16 torch's F.linear. `pack()`
     is called after the weights are loaded; the original weight stays (the

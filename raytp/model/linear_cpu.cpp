@@ -22,9 +22,9 @@
 // bfloat16 on a CPU with AMX tiles (K a multiple of 32): the same packing is exactly the layout AMX takes for its
 // second operand (16 k pairs x 16 columns x 2 per 1 KiB tile), so x's rows (16 per tile, 32 k) and two column blocks
 // go through tdpbf16ps, 32 rows x 32 columns per pass over K, the sums float32 in tiles and rounded once. There the
-// product is bound by the weight's bytes up to ~32 rows and stays level with oneDNN's AMX GEMM at a prefill chunk's
-// 256 (measured on a Xeon with AMX, one thread, 2026-12-05: 1.2-2.4x oneDNN's speed from 1 to 32 rows with the
-// weights cold, 0.84-1.13x at 256; benchmarks/linear_kernels.py).
+// product is bound by the weight's bytes up to ~32 rows (measured on a Xeon with AMX, one thread, 2026-12-05, the
+// weights read from beyond L2: 1.25-1.6x oneDNN's AMX GEMM from 1 to 32 rows, 0.88-1.4x at 128, 0.76-1.19x at 256;
+// benchmarks/linear_kernels.py).
 //
 // int8 (`quantization: int8`, where the CPU has AVX512-VNNI): the weight is quantized once per output column,
 // w[n, k] ~ sw[n] * q[n, k] with q in [-127, 127], stored as q + 128 (unsigned) and packed (ceil(N / 16), K / 4,
