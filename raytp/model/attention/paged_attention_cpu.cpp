@@ -223,7 +223,6 @@ void value_sums(const Row* rows, int64_t R, const kv_t* v_cache, int64_t slot_st
   }
 }
 
-
 // Rows (queries and output in float32, the KV cache in float32 or bfloat16) whose sequences share their first
 // cache block (a cached prefix, or one sequence's chunk), all heads, head_dim = 16 * NC. The passes go key tile by
 // key tile, and within a tile row by row, so that rows reading the same blocks find them in L1 instead of
@@ -268,7 +267,8 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
       const int64_t nk = std::max<int64_t>(0, kf1 - kf0), total = nk + m, per_head = (total + H - 1) / H;
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t t = h * per_head; t < std::min(total, (h + 1) * per_head); ++t) {
-          const kv_t* base = t < nk ? k_cache + slots[r][kf0 + t] * slot_stride : v_cache + slots[r][j0 + t - nk] * slot_stride;
+          const kv_t* base = t < nk ? k_cache + slots[r][kf0 + t] * slot_stride    // a key ahead
+                                    : v_cache + slots[r][j0 + t - nk] * slot_stride;  // a value of this tile
           const char* slot = reinterpret_cast<const char*>(base);
           for (int64_t b = 0; b < slot_stride * int64_t(sizeof(kv_t)); b += 64) _mm_prefetch(slot + b, _MM_HINT_T1);
         }
@@ -337,12 +337,13 @@ void attend_row_generic(const scalar_t* q, const scalar_t* k_cache, const scalar
 }
 
 #if defined(__AVX512F__)
-// Asks for the first 16 keys of each of the rows into L2 (slot_size: a cache slot's elements).
+// Asks for the first 16 keys of each of the rows into L2 (slot_size: a cache slot's elements; slots: scratch).
 template <typename kv_t>
-void prefetch_first_keys(const Row* rows, int64_t R, const kv_t* k_cache, int64_t block_size, int64_t slot_size) {
+void prefetch_first_keys(const Row* rows, int64_t R, const kv_t* k_cache, int64_t block_size, int64_t slot_size,
+                         std::vector<int64_t>& slots) {
   for (int64_t r = 0; r < R; ++r) {
-    for (int64_t pos = rows[r].first_key; pos <= std::min(rows[r].last_key, rows[r].first_key + 15); ++pos) {
-      const int64_t slot = static_cast<int64_t>(rows[r].table[pos / block_size]) * block_size + pos % block_size;
+    key_slots(rows[r].table, block_size, rows[r].first_key, std::min(rows[r].last_key, rows[r].first_key + 15), slots);
+    for (int64_t slot : slots) {
       const char* p = reinterpret_cast<const char*>(k_cache + slot * slot_size);
       for (int64_t b = 0; b < slot_size * int64_t(sizeof(kv_t)); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
     }
@@ -454,10 +455,11 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
       at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
         std::vector<std::vector<int64_t>> slots;
         std::vector<std::vector<float>> scores;
+        std::vector<int64_t> next_slots;
         for (int64_t g = begin; g < end; ++g) {
           if (g + 1 < end) {  // the next group's first key tile, read while this one runs
             prefetch_first_keys(rows.data() + group_start[g + 1], group_start[g + 2] - group_start[g + 1], kp,
-                                block_size, Hkv * D);
+                                block_size, Hkv * D, next_slots);
           }
           attend_group_fast(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qf.data_ptr<float>(),
                             kp, vp, block_size, H, Hkv, D, static_cast<float>(scale), slots, scores,
