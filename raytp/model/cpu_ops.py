@@ -26,6 +26,7 @@ _HERE = os.path.dirname(__file__)
 ATTENTION_SOURCE = os.path.join(_HERE, "attention", "paged_attention_cpu.cpp")
 LINEAR_SOURCE = os.path.join(_HERE, "linear_cpu.cpp")
 ROWWISE_SOURCE = os.path.join(_HERE, "rowwise_cpu.cpp")
+HEADERS = [os.path.join(_HERE, "amx_tiles.h")]  # included by the sources (from _HERE), hashed with each
 
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
 
@@ -50,8 +51,11 @@ def load_extension(source: str):
     CPU, so a built op is imported straight from its .so: a restarted rank
     does not even run ninja's up-to-date check (0.5-1 s per process).
     """
-    with open(source, "rb") as f:
-        digest = hashlib.sha1(f.read() + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:12]
+    text = b""
+    for path in [source, *HEADERS]:
+        with open(path, "rb") as f:
+            text += f.read()
+    digest = hashlib.sha1(text + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(source))[0]
     name = f"raytp_{stem}_{digest}"
     build_dir = os.path.join(os.path.expanduser("~"), ".cache", "raytp", "ops", name)
@@ -66,7 +70,8 @@ def load_extension(source: str):
 
     os.makedirs(build_dir, exist_ok=True)
     log.info("building the CPU op %s (once per machine, about a minute)", name)
-    return load(name, [source], extra_cflags=_FLAGS, build_directory=build_dir, verbose=False)
+    return load(name, [source], extra_cflags=_FLAGS, extra_include_paths=[_HERE], build_directory=build_dir,
+                verbose=False)
 
 
 QUANTIZED_NEEDS = "raytp's int8 and int4 linear ops need a CPU with AVX512-VNNI and AVX512-BF16 and a C++ toolchain to build them"

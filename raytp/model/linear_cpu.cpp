@@ -51,10 +51,7 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "amx_tiles.h"
 
 namespace {
 
@@ -152,25 +149,12 @@ void run_tiles(const T* xp, const T* wp, T* op, int64_t M, int64_t N, int64_t K,
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Whether this process may use AMX tiles: Linux grants the tile state on request (arch_prctl), once per process.
-bool amx_granted() {
-  static const bool granted = [] {
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return granted;
-}
+using raytp_amx::TileConfig;
+using raytp_amx::granted;
 
 // The tiles' shapes (palette 1): C tiles 0..3 hold (row tile a, column block b) at 2a + b, rows x 16 float32; A tiles
 // 4, 5 x's row tiles a, rows x 32 bfloat16 (16 k pairs); B tiles 6, 7 the two column blocks' 16 k pairs x 16 columns
 // x 2, rows of the packed weight as they are.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Shapes the tiles for a pass over `rows` (1 .. 32) rows of x: row tile 1 unused (unconfigured) up to 16.
 void configure_tiles(int64_t rows) {
   TileConfig cfg;
@@ -441,7 +425,7 @@ bool available(const std::string& dtype) {
 // granted their state.
 bool amx() {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  return amx_granted();
+  return granted();
 #else
   return false;
 #endif
@@ -532,7 +516,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N, bool
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
   auto out = torch::empty({M, N}, x.options());
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (amx && K % 32 == 0 && amx_granted()) {
+  if (amx && K % 32 == 0 && granted()) {
     run_amx(x.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), M, N, K,
             blocks);
     return out;

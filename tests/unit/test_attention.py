@@ -83,6 +83,32 @@ def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window,
     tol = 2e-6 if dtype == torch.float32 else 2e-2
     assert (outs[1].float() - outs[0].float()).abs().max().item() < tol
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (9, 3, 64), (8, 1, 32), (16, 2, 128), (4, 4, 64)],
+                         ids=["gqa2", "gqa3", "one_kv_head_d32", "gqa8_d128", "mha"])
+def test_op_on_blocks_of_16_matches_reference(heads, kv_heads, head_dim):
+    """bfloat16 with cache blocks of 16, where (on a CPU with AMX: op.amx()) the op's scores over the keys a group's
+    rows share come from AMX tiles: decode rows of six sequences on a 48-token cached prefix (more query vectors than
+    a tile's 16 for most head counts), two that share only its first block, a 21-token chunk after 43 cached tokens
+    of its own (its rows share all keys before it; 43 is not whole tiles), and a lone decode row on a block of its
+    own. All through the op (no flash attention), against the reference."""
+    reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
+    fast.flash_thresholds = {torch.bfloat16: (1000, 0, 1000, 1)}
+    prefix = [3, 7, 1]
+    chunks = [SeqChunk(48 + i, 1, prefix + [10 + i]) for i in range(6)]  # decode rows at positions 48 .. 53
+    chunks += [SeqChunk(40, 1, [3, 20, 21]), SeqChunk(70, 1, [3, 22, 23, 24, 25])]  # share block 3 only
+    chunks += [SeqChunk(43, 21, [26, 27, 28, 29]), SeqChunk(9, 1, [30])]
+    gen = torch.Generator().manual_seed(heads * 100 + head_dim)
+    T = sum(c.num_new for c in chunks)
+    q, k, v = (torch.randn(T, n, head_dim, generator=gen).to(torch.bfloat16) for n in (heads, kv_heads, kv_heads))
+    cache = torch.randn(2, 32 * 16, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    outs = [backend.forward(q, k, v, cache.clone(), build_metadata(chunks, 16, CPU), head_dim**-0.5)
+            for backend in (reference, fast)]
+    assert not build_metadata(chunks, 16, CPU).derived  # (plan made by forward, per step)
+    err = (outs[1].float() - outs[0].float()).abs().max().item()
+    print(f"{heads}/{kv_heads} d{head_dim} (op.amx() = {fast.op.amx()}): max abs error {err:.2e}")
+    assert err < 2e-2
+
+
 def test_window_and_prefix_change_the_result():
     """The cases above would pass trivially if the window or the cached prefix were ignored by both backends."""
     fast = select_backend("cpu", "cpu")

@@ -100,11 +100,12 @@ def flash_group(meta: AttentionMetadata, seqs: list[int], prefix_len: int, dtype
     return FlashGroup(rows, slots, torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf")))
 
 
-def plan_flash(meta: AttentionMetadata, dtype: torch.dtype, min_rows: int, min_keys: int,
-               group_min_rows: int) -> FlashPlan:
+def plan_flash(meta: AttentionMetadata, dtype: torch.dtype, min_rows: int, min_keys: int, group_min_rows: int,
+               group_min_rows_per_seq: int = 1) -> FlashPlan:
     """Which of the step's sequences go through flash attention (computing in `dtype`): those sharing a cached
-    prefix of at least min_keys keys, with at least group_min_rows rows among them and no more keys of their own
-    after it than the prefix has (so that keys seen by one row only do not outweigh the shared ones), as one group;
+    prefix of at least min_keys keys, with at least group_min_rows rows among them (and group_min_rows_per_seq
+    per sequence on average) and no more keys of their own after it than the prefix has (so that keys seen by one
+    row only do not outweigh the shared ones), as one group;
     then a chunk of at least min_rows new tokens on at least min_keys keys alone. Not groups under a sliding window,
     where rows see different prefixes."""
     offsets, lens = meta.query_start.tolist(), meta.seq_lens.tolist()
@@ -117,7 +118,8 @@ def plan_flash(meta: AttentionMetadata, dtype: torch.dtype, min_rows: int, min_k
             if seq_len - num_new[b] >= min_keys:
                 on_block.setdefault(first_blocks[b], []).append(b)
     for seqs in on_block.values():
-        if len(seqs) < 2 or sum(num_new[b] for b in seqs) < group_min_rows:
+        rows = sum(num_new[b] for b in seqs)
+        if len(seqs) < 2 or rows < group_min_rows or rows < group_min_rows_per_seq * len(seqs):
             continue
         # The blocks all of them hold, within every one's context (positions before its new tokens).
         context_blocks = min((lens[b] - num_new[b]) // meta.block_size for b in seqs)
@@ -138,14 +140,21 @@ def plan_flash(meta: AttentionMetadata, dtype: torch.dtype, min_rows: int, min_k
 class CpuPagedAttention(AttentionBackend):
     name = "cpu"
     # What goes through torch's flash attention instead of the op, by dtype: (a chunk's min new tokens, its min keys,
-    # min rows of sequences on one cached prefix of at least min keys). Measured on one core of a Xeon with AMX (8
-    # heads / 4 KV heads of 64, 2026-12-05): for one chunk, the op's time / flash attention's is 1.0-2.7x in bfloat16
-    # from 16 rows on 128 keys (0.3-1.0x at 4-8 rows) and 1.3-1.5x in float32 from 32 rows on 512 keys (0.4-0.9x at
-    # fewer rows or keys). Other dtypes go by float32's.
-    flash_thresholds = {torch.bfloat16: (16, 128, 16), torch.float32: (32, 512, 32)}
+    # min rows of sequences on one cached prefix of at least min keys, and min rows per sequence among them).
+    # Measured on one core of a Xeon with AMX (8 heads / 4 KV heads of 64, 2026-12-05): for one chunk, the op's time /
+    # flash attention's is 1.0-2.7x in bfloat16 from 16 rows on 128 keys (0.3-1.0x at 4-8 rows) and 1.3-1.5x in
+    # float32 from 32 rows on 512 keys (0.4-0.9x at fewer rows or keys). Other dtypes go by float32's.
+    flash_thresholds = {torch.bfloat16: (16, 128, 16, 1), torch.float32: (32, 512, 32, 1)}
+    # bfloat16 where the op's scores over the keys a group's rows share come from AMX tiles (op.amx()): on a 784-key
+    # context the op's time / flash attention's is 0.5x for one chunk of 16 rows, 0.9x at 32, 1.0x at 64, 1.1-1.3x at
+    # 128-256; for sequences on a 768-key cached prefix, 0.24-0.3x for 8-16 decode rows, 0.5x at 8 rows each, 1.3x
+    # at 16 each.
+    amx_bf16_thresholds = (64, 128, 16, 16)
 
     def __init__(self):
         self.op = load_op()
+        if self.op.amx():
+            self.flash_thresholds = {**self.flash_thresholds, torch.bfloat16: self.amx_bf16_thresholds}
 
     def rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                          cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -39,7 +39,9 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <cstring>
 #include <vector>
+#include "amx_tiles.h"
 
 namespace {
 
@@ -223,6 +225,127 @@ void value_sums(const Row* rows, int64_t R, const kv_t* v_cache, int64_t slot_st
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Query vectors per KV head (rows x query heads per KV head) from which a group's scores come from AMX tiles: a
+// lone decode row's few (2-4) leave most of a tile's 16 columns empty, and its keys, read once, stream from memory
+// faster through key_dots' prefetches (Xeon with AMX, 32 rows of 140-300 keys, caches cold: 0.43 against 0.53 ms
+// a layer), while a shared prefix's or a chunk's are read by many vectors at once.
+constexpr int64_t kMinAmxVectors = 8;
+
+// Keys from the first that every row of the group sees, through the same cache blocks, in whole 16-key tiles
+// (block_size a multiple of 16; 0 under a sliding window): the rows' scores for them come from AMX tiles, every row
+// and head of a KV head at once (amx_scores).
+int64_t common_keys(const Row* rows, int64_t R, int64_t block_size) {
+  if (block_size % 16 != 0) return 0;
+  int64_t n = rows[0].last_key + 1;
+  for (int64_t r = 0; r < R; ++r) {
+    if (rows[r].first_key != 0) return 0;
+    n = std::min(n, rows[r].last_key + 1);
+  }
+  for (int64_t b = 0; b * block_size < n; ++b) {
+    for (int64_t r = 1; r < R; ++r) {
+      if (rows[r].table[b] != rows[0].table[b]) return b * block_size;
+    }
+  }
+  return n - n % 16;
+}
+
+// c (16 keys x 16 query vectors, float32) = the 16 keys' D = 32 KS elements from k (rows ld bytes apart) times the
+// query vectors in B tiles 4 .. 3 + KS, through tile 0 (scores) and tile 1 (a key half at a time). (Tile numbers are
+// literals: the intrinsics paste them into the instruction.)
+template <int KS>
+inline void key_tile_scores(const at::BFloat16* k, int64_t ld, float (*c)[16]) {
+  _tile_zero(0);
+  _tile_loadd(1, k, ld);
+  _tile_dpbf16ps(0, 1, 4);
+  if constexpr (KS > 1) {
+    _tile_loadd(1, k + 32, ld);
+    _tile_dpbf16ps(0, 1, 5);
+  }
+  if constexpr (KS > 2) {
+    _tile_loadd(1, k + 64, ld);
+    _tile_dpbf16ps(0, 1, 6);
+  }
+  if constexpr (KS > 3) {
+    _tile_loadd(1, k + 96, ld);
+    _tile_dpbf16ps(0, 1, 7);
+  }
+  _tile_stored(0, c, 64);
+}
+
+// Asks for a cache slot (n bfloat16 elements from p) into L2.
+inline void prefetch_slot(const at::BFloat16* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * 2; b += 64) _mm_prefetch(bytes + b, _MM_HINT_T1);
+}
+
+// scores[r][h * n_r + j] (n_r: row r's keys) for the first `common` keys of every row of the group, head_dim
+// D = 32 * KS: per KV head, the keys 16 at a time (A tiles, loaded from the cache as they are: a block's slots are
+// consecutive) times the query vectors of that KV head's heads in all the rows, 16 at a time (B tiles, made once per
+// group), into float32 tiles of 16 keys x 16 vectors. The same products as key_dots'
+// (bfloat16 pairs, float32 sums), summed in another order.
+template <int KS>
+void amx_scores(const Row* rows, int64_t R, const float* q, const at::BFloat16* k_cache, const at::BFloat16* v_cache,
+                int64_t H, int64_t Hkv, float scale, int64_t common, const std::vector<std::vector<int64_t>>& slots,
+                std::vector<std::vector<float>>& scores) {
+  constexpr int64_t D = 32 * KS;
+  const int64_t G = H / Hkv, slot_stride = Hkv * D, ld = slot_stride * 2, V = R * G;
+  // All eight tiles 16 rows of 64 bytes. Tile 0: scores, 16 keys x 16 query vectors (float32); 1: 16 keys' 32
+  // elements of one KV head (bfloat16, rows of the cache as they are); 4 .. 7: the 16 query vectors' elements
+  // 32 ks .. 32 ks + 31 as bfloat16 pairs (16 pairs x 16 vectors x 2), one tile per ks.
+  raytp_amx::TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint32_t b[KS][16][16];  // [ks][pair][vector]: the B tiles
+  alignas(64) float c[16][16];         // [key][vector]: a tile of scores out of tile 0
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t kh = 0; kh < Hkv; ++kh) {
+    for (int64_t v0 = 0; v0 < V; v0 += 16) {
+      const int64_t nv = std::min<int64_t>(16, V - v0);
+      // Vector v0 + i is head kh * G + g of row r, v0 + i = r * G + g; missing vectors stay zero.
+      std::memset(b, 0, sizeof(b));
+      for (int64_t i = 0; i < nv; ++i) {
+        const int64_t r = (v0 + i) / G, g = (v0 + i) % G;
+        const float* qh = q + (rows[r].index * H + kh * G + g) * D;
+        for (int ks = 0; ks < KS; ++ks) {
+          alignas(64) uint32_t pairs[16];
+          _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(qh + 32 * ks + 16),
+                                                                  _mm512_loadu_ps(qh + 32 * ks)));
+          for (int p = 0; p < 16; ++p) b[ks][p][i] = pairs[p];
+        }
+      }
+      _tile_loadd(4, b[0], 64);
+      if constexpr (KS > 1) _tile_loadd(5, b[1], 64);
+      if constexpr (KS > 2) _tile_loadd(6, b[2], 64);
+      if constexpr (KS > 3) _tile_loadd(7, b[3], 64);
+      for (int64_t j0 = 0; j0 < common; j0 += 16) {
+        // Into L2 on the first KV head's pass, whole slots (every KV head: the later passes find them there): the
+        // keys four tiles ahead, and this tile's values (the values' pass reads them).
+        if (kh == 0 && v0 == 0) {
+          for (int64_t t = 0; t < 16; ++t) {
+            if (j0 + 64 + t < common) prefetch_slot(k_cache + slots[0][j0 + 64 + t] * slot_stride, slot_stride);
+            prefetch_slot(v_cache + slots[0][j0 + t] * slot_stride, slot_stride);
+          }
+        }
+        key_tile_scores<KS>(k_cache + slots[0][j0] * slot_stride + kh * D, ld, c);
+        // Each vector's 16 scores are a column of the tile: gathered, scaled, stored in its row's scores.
+        for (int64_t i = 0; i < nv; ++i) {
+          const int64_t r = (v0 + i) / G, g = (v0 + i) % G, n = slots[r].size();
+          float* dst = scores[r].data() + (kh * G + g) * n + j0;
+          _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_i32gather_ps(column, &c[0][i], 4), vscale));
+        }
+      }
+    }
+  }
+  _tile_release();  // leave the tiles unshaped: the linear ops, oneDNN and torch shape their own
+}
+#endif
+
 // Rows (queries and output in float32, the KV cache in float32 or bfloat16) whose sequences share their first
 // cache block (a cached prefix, or one sequence's chunk), all heads, head_dim = 16 * NC. The passes go key tile by
 // key tile, and within a tile row by row, so that rows reading the same blocks find them in L1 instead of
@@ -249,7 +372,16 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
     longest = std::max<int64_t>(longest, slots[r].size());
   }
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t j0 = 0; j0 < longest; j0 += 16) {
+  int64_t first_tile = 0;  // keys before it: scores from AMX tiles
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0 && NC <= 8) {
+    if (raytp_amx::granted()) {
+      first_tile = R * (H / Hkv) >= kMinAmxVectors ? common_keys(rows, R, block_size) : 0;
+      if (first_tile > 0) amx_scores<NC / 2>(rows, R, q, k_cache, v_cache, H, Hkv, scale, first_tile, slots, scores);
+    }
+  }
+#endif
+  for (int64_t j0 = first_tile; j0 < longest; j0 += 16) {
     for (int64_t r = 0; r < R; ++r) {
       const int64_t n = slots[r].size();
       if (j0 >= n) continue;
@@ -263,7 +395,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
       // hardware prefetchers do not follow. Decode rows with the KV cache cold (32 rows of 140 tokens, 30 layers'
       // caches in turn, Xeon with AMX): 6.6 GB/s, against 5.6 with the next tile's keys only and 7.8 for a plain
       // pass over the whole cache (torch's sum).
-      const int64_t kf0 = j0 == 0 ? 16 : j0 + 32, kf1 = std::min<int64_t>(n, j0 + 48);
+      const int64_t kf0 = j0 == first_tile ? j0 + 16 : j0 + 32, kf1 = std::min<int64_t>(n, j0 + 48);
       const int64_t nk = std::max<int64_t>(0, kf1 - kf0), total = nk + m, per_head = (total + H - 1) / H;
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t t = h * per_head; t < std::min(total, (h + 1) * per_head); ++t) {
@@ -492,8 +624,18 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   return out;
 }
 
+// Whether a bfloat16 group's scores over its common keys come from AMX tiles here (amx_scores).
+bool amx() {
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return raytp_amx::granted();
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL while they run (they touch no Python object): a rank's Ray threads unpickle the next step meanwhile.
   m.def("paged_attention", &paged_attention, "varlen paged attention over a block KV cache (CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("amx", &amx, "whether bfloat16 scores over keys a group shares run on AMX tiles here");
 }
