@@ -26,7 +26,8 @@ _HERE = os.path.dirname(__file__)
 ATTENTION_SOURCE = os.path.join(_HERE, "attention", "paged_attention_cpu.cpp")
 LINEAR_SOURCE = os.path.join(_HERE, "linear_cpu.cpp")
 ROWWISE_SOURCE = os.path.join(_HERE, "rowwise_cpu.cpp")
-HEADERS = [os.path.join(_HERE, "amx_tiles.h")]  # included by the sources (from _HERE), hashed with each
+# Included by the sources (from _HERE), and hashed with each: a change in one rebuilds them.
+HEADERS = [os.path.join(_HERE, name) for name in ("amx_tiles.h", "avx512_math.h")]
 
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
 

@@ -52,6 +52,7 @@
 #include <immintrin.h>
 #endif
 #include "amx_tiles.h"
+#include "avx512_math.h"
 
 namespace {
 
@@ -173,6 +174,11 @@ void configure_tiles(int64_t rows) {
   _tile_loadconfig(&cfg);
 }
 
+// x rounded to bfloat16 (to nearest even, as torch rounds), kept as float32.
+inline __m512 round_bf16(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
 // c (32 x 32 float32, rows 0 .. 15 or 0 .. 31 written: kTwo) = x's rows (row stride ldx) times the packed blocks w0
 // and w1 over K (a multiple of 32).
 template <bool kTwo>
@@ -205,14 +211,19 @@ void amx_block_pair(const at::BFloat16* x, int64_t ldx, int64_t K, const at::BFl
 }
 
 // out (M, N) = x (M, K) times the packed bfloat16 weight on AMX tiles, K a multiple of 32: per pair of column blocks
-// (split over the threads, each shaping its own tiles), 32 rows at a time.
+// (split over the threads, each shaping its own tiles), 32 rows at a time. silu_mul (an MLP's gate and up
+// projections, N = 2 I with I a multiple of 16): out (M, I) = silu(gate) * up instead, each pass pairing gate block
+// p with up block p + I / 16, and each product rounded to bfloat16 as Hugging Face's modules round every tensor
+// (gate, up, silu(gate), the product): the (M, 2 I) product is never written.
 void run_amx(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* op, int64_t M, int64_t N, int64_t K,
-             int64_t blocks) {
-  at::parallel_for(0, (blocks + 1) / 2, 8, [&](int64_t begin, int64_t end) {
+             int64_t blocks, bool silu_mul) {
+  const int64_t half = blocks / 2;  // silu_mul: the gate's blocks, then the up's
+  at::parallel_for(0, silu_mul ? half : (blocks + 1) / 2, 8, [&](int64_t begin, int64_t end) {
     alignas(64) float c[32 * 32];
     int64_t shaped_for = 0;  // the rows the tiles are shaped for
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t b0 = 2 * p, b1 = std::min(b0 + 1, blocks - 1), n0 = b0 * kBlock;
+      const int64_t b0 = silu_mul ? p : 2 * p, b1 = silu_mul ? p + half : std::min(b0 + 1, blocks - 1);
+      const int64_t n0 = b0 * kBlock;
       const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? __mmask16(0) : columns_mask(n0 + kBlock, N);
       for (int64_t m0 = 0; m0 < M; m0 += 32) {
         const int64_t rows = std::min<int64_t>(32, M - m0);
@@ -226,6 +237,12 @@ void run_amx(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* op, i
           amx_block_pair<false>(xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, c);
         }
         for (int64_t m = 0; m < rows; ++m) {
+          if (silu_mul) {
+            const __m512 gate = round_bf16(_mm512_load_ps(c + 32 * m)), up = round_bf16(_mm512_load_ps(c + 32 * m + 16));
+            _mm256_storeu_epi16(op + (m0 + m) * (N / 2) + n0,
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round_bf16(raytp_math::silu(gate)), up)));
+            continue;
+          }
           at::BFloat16* o = op + (m0 + m) * N + n0;
           _mm256_mask_storeu_epi16(o, mask0, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + 32 * m)));
           _mm256_mask_storeu_epi16(o + kBlock, mask1, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + 32 * m + 16)));
@@ -518,7 +535,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, int64_t N, bool
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if (amx && K % 32 == 0 && granted()) {
     run_amx(x.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), M, N, K,
-            blocks);
+            blocks, false);
     return out;
   }
 #endif
@@ -568,6 +585,28 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, int64_t N, bool amx)
   return linear_f32(x, packed, N);
 }
 
+// x: (M, K) bfloat16, packed: pack(W) of an MLP's gate and up projections stacked, W (2 I, K), I a multiple of 16
+// and K of 32 -> silu(x W_gate^T) * x W_up^T (M, I), on AMX tiles (where amx()); each product rounded to bfloat16
+// as Hugging Face's modules round (the gate, the up, the silu, the product).
+torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) % 32 == 0 && N % 32 == 0,
+              "x must be (M, K) bfloat16 with K a multiple of 32, and N = 2 I with I a multiple of 16");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && 2 * packed.size(1) == x.size(1) &&
+                  packed.size(0) == N / kBlock && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16,
+              "packed does not match x and N");
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  TORCH_CHECK(granted(), "this process may not use AMX tiles: use amx() first");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto out = torch::empty({M, N / 2}, x.options());
+  run_amx(x.data_ptr<at::BFloat16>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), M, N, K,
+          packed.size(0), true);
+  return out;
+#else
+  TORCH_CHECK(false, "built without AMX: use amx() first");
+#endif
+}
+
 // x: (M, K) float32 or bfloat16, (q, scales): pack_int4(W) with W (N, K) -> x W^T (M, N) in x's dtype, x quantized
 // per row and group of 32 k.
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t N) {
@@ -608,6 +647,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int4", &linear_int4, "x W^T with W from pack_int4, x quantized per row and 32 k",
         py::call_guard<py::gil_scoped_release>());
   m.def("amx", &amx, "whether bfloat16 products run on AMX tiles here");
+  m.def("linear_silu_mul", &linear_silu_mul, "silu(x W_gate^T) * x W_up^T from the packed [W_gate; W_up] (AMX)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("linear", &linear, "x W^T with a packed weight (float32 or bfloat16)", py::arg("x"), py::arg("packed"),
         py::arg("N"), py::arg("amx") = true, py::call_guard<py::gil_scoped_release>());
 }

@@ -24,7 +24,6 @@ from raytp.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
-    silu_mul,
 )
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -275,7 +274,7 @@ class MLP(DirectCall):
         self.down_proj = RowParallelLinear(layout.intermediate, args.hidden_size, args.mlp_bias, dtype, comm)
 
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # (T, 2 I / p) -> (T, I / p) -> all-reduce: (T, hidden)
+        return self.down_proj(self.gate_up_proj.silu_mul(x))  # (T, I / p) -> all-reduce: (T, hidden)
 
 
 class DecoderLayer(DirectCall):

@@ -118,6 +118,27 @@ def test_a_bf16_layer_packs_for_the_fast_kernel_and_matches_torch(in_features):
     torch.testing.assert_close(layer(x), expected, rtol=2**-7, atol=1e-2)
 
 
+@pytest.mark.skipif(op_bf16 is None or not op_bf16.amx(), reason="AMX tiles: a CPU with them")
+@pytest.mark.parametrize("rows", [1, 17, 33, 70])
+@pytest.mark.parametrize("intermediate,in_features", [(16, 64), (48, 576), (512, 96)])
+def test_gate_and_up_in_one_pass_are_silu_of_gate_times_up(rows, intermediate, in_features):
+    """An MLP's gate and up projections through raytp's op on AMX tiles, silu(gate) * up in the same pass: what
+    torch computes in bfloat16 from the same weights (F.linear, F.silu, the product, each rounded), within a
+    bfloat16 step of each rounding."""
+    from raytp.model.layers import silu_mul
+
+    layer = ColumnParallelLinear(in_features, 2 * intermediate, bias=False, dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.weight, std=in_features**-0.5)
+    layer.pack()
+    assert layer.kernel == "raytp" and layer._fused_silu_mul is not None
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    gate, up = F.linear(x, layer.weight).chunk(2, dim=-1)
+    out = layer.silu_mul(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, intermediate)
+    torch.testing.assert_close(out, F.silu(gate) * up, rtol=2**-6, atol=2**-8)
+    torch.testing.assert_close(out, silu_mul(layer(x)), rtol=2**-6, atol=2**-8)  # the unfused op's result
+
+
 # ---- int8: weights per output column, x per row and 32 k --------------------------------------------------------
 
 

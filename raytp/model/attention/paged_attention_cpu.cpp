@@ -42,26 +42,12 @@
 #include <cstring>
 #include <vector>
 #include "amx_tiles.h"
+#include "avx512_math.h"
 
 namespace {
 
 #if defined(__AVX512F__)
-// exp(x) for x <= 0 (a score less its row's maximum), 16 at a time: x = n ln2 + r with |r| <= ln2 / 2, e^r from its
-// Taylor polynomial to degree 6 (relative error below 2e-7), times 2^n by vscalefps (which also takes e^x to 0 far
-// below the range of float32 without a separate clamp).
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2's high bits: n * hi exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);     // and the rest of ln2
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+using raytp_math::exp_nonpositive;
 
 // s[0..n) <- softmax(s[0..n)), in place (n >= 1), 16 lanes at a time (the tail masked).
 inline void softmax_(float* s, int64_t n) {
