@@ -103,10 +103,10 @@ def _row_seed(seed: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-# Tokens that top-p looks among first (torch.topk): a nucleus as small as real models' usually is is found without
-# sorting the whole vocabulary (a sort of 32 rows of a 49,152-token vocabulary took 50 ms of a 93 ms decode step);
-# a row whose nucleus is larger goes through the sort.
-TOP_P_CANDIDATES = 256
+# How many of the largest logits top-p looks among (torch.topk), in turn, before it sorts a row's whole vocabulary: a
+# nucleus as small as real models' usually is is found without the sort (one of 32 rows of a 49,152-token
+# vocabulary took 110 ms here; the topk of 256 5 ms, of 4,096 17 ms).
+TOP_P_CANDIDATES = (256, 4096)
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -114,32 +114,53 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 
     Top-k first, then top-p over what top-k kept (a token is dropped when the
     tokens before it, in descending order, already reach top_p; the first
-    always stays). Among the TOP_P_CANDIDATES largest logits first: a row's
-    probabilities there are exact (normalised by the log-sum-exp of what top-k
-    keeps: the whole row, or its top_k largest when they are all candidates),
-    so where its kept tokens end among them the cut is the sort's; the other
-    rows are sorted (_filter_top_k_top_p_sorted).
+    always stays). Among the largest logits first (_top_p_among_largest), the
+    rows it cannot decide among more of them, then the rest sorted
+    (_filter_top_k_top_p_sorted).
     """
-    S, V = logits.shape
-    K = min(V, TOP_P_CANDIDATES)
-    kept_by_k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # (S,) tokens top-k keeps
-    values, indices = torch.topk(logits, K, dim=-1)  # (S, K), descending
-    rank = torch.arange(K, device=logits.device).unsqueeze(0)  # (1, K)
-    in_k = rank < kept_by_k.unsqueeze(1)  # (S, K)
-    # What top-k keeps is normalised over: the whole row, or its top_k largest (all among the candidates, or else
-    # the row is sorted below).
-    log_z = torch.where(kept_by_k >= V, torch.logsumexp(logits, dim=-1),
-                        torch.logsumexp(values.masked_fill(~in_k, float("-inf")), dim=-1))  # (S,)
-    probs = torch.exp(values - log_z.unsqueeze(1)).masked_fill(~in_k, 0.0)  # (S, K)
-    keep = in_k & ((probs.cumsum(dim=-1) - probs) < top_p.unsqueeze(1))  # (S, K), a prefix of each row
-    out = torch.full_like(logits, float("-inf")).scatter_(1, indices, values.masked_fill(~keep, float("-inf")))
-    # Rows sorted instead: a top_k past the candidates (short of the vocabulary), or kept tokens that may go on past
-    # them.
-    beyond = ((kept_by_k > K) & (kept_by_k < V)) | (keep[:, -1] & (kept_by_k > K))  # (S,)
-    if bool(beyond.any()):
-        rows = beyond.nonzero().squeeze(1)
+    out = torch.full_like(logits, float("-inf"))
+    rows = torch.arange(logits.shape[0], device=logits.device)  # (R,) the rows not decided yet
+    sort = torch.zeros(0, dtype=torch.long, device=logits.device)  # rows that no number of candidates here decides
+    for i, k in enumerate(TOP_P_CANDIDATES):
+        kept, decided, reach = _top_p_among_largest(logits[rows], top_k[rows], top_p[rows], k)
+        out[rows[decided]] = kept[decided]
+        if i + 1 < len(TOP_P_CANDIDATES):
+            # Sorted at once: a row that even the next candidates would leave short of top_p (reach: a bound), or
+            # whose candidates hold less than half of it (its nucleus likely runs far past the next ones too: a flat
+            # row, where looking among them first made the filter 1.4x slower than the sort alone).
+            mass, bound = reach(TOP_P_CANDIDATES[i + 1])
+            hopeless = ~decided & ((bound < top_p[rows]) | (mass < top_p[rows] / 2))
+            sort = torch.cat([sort, rows[hopeless]])
+            decided |= hopeless
+        rows = rows[~decided]
+    rows = torch.cat([sort, rows])
+    if len(rows):
         out[rows] = _filter_top_k_top_p_sorted(logits[rows], top_k[rows], top_p[rows])
     return out
+
+
+def _top_p_among_largest(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, k: int):
+    """_filter_top_k_top_p among each row's k largest logits -> (filtered (R, V), decided (R,) bool, reach). A row's
+    probabilities there are exact (normalised by the log-sum-exp of what top-k keeps: the whole row, or its top_k
+    largest when they are all among the k), so where its kept tokens end among them the cut is the sort's; a row
+    is not decided where its top_k goes past them (short of the vocabulary) or its kept tokens may. reach(n): (R,)
+    the probability the k largest hold, and (R,) the most that the n largest could (then n - k more at most the
+    k-th's each)."""
+    R, V = logits.shape
+    k = min(k, V)
+    kept_by_k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # (R,) tokens top-k keeps
+    values, indices = torch.topk(logits, k, dim=-1)  # (R, k), descending
+    in_k = torch.arange(k, device=logits.device).unsqueeze(0) < kept_by_k.unsqueeze(1)  # (R, k)
+    # The sums in float64, as the sort's; log_z in float32 (a float64 copy of the whole rows would double the cost):
+    # the cut is the sort's unless the mass before a token is within float32 rounding (~1e-7) of top_p.
+    log_z = torch.where(kept_by_k >= V, torch.logsumexp(logits, dim=-1),
+                        torch.logsumexp(values.masked_fill(~in_k, float("-inf")), dim=-1))  # (R,)
+    probs = torch.exp(values.double() - log_z.double().unsqueeze(1)).masked_fill(~in_k, 0.0)  # (R, k) float64
+    keep = in_k & ((probs.cumsum(dim=-1) - probs) < top_p.unsqueeze(1))  # (R, k), a prefix of each row
+    kept = torch.full_like(logits, float("-inf")).scatter_(1, indices, values.masked_fill(~keep, float("-inf")))
+    undecided = ((kept_by_k > k) & (kept_by_k < V)) | (keep[:, -1] & (kept_by_k > k))  # (R,)
+    mass, smallest = probs.sum(dim=-1), probs[:, -1]  # (R,)
+    return kept, ~undecided, lambda n: (mass, mass + (n - k) * smallest)
 
 
 def _filter_top_k_top_p_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -148,7 +169,7 @@ def _filter_top_k_top_p_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p:
     rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)  # (1, V)
     drop = (top_k.unsqueeze(1) > 0) & (rank >= top_k.unsqueeze(1))  # (S, V) in sorted order
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)  # (S, V)
+    probs = torch.softmax(sorted_logits.double(), dim=-1)  # (S, V) float64: the mass before each token to ~1e-16
     drop |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 

@@ -146,22 +146,21 @@ def test_mixed_filters_in_one_batch():
     assert set(out[2::4]) == {0, 1} and set(out[3::4]) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("scale", [8.0, 0.05], ids=["peaked", "flat"])
+@pytest.mark.parametrize("scale", [8.0, 3.0, 0.05], ids=["peaked", "medium", "flat"])
 def test_top_p_among_candidates_keeps_what_the_sort_keeps(scale):
     """On a real vocabulary's size, top-p (with and without top-k) looks among the largest logits first; its kept
     tokens are the full sort's, both where the nucleus ends among them (peaked rows) and where it does not (flat
-    rows: the sort decides)."""
+    rows: the sort decides), whether the first candidates or the next decide."""
     from raytp.sampling import TOP_P_CANDIDATES, _filter_top_k_top_p, _filter_top_k_top_p_sorted
 
+    first, last = TOP_P_CANDIDATES[0], TOP_P_CANDIDATES[-1]
     vocab, rows = 49_152, 8
     logits = torch.randn(rows, vocab, generator=gen(7)) * scale  # (rows, vocab)
-    top_k = torch.tensor([-1, 0, 40, TOP_P_CANDIDATES, TOP_P_CANDIDATES + 1, 5000, -1, 3])
+    top_k = torch.tensor([-1, 0, 40, first, first + 1, 5000, -1, 3])
     top_p = torch.tensor([0.9, 0.5, 0.95, 0.99, 0.99, 0.8, 1e-6, 0.7])
     fast = _filter_top_k_top_p(logits, top_k, top_p)
     assert torch.equal(fast, _filter_top_k_top_p_sorted(logits, top_k, top_p))
     kept = torch.isfinite(fast).sum(dim=1)
     assert kept[6] == 1 and kept[7] <= 3 and kept[2] <= 40
-    if scale > 1:  # the candidates held the nucleus of the rows without a top-k past them
-        assert int(kept[0]) < TOP_P_CANDIDATES
-    else:
-        assert int(kept[0]) > TOP_P_CANDIDATES
+    # Row 0 (top-p alone): its nucleus among the first candidates, among the last, or past them.
+    assert {8.0: kept[0] < first, 3.0: first < kept[0] < last, 0.05: kept[0] > last}[scale]
