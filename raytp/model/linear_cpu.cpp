@@ -238,7 +238,8 @@ void run_amx(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* op, i
         }
         for (int64_t m = 0; m < rows; ++m) {
           if (silu_mul) {
-            const __m512 gate = round_bf16(_mm512_load_ps(c + 32 * m)), up = round_bf16(_mm512_load_ps(c + 32 * m + 16));
+            const __m512 gate = round_bf16(_mm512_load_ps(c + 32 * m));
+            const __m512 up = round_bf16(_mm512_load_ps(c + 32 * m + 16));
             _mm256_storeu_epi16(op + (m0 + m) * (N / 2) + n0,
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round_bf16(raytp_math::silu(gate)), up)));
             continue;
