@@ -442,7 +442,7 @@ bool available(const std::string& dtype) {
 // Whether bfloat16 products with K a multiple of 32 run on AMX tiles: built for a CPU with them, and this process
 // granted their state.
 bool amx() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
   return granted();
 #else
   return false;
@@ -595,7 +595,7 @@ torch::Tensor linear_silu_mul(torch::Tensor x, torch::Tensor packed, int64_t N) 
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kBlock && 2 * packed.size(1) == x.size(1) &&
                   packed.size(0) == N / kBlock && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16,
               "packed does not match x and N");
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
   TORCH_CHECK(granted(), "this process may not use AMX tiles: use amx() first");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
