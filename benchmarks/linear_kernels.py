@@ -1,6 +1,7 @@
 """Per-op timing of the CPU linear kernels, one thread: raytp's op (linear_cpu.cpp) and oneDNN's packed GEMM, in
 float32 and bfloat16 (raytp's on AMX tiles where the CPU has them, and its AVX512-BF16 kernel), and raytp's int8 and
-int4 ops (quantization int8 and int4, bfloat16 x), over the weight shapes of several models and a range of row counts.
+int4 ops (quantization int8 and int4, bfloat16 x), over the weight shapes of several models and a range of row counts;
+for an MLP's gate and up projections also silu(gate) * up after the AMX product and in the same pass.
 
     python benchmarks/linear_kernels.py [--rows 1,8,32,128,512] [--repeat 30] [--copies 1]
 
@@ -18,7 +19,7 @@ import time
 import torch
 
 from raytp.model import cpu_ops
-from raytp.model.layers import PackableLinear
+from raytp.model.layers import PackableLinear, silu_mul
 
 # (model, layer, out_features, in_features) per rank at TP=1
 SHAPES = [
@@ -32,14 +33,20 @@ SHAPES = [
 
 
 KERNELS = [(torch.float32, "raytp"), (torch.float32, "onednn"), (torch.bfloat16, "raytp-amx"),
-           (torch.bfloat16, "raytp"), (torch.bfloat16, "onednn"), (torch.bfloat16, "int8"), (torch.bfloat16, "int4")]
-NAMES = ["raytp fp32", "oneDNN fp32", "raytp bf16 AMX", "raytp bf16", "oneDNN bf16", "raytp int8", "raytp int4"]
+           (torch.bfloat16, "raytp"), (torch.bfloat16, "onednn"), (torch.bfloat16, "int8"), (torch.bfloat16, "int4"),
+           (torch.bfloat16, "amx+silu"), (torch.bfloat16, "amx-silu-fused")]
+NAMES = ["raytp fp32", "oneDNN fp32", "raytp bf16 AMX", "raytp bf16", "oneDNN bf16", "raytp int8", "raytp int4",
+         "AMX, then SiLU x up", "AMX with SiLU x up"]
+# The last two only for an MLP's gate and up projections (layer "gate/up"): the product then raytp's silu_mul op, and
+# the two in one pass (linear_silu_mul); their GB/s counts the weight only, as the others'.
 
 
-def _kernel(out_f: int, in_f: int, dtype: torch.dtype, kernel: str):
+def _kernel(out_f: int, in_f: int, dtype: torch.dtype, kernel: str, layer_name: str):
     """x -> x W^T through `kernel` for a random weight, or None where this CPU has no such kernel. "raytp": raytp's
     float32 or AVX512-BF16 kernel (even where PackableLinear.pack() would pick another); "raytp-amx": its bfloat16
-    kernel on AMX tiles."""
+    kernel on AMX tiles; "amx+silu" / "amx-silu-fused": x -> silu(gate) * up for a gate/up weight (see NAMES)."""
+    if kernel.startswith("amx") and layer_name != "gate/up":
+        return None
     layer = PackableLinear(out_f, in_f, dtype)
     torch.nn.init.normal_(layer.weight, std=0.02)
     if kernel == "onednn":
@@ -51,9 +58,13 @@ def _kernel(out_f: int, in_f: int, dtype: torch.dtype, kernel: str):
         layer.pack(kernel)
         return layer.matmul
     op = cpu_ops.linear_op({torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
-    if op is None or (kernel == "raytp-amx" and not op.amx()):
+    if op is None or (kernel != "raytp" and not op.amx()):
         return None
     packed = op.pack(layer.weight.detach())
+    if kernel == "amx-silu-fused":
+        return lambda x: op.linear_silu_mul(x, packed, out_f)
+    if kernel == "amx+silu":
+        return lambda x: silu_mul(op.linear(x, packed, out_f, amx=True))
     amx = kernel == "raytp-amx"
     return lambda x: op.linear(x, packed, out_f, amx=amx)
 
@@ -70,7 +81,7 @@ def main() -> None:
     with torch.inference_mode():
         for model, name, out_f, in_f in SHAPES:
             # per kernel: its copies of the weight, or [] where this CPU has no such kernel
-            calls = [[c for c in (_kernel(out_f, in_f, dtype, kernel) for _ in range(a.copies)) if c is not None]
+            calls = [[c for c in (_kernel(out_f, in_f, dtype, kernel, name) for _ in range(a.copies)) if c is not None]
                      for dtype, kernel in KERNELS]
             for rows in rows_list:
                 xs = [torch.randn(rows, in_f).to(dtype) for dtype, _ in KERNELS]
