@@ -133,6 +133,8 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
             sort = torch.cat([sort, rows[hopeless]])
             decided |= hopeless
         rows = rows[~decided]
+        if len(rows) == 0:
+            break
     rows = torch.cat([sort, rows])
     if len(rows):
         out[rows] = _filter_top_k_top_p_sorted(logits[rows], top_k[rows], top_p[rows])

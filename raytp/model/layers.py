@@ -114,7 +114,6 @@ class PackableLinear(DirectCall):
         self.scales: torch.Tensor | None = None  # int8: the weight's column scales; int4: its groups' steps and minimums
         self.kernel = "torch"  # which packing `packed` holds: "raytp", "int8", "int4", "onednn", or none ("torch")
         self._raytp_call = None  # x -> x W^T through raytp's op, bound by use() for the packing it holds
-        self._fused_silu_mul = None
 
     def use(self, kernel: str, packed: torch.Tensor | None, scales: torch.Tensor | None = None) -> None:
         """Compute with `packed` (and `scales`), packed for `kernel`. raytp's op is bound here, once, instead of being
@@ -122,15 +121,9 @@ class PackableLinear(DirectCall):
         ~10 ms SmolLM2 int4 step)."""
         self.kernel, self.packed, self.scales = kernel, packed, scales
         N = self.weight.shape[0]
-        self._fused_silu_mul = None  # ColumnParallelLinear.silu_mul in one pass, where raytp's op can
         if kernel == "raytp":
-            op = self._op()
-            linear = op.linear
+            linear = self._op().linear
             self._raytp_call = lambda x: linear(x, packed, N)
-            if (self.weight.dtype == torch.bfloat16 and op.amx() and self.weight.shape[1] % 32 == 0 and N % 32 == 0
-                    and getattr(self, "bias", None) is None):
-                fused = op.linear_silu_mul
-                self._fused_silu_mul = lambda x: fused(x, packed, N)
         elif kernel in QUANTIZED_KERNELS:
             linear = getattr(_quantized_op(kernel), f"linear_{kernel}")  # raises where this CPU has no such kernel
             self._raytp_call = lambda x: linear(x, packed, scales, N)
@@ -216,6 +209,16 @@ class ColumnParallelLinear(PackableLinear):
     def __init__(self, in_features: int, out_features_per_rank: int, bias: bool, dtype: torch.dtype):
         super().__init__(out_features_per_rank, in_features, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features_per_rank, dtype=dtype), requires_grad=False) if bias else None
+        self._fused_silu_mul = None  # silu_mul() in one pass of raytp's op, bound by use() where it can
+
+    def use(self, kernel: str, packed: torch.Tensor | None, scales: torch.Tensor | None = None) -> None:
+        super().use(kernel, packed, scales)
+        self._fused_silu_mul = None
+        N, K = self.weight.shape
+        if (kernel == "raytp" and self.weight.dtype == torch.bfloat16 and self.bias is None and K % 32 == 0
+                and N % 32 == 0 and (op := self._op()).amx()):
+            fused = op.linear_silu_mul
+            self._fused_silu_mul = lambda x: fused(x, packed, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (T, in) -> (T, out / p)

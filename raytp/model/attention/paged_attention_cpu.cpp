@@ -137,6 +137,13 @@ inline __m512 sum_lanes16(const __m512* v) {
                        _mm512_shuffle_ps(c01, c23, _MM_SHUFFLE(3, 2, 3, 2)));
 }
 
+// Asks for a cache slot (n elements from p: every KV head of one token) into L2.
+template <typename kv_t>
+inline void prefetch_slot(const kv_t* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t(sizeof(kv_t)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T1);
+}
+
 // 16 cache values as float32: loaded as they are, or (bfloat16) widened, which is exact (a shift into the high half).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
@@ -259,12 +266,6 @@ inline void key_tile_scores(const at::BFloat16* k, int64_t ld, float (*c)[16]) {
   _tile_stored(0, c, 64);
 }
 
-// Asks for a cache slot (n bfloat16 elements from p) into L2.
-inline void prefetch_slot(const at::BFloat16* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * 2; b += 64) _mm_prefetch(bytes + b, _MM_HINT_T1);
-}
-
 // scores[r][h * n_r + j] (n_r: row r's keys) for the first `common` keys of every row of the group, head_dim
 // D = 32 * KS: per KV head, the keys 16 at a time (A tiles, loaded from the cache as they are: a block's slots are
 // consecutive) times the query vectors of that KV head's heads in all the rows, 16 at a time (B tiles, made once per
@@ -385,10 +386,9 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
       const int64_t nk = std::max<int64_t>(0, kf1 - kf0), total = nk + m, per_head = (total + H - 1) / H;
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t t = h * per_head; t < std::min(total, (h + 1) * per_head); ++t) {
-          const kv_t* base = t < nk ? k_cache + slots[r][kf0 + t] * slot_stride    // a key ahead
-                                    : v_cache + slots[r][j0 + t - nk] * slot_stride;  // a value of this tile
-          const char* slot = reinterpret_cast<const char*>(base);
-          for (int64_t b = 0; b < slot_stride * int64_t(sizeof(kv_t)); b += 64) _mm_prefetch(slot + b, _MM_HINT_T1);
+          prefetch_slot(t < nk ? k_cache + slots[r][kf0 + t] * slot_stride     // a key ahead
+                               : v_cache + slots[r][j0 + t - nk] * slot_stride,  // a value of this tile
+                        slot_stride);
         }
         __m512 dots[16];
         key_dots<NC>(qr + h * D, keys, (h / G) * D, dots);
@@ -461,10 +461,7 @@ void prefetch_first_keys(const Row* rows, int64_t R, const kv_t* k_cache, int64_
                          std::vector<int64_t>& slots) {
   for (int64_t r = 0; r < R; ++r) {
     key_slots(rows[r].table, block_size, rows[r].first_key, std::min(rows[r].last_key, rows[r].first_key + 15), slots);
-    for (int64_t slot : slots) {
-      const char* p = reinterpret_cast<const char*>(k_cache + slot * slot_size);
-      for (int64_t b = 0; b < slot_size * int64_t(sizeof(kv_t)); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-    }
+    for (int64_t slot : slots) prefetch_slot(k_cache + slot * slot_size, slot_size);
   }
 }
 
