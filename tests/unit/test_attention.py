@@ -33,6 +33,7 @@ def test_cpu_backend_matches_reference(heads, kv_heads, window, dtype, gemm_min_
     # Which sequences take the GEMM path instead of the row-by-row op: the 17-, 24- and 40-token chunks, all of
     # them (decode rows too), or none.
     fast.flash_thresholds = {dtype: (gemm_min_rows, 0, gemm_min_rows)}
+    fast.amx_instead_of_flash = False  # (the AMX path: test_op_on_amx_tiles_takes_every_row)
     chunks, q, k, v, cache = random_step(MIXED, heads, kv_heads, 32, BLOCK_SIZE, dtype, seed=heads * 10 + kv_heads)
     outs = []
     for backend in (reference, fast):
@@ -61,6 +62,7 @@ def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window,
     or the 5-token chunk goes through flash attention alone."""
     reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
     fast.flash_thresholds = {dtype: thresholds}
+    fast.amx_instead_of_flash = False
     prefix = [9, 2, 14, 5, 11]  # 20 cached tokens
     chunks = [
         SeqChunk(20, 1, prefix + [0]),
@@ -104,6 +106,34 @@ def test_op_on_blocks_of_16_matches_reference(heads, kv_heads, head_dim):
     outs = [backend.forward(q, k, v, cache.clone(), build_metadata(chunks, 16, CPU), head_dim**-0.5)
             for backend in (reference, fast)]
     assert not build_metadata(chunks, 16, CPU).derived  # (plan made by forward, per step)
+    err = (outs[1].float() - outs[0].float()).abs().max().item()
+    print(f"{heads}/{kv_heads} d{head_dim} (op.amx() = {fast.op.amx()}): max abs error {err:.2e}")
+    assert err < 2e-2
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (9, 3, 64), (16, 2, 128), (4, 4, 32)],
+                         ids=["gqa2", "gqa3", "gqa8_d128", "mha_d32"])
+def test_op_on_amx_tiles_takes_every_row(heads, kv_heads, head_dim):
+    """bfloat16 with cache blocks of 16 as the engine runs it (no thresholds set): where the op computes on AMX tiles
+    (op.amx()), no row goes to flash attention, and its groups share the keys and values they arranged for the tiles:
+    three chunks on a cached 144-token prefix (their groups of 16 rows straddle sequences, and a sequence's second
+    group shares only the prefix with the group before it; past 128 keys the values' pass is on tiles too), a
+    170-token prompt from scratch (each group shares more keys than the one before it), decode rows on the prefix
+    and a lone one; against the reference."""
+    reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
+    prefix = [3, 7, 1, 12, 40, 41, 42, 43, 44]
+    chunks = [SeqChunk(144, 20, prefix + [20 + 2 * i, 21 + 2 * i]) for i in range(3)]  # positions 144 .. 163
+    chunks += [SeqChunk(0, 170, list(range(50, 61))), SeqChunk(144, 1, prefix + [33]),
+               SeqChunk(150, 1, prefix + [34]), SeqChunk(9, 1, [35])]
+    gen = torch.Generator().manual_seed(heads * 10 + head_dim)
+    T = sum(c.num_new for c in chunks)
+    q, k, v = (torch.randn(T, n, head_dim, generator=gen).to(torch.bfloat16) for n in (heads, kv_heads, kv_heads))
+    cache = torch.randn(2, 64 * 16, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    metas = [build_metadata(chunks, 16, CPU) for _ in range(2)]
+    outs = [backend.forward(q, k, v, cache.clone(), meta, head_dim**-0.5) for backend, meta in zip((reference, fast),
+                                                                                                  metas)]
+    assert fast.takes_all(q, metas[1]) == fast.op.amx()
+    assert not metas[1].derived.groups  # (without AMX too: the default thresholds' min keys are past these)
     err = (outs[1].float() - outs[0].float()).abs().max().item()
     print(f"{heads}/{kv_heads} d{head_dim} (op.amx() = {fast.op.amx()}): max abs error {err:.2e}")
     assert err < 2e-2

@@ -13,8 +13,11 @@ sums, its GEMMs on AMX tiles where the CPU has them), with an additive mask for
 its causal (and sliding-window) pattern. So do the rows of sequences on one
 cached prefix (requests admitted together on a shared system prompt or
 document): one call for all of them, over the prefix once and each one's keys
-after it, the mask keeping each row to the prefix and its own keys. The op is
-built once per machine and cached on disk (raytp/model/cpu_ops.py).
+after it, the mask keeping each row to the prefix and its own keys. In
+bfloat16 on a CPU with AMX tiles the op keeps every row: what a group of rows
+shares (a cached prefix; in a chunk, the keys before the group's rows) goes
+through tiles there, faster than flash attention. The op is built once per
+machine and cached on disk (raytp/model/cpu_ops.py).
 """
 from __future__ import annotations
 
@@ -145,18 +148,25 @@ class CpuPagedAttention(AttentionBackend):
     # flash attention's is 1.0-2.7x in bfloat16 from 16 rows on 128 keys (0.3-1.0x at 4-8 rows) and 1.3-1.5x in
     # float32 from 32 rows on 512 keys (0.4-0.9x at fewer rows or keys). Other dtypes go by float32's.
     flash_thresholds = {torch.bfloat16: (16, 128, 16, 1), torch.float32: (32, 512, 32, 1)}
-    # bfloat16 where the op's scores over the keys a group's rows share come from AMX tiles (op.amx()): decode rows of
-    # sequences on a cached prefix stay in the op (SmolLM2, in the engine, 16 or 32 sequences on a 768-token prefix:
-    # decode steps 1-2.5% faster than with flash attention; with the keys hot in L2, the op alone takes 0.3x flash
-    # attention's time), flash attention takes such a group's rows only from 16 per sequence (chunks: 1.3x faster
-    # there). A chunk alone as before: in the engine, with the context read from memory, flash attention is as fast
-    # as the op at 32 rows on 768 cached keys and 10% faster at 64.
-    amx_bf16_thresholds = (16, 128, 16, 16)
 
     def __init__(self):
         self.op = load_op()
-        if self.op.amx():
-            self.flash_thresholds = {**self.flash_thresholds, torch.bfloat16: self.amx_bf16_thresholds}
+        # bfloat16 where the op computes on AMX tiles (op.amx()) what a group of rows shares (a cached prefix's keys;
+        # within a chunk, the keys before a group's rows): every row stays in the op, no flash attention. In the
+        # engine, one core of a Xeon with AMX, alternating with flash attention as before (2026-12-05): 8 requests
+        # admitted on a cached 768-token prefix 13-15% faster (bench-58m 47.2 -> 41.2 ms, SmolLM2 161 -> 138), a
+        # 256-token prompt 7% (bench-58m 29.5 -> 27.3 ms, SmolLM2 106 -> 99), a 256-token chunk on 768 cached
+        # tokens level (44.9 / 44.2, 165 / 164). Only for the shapes those tiles take (see takes_all); tests turn
+        # it off to exercise flash attention in bfloat16.
+        self.amx_instead_of_flash = self.op.amx()
+
+    def takes_all(self, q: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether the op computes every row of this step itself: bfloat16 on AMX tiles, head_dim a multiple of 32 up
+        to 128, cache blocks of a multiple of 16 slots (a tile's keys), no sliding window (rows see keys from the
+        first)."""
+        head_dim = q.shape[-1]
+        return (self.amx_instead_of_flash and q.dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 128
+                and meta.block_size % 16 == 0 and meta.sliding_window is None)
 
     def rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                          cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -170,8 +180,11 @@ class CpuPagedAttention(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)
         if meta.derived is None:
-            thresholds = self.flash_thresholds.get(q.dtype) or self.flash_thresholds[torch.float32]
-            meta.derived = plan_flash(meta, q.dtype, *thresholds)
+            if self.takes_all(q, meta):
+                meta.derived = FlashPlan([], torch.zeros(len(meta.seq_lens), dtype=torch.bool))
+            else:
+                thresholds = self.flash_thresholds.get(q.dtype) or self.flash_thresholds[torch.float32]
+                meta.derived = plan_flash(meta, q.dtype, *thresholds)
         plan: FlashPlan = meta.derived
         # (T, H, D): the op's float32 rows rounded once
         out = self.op.paged_attention(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,

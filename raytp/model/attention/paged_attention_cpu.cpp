@@ -11,8 +11,8 @@
 // Sequences flagged in skip (B,) bool are left out, their output rows
 // unwritten: the caller computes those (long prompt chunks, sequences on a
 // shared prefix) with torch's flash attention, which reuses each key across
-// many queries (see cpu.py). The output is float32, whatever the dtype of q
-// and the cache.
+// many queries (see cpu.py), except in bfloat16 on AMX tiles, where this op
+// does (below). The output is float32, whatever the dtype of q and the cache.
 //
 // Work items are groups of query rows whose sequences share their first cache
 // block (one sequence's chunk; sequences on a cached prefix), at most 16 rows,
@@ -27,13 +27,18 @@
 // tile by tile, and within a tile row by row, so rows that read the same
 // blocks find them in L1; everything else runs the
 // group row by row, in plain loops over head_dim, the contiguous axis, that
-// the compiler vectorises. It is built with
+// the compiler vectorises. In bfloat16 on a CPU with AMX tiles, the keys every
+// row of a group sees through the same cache blocks (a cached prefix; in a
+// chunk, the keys before the group's rows) go through tiles instead, scores and
+// values' sums alike, from keys and values arranged for the tiles once per call
+// and shared by the groups that see them (SharedKV). It is built with
 // -ffast-math (reassociated sums vectorise, exp comes from libmvec): safe here
 // because only real keys are visited, so no score is ever infinite or NaN.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -183,14 +188,14 @@ inline void key_dots(const float* qh, const kv_t* const* keys, int64_t head_offs
 }
 
 // The values' pass for HB query heads h0 .. h0 + HB - 1 of one KV head at a time: out[row, h] += sum over each key
-// tile's keys j of p[h][j] * v_j, float32 sums. Each value is loaded (a bfloat16 one widened, exactly) once for the
+// tile's keys j (from key `first` on) of p[h][j] * v_j, float32 sums. Each value is loaded (a bfloat16 one widened, exactly) once for the
 // HB heads, and their HB * NC accumulators are independent chains of FMAs.
 template <int NC, int HB, typename kv_t>
 void value_sums(const Row* rows, int64_t R, const kv_t* v_cache, int64_t slot_stride, int64_t H, int64_t G,
-                int64_t longest, int64_t tile, const std::vector<std::vector<int64_t>>& slots,
+                int64_t first, int64_t longest, int64_t tile, const std::vector<std::vector<int64_t>>& slots,
                 const std::vector<std::vector<float>>& scores, float* out) {
   constexpr int64_t D = 16 * NC;
-  for (int64_t j0 = 0; j0 < longest; j0 += tile) {
+  for (int64_t j0 = first; j0 < longest; j0 += tile) {
     for (int64_t h0 = 0; h0 < H; h0 += HB) {
       const kv_t* v_head = v_cache + (h0 / G) * D;
       for (int64_t r = 0; r < R; ++r) {
@@ -224,6 +229,11 @@ void value_sums(const Row* rows, int64_t R, const kv_t* v_cache, int64_t slot_st
 // faster through key_dots' prefetches (Xeon with AMX, 32 rows of 140-300 keys, caches cold: 0.43 against 0.53 ms
 // a layer), while a shared prefix's or a chunk's are read by many vectors at once.
 constexpr int64_t kMinAmxVectors = 8;
+// And the values' pass over the common keys from these many vectors and keys: fewer gain nothing over the AVX-512
+// pass (one core of a Xeon with AMX, 9 heads / 3 KV heads of 64: 8 decode rows on 768 keys 0.19 against 0.18 ms;
+// 8 chunks of 32 rows on 768 keys 2.4 against 3.7; a 256-token prompt 0.84 against 0.90), whose float32
+// probabilities keep a short prompt's results as before.
+constexpr int64_t kMinAmxValueVectors = 32, kMinAmxValueKeys = 128;
 
 // Keys from the first that every row of the group sees, through the same cache blocks, in whole 16-key tiles
 // (block_size a multiple of 16; 0 under a sliding window): the rows' scores for them come from AMX tiles, every row
@@ -243,93 +253,257 @@ int64_t common_keys(const Row* rows, int64_t R, int64_t block_size) {
   return n - n % 16;
 }
 
-// c (16 keys x 16 query vectors, float32) = the 16 keys' D = 32 KS elements from k (rows ld bytes apart) times the
-// query vectors in B tiles 4 .. 3 + KS, through tile 0 (scores) and tile 1 (a key half at a time). (Tile numbers are
-// literals: the intrinsics paste them into the instruction.)
-template <int KS>
-inline void key_tile_scores(const at::BFloat16* k, int64_t ld, float (*c)[16]) {
-  _tile_zero(0);
-  _tile_loadd(1, k, ld);
-  _tile_dpbf16ps(0, 1, 4);
-  if constexpr (KS > 1) {
-    _tile_loadd(1, k + 32, ld);
-    _tile_dpbf16ps(0, 1, 5);
-  }
-  if constexpr (KS > 2) {
-    _tile_loadd(1, k + 64, ld);
-    _tile_dpbf16ps(0, 1, 6);
-  }
-  if constexpr (KS > 3) {
-    _tile_loadd(1, k + 96, ld);
-    _tile_dpbf16ps(0, 1, 7);
-  }
-  _tile_stored(0, c, 64);
-}
+// A group's shared keys and values, arranged for tdpbf16ps's B tiles, for every KV head: made for the first group
+// that needs them and kept (extended when a later group shares more keys) for the next groups of the same
+// paged_attention call, which mostly share them (sequences on one cached prefix; one chunk's rows).
+//   keys[kh][((t * KS + ks) * 16 + p) * 16 + k]: key 16 t + k's elements 32 ks + 2 p and 32 ks + 2 p + 1 as a
+//     bfloat16 pair (the keys of a 16-key tile transposed: B of scores = q k^T, 16 vectors x 16 keys);
+//   values[kh][((t * NC + c) * 16 + p) * 16 + d]: keys 32 t + 2 p and 32 t + 2 p + 1's element 16 c + d as a pair
+//     (B of out = p v, 16 vectors x 16 elements; zero past the keys made).
+// Head_dim D = 16 * NC = 32 * KS.
+struct SharedKV {
+  uint64_t call = 0;           // the paged_attention call that made them (the cache may change between calls)
+  int64_t keys = 0;            // how many keys, a multiple of 16
+  std::vector<int64_t> slots;  // their slots
+  std::vector<std::vector<uint32_t>> key_tiles, value_tiles;  // per KV head
 
-// scores[r][h * n_r + j] (n_r: row r's keys) for the first `common` keys of every row of the group, head_dim
-// D = 32 * KS: per KV head, the keys 16 at a time (A tiles, loaded from the cache as they are: a block's slots are
-// consecutive) times the query vectors of that KV head's heads in all the rows, 16 at a time (B tiles, made once per
-// group), into float32 tiles of 16 keys x 16 vectors. The same products as key_dots'
-// (bfloat16 pairs, float32 sums), summed in another order.
-template <int KS>
-void amx_scores(const Row* rows, int64_t R, const float* q, const at::BFloat16* k_cache, const at::BFloat16* v_cache,
-                int64_t H, int64_t Hkv, float scale, int64_t common, const std::vector<std::vector<int64_t>>& slots,
-                std::vector<std::vector<float>>& scores) {
-  constexpr int64_t D = 32 * KS;
-  const int64_t G = H / Hkv, slot_stride = Hkv * D, ld = slot_stride * 2, V = R * G;
-  // All eight tiles 16 rows of 64 bytes. Tile 0: scores, 16 keys x 16 query vectors (float32); 1: 16 keys' 32
-  // elements of one KV head (bfloat16, rows of the cache as they are); 4 .. 7: the 16 query vectors' elements
-  // 32 ks .. 32 ks + 31 as bfloat16 pairs (16 pairs x 16 vectors x 2), one tile per ks.
+  // Whether they hold the first n keys of these slots for this call.
+  bool hold(uint64_t c, const std::vector<int64_t>& s, int64_t n) const {
+    return call == c && keys >= n && std::equal(s.begin(), s.begin() + n, slots.begin());
+  }
+
+  // Make (or extend to) the first n keys of slots (n a multiple of 16).
+  template <int NC>
+  void make(const at::BFloat16* k_cache, const at::BFloat16* v_cache, int64_t Hkv, const std::vector<int64_t>& s,
+            int64_t n, uint64_t c) {
+    constexpr int64_t D = 16 * NC, KS = NC / 2;
+    const int64_t slot_stride = Hkv * D;
+    // Keys already made for these slots stay (whole 16-key tiles): a sequence's second group shares the prefix
+    // with the first group of the sequence before it, not the keys after it.
+    int64_t same = 0;
+    if (call == c) {
+      const int64_t limit = std::min(keys, n);
+      while (same < limit && slots[same] == s[same]) ++same;
+    }
+    const int64_t from = same - same % 16;
+    call = c, keys = n;
+    slots.assign(s.begin(), s.begin() + n);
+    key_tiles.resize(Hkv), value_tiles.resize(Hkv);
+    // Two keys' elements 32 m .. 32 m + 31 (a, b) -> their first 16 interleaved a0 b0 a1 b1 ... (lo), the last 16 (hi)
+    alignas(64) int16_t lo_index[32], hi_index[32];
+    for (int d = 0; d < 16; ++d) {
+      lo_index[2 * d] = d, lo_index[2 * d + 1] = 32 + d;
+      hi_index[2 * d] = 16 + d, hi_index[2 * d + 1] = 48 + d;
+    }
+    const __m512i lo = _mm512_load_si512(lo_index), hi = _mm512_load_si512(hi_index);
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));  // element p of each of 16 rows of 16
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      std::vector<uint32_t>& kt = key_tiles[kh];
+      kt.resize(n / 16 * KS * 256);
+      for (int64_t t = from / 16; t < n / 16; ++t) {
+        for (int64_t ks = 0; ks < KS; ++ks) {
+          // The tile's 16 keys' elements 32 ks .. 32 ks + 31 (16 pairs each) as they are, then transposed
+          alignas(64) uint32_t rows16[16][16];
+          for (int64_t k = 0; k < 16; ++k)
+            _mm512_store_si512(rows16[k], _mm512_loadu_si512(k_cache + slots[16 * t + k] * slot_stride + kh * D + 32 * ks));
+          for (int64_t p = 0; p < 16; ++p)
+            _mm512_storeu_si512(kt.data() + ((t * KS + ks) * 16 + p) * 16,
+                                _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(p)), rows16, 4));
+        }
+      }
+      std::vector<uint32_t>& vt = value_tiles[kh];
+      vt.resize((n + 31) / 32 * NC * 256);
+      for (int64_t t = from / 32; t < (n + 31) / 32; ++t) {  // (from's tile again if it had 16 keys of 32)
+        for (int64_t p = 0; p < 16; ++p) {
+          const int64_t j = 32 * t + 2 * p;
+          const at::BFloat16* a = j < n ? v_cache + slots[j] * slot_stride + kh * D : nullptr;
+          const at::BFloat16* b = j + 1 < n ? v_cache + slots[j + 1] * slot_stride + kh * D : nullptr;
+          for (int m = 0; m < NC / 2; ++m) {
+            const __m512i va = a ? _mm512_loadu_si512(a + 32 * m) : _mm512_setzero_si512();
+            const __m512i vb = b ? _mm512_loadu_si512(b + 32 * m) : _mm512_setzero_si512();
+            uint32_t* dst = vt.data() + ((t * NC + 2 * m) * 16 + p) * 16;
+            _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(va, lo, vb));
+            _mm512_storeu_si512(dst + 256, _mm512_permutex2var_epi16(va, hi, vb));
+          }
+        }
+      }
+    }
+  }
+};
+
+// Shapes tiles 0 .. count - 1 as 16 rows of 64 bytes each (all of raytp's attention tiles).
+inline void configure_tiles(int count) {
   raytp_amx::TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
+  for (int t = 0; t < count; ++t) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
-  alignas(64) uint32_t b[KS][16][16];  // [ks][pair][vector]: the B tiles
-  alignas(64) float c[16][16];         // [key][vector]: a tile of scores out of tile 0
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
+}
+
+// Tile 0 += A tiles 4 .. 3 + KS times the B tiles at b, b + 256, ... (one per A, 1 KiB each, loaded into tile 1 in
+// turn): a tile of scores over KS element chunks. (Tile numbers are literals: the intrinsics paste them into the
+// instruction.)
+template <int KS>
+inline void score_tile_products(const uint32_t* b) {
+  _tile_loadd(1, b, 64);
+  _tile_dpbf16ps(0, 4, 1);
+  if constexpr (KS > 1) {
+    _tile_loadd(1, b + 256, 64);
+    _tile_dpbf16ps(0, 5, 1);
+  }
+  if constexpr (KS > 2) {
+    _tile_loadd(1, b + 512, 64);
+    _tile_dpbf16ps(0, 6, 1);
+  }
+  if constexpr (KS > 3) {
+    _tile_loadd(1, b + 768, 64);
+    _tile_dpbf16ps(0, 7, 1);
+  }
+}
+
+// Tiles 4 .. 3 + NB += (A tile 0 + A tile 2) times the B tiles at b, b + 256, ... (1 KiB each, loaded into tile 1
+// in turn): NB tiles of values' sums, for probabilities split into a bfloat16 and the bfloat16 of its remainder.
+template <int NB>
+inline void value_tile_products(const uint32_t* b) {
+  _tile_loadd(1, b, 64);
+  _tile_dpbf16ps(4, 0, 1);
+  _tile_dpbf16ps(4, 2, 1);
+  if constexpr (NB > 1) {
+    _tile_loadd(1, b + 256, 64);
+    _tile_dpbf16ps(5, 0, 1);
+    _tile_dpbf16ps(5, 2, 1);
+  }
+  if constexpr (NB > 2) {
+    _tile_loadd(1, b + 512, 64);
+    _tile_dpbf16ps(6, 0, 1);
+    _tile_dpbf16ps(6, 2, 1);
+  }
+  if constexpr (NB > 3) {
+    _tile_loadd(1, b + 768, 64);
+    _tile_dpbf16ps(7, 0, 1);
+    _tile_dpbf16ps(7, 2, 1);
+  }
+}
+
+// The 32 bfloat16 of x (lanes 0 .. 15 from lo, 16 .. 31 from hi) and of what rounding to them left of x: their sum is
+// x to ~16 bits, where one bfloat16 keeps 8.
+inline void split_bf16(__m512 lo, __m512 hi, __m512i& head, __m512i& rest) {
+  head = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  auto widen = [](__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); };
+  rest = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(hi, widen(_mm512_extracti64x4_epi64(head, 1))),
+                                      _mm512_sub_ps(lo, widen(_mm512_extracti64x4_epi64(head, 0))));
+}
+
+// scores[r][h * n_r + j] (n_r: row r's keys) for the first `common` keys of every row of the group, head_dim
+// D = 32 * KS: per KV head, 16 query vectors at a time (rows x query heads of that KV head; A tiles 4 .. 3 + KS, an
+// element chunk of 32 each, as bfloat16) times the shared keys 16 at a time (B tiles, SharedKV), into a float32 tile
+// of 16 vectors x 16 keys (tile 0), which goes straight into the vectors' scores. The same products as key_dots'
+// (bfloat16 pairs, float32 sums), summed in another order.
+template <int KS>
+void amx_scores(const Row* rows, int64_t R, const float* q, int64_t H, int64_t Hkv, float scale, int64_t common,
+                const SharedKV& shared, const std::vector<std::vector<int64_t>>& slots,
+                std::vector<std::vector<float>>& scores) {
+  constexpr int64_t D = 32 * KS;
+  const int64_t G = H / Hkv, V = R * G;
+  configure_tiles(8);
+  alignas(64) uint16_t a[KS][16][32];  // [ks][vector][element]: the A tiles
+  alignas(64) float c[16][16];         // [vector][key]: a tile of scores out of tile 0
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t kh = 0; kh < Hkv; ++kh) {
+    const uint32_t* keys = shared.key_tiles[kh].data();
     for (int64_t v0 = 0; v0 < V; v0 += 16) {
+      // Vector v0 + i is head kh * G + g of row r, v0 + i = r * G + g; A's rows past nv are not read back.
       const int64_t nv = std::min<int64_t>(16, V - v0);
-      // Vector v0 + i is head kh * G + g of row r, v0 + i = r * G + g; missing vectors stay zero.
-      std::memset(b, 0, sizeof(b));
       for (int64_t i = 0; i < nv; ++i) {
         const int64_t r = (v0 + i) / G, g = (v0 + i) % G;
         const float* qh = q + (rows[r].index * H + kh * G + g) * D;
-        for (int ks = 0; ks < KS; ++ks) {
-          alignas(64) uint32_t pairs[16];
-          _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(qh + 32 * ks + 16),
-                                                                  _mm512_loadu_ps(qh + 32 * ks)));
-          for (int p = 0; p < 16; ++p) b[ks][p][i] = pairs[p];
-        }
+        for (int ks = 0; ks < KS; ++ks)
+          _mm512_store_si512(a[ks][i], (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(qh + 32 * ks + 16),
+                                                                     _mm512_loadu_ps(qh + 32 * ks)));
       }
-      _tile_loadd(4, b[0], 64);
-      if constexpr (KS > 1) _tile_loadd(5, b[1], 64);
-      if constexpr (KS > 2) _tile_loadd(6, b[2], 64);
-      if constexpr (KS > 3) _tile_loadd(7, b[3], 64);
-      for (int64_t j0 = 0; j0 < common; j0 += 16) {
-        // Into L2 on the first KV head's pass, whole slots (every KV head: the later passes find them there): the
-        // keys four tiles ahead, and this tile's values (the values' pass reads them).
-        if (kh == 0 && v0 == 0) {
-          for (int64_t t = 0; t < 16; ++t) {
-            if (j0 + 64 + t < common) prefetch_slot(k_cache + slots[0][j0 + 64 + t] * slot_stride, slot_stride);
-            prefetch_slot(v_cache + slots[0][j0 + t] * slot_stride, slot_stride);
-          }
-        }
-        key_tile_scores<KS>(k_cache + slots[0][j0] * slot_stride + kh * D, ld, c);
-        // Each vector's 16 scores are a column of the tile: gathered, scaled, stored in its row's scores.
+      _tile_loadd(4, a[0], 64);
+      if constexpr (KS > 1) _tile_loadd(5, a[1], 64);
+      if constexpr (KS > 2) _tile_loadd(6, a[2], 64);
+      if constexpr (KS > 3) _tile_loadd(7, a[3], 64);
+      for (int64_t t = 0; t < common / 16; ++t) {
+        _tile_zero(0);
+        score_tile_products<KS>(keys + t * KS * 256);
+        _tile_stored(0, c, 64);
         for (int64_t i = 0; i < nv; ++i) {
-          const int64_t r = (v0 + i) / G, g = (v0 + i) % G, n = slots[r].size();
-          float* dst = scores[r].data() + (kh * G + g) * n + j0;
-          _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_i32gather_ps(column, &c[0][i], 4), vscale));
+          const int64_t r = (v0 + i) / G, g = (v0 + i) % G;
+          _mm512_storeu_ps(scores[r].data() + (kh * G + g) * slots[r].size() + 16 * t,
+                           _mm512_mul_ps(_mm512_load_ps(c[i]), vscale));
         }
       }
     }
   }
   _tile_release();  // leave the tiles unshaped: the linear ops, oneDNN and torch shape their own
+}
+
+// out[row, h] += sum over the first `common` keys j of p[h][j] * v_j (every row of the group sees them through the
+// same slots), head_dim D = 16 * NC (NC even), on AMX tiles: per KV head, the probabilities of 16 query vectors
+// (rows x query heads of that KV head) for 32 keys, as two bfloat16 (A tiles 0 and 2: split_bf16, so that they count
+// to ~16 bits as the AVX-512 pass's float32 probabilities do, where one bfloat16 would round them as torch's flash
+// attention does), times the shared values (B tiles, SharedKV), into float32 tiles 4 .. 7 of 16 vectors x 16
+// elements.
+template <int NC>
+void amx_values(const Row* rows, int64_t R, int64_t H, int64_t Hkv, int64_t common, const SharedKV& shared,
+                const std::vector<std::vector<int64_t>>& slots, const std::vector<std::vector<float>>& scores,
+                float* out) {
+  constexpr int64_t D = 16 * NC;
+  const int64_t G = H / Hkv, V = R * G, tiles = (common + 31) / 32;
+  configure_tiles(8);
+  alignas(64) uint16_t a[16][32], a_rest[16][32];  // [vector][key]: the A tiles
+  alignas(64) float c[4][16][16];                    // [tile][vector][element]: sums out of tiles 4 .. 7
+  for (int64_t kh = 0; kh < Hkv; ++kh) {
+    const uint32_t* values = shared.value_tiles[kh].data();
+    for (int64_t v0 = 0; v0 < V; v0 += 16) {
+      const int64_t nv = std::min<int64_t>(16, V - v0);  // A's rows past nv are not read back
+      for (int64_t c0 = 0; c0 < NC; c0 += 4) {  // elements 16 c0 .. 16 c0 + 63
+        const int nb = static_cast<int>(std::min<int64_t>(4, NC - c0));
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t t = 0; t < tiles; ++t) {
+          // Keys past `common` (the last tile may have 16 of 32) get probability 0: their pairs may hold values.
+          const int64_t keys = std::min<int64_t>(32, common - 32 * t);
+          const __mmask16 m_lo = keys >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << keys) - 1);
+          const __mmask16 m_hi = keys >= 32 ? 0xFFFF : keys <= 16 ? 0 : static_cast<__mmask16>((1u << (keys - 16)) - 1);
+          for (int64_t i = 0; i < nv; ++i) {
+            const int64_t r = (v0 + i) / G, g = (v0 + i) % G;
+            const float* p = scores[r].data() + (kh * G + g) * slots[r].size() + 32 * t;
+            __m512i head, rest;
+            split_bf16(_mm512_maskz_loadu_ps(m_lo, p), _mm512_maskz_loadu_ps(m_hi, p + 16), head, rest);
+            _mm512_store_si512(a[i], head);
+            _mm512_store_si512(a_rest[i], rest);
+          }
+          _tile_loadd(0, a, 64);
+          _tile_loadd(2, a_rest, 64);
+          const uint32_t* b = values + (t * NC + c0) * 256;
+          switch (nb) {
+            case 4: value_tile_products<4>(b); break;
+            case 3: value_tile_products<3>(b); break;
+            case 2: value_tile_products<2>(b); break;
+            default: value_tile_products<1>(b); break;
+          }
+        }
+        _tile_stored(4, c[0], 64);
+        if (nb > 1) _tile_stored(5, c[1], 64);
+        if (nb > 2) _tile_stored(6, c[2], 64);
+        if (nb > 3) _tile_stored(7, c[3], 64);
+        for (int64_t i = 0; i < nv; ++i) {
+          const int64_t r = (v0 + i) / G, g = (v0 + i) % G;
+          float* o = out + (rows[r].index * H + kh * G + g) * D + 16 * c0;
+          for (int b = 0; b < nb; ++b)
+            _mm512_storeu_ps(o + 16 * b, _mm512_add_ps(_mm512_loadu_ps(o + 16 * b), _mm512_load_ps(c[b][i])));
+        }
+      }
+    }
+  }
+  _tile_release();
 }
 #endif
 
@@ -342,6 +516,7 @@ void amx_scores(const Row* rows, int64_t R, const float* q, const at::BFloat16* 
 template <int NC, typename kv_t>
 void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t* k_cache, const kv_t* v_cache,
                          int64_t block_size, int64_t H, int64_t Hkv, float scale,
+                         uint64_t call,                              // which paged_attention call (SharedValues)
                          std::vector<std::vector<int64_t>>& slots,   // scratch: each row's key slots
                          std::vector<std::vector<float>>& scores,    // scratch: each row's (H, keys) scores
                          float* out) {
@@ -359,12 +534,17 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
     longest = std::max<int64_t>(longest, slots[r].size());
   }
   const __m512 vscale = _mm512_set1_ps(scale);
-  int64_t first_tile = 0;  // keys before it: scores from AMX tiles
+  int64_t first_tile = 0;    // keys before it: scores from AMX tiles
+  int64_t values_first = 0;  // keys before it: the values' sums from AMX tiles
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  thread_local SharedKV shared;  // the keys and values the group shares, kept for the next groups of the call
   if constexpr (std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0 && NC <= 8) {
     if (raytp_amx::granted()) {
       first_tile = R * (H / Hkv) >= kMinAmxVectors ? common_keys(rows, R, block_size) : 0;
-      if (first_tile > 0) amx_scores<NC / 2>(rows, R, q, k_cache, v_cache, H, Hkv, scale, first_tile, slots, scores);
+      if (first_tile > 0) {
+        if (!shared.hold(call, slots[0], first_tile)) shared.make<NC>(k_cache, v_cache, Hkv, slots[0], first_tile, call);
+        amx_scores<NC / 2>(rows, R, q, H, Hkv, scale, first_tile, shared, slots, scores);
+      }
     }
   }
 #endif
@@ -402,6 +582,12 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
     for (int64_t h = 0; h < H; ++h) softmax_(scores[r].data() + h * n, n);
     std::fill(out + rows[r].index * H * D, out + (rows[r].index + 1) * H * D, 0.f);
   }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0 && NC <= 8) {
+    values_first = R * (H / Hkv) >= kMinAmxValueVectors && first_tile >= kMinAmxValueKeys ? first_tile : 0;
+    if (values_first > 0) amx_values<NC>(rows, R, H, Hkv, values_first, shared, slots, scores, out);
+  }
+#endif
   // Tile by tile (a tile's values come from memory once, for every head), the query heads of a KV head in batches
   // of hb: as many of its G as divide it, up to 4, and at most 24 accumulators.
   const int64_t most = std::min<int64_t>(4, 24 / NC);
@@ -409,8 +595,8 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
   for (int64_t b = most; b > 1 && hb == 1; --b)
     if (G % b == 0) hb = b;
   auto pass = [&](auto heads) {
-    value_sums<NC, decltype(heads)::value>(rows, R, v_cache, slot_stride, H, G, longest, kValueTile, slots, scores,
-                                           out);
+    value_sums<NC, decltype(heads)::value>(rows, R, v_cache, slot_stride, H, G, values_first, longest, kValueTile,
+                                           slots, scores, out);
   };
   switch (hb) {
     case 4: pass(std::integral_constant<int, 4>()); break;
@@ -468,14 +654,14 @@ void prefetch_first_keys(const Row* rows, int64_t R, const kv_t* k_cache, int64_
 // The AVX-512 kernel for head_dim = 16 * NC, NC chosen at run time (head_dim a multiple of 16 up to 128).
 template <typename kv_t>
 void attend_group_fast(const Row* rows, int64_t R, const float* q, const kv_t* k_cache, const kv_t* v_cache,
-                       int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
+                       int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale, uint64_t call,
                        std::vector<std::vector<int64_t>>& slots, std::vector<std::vector<float>>& scores,
                        float* out) {
   switch (D) {
 #define RAYTP_GROUP(NC)                                                                                          \
   case 16 * NC:                                                                                                 \
-    return attend_group_avx512<NC, kv_t>(rows, R, q, k_cache, v_cache, block_size, H, Hkv, scale, slots, scores, \
-                                         out);
+    return attend_group_avx512<NC, kv_t>(rows, R, q, k_cache, v_cache, block_size, H, Hkv, scale, call, slots,  \
+                                         scores, out);
     RAYTP_GROUP(1) RAYTP_GROUP(2) RAYTP_GROUP(3) RAYTP_GROUP(4)
     RAYTP_GROUP(5) RAYTP_GROUP(6) RAYTP_GROUP(7) RAYTP_GROUP(8)
 #undef RAYTP_GROUP
@@ -566,6 +752,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     // Queries in float32 (a bfloat16 step's q is widened once here); the cache is read in its own dtype.
     const bool is_float = q.scalar_type() == at::kFloat;
     auto qf = is_float ? q : q.to(at::kFloat);
+    static std::atomic<uint64_t> calls{0};
+    const uint64_t call = ++calls;
     auto run = [&](auto* kp, auto* vp) {
       at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
         std::vector<std::vector<int64_t>> slots;
@@ -577,7 +765,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
                                 block_size, Hkv * D, next_slots);
           }
           attend_group_fast(rows.data() + group_start[g], group_start[g + 1] - group_start[g], qf.data_ptr<float>(),
-                            kp, vp, block_size, H, Hkv, D, static_cast<float>(scale), slots, scores,
+                            kp, vp, block_size, H, Hkv, D, static_cast<float>(scale), call, slots, scores,
                             out.data_ptr<float>());
         }
       });
