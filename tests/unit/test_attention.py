@@ -111,18 +111,21 @@ def test_op_on_blocks_of_16_matches_reference(heads, kv_heads, head_dim):
     assert err < 2e-2
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (9, 3, 64), (16, 2, 128), (4, 4, 32)],
-                         ids=["gqa2", "gqa3", "gqa8_d128", "mha_d32"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (9, 3, 64), (16, 2, 128), (12, 2, 96), (8, 4, 32),
+                                                     (4, 4, 64)],
+                         ids=["gqa2", "gqa3", "gqa8_d128", "gqa6_d96", "gqa2_d32", "mha"])
 def test_op_on_amx_tiles_takes_every_row(heads, kv_heads, head_dim):
     """bfloat16 with cache blocks of 16 as the engine runs it (no thresholds set): where the op computes on AMX tiles
-    (op.amx()), no row goes to flash attention, and its groups share the keys and values they arranged for the tiles:
-    three chunks on a cached 144-token prefix (their groups of 16 rows straddle sequences, and a sequence's second
-    group shares only the prefix with the group before it; past 128 keys the values' pass is on tiles too), a
-    170-token prompt from scratch (each group shares more keys than the one before it), decode rows on the prefix
-    and a lone one; against the reference."""
+    (op.amx(); 2+ query heads per KV head), no row goes to flash attention, and its groups share the keys and values
+    they arranged for the tiles: chunks of 32, 20 and 20 rows on a cached 144-token prefix (the first sequence's
+    second group shares 160 keys, the next group only the 144 of the prefix, which end half a 32-key tile; groups of
+    16 rows straddle sequences; past 128 shared keys the values' sums are on tiles too), a 170-token prompt from
+    scratch (each group shares more keys than the one before it), decode rows on the prefix and a lone one; against
+    the reference. Without AMX, or with one query head per KV head, the flash plan as before."""
     reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
     prefix = [3, 7, 1, 12, 40, 41, 42, 43, 44]
-    chunks = [SeqChunk(144, 20, prefix + [20 + 2 * i, 21 + 2 * i]) for i in range(3)]  # positions 144 .. 163
+    chunks = [SeqChunk(144, 32, prefix + [20, 21]), SeqChunk(144, 20, prefix + [22, 23]),
+              SeqChunk(144, 20, prefix + [24, 25])]
     chunks += [SeqChunk(0, 170, list(range(50, 61))), SeqChunk(144, 1, prefix + [33]),
                SeqChunk(150, 1, prefix + [34]), SeqChunk(9, 1, [35])]
     gen = torch.Generator().manual_seed(heads * 10 + head_dim)
@@ -132,8 +135,9 @@ def test_op_on_amx_tiles_takes_every_row(heads, kv_heads, head_dim):
     metas = [build_metadata(chunks, 16, CPU) for _ in range(2)]
     outs = [backend.forward(q, k, v, cache.clone(), meta, head_dim**-0.5) for backend, meta in zip((reference, fast),
                                                                                                   metas)]
-    assert fast.takes_all(q, metas[1]) == fast.op.amx()
-    assert not metas[1].derived.groups  # (without AMX too: the default thresholds' min keys are past these)
+    takes_all = fast.takes_all(q.view(T, heads, head_dim), kv_heads, metas[1])
+    assert takes_all == (fast.op.amx() and heads > kv_heads)
+    assert (not metas[1].derived.groups) == takes_all  # else flash takes the prompt and the prefix's chunks
     err = (outs[1].float() - outs[0].float()).abs().max().item()
     print(f"{heads}/{kv_heads} d{head_dim} (op.amx() = {fast.op.amx()}): max abs error {err:.2e}")
     assert err < 2e-2

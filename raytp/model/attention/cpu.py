@@ -160,13 +160,14 @@ class CpuPagedAttention(AttentionBackend):
         # it off to exercise flash attention in bfloat16.
         self.amx_instead_of_flash = self.op.amx()
 
-    def takes_all(self, q: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether the op computes every row of this step itself: bfloat16 on AMX tiles, head_dim a multiple of 32 up
-        to 128, cache blocks of a multiple of 16 slots (a tile's keys), no sliding window (rows see keys from the
-        first)."""
-        head_dim = q.shape[-1]
+    def takes_all(self, q: torch.Tensor, kv_heads: int, meta: AttentionMetadata) -> bool:
+        """Whether the op computes every row of this step itself (q: (T, H, D)): bfloat16 on AMX tiles, head_dim a
+        multiple of 32 up to 128, cache blocks of a multiple of 16 slots (a tile's keys), no sliding window (rows see
+        keys from the first), and at least 2 query heads per KV head (a group of 16 rows then brings the 32 query
+        vectors from which the values' sums are on tiles too; with one, flash attention stays faster for chunks)."""
+        _, heads, head_dim = q.shape
         return (self.amx_instead_of_flash and q.dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 128
-                and meta.block_size % 16 == 0 and meta.sliding_window is None)
+                and heads >= 2 * kv_heads and meta.block_size % 16 == 0 and meta.sliding_window is None)
 
     def rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                          cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -180,7 +181,7 @@ class CpuPagedAttention(AttentionBackend):
     def attend(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: (T, H, D); cache[0], cache[1]: (slots, Hkv, D) -> (T, H, D)
         if meta.derived is None:
-            if self.takes_all(q, meta):
+            if self.takes_all(q, cache.shape[2], meta):
                 meta.derived = FlashPlan([], torch.zeros(len(meta.seq_lens), dtype=torch.bool))
             else:
                 thresholds = self.flash_thresholds.get(q.dtype) or self.flash_thresholds[torch.float32]

@@ -31,7 +31,7 @@
 // row of a group sees through the same cache blocks (a cached prefix; in a
 // chunk, the keys before the group's rows) go through tiles instead, scores and
 // values' sums alike, from keys and values arranged for the tiles once per call
-// and shared by the groups that see them (SharedKV). It is built with
+// and shared by the groups that see them (SharedTiles). It is built with
 // -ffast-math (reassociated sums vectorise, exp comes from libmvec): safe here
 // because only real keys are visited, so no score is ever infinite or NaN.
 #include <torch/extension.h>
@@ -44,7 +44,6 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
-#include <cstring>
 #include <vector>
 #include "amx_tiles.h"
 #include "avx512_math.h"
@@ -188,8 +187,8 @@ inline void key_dots(const float* qh, const kv_t* const* keys, int64_t head_offs
 }
 
 // The values' pass for HB query heads h0 .. h0 + HB - 1 of one KV head at a time: out[row, h] += sum over each key
-// tile's keys j (from key `first` on) of p[h][j] * v_j, float32 sums. Each value is loaded (a bfloat16 one widened, exactly) once for the
-// HB heads, and their HB * NC accumulators are independent chains of FMAs.
+// tile's keys j (from key `first` on) of p[h][j] * v_j, float32 sums. Each value is loaded (a bfloat16 one widened,
+// exactly) once for the HB heads, and their HB * NC accumulators are independent chains of FMAs.
 template <int NC, int HB, typename kv_t>
 void value_sums(const Row* rows, int64_t R, const kv_t* v_cache, int64_t slot_stride, int64_t H, int64_t G,
                 int64_t first, int64_t longest, int64_t tile, const std::vector<std::vector<int64_t>>& slots,
@@ -237,7 +236,7 @@ constexpr int64_t kMinAmxValueVectors = 32, kMinAmxValueKeys = 128;
 
 // Keys from the first that every row of the group sees, through the same cache blocks, in whole 16-key tiles
 // (block_size a multiple of 16; 0 under a sliding window): the rows' scores for them come from AMX tiles, every row
-// and head of a KV head at once (amx_scores).
+// and head of a KV head at once (amx_scores; and amx_values).
 int64_t common_keys(const Row* rows, int64_t R, int64_t block_size) {
   if (block_size % 16 != 0) return 0;
   int64_t n = rows[0].last_key + 1;
@@ -253,84 +252,103 @@ int64_t common_keys(const Row* rows, int64_t R, int64_t block_size) {
   return n - n % 16;
 }
 
-// A group's shared keys and values, arranged for tdpbf16ps's B tiles, for every KV head: made for the first group
-// that needs them and kept (extended when a later group shares more keys) for the next groups of the same
-// paged_attention call, which mostly share them (sequences on one cached prefix; one chunk's rows).
-//   keys[kh][((t * KS + ks) * 16 + p) * 16 + k]: key 16 t + k's elements 32 ks + 2 p and 32 ks + 2 p + 1 as a
-//     bfloat16 pair (the keys of a 16-key tile transposed: B of scores = q k^T, 16 vectors x 16 keys);
-//   values[kh][((t * NC + c) * 16 + p) * 16 + d]: keys 32 t + 2 p and 32 t + 2 p + 1's element 16 c + d as a pair
-//     (B of out = p v, 16 vectors x 16 elements; zero past the keys made).
-// Head_dim D = 16 * NC = 32 * KS.
-struct SharedKV {
+// Keys or values that a group's rows share, arranged for tdpbf16ps's B tiles, for every KV head: made for the first
+// group that needs them and kept (extended when a later group shares more keys) for the next groups of the same
+// paged_attention call, which mostly share them (sequences on one cached prefix; one chunk's rows). Keys and values
+// are kept apart: decode rows use the keys' tiles alone (amx_values needs more query vectors).
+struct SharedTiles {
   uint64_t call = 0;           // the paged_attention call that made them (the cache may change between calls)
   int64_t keys = 0;            // how many keys, a multiple of 16
   std::vector<int64_t> slots;  // their slots
-  std::vector<std::vector<uint32_t>> key_tiles, value_tiles;  // per KV head
+  std::vector<std::vector<uint32_t>> heads;  // per KV head
 
-  // Whether they hold the first n keys of these slots for this call.
-  bool hold(uint64_t c, const std::vector<int64_t>& s, int64_t n) const {
-    return call == c && keys >= n && std::equal(s.begin(), s.begin() + n, slots.begin());
+  // How many of the first n keys of slots s (n a multiple of 16) are made for this call: n when all of them, else
+  // whole tiles of `tile` keys (a sequence's second group shares the prefix with the first group of the sequence
+  // before it, not the keys after it). A tile made with keys past n counts only if n ends it: those keys would meet
+  // zero probabilities, but a non-finite value times zero is still NaN.
+  int64_t made(uint64_t c, const std::vector<int64_t>& s, int64_t n, int64_t tile) const {
+    if (call != c) return 0;
+    const int64_t limit = std::min(keys, n);
+    int64_t same = 0;
+    while (same < limit && slots[same] == s[same]) ++same;
+    if (same == n && (keys == n || n % tile == 0)) return n;
+    return same - same % tile;
   }
 
-  // Make (or extend to) the first n keys of slots (n a multiple of 16).
-  template <int NC>
-  void make(const at::BFloat16* k_cache, const at::BFloat16* v_cache, int64_t Hkv, const std::vector<int64_t>& s,
-            int64_t n, uint64_t c) {
-    constexpr int64_t D = 16 * NC, KS = NC / 2;
-    const int64_t slot_stride = Hkv * D;
-    // Keys already made for these slots stay (whole 16-key tiles): a sequence's second group shares the prefix
-    // with the first group of the sequence before it, not the keys after it.
-    int64_t same = 0;
-    if (call == c) {
-      const int64_t limit = std::min(keys, n);
-      while (same < limit && slots[same] == s[same]) ++same;
-    }
-    const int64_t from = same - same % 16;
+  // Keys from `from` on are about to be made: remember the first n slots, size each head's tiles.
+  void remake(uint64_t c, const std::vector<int64_t>& s, int64_t n, int64_t Hkv, int64_t words) {
     call = c, keys = n;
     slots.assign(s.begin(), s.begin() + n);
-    key_tiles.resize(Hkv), value_tiles.resize(Hkv);
-    // Two keys' elements 32 m .. 32 m + 31 (a, b) -> their first 16 interleaved a0 b0 a1 b1 ... (lo), the last 16 (hi)
-    alignas(64) int16_t lo_index[32], hi_index[32];
-    for (int d = 0; d < 16; ++d) {
-      lo_index[2 * d] = d, lo_index[2 * d + 1] = 32 + d;
-      hi_index[2 * d] = 16 + d, hi_index[2 * d + 1] = 48 + d;
-    }
-    const __m512i lo = _mm512_load_si512(lo_index), hi = _mm512_load_si512(hi_index);
-    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));  // element p of each of 16 rows of 16
-    for (int64_t kh = 0; kh < Hkv; ++kh) {
-      std::vector<uint32_t>& kt = key_tiles[kh];
-      kt.resize(n / 16 * KS * 256);
-      for (int64_t t = from / 16; t < n / 16; ++t) {
-        for (int64_t ks = 0; ks < KS; ++ks) {
-          // The tile's 16 keys' elements 32 ks .. 32 ks + 31 (16 pairs each) as they are, then transposed
-          alignas(64) uint32_t rows16[16][16];
-          for (int64_t k = 0; k < 16; ++k)
-            _mm512_store_si512(rows16[k], _mm512_loadu_si512(k_cache + slots[16 * t + k] * slot_stride + kh * D + 32 * ks));
-          for (int64_t p = 0; p < 16; ++p)
-            _mm512_storeu_si512(kt.data() + ((t * KS + ks) * 16 + p) * 16,
-                                _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(p)), rows16, 4));
+    heads.resize(Hkv);
+    for (auto& h : heads) h.resize(words);
+  }
+};
+
+// keys.heads[kh][((t * KS + ks) * 16 + p) * 16 + k] = key 16 t + k's elements 32 ks + 2 p and 32 ks + 2 p + 1 as a
+// bfloat16 pair, for the first n keys of the slots: each 16-key tile transposed, the B tiles of scores = q k^T
+// (16 vectors x 16 keys). Head_dim D = 16 * NC = 32 * KS.
+template <int NC>
+void arrange_keys(SharedTiles& keys, const at::BFloat16* k_cache, int64_t Hkv, const std::vector<int64_t>& s,
+                  int64_t n, uint64_t call) {
+  constexpr int64_t D = 16 * NC, KS = NC / 2;
+  const int64_t from = keys.made(call, s, n, 16), slot_stride = Hkv * D;
+  if (from == n) return;
+  keys.remake(call, s, n, Hkv, n / 16 * KS * 256);
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));  // element p of each of 16 rows of 16
+  for (int64_t kh = 0; kh < Hkv; ++kh) {
+    uint32_t* kt = keys.heads[kh].data();
+    for (int64_t t = from / 16; t < n / 16; ++t) {
+      for (int64_t ks = 0; ks < KS; ++ks) {
+        // The tile's 16 keys' elements 32 ks .. 32 ks + 31 (16 pairs each) as they are, then transposed
+        alignas(64) uint32_t rows16[16][16];
+        for (int64_t k = 0; k < 16; ++k) {
+          const at::BFloat16* key = k_cache + s[16 * t + k] * slot_stride + kh * D + 32 * ks;
+          _mm512_store_si512(rows16[k], _mm512_loadu_si512(key));
         }
+        for (int64_t p = 0; p < 16; ++p)
+          _mm512_storeu_si512(kt + ((t * KS + ks) * 16 + p) * 16,
+                              _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(p)), rows16, 4));
       }
-      std::vector<uint32_t>& vt = value_tiles[kh];
-      vt.resize((n + 31) / 32 * NC * 256);
-      for (int64_t t = from / 32; t < (n + 31) / 32; ++t) {  // (from's tile again if it had 16 keys of 32)
-        for (int64_t p = 0; p < 16; ++p) {
-          const int64_t j = 32 * t + 2 * p;
-          const at::BFloat16* a = j < n ? v_cache + slots[j] * slot_stride + kh * D : nullptr;
-          const at::BFloat16* b = j + 1 < n ? v_cache + slots[j + 1] * slot_stride + kh * D : nullptr;
-          for (int m = 0; m < NC / 2; ++m) {
-            const __m512i va = a ? _mm512_loadu_si512(a + 32 * m) : _mm512_setzero_si512();
-            const __m512i vb = b ? _mm512_loadu_si512(b + 32 * m) : _mm512_setzero_si512();
-            uint32_t* dst = vt.data() + ((t * NC + 2 * m) * 16 + p) * 16;
-            _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(va, lo, vb));
-            _mm512_storeu_si512(dst + 256, _mm512_permutex2var_epi16(va, hi, vb));
-          }
+    }
+  }
+}
+
+// values.heads[kh][((t * NC + c) * 16 + p) * 16 + d] = keys 32 t + 2 p and 32 t + 2 p + 1's value element 16 c + d
+// as a bfloat16 pair, for the first n keys of the slots (zero past them): the B tiles of out = p v (16 vectors x 16
+// elements). Head_dim D = 16 * NC, NC even.
+template <int NC>
+void arrange_values(SharedTiles& values, const at::BFloat16* v_cache, int64_t Hkv, const std::vector<int64_t>& s,
+                    int64_t n, uint64_t call) {
+  constexpr int64_t D = 16 * NC;
+  const int64_t from = values.made(call, s, n, 32), slot_stride = Hkv * D;
+  if (from == n) return;
+  values.remake(call, s, n, Hkv, (n + 31) / 32 * NC * 256);
+  // Two keys' elements 32 m .. 32 m + 31 (a, b) -> their first 16 interleaved a0 b0 a1 b1 ... (lo), the last 16 (hi)
+  alignas(64) int16_t lo_index[32], hi_index[32];
+  for (int d = 0; d < 16; ++d) {
+    lo_index[2 * d] = d, lo_index[2 * d + 1] = 32 + d;
+    hi_index[2 * d] = 16 + d, hi_index[2 * d + 1] = 48 + d;
+  }
+  const __m512i lo = _mm512_load_si512(lo_index), hi = _mm512_load_si512(hi_index);
+  for (int64_t kh = 0; kh < Hkv; ++kh) {
+    uint32_t* vt = values.heads[kh].data();
+    for (int64_t t = from / 32; t < (n + 31) / 32; ++t) {
+      for (int64_t p = 0; p < 16; ++p) {
+        const int64_t j = 32 * t + 2 * p;
+        const at::BFloat16* a = j < n ? v_cache + s[j] * slot_stride + kh * D : nullptr;
+        const at::BFloat16* b = j + 1 < n ? v_cache + s[j + 1] * slot_stride + kh * D : nullptr;
+        for (int m = 0; m < NC / 2; ++m) {
+          const __m512i va = a ? _mm512_loadu_si512(a + 32 * m) : _mm512_setzero_si512();
+          const __m512i vb = b ? _mm512_loadu_si512(b + 32 * m) : _mm512_setzero_si512();
+          uint32_t* dst = vt + ((t * NC + 2 * m) * 16 + p) * 16;
+          _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(va, lo, vb));
+          _mm512_storeu_si512(dst + 256, _mm512_permutex2var_epi16(va, hi, vb));
         }
       }
     }
   }
-};
+}
 
 // Shapes tiles 0 .. count - 1 as 16 rows of 64 bytes each (all of raytp's attention tiles).
 inline void configure_tiles(int count) {
@@ -398,12 +416,12 @@ inline void split_bf16(__m512 lo, __m512 hi, __m512i& head, __m512i& rest) {
 
 // scores[r][h * n_r + j] (n_r: row r's keys) for the first `common` keys of every row of the group, head_dim
 // D = 32 * KS: per KV head, 16 query vectors at a time (rows x query heads of that KV head; A tiles 4 .. 3 + KS, an
-// element chunk of 32 each, as bfloat16) times the shared keys 16 at a time (B tiles, SharedKV), into a float32 tile
-// of 16 vectors x 16 keys (tile 0), which goes straight into the vectors' scores. The same products as key_dots'
+// element chunk of 32 each, as bfloat16) times the shared keys 16 at a time (B tiles, arrange_keys), into a float32
+// tile of 16 vectors x 16 keys (tile 0), which goes straight into the vectors' scores. The same products as key_dots'
 // (bfloat16 pairs, float32 sums), summed in another order.
 template <int KS>
 void amx_scores(const Row* rows, int64_t R, const float* q, int64_t H, int64_t Hkv, float scale, int64_t common,
-                const SharedKV& shared, const std::vector<std::vector<int64_t>>& slots,
+                const SharedTiles& keys, const std::vector<std::vector<int64_t>>& slots,
                 std::vector<std::vector<float>>& scores) {
   constexpr int64_t D = 32 * KS;
   const int64_t G = H / Hkv, V = R * G;
@@ -412,7 +430,7 @@ void amx_scores(const Row* rows, int64_t R, const float* q, int64_t H, int64_t H
   alignas(64) float c[16][16];         // [vector][key]: a tile of scores out of tile 0
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t kh = 0; kh < Hkv; ++kh) {
-    const uint32_t* keys = shared.key_tiles[kh].data();
+    const uint32_t* key_tiles = keys.heads[kh].data();
     for (int64_t v0 = 0; v0 < V; v0 += 16) {
       // Vector v0 + i is head kh * G + g of row r, v0 + i = r * G + g; A's rows past nv are not read back.
       const int64_t nv = std::min<int64_t>(16, V - v0);
@@ -429,7 +447,7 @@ void amx_scores(const Row* rows, int64_t R, const float* q, int64_t H, int64_t H
       if constexpr (KS > 3) _tile_loadd(7, a[3], 64);
       for (int64_t t = 0; t < common / 16; ++t) {
         _tile_zero(0);
-        score_tile_products<KS>(keys + t * KS * 256);
+        score_tile_products<KS>(key_tiles + t * KS * 256);
         _tile_stored(0, c, 64);
         for (int64_t i = 0; i < nv; ++i) {
           const int64_t r = (v0 + i) / G, g = (v0 + i) % G;
@@ -446,10 +464,10 @@ void amx_scores(const Row* rows, int64_t R, const float* q, int64_t H, int64_t H
 // same slots), head_dim D = 16 * NC (NC even), on AMX tiles: per KV head, the probabilities of 16 query vectors
 // (rows x query heads of that KV head) for 32 keys, as two bfloat16 (A tiles 0 and 2: split_bf16, so that they count
 // to ~16 bits as the AVX-512 pass's float32 probabilities do, where one bfloat16 would round them as torch's flash
-// attention does), times the shared values (B tiles, SharedKV), into float32 tiles 4 .. 7 of 16 vectors x 16
+// attention does), times the shared values (B tiles, arrange_values), into float32 tiles 4 .. 7 of 16 vectors x 16
 // elements.
 template <int NC>
-void amx_values(const Row* rows, int64_t R, int64_t H, int64_t Hkv, int64_t common, const SharedKV& shared,
+void amx_values(const Row* rows, int64_t R, int64_t H, int64_t Hkv, int64_t common, const SharedTiles& values,
                 const std::vector<std::vector<int64_t>>& slots, const std::vector<std::vector<float>>& scores,
                 float* out) {
   constexpr int64_t D = 16 * NC;
@@ -458,7 +476,7 @@ void amx_values(const Row* rows, int64_t R, int64_t H, int64_t Hkv, int64_t comm
   alignas(64) uint16_t a[16][32], a_rest[16][32];  // [vector][key]: the A tiles
   alignas(64) float c[4][16][16];                    // [tile][vector][element]: sums out of tiles 4 .. 7
   for (int64_t kh = 0; kh < Hkv; ++kh) {
-    const uint32_t* values = shared.value_tiles[kh].data();
+    const uint32_t* value_tiles = values.heads[kh].data();
     for (int64_t v0 = 0; v0 < V; v0 += 16) {
       const int64_t nv = std::min<int64_t>(16, V - v0);  // A's rows past nv are not read back
       for (int64_t c0 = 0; c0 < NC; c0 += 4) {  // elements 16 c0 .. 16 c0 + 63
@@ -482,7 +500,7 @@ void amx_values(const Row* rows, int64_t R, int64_t H, int64_t Hkv, int64_t comm
           }
           _tile_loadd(0, a, 64);
           _tile_loadd(2, a_rest, 64);
-          const uint32_t* b = values + (t * NC + c0) * 256;
+          const uint32_t* b = value_tiles + (t * NC + c0) * 256;
           switch (nb) {
             case 4: value_tile_products<4>(b); break;
             case 3: value_tile_products<3>(b); break;
@@ -516,7 +534,7 @@ void amx_values(const Row* rows, int64_t R, int64_t H, int64_t Hkv, int64_t comm
 template <int NC, typename kv_t>
 void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t* k_cache, const kv_t* v_cache,
                          int64_t block_size, int64_t H, int64_t Hkv, float scale,
-                         uint64_t call,                              // which paged_attention call (SharedValues)
+                         uint64_t call,                              // which paged_attention call (SharedTiles)
                          std::vector<std::vector<int64_t>>& slots,   // scratch: each row's key slots
                          std::vector<std::vector<float>>& scores,    // scratch: each row's (H, keys) scores
                          float* out) {
@@ -537,13 +555,14 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
   int64_t first_tile = 0;    // keys before it: scores from AMX tiles
   int64_t values_first = 0;  // keys before it: the values' sums from AMX tiles
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  thread_local SharedKV shared;  // the keys and values the group shares, kept for the next groups of the call
+  // The keys and values groups share, arranged for the tiles and kept for the next groups of the call
+  thread_local SharedTiles shared_keys, shared_values;
   if constexpr (std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0 && NC <= 8) {
     if (raytp_amx::granted()) {
       first_tile = R * (H / Hkv) >= kMinAmxVectors ? common_keys(rows, R, block_size) : 0;
       if (first_tile > 0) {
-        if (!shared.hold(call, slots[0], first_tile)) shared.make<NC>(k_cache, v_cache, Hkv, slots[0], first_tile, call);
-        amx_scores<NC / 2>(rows, R, q, H, Hkv, scale, first_tile, shared, slots, scores);
+        arrange_keys<NC>(shared_keys, k_cache, Hkv, slots[0], first_tile, call);
+        amx_scores<NC / 2>(rows, R, q, H, Hkv, scale, first_tile, shared_keys, slots, scores);
       }
     }
   }
@@ -557,8 +576,8 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
       for (int64_t t = 0; t < 16; ++t) keys[t] = k_cache + slots[r][j0 + std::min(t, m - 1)] * slot_stride;
       const float* qr = q + rows[r].index * H * D;
       // Into L2, a part per head so that few requests are in flight at once: the keys two tiles ahead (at the first
-      // tile also the next one; the group's first tile was asked for while the group before it ran), and this tile's
-      // values, read in the values' pass. This pass goes through a tile's keys a head at a time, an order the
+      // tile also the next one; a group's first tile at key 0 was asked for while the group before it ran), and this
+      // tile's values, read in the values' pass. This pass goes through a tile's keys a head at a time, an order the
       // hardware prefetchers do not follow. Decode rows with the KV cache cold (32 rows of 140 tokens, 30 layers'
       // caches in turn, Xeon with AMX): 6.6 GB/s, against 5.6 with the next tile's keys only and 7.8 for a plain
       // pass over the whole cache (torch's sum).
@@ -585,7 +604,10 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if constexpr (std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0 && NC <= 8) {
     values_first = R * (H / Hkv) >= kMinAmxValueVectors && first_tile >= kMinAmxValueKeys ? first_tile : 0;
-    if (values_first > 0) amx_values<NC>(rows, R, H, Hkv, values_first, shared, slots, scores, out);
+    if (values_first > 0) {
+      arrange_values<NC>(shared_values, v_cache, Hkv, slots[0], values_first, call);
+      amx_values<NC>(rows, R, H, Hkv, values_first, shared_values, slots, scores, out);
+    }
   }
 #endif
   // Tile by tile (a tile's values come from memory once, for every head), the query heads of a KV head in batches
@@ -795,7 +817,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   return out;
 }
 
-// Whether a bfloat16 group's scores over its common keys come from AMX tiles here (amx_scores).
+// Whether a bfloat16 group's scores and values' sums over its common keys come from AMX tiles here (amx_scores,
+// amx_values): cpu.py then keeps every bfloat16 row in this op.
 bool amx() {
 #if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
   return raytp_amx::granted();
@@ -808,5 +831,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL while they run (they touch no Python object): a rank's Ray threads unpickle the next step meanwhile.
   m.def("paged_attention", &paged_attention, "varlen paged attention over a block KV cache (CPU)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("amx", &amx, "whether bfloat16 scores over keys a group shares run on AMX tiles here");
+  m.def("amx", &amx, "whether bfloat16 attention over keys a group shares runs on AMX tiles here");
 }
