@@ -486,15 +486,14 @@ void amx_values(const Row* rows, int64_t R, int64_t H, int64_t Hkv, int64_t comm
         _tile_zero(6);
         _tile_zero(7);
         for (int64_t t = 0; t < tiles; ++t) {
-          // Keys past `common` (the last tile may have 16 of 32) get probability 0: their pairs may hold values.
-          const int64_t keys = std::min<int64_t>(32, common - 32 * t);
-          const __mmask16 m_lo = keys >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << keys) - 1);
-          const __mmask16 m_hi = keys >= 32 ? 0xFFFF : keys <= 16 ? 0 : static_cast<__mmask16>((1u << (keys - 16)) - 1);
+          // `common` is whole 16-key tiles, so the last tile may have 16 keys of 32: the other 16 get probability 0
+          // (their pairs may hold values).
+          const __mmask16 second_half = common - 32 * t >= 32 ? 0xFFFF : 0;
           for (int64_t i = 0; i < nv; ++i) {
             const int64_t r = (v0 + i) / G, g = (v0 + i) % G;
             const float* p = scores[r].data() + (kh * G + g) * slots[r].size() + 32 * t;
             __m512i head, rest;
-            split_bf16(_mm512_maskz_loadu_ps(m_lo, p), _mm512_maskz_loadu_ps(m_hi, p + 16), head, rest);
+            split_bf16(_mm512_loadu_ps(p), _mm512_maskz_loadu_ps(second_half, p + 16), head, rest);
             _mm512_store_si512(a[i], head);
             _mm512_store_si512(a_rest[i], rest);
           }
@@ -555,9 +554,11 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
   int64_t first_tile = 0;    // keys before it: scores from AMX tiles
   int64_t values_first = 0;  // keys before it: the values' sums from AMX tiles
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  // What the tiles take: a bfloat16 cache, head_dim a multiple of 32 up to 128
+  constexpr bool kOnTiles = std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0 && NC <= 8;
   // The keys and values groups share, arranged for the tiles and kept for the next groups of the call
   thread_local SharedTiles shared_keys, shared_values;
-  if constexpr (std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0 && NC <= 8) {
+  if constexpr (kOnTiles) {
     if (raytp_amx::granted()) {
       first_tile = R * (H / Hkv) >= kMinAmxVectors ? common_keys(rows, R, block_size) : 0;
       if (first_tile > 0) {
@@ -602,7 +603,7 @@ void attend_group_avx512(const Row* rows, int64_t R, const float* q, const kv_t*
     std::fill(out + rows[r].index * H * D, out + (rows[r].index + 1) * H * D, 0.f);
   }
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if constexpr (std::is_same_v<kv_t, at::BFloat16> && NC % 2 == 0 && NC <= 8) {
+  if constexpr (kOnTiles) {
     values_first = R * (H / Hkv) >= kMinAmxValueVectors && first_tile >= kMinAmxValueKeys ? first_tile : 0;
     if (values_first > 0) {
       arrange_values<NC>(shared_values, v_cache, Hkv, slots[0], values_first, call);
