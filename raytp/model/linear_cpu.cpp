@@ -62,12 +62,20 @@ constexpr int64_t kMaxTile = 8;  // rows of x per tile
 #if defined(__AVX512F__)
 // out[m, n0 .. n0+31] = x[m, :] . W[n0 .. n0+31, :] for the tile's MT rows; w0, w1: the two packed blocks (K, 16),
 // columns past N are not stored (mask0, mask1).
+// prefetch, lines: this tile's share of the next pair's weight (lines <= K), fetched into L2 evenly over the k.
 template <int MT>
 void tile(const float* x, int64_t ldx, int64_t K, const float* w0, const float* w1, float* out, int64_t ldo,
-          __mmask16 mask0, __mmask16 mask1) {
+          __mmask16 mask0, __mmask16 mask1, const char* prefetch, int64_t lines) {
   __m512 acc0[MT], acc1[MT];
   for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  int64_t due = 0;
   for (int64_t k = 0; k < K; ++k) {
+    due += lines;  // a line every K / lines steps, so the fetches keep pace with the memory, not ahead of it
+    if (due >= K) {
+      due -= K;
+      _mm_prefetch(prefetch, _MM_HINT_T1);
+      prefetch += 64;
+    }
     const __m512 a = _mm512_loadu_ps(w0 + kBlock * k), b = _mm512_loadu_ps(w1 + kBlock * k);
     for (int m = 0; m < MT; ++m) {
       const __m512 xm = _mm512_set1_ps(x[m * ldx + k]);
@@ -82,7 +90,7 @@ void tile(const float* x, int64_t ldx, int64_t K, const float* w0, const float* 
 }
 
 using TileFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, __mmask16,
-                        __mmask16);
+                        __mmask16, const char*, int64_t);
 constexpr TileFn kTiles[kMaxTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>,
                                          tile<8>};
 
@@ -90,10 +98,18 @@ constexpr TileFn kTiles[kMaxTile + 1] = {nullptr, tile<1>, tile<2>, tile<3>, til
 // As tile(), over k pairs: x is (MT, K2 pairs) bfloat16, w0 and w1 packed blocks (K2, 16, 2); out bfloat16.
 template <int MT>
 void tile_bf16(const at::BFloat16* x, int64_t ldx, int64_t K2, const at::BFloat16* w0, const at::BFloat16* w1,
-               at::BFloat16* out, int64_t ldo, __mmask16 mask0, __mmask16 mask1) {
+               at::BFloat16* out, int64_t ldo, __mmask16 mask0, __mmask16 mask1, const char* prefetch,
+               int64_t lines) {
   __m512 acc0[MT], acc1[MT];
   for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  int64_t due = 0;
   for (int64_t k = 0; k < K2; ++k) {
+    due += lines;  // a line every K2 / lines steps, so the fetches keep pace with the memory, not ahead of it
+    if (due >= K2) {
+      due -= K2;
+      _mm_prefetch(prefetch, _MM_HINT_T1);
+      prefetch += 64;
+    }
     const __m512bh a = (__m512bh)_mm512_loadu_si512(w0 + 2 * kBlock * k);
     const __m512bh b = (__m512bh)_mm512_loadu_si512(w1 + 2 * kBlock * k);
     for (int m = 0; m < MT; ++m) {
@@ -111,7 +127,7 @@ void tile_bf16(const at::BFloat16* x, int64_t ldx, int64_t K2, const at::BFloat1
 }
 
 using TileBf16Fn = void (*)(const at::BFloat16*, int64_t, int64_t, const at::BFloat16*, const at::BFloat16*,
-                            at::BFloat16*, int64_t, __mmask16, __mmask16);
+                            at::BFloat16*, int64_t, __mmask16, __mmask16, const char*, int64_t);
 constexpr TileBf16Fn kTilesBf16[kMaxTile + 1] = {nullptr, tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>,
                                                  tile_bf16<5>, tile_bf16<6>, tile_bf16<7>, tile_bf16<8>};
 #endif
@@ -136,15 +152,27 @@ void for_block_pairs(int64_t N, int64_t blocks, const PairFn& pair_fn) {
 }
 
 // out (M, N) = x (M, K) times the packed weight, tile by tile of rows; tiles: the dtype's tile functions by row
-// count, whose k runs over `k_steps` (K, or K / 2 pairs).
+// count, whose k runs over `k_steps` (K, or K / 2 pairs), each step reading one 64-byte line of each block.
+//
+// With more rows than one tile, the first tile's pass over a pair waits on memory and the others on the FMAs (the
+// pair is in L2 by then), so the two never overlap: at 32 rows the product took the sum of its weight-reading and
+// its compute time. So the row tiles of a pair prefetch the next pair into L2 as they go, each a share of its
+// 2 k_steps lines, and the memory streams under the FMAs. One tile (<= 8 rows) is bound by the memory and left to
+// the hardware's prefetcher.
 template <typename T, typename TileTable>
 void run_tiles(const T* xp, const T* wp, T* op, int64_t M, int64_t N, int64_t K, int64_t k_steps, int64_t blocks,
                const TileTable& tiles) {
+  const int64_t row_tiles = (M + kMaxTile - 1) / kMaxTile;
+  const int64_t pair_lines = 2 * k_steps;
+  const int64_t share = row_tiles > 1 ? (pair_lines + row_tiles - 1) / row_tiles : 0;
   for_block_pairs(N, blocks, [&](int64_t b0, int64_t b1, int64_t n0, __mmask16 mask0, __mmask16 mask1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
+    const bool next_pair = b0 + 2 < blocks;
+    const char* next = reinterpret_cast<const char*>(wp + (b0 + 2) * K * kBlock);
+    for (int64_t t = 0, m0 = 0; m0 < M; ++t, m0 += kMaxTile) {
       const int64_t rows = std::min(kMaxTile, M - m0);
+      const int64_t first = t * share, lines = next_pair ? std::max<int64_t>(0, std::min(share, pair_lines - first)) : 0;
       tiles[rows](xp + m0 * K, K, k_steps, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N, mask0,
-                  mask1);
+                  mask1, next + 64 * first, lines);
     }
   });
 }
