@@ -211,14 +211,22 @@ inline __m512 round_bf16(__m512 x) {
 // and w1 over K (a multiple of 32).
 template <bool kTwo>
 void amx_block_pair(const at::BFloat16* x, int64_t ldx, int64_t K, const at::BFloat16* w0, const at::BFloat16* w1,
-                    float* c) {
+                    float* c, const char* prefetch, int64_t lines) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (kTwo) {
     _tile_zero(2);
     _tile_zero(3);
   }
+  const int64_t steps = K / 32;
+  int64_t due = 0;
   for (int64_t k = 0; k < K; k += 32) {
+    due += lines;
+    while (due >= steps) {
+      due -= steps;
+      _mm_prefetch(prefetch, _MM_HINT_T1);
+      prefetch += 64;
+    }
     _tile_loadd(4, x + k, ldx * 2);
     _tile_loadd(6, w0 + k * kBlock, 64);  // k pairs k/2 .. k/2 + 15 of the block: 1 KiB from k/2 * 32 elements on
     _tile_loadd(7, w1 + k * kBlock, 64);
@@ -239,7 +247,8 @@ void amx_block_pair(const at::BFloat16* x, int64_t ldx, int64_t K, const at::BFl
 }
 
 // out (M, N) = x (M, K) times the packed bfloat16 weight on AMX tiles, K a multiple of 32: per pair of column blocks
-// (split over the threads, each shaping its own tiles), 32 rows at a time. silu_mul (an MLP's gate and up
+// (split over the threads, each shaping its own tiles), 32 rows at a time; with more than 32 rows the row tiles
+// prefetch the next pair into L2 as run_tiles' do (87m, 256 rows: gate/up 1.7 -> 1.6 ms, 0.5b's 6.2 -> 5.4). silu_mul (an MLP's gate and up
 // projections, N = 2 I with I a multiple of 16): out (M, I) = silu(gate) * up instead, each pass pairing gate block
 // p with up block p + I / 16, and each product rounded to bfloat16 as Hugging Face's modules round every tensor
 // (gate, up, silu(gate), the product): the (M, 2 I) product is never written.
@@ -249,20 +258,30 @@ void run_amx(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* op, i
   at::parallel_for(0, silu_mul ? half : (blocks + 1) / 2, 8, [&](int64_t begin, int64_t end) {
     alignas(64) float c[32 * 32];
     int64_t shaped_for = 0;  // the rows the tiles are shaped for
+    const int64_t row_tiles = (M + 31) / 32;
+    const int64_t share = row_tiles > 1 ? (K + row_tiles - 1) / row_tiles : 0;  // lines: 2 blocks x K / 2 pairs
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b0 = silu_mul ? p : 2 * p, b1 = silu_mul ? p + half : std::min(b0 + 1, blocks - 1);
+      const bool next_pair = p + 1 < (silu_mul ? half : (blocks + 1) / 2);
+      const char* next0 = reinterpret_cast<const char*>(wp + (silu_mul ? b0 + 1 : b0 + 2) * K * kBlock);
+      const char* next1 = reinterpret_cast<const char*>(wp + (silu_mul ? b1 + 1 : b0 + 3) * K * kBlock);
       const int64_t n0 = b0 * kBlock;
       const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? __mmask16(0) : columns_mask(n0 + kBlock, N);
-      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      for (int64_t t = 0, m0 = 0; m0 < M; ++t, m0 += 32) {
         const int64_t rows = std::min<int64_t>(32, M - m0);
+        // the next pair's two blocks, K / 2 lines each (not adjacent for silu_mul): this row tile's share
+        const int64_t first = t * share, lines = next_pair ? std::max<int64_t>(0, std::min(share, K - first)) : 0;
+        const int64_t half_lines = K / 2;
+        const char* pf = first < half_lines ? next0 + 64 * first : next1 + 64 * (first - half_lines);
+        const int64_t pf_lines = first < half_lines ? std::min(lines, half_lines - first) : lines;
         if (rows != shaped_for) {
           configure_tiles(rows);
           shaped_for = rows;
         }
         if (rows > 16) {
-          amx_block_pair<true>(xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, c);
+          amx_block_pair<true>(xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, c, pf, pf_lines);
         } else {
-          amx_block_pair<false>(xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, c);
+          amx_block_pair<false>(xp + m0 * K, K, K, wp + b0 * K * kBlock, wp + b1 * K * kBlock, c, pf, pf_lines);
         }
         for (int64_t m = 0; m < rows; ++m) {
           if (silu_mul) {
