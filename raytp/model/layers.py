@@ -71,6 +71,24 @@ def amx_computes_bf16() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()) and onednn_linear_available(torch.bfloat16)
 
 
+# float32 from this many rows (prompt chunks) on a CPU where mkl_sgemm_is_fast: MKL's GEMM on the weight as loaded,
+# 6-16% faster than raytp's op from 160 rows up, level at 96-128, slower below (smollm2, 87m and 0.5b shapes, one
+# thread, Xeon with AMX, 2026-12-05); raytp's op keeps the decode steps' rows, where it reads the weight faster.
+SGEMM_FROM_ROWS = 160
+
+
+@functools.lru_cache(maxsize=None)
+def mkl_sgemm_is_fast() -> bool:
+    """Whether torch's float32 GEMM is MKL's on an Intel CPU; on AMD CPUs MKL takes a slow generic path."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+
+
 def onednn_linear_available(dtype: torch.dtype) -> bool:
     """Whether this torch can run CPU linears through oneDNN with packed weights in `dtype`."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
@@ -101,7 +119,9 @@ class PackableLinear(DirectCall):
     (benchmarks/README.md; measured on an EPYC without AMX). On a CPU with AMX
     tiles raytp's op computes bfloat16 on them, 1.25-1.6x oneDNN's speed from 1
     to 32 rows, 0.76-1.19x at 256 (measured on a Xeon); a weight it cannot take
-    there goes to oneDNN (_onednn_is_faster). Elsewhere oneDNN's inner product with the
+    there goes to oneDNN (_onednn_is_faster). float32 prompt chunks of SGEMM_FROM_ROWS rows
+    and more go to MKL's GEMM on the weight as loaded, where it is the faster
+    (Intel CPUs). Elsewhere oneDNN's inner product with the
     weight packed ahead of time, and for float16 torch's F.linear. `pack()`
     is called after the weights are loaded; the original weight stays (the
     loader, tied embeddings and tests read it).
@@ -124,6 +144,9 @@ class PackableLinear(DirectCall):
         if kernel == "raytp":
             linear = self._op().linear
             self._raytp_call = lambda x: linear(x, packed, N)
+            if self.weight.dtype == torch.float32 and mkl_sgemm_is_fast():
+                weight = self.weight  # kept beside the packing (see the class)
+                self._raytp_call = lambda x: linear(x, packed, N) if x.shape[0] < SGEMM_FROM_ROWS else F.linear(x, weight)
         elif kernel in QUANTIZED_KERNELS:
             linear = getattr(_quantized_op(kernel), f"linear_{kernel}")  # raises where this CPU has no such kernel
             self._raytp_call = lambda x: linear(x, packed, scales, N)

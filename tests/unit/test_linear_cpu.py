@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from raytp.model import cpu_ops
-from raytp.model.layers import ColumnParallelLinear, amx_computes_bf16
+from raytp.model.layers import SGEMM_FROM_ROWS, ColumnParallelLinear, amx_computes_bf16
 
 op = cpu_ops.linear_op()
 op_bf16 = cpu_ops.linear_op("bfloat16")
@@ -18,8 +18,8 @@ needs_int8 = pytest.mark.skipif(op_int8 is None, reason="the int8 kernel needs A
 needs_int4 = pytest.mark.skipif(op_int4 is None, reason="the int4 kernel needs AVX512-VNNI and AVX512-BF16")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 100])
-@pytest.mark.parametrize("out_features,in_features", [(16, 64), (17, 3), (40, 1), (512, 1536), (1000, 96)])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 33, 100, 300])
+@pytest.mark.parametrize("out_features,in_features", [(16, 64), (17, 3), (40, 1), (512, 1536), (1000, 96), (97, 40)])
 def test_linear_matches_matmul(rows, out_features, in_features):
     gen = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, in_features, generator=gen)
@@ -52,6 +52,16 @@ def test_a_packed_column_parallel_layer_uses_it_with_its_bias():
     layer.pack()
     assert layer.kernel == "raytp"
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, SGEMM_FROM_ROWS - 1, SGEMM_FROM_ROWS, 2 * SGEMM_FROM_ROWS + 3])
+def test_a_packed_float32_layer_computes_every_row_count(rows):
+    # decode rows through raytp's op; prompt chunks from SGEMM_FROM_ROWS rows through MKL where that is faster
+    layer = ColumnParallelLinear(96, 200, bias=False, dtype=torch.float32)
+    torch.nn.init.normal_(layer.weight)
+    layer.pack()
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(layer(x), (x.double() @ layer.weight.double().T).float(), rtol=1e-5, atol=1e-4)
 
 
 @needs_bf16
