@@ -43,6 +43,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <tuple>
@@ -166,11 +167,12 @@ void run_tiles(const T* xp, const T* wp, T* op, int64_t M, int64_t N, int64_t K,
   const int64_t pair_lines = 2 * k_steps;
   const int64_t share = row_tiles > 1 ? (pair_lines + row_tiles - 1) / row_tiles : 0;
   for_block_pairs(N, blocks, [&](int64_t b0, int64_t b1, int64_t n0, __mmask16 mask0, __mmask16 mask1) {
-    const bool next_pair = b0 + 2 < blocks;
+    // the next pair: blocks b0 + 2 and b0 + 3, adjacent (an odd last block alone, none after the last pair)
+    const int64_t next_lines = std::clamp<int64_t>(blocks - b0 - 2, 0, 2) * k_steps;
     const char* next = reinterpret_cast<const char*>(wp + (b0 + 2) * K * kBlock);
     for (int64_t t = 0, m0 = 0; m0 < M; ++t, m0 += kMaxTile) {
       const int64_t rows = std::min(kMaxTile, M - m0);
-      const int64_t first = t * share, lines = next_pair ? std::max<int64_t>(0, std::min(share, pair_lines - first)) : 0;
+      const int64_t first = t * share, lines = std::clamp<int64_t>(next_lines - first, 0, share);
       tiles[rows](xp + m0 * K, K, k_steps, wp + b0 * K * kBlock, wp + b1 * K * kBlock, op + m0 * N + n0, N, mask0,
                   mask1, next + 64 * first, lines);
     }
@@ -248,8 +250,8 @@ void amx_block_pair(const at::BFloat16* x, int64_t ldx, int64_t K, const at::BFl
 
 // out (M, N) = x (M, K) times the packed bfloat16 weight on AMX tiles, K a multiple of 32: per pair of column blocks
 // (split over the threads, each shaping its own tiles), 32 rows at a time; with more than 32 rows the row tiles
-// prefetch the next pair into L2 as run_tiles' do (87m, 256 rows: gate/up 1.7 -> 1.6 ms, 0.5b's 6.2 -> 5.4). silu_mul (an MLP's gate and up
-// projections, N = 2 I with I a multiple of 16): out (M, I) = silu(gate) * up instead, each pass pairing gate block
+// prefetch the next pair into L2 as run_tiles' do (87m's gate/up at 256 rows 1.7 -> 1.6 ms). silu_mul (an MLP's
+// gate and up projections, N = 2 I with I a multiple of 16): out (M, I) = silu(gate) * up instead, each pass pairing gate block
 // p with up block p + I / 16, and each product rounded to bfloat16 as Hugging Face's modules round every tensor
 // (gate, up, silu(gate), the product): the (M, 2 I) product is never written.
 void run_amx(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* op, int64_t M, int64_t N, int64_t K,
@@ -262,16 +264,19 @@ void run_amx(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* op, i
     const int64_t share = row_tiles > 1 ? (K + row_tiles - 1) / row_tiles : 0;  // lines: 2 blocks x K / 2 pairs
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b0 = silu_mul ? p : 2 * p, b1 = silu_mul ? p + half : std::min(b0 + 1, blocks - 1);
-      const bool next_pair = p + 1 < (silu_mul ? half : (blocks + 1) / 2);
+      // the next pair's blocks, K / 2 lines each: b0 + 2 and b0 + 3 (an odd last block alone), or for silu_mul
+      // gate block p + 1 and up block p + 1 + I / 16, not adjacent
+      const int64_t next_blocks = silu_mul ? (p + 1 < half ? 2 : 0) : std::clamp<int64_t>(blocks - b0 - 2, 0, 2);
       const char* next0 = reinterpret_cast<const char*>(wp + (silu_mul ? b0 + 1 : b0 + 2) * K * kBlock);
       const char* next1 = reinterpret_cast<const char*>(wp + (silu_mul ? b1 + 1 : b0 + 3) * K * kBlock);
       const int64_t n0 = b0 * kBlock;
       const __mmask16 mask0 = columns_mask(n0, N), mask1 = b1 == b0 ? __mmask16(0) : columns_mask(n0 + kBlock, N);
       for (int64_t t = 0, m0 = 0; m0 < M; ++t, m0 += 32) {
         const int64_t rows = std::min<int64_t>(32, M - m0);
-        // the next pair's two blocks, K / 2 lines each (not adjacent for silu_mul): this row tile's share
-        const int64_t first = t * share, lines = next_pair ? std::max<int64_t>(0, std::min(share, K - first)) : 0;
-        const int64_t half_lines = K / 2;
+        // this row tile's share of the next pair's lines, within one block (a share crossing into the second
+        // block stops at the first's end: the shares divide K evenly for an even number of row tiles)
+        const int64_t half_lines = K / 2, first = t * share;
+        const int64_t lines = std::clamp<int64_t>(next_blocks * half_lines - first, 0, share);
         const char* pf = first < half_lines ? next0 + 64 * first : next1 + 64 * (first - half_lines);
         const int64_t pf_lines = first < half_lines ? std::min(lines, half_lines - first) : lines;
         if (rows != shaped_for) {
