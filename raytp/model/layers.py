@@ -143,10 +143,11 @@ class PackableLinear(DirectCall):
         N = self.weight.shape[0]
         if kernel == "raytp":
             linear = self._op().linear
-            self._raytp_call = lambda x: linear(x, packed, N)
             if self.weight.dtype == torch.float32 and mkl_sgemm_is_fast():
                 weight = self.weight  # kept beside the packing (see the class)
                 self._raytp_call = lambda x: linear(x, packed, N) if x.shape[0] < SGEMM_FROM_ROWS else F.linear(x, weight)
+            else:
+                self._raytp_call = lambda x: linear(x, packed, N)
         elif kernel in QUANTIZED_KERNELS:
             linear = getattr(_quantized_op(kernel), f"linear_{kernel}")  # raises where this CPU has no such kernel
             self._raytp_call = lambda x: linear(x, packed, scales, N)
