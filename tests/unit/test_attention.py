@@ -111,6 +111,26 @@ def test_op_on_blocks_of_16_matches_reference(heads, kv_heads, head_dim):
     assert err < 2e-2
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (9, 3, 64), (16, 2, 128), (4, 4, 64)],
+                         ids=["gqa2", "gqa3", "gqa8_d128", "mha"])
+def test_decode_rows_on_a_long_shared_prefix(heads, kv_heads, head_dim):
+    """bfloat16, cache blocks of 16: decode rows of eight sequences on one cached 208-token prefix (each with 4-32
+    keys of its own after it), as between the admissions of requests on a shared system prompt. On a CPU with AMX
+    their scores and values' sums over the prefix (13 key tiles: the values' last 32-key tile half full) come from
+    AMX tiles (8+ query vectors), their own keys' from the AVX-512 passes; against the reference."""
+    reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
+    prefix = list(range(13))  # 13 blocks, 208 keys
+    chunks = [SeqChunk(208 + 4 * i + 3, 1, prefix + [13 + 3 * i, 14 + 3 * i, 15 + 3 * i]) for i in range(8)]
+    gen = torch.Generator().manual_seed(heads * 7 + head_dim)
+    q, k, v = (torch.randn(8, n, head_dim, generator=gen).to(torch.bfloat16) for n in (heads, kv_heads, kv_heads))
+    cache = torch.randn(2, 40 * 16, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    outs = [backend.forward(q, k, v, cache.clone(), build_metadata(chunks, 16, CPU), head_dim**-0.5)
+            for backend in (reference, fast)]
+    err = (outs[1].float() - outs[0].float()).abs().max().item()
+    print(f"{heads}/{kv_heads} d{head_dim} (op.amx() = {fast.op.amx()}): max abs error {err:.2e}")
+    assert err < 2e-2
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (9, 3, 64), (16, 2, 128), (12, 2, 96), (8, 4, 32),
                                                      (4, 4, 64)],
                          ids=["gqa2", "gqa3", "gqa8_d128", "gqa6_d96", "gqa2_d32", "mha"])

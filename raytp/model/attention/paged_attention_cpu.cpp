@@ -228,11 +228,14 @@ void value_sums(const Row* rows, int64_t R, const kv_t* v_cache, int64_t slot_st
 // faster through key_dots' prefetches (Xeon with AMX, 32 rows of 140-300 keys, caches cold: 0.43 against 0.53 ms
 // a layer), while a shared prefix's or a chunk's are read by many vectors at once.
 constexpr int64_t kMinAmxVectors = 8;
-// And the values' pass over the common keys from these many vectors and keys: fewer gain nothing over the AVX-512
-// pass (one core of a Xeon with AMX, 9 heads / 3 KV heads of 64: 8 decode rows on 768 keys 0.19 against 0.18 ms;
-// 8 chunks of 32 rows on 768 keys 2.4 against 3.7; a 256-token prompt 0.84 against 0.90), whose float32
-// probabilities keep a short prompt's results as before.
-constexpr int64_t kMinAmxValueVectors = 32, kMinAmxValueKeys = 128;
+// And the values' pass over the common keys from these many vectors and keys (fewer keys gain nothing over the
+// AVX-512 pass, whose float32 probabilities keep a short prompt's results as before). Decode rows on a shared prefix
+// count: on tiles one pass serves all their vectors, where the AVX-512 pass widens and multiplies each value once per
+// row (one core of a Xeon with AMX, 8 decode rows on a 768-token prefix with 32-53 keys each of their own, each
+// layer's cache cold: 12 heads / 4 KV heads of 64, 0.33 ms a layer with the values' sums on AVX-512 against 0.28 on
+// tiles; 9 / 3, 0.25 against 0.23; with 3 or 4 rows alike either way; 8 chunks of 32 rows on 768 keys 3.7 against
+// 2.4).
+constexpr int64_t kMinAmxValueVectors = 8, kMinAmxValueKeys = 128;
 
 // Keys from the first that every row of the group sees, through the same cache blocks, in whole 16-key tiles
 // (block_size a multiple of 16; 0 under a sliding window): the rows' scores for them come from AMX tiles, every row
@@ -284,9 +287,42 @@ struct SharedTiles {
   }
 };
 
+// r[0..16) <- their transpose, as 16 x 16 32-bit elements (r[p] element k <- r[k] element p): 32-bit, then 64-bit
+// unpacks within 128-bit lanes (each lane of the result holds 4 rows' element of one column), then the lanes of four
+// rows' vectors transposed.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  __m512i s[4][4];  // s[g][c] lane L: column 4 L + c of rows 4 g .. 4 g + 3
+  for (int g = 0; g < 4; ++g) {
+    s[g][0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    s[g][1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    s[g][2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    s[g][3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i u0 = _mm512_shuffle_i32x4(s[0][c], s[1][c], 0x44), u1 = _mm512_shuffle_i32x4(s[0][c], s[1][c], 0xEE);
+    const __m512i u2 = _mm512_shuffle_i32x4(s[2][c], s[3][c], 0x44), u3 = _mm512_shuffle_i32x4(s[2][c], s[3][c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+  }
+}
+
+// Asks for the cache slots s[from .. to) (every KV head of each, `bytes` each) into L2.
+inline void prefetch_slots(const char* cache, const std::vector<int64_t>& s, int64_t from, int64_t to, int64_t bytes) {
+  for (int64_t j = from; j < std::min<int64_t>(to, s.size()); ++j)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(cache + s[j] * bytes + b, _MM_HINT_T1);
+}
+
 // keys.heads[kh][((t * KS + ks) * 16 + p) * 16 + k] = key 16 t + k's elements 32 ks + 2 p and 32 ks + 2 p + 1 as a
 // bfloat16 pair, for the first n keys of the slots: each 16-key tile transposed, the B tiles of scores = q k^T
-// (16 vectors x 16 keys). Head_dim D = 16 * NC = 32 * KS.
+// (16 vectors x 16 keys). Head_dim D = 16 * NC = 32 * KS. Tile by tile, every KV head of a tile's keys at once (a
+// slot holds them all): the keys come from memory in whole slots, two tiles ahead of their transposition.
 template <int NC>
 void arrange_keys(SharedTiles& keys, const at::BFloat16* k_cache, int64_t Hkv, const std::vector<int64_t>& s,
                   int64_t n, uint64_t call) {
@@ -294,21 +330,18 @@ void arrange_keys(SharedTiles& keys, const at::BFloat16* k_cache, int64_t Hkv, c
   const int64_t from = keys.made(call, s, n, 16), slot_stride = Hkv * D;
   if (from == n) return;
   keys.remake(call, s, n, Hkv, n / 16 * KS * 256);
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));  // element p of each of 16 rows of 16
-  for (int64_t kh = 0; kh < Hkv; ++kh) {
-    uint32_t* kt = keys.heads[kh].data();
-    for (int64_t t = from / 16; t < n / 16; ++t) {
+  const char* cache = reinterpret_cast<const char*>(k_cache);
+  const int64_t slot_bytes = slot_stride * 2;
+  prefetch_slots(cache, s, from, from + 16, slot_bytes);
+  for (int64_t t = from / 16; t < n / 16; ++t) {
+    prefetch_slots(cache, s, 16 * t + 16, 16 * t + 32, slot_bytes);
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      uint32_t* kt = keys.heads[kh].data() + t * KS * 256;
       for (int64_t ks = 0; ks < KS; ++ks) {
-        // The tile's 16 keys' elements 32 ks .. 32 ks + 31 (16 pairs each) as they are, then transposed
-        alignas(64) uint32_t rows16[16][16];
-        for (int64_t k = 0; k < 16; ++k) {
-          const at::BFloat16* key = k_cache + s[16 * t + k] * slot_stride + kh * D + 32 * ks;
-          _mm512_store_si512(rows16[k], _mm512_loadu_si512(key));
-        }
-        for (int64_t p = 0; p < 16; ++p)
-          _mm512_storeu_si512(kt + ((t * KS + ks) * 16 + p) * 16,
-                              _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(p)), rows16, 4));
+        __m512i r[16];  // key 16 t + k's elements 32 ks .. 32 ks + 31 (16 pairs), then transposed
+        for (int64_t k = 0; k < 16; ++k) r[k] = _mm512_loadu_si512(k_cache + s[16 * t + k] * slot_stride + kh * D + 32 * ks);
+        transpose16x16(r);
+        for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(kt + (ks * 16 + p) * 16, r[p]);
       }
     }
   }
@@ -331,9 +364,13 @@ void arrange_values(SharedTiles& values, const at::BFloat16* v_cache, int64_t Hk
     hi_index[2 * d] = 16 + d, hi_index[2 * d + 1] = 48 + d;
   }
   const __m512i lo = _mm512_load_si512(lo_index), hi = _mm512_load_si512(hi_index);
-  for (int64_t kh = 0; kh < Hkv; ++kh) {
-    uint32_t* vt = values.heads[kh].data();
-    for (int64_t t = from / 32; t < (n + 31) / 32; ++t) {
+  const char* cache = reinterpret_cast<const char*>(v_cache);
+  const int64_t slot_bytes = slot_stride * 2;
+  prefetch_slots(cache, s, from, std::min<int64_t>(n, from + 32), slot_bytes);
+  for (int64_t t = from / 32; t < (n + 31) / 32; ++t) {
+    prefetch_slots(cache, s, 32 * t + 32, std::min<int64_t>(n, 32 * t + 64), slot_bytes);
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      uint32_t* vt = values.heads[kh].data();
       for (int64_t p = 0; p < 16; ++p) {
         const int64_t j = 32 * t + 2 * p;
         const at::BFloat16* a = j < n ? v_cache + s[j] * slot_stride + kh * D : nullptr;
@@ -349,6 +386,7 @@ void arrange_values(SharedTiles& values, const at::BFloat16* v_cache, int64_t Hk
     }
   }
 }
+
 
 // Shapes tiles 0 .. count - 1 as 16 rows of 64 bytes each (all of raytp's attention tiles).
 inline void configure_tiles(int count) {
