@@ -327,7 +327,7 @@ inline void prefetch_slots(const char* cache, const std::vector<int64_t>& s, int
 // keys.heads[kh][((t * KS + ks) * 16 + p) * 16 + k] = key 16 t + k's elements 32 ks + 2 p and 32 ks + 2 p + 1 as a
 // bfloat16 pair, for the first n keys of the slots: each 16-key tile transposed, the B tiles of scores = q k^T
 // (16 vectors x 16 keys). Head_dim D = 16 * NC = 32 * KS. Tile by tile, every KV head of a tile's keys at once (a
-// slot holds them all): the keys come from memory in whole slots, two tiles ahead of their transposition.
+// slot holds them all): the keys come from memory in whole slots, asked for a tile ahead of their transposition.
 template <int NC>
 void arrange_keys(SharedTiles& keys, const at::BFloat16* k_cache, int64_t Hkv, const std::vector<int64_t>& s,
                   int64_t n, uint64_t call) {
@@ -344,7 +344,8 @@ void arrange_keys(SharedTiles& keys, const at::BFloat16* k_cache, int64_t Hkv, c
       uint32_t* kt = keys.heads[kh].data() + t * KS * 256;
       for (int64_t ks = 0; ks < KS; ++ks) {
         __m512i r[16];  // key 16 t + k's elements 32 ks .. 32 ks + 31 (16 pairs), then transposed
-        for (int64_t k = 0; k < 16; ++k) r[k] = _mm512_loadu_si512(k_cache + s[16 * t + k] * slot_stride + kh * D + 32 * ks);
+        for (int64_t k = 0; k < 16; ++k)
+          r[k] = _mm512_loadu_si512(k_cache + s[16 * t + k] * slot_stride + kh * D + 32 * ks);
         transpose16x16(r);
         for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(kt + (ks * 16 + p) * 16, r[p]);
       }
@@ -391,7 +392,6 @@ void arrange_values(SharedTiles& values, const at::BFloat16* v_cache, int64_t Hk
     }
   }
 }
-
 
 // Shapes tiles 0 .. count - 1 as 16 rows of 64 bytes each (all of raytp's attention tiles).
 inline void configure_tiles(int count) {
