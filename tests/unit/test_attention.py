@@ -85,6 +85,20 @@ def test_cpu_backend_matches_reference_on_shared_prefix_blocks(head_dim, window,
     tol = 2e-6 if dtype == torch.float32 else 2e-2
     assert (outs[1].float() - outs[0].float()).abs().max().item() < tol
 
+def bf16_error_on_blocks_of_16(reference, fast, chunks, heads, kv_heads, head_dim, cache_blocks, seed):
+    """The step `chunks` (cache blocks of 16) in bfloat16 with random q, k, v and cache through both backends: the
+    largest absolute difference of their outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(c.num_new for c in chunks)
+    q, k, v = (torch.randn(T, n, head_dim, generator=gen).to(torch.bfloat16) for n in (heads, kv_heads, kv_heads))
+    cache = torch.randn(2, cache_blocks * 16, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    outs = [backend.forward(q, k, v, cache.clone(), build_metadata(chunks, 16, CPU), head_dim**-0.5)
+            for backend in (reference, fast)]
+    err = (outs[1].float() - outs[0].float()).abs().max().item()
+    print(f"{heads}/{kv_heads} d{head_dim} (op.amx() = {fast.op.amx()}): max abs error {err:.2e}")
+    return err
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 64), (9, 3, 64), (8, 1, 32), (16, 2, 128), (4, 4, 64)],
                          ids=["gqa2", "gqa3", "one_kv_head_d32", "gqa8_d128", "mha"])
 def test_op_on_blocks_of_16_matches_reference(heads, kv_heads, head_dim):
@@ -99,15 +113,9 @@ def test_op_on_blocks_of_16_matches_reference(heads, kv_heads, head_dim):
     chunks = [SeqChunk(48 + i, 1, prefix + [10 + i]) for i in range(6)]  # decode rows at positions 48 .. 53
     chunks += [SeqChunk(40, 1, [3, 20, 21]), SeqChunk(70, 1, [3, 22, 23, 24, 25])]  # share block 3 only
     chunks += [SeqChunk(43, 21, [26, 27, 28, 29]), SeqChunk(9, 1, [30])]
-    gen = torch.Generator().manual_seed(heads * 100 + head_dim)
-    T = sum(c.num_new for c in chunks)
-    q, k, v = (torch.randn(T, n, head_dim, generator=gen).to(torch.bfloat16) for n in (heads, kv_heads, kv_heads))
-    cache = torch.randn(2, 32 * 16, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
-    outs = [backend.forward(q, k, v, cache.clone(), build_metadata(chunks, 16, CPU), head_dim**-0.5)
-            for backend in (reference, fast)]
     assert not build_metadata(chunks, 16, CPU).derived  # (plan made by forward, per step)
-    err = (outs[1].float() - outs[0].float()).abs().max().item()
-    print(f"{heads}/{kv_heads} d{head_dim} (op.amx() = {fast.op.amx()}): max abs error {err:.2e}")
+    err = bf16_error_on_blocks_of_16(reference, fast, chunks, heads, kv_heads, head_dim, 32,
+                                     seed=heads * 100 + head_dim)
     assert err < 2e-2
 
 
@@ -121,13 +129,7 @@ def test_decode_rows_on_a_long_shared_prefix(heads, kv_heads, head_dim):
     reference, fast = select_backend("cpu", "reference"), select_backend("cpu", "cpu")
     prefix = list(range(13))  # 13 blocks, 208 keys
     chunks = [SeqChunk(208 + 4 * i + 3, 1, prefix + [13 + 3 * i, 14 + 3 * i, 15 + 3 * i]) for i in range(8)]
-    gen = torch.Generator().manual_seed(heads * 7 + head_dim)
-    q, k, v = (torch.randn(8, n, head_dim, generator=gen).to(torch.bfloat16) for n in (heads, kv_heads, kv_heads))
-    cache = torch.randn(2, 40 * 16, kv_heads, head_dim, generator=gen).to(torch.bfloat16)
-    outs = [backend.forward(q, k, v, cache.clone(), build_metadata(chunks, 16, CPU), head_dim**-0.5)
-            for backend in (reference, fast)]
-    err = (outs[1].float() - outs[0].float()).abs().max().item()
-    print(f"{heads}/{kv_heads} d{head_dim} (op.amx() = {fast.op.amx()}): max abs error {err:.2e}")
+    err = bf16_error_on_blocks_of_16(reference, fast, chunks, heads, kv_heads, head_dim, 40, seed=heads * 7 + head_dim)
     assert err < 2e-2
 
 

@@ -318,10 +318,10 @@ inline void transpose16x16(__m512i r[16]) {
   }
 }
 
-// Asks for the cache slots s[from .. to) (every KV head of each, `bytes` each) into L2.
-inline void prefetch_slots(const char* cache, const std::vector<int64_t>& s, int64_t from, int64_t to, int64_t bytes) {
-  for (int64_t j = from; j < std::min<int64_t>(to, s.size()); ++j)
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(cache + s[j] * bytes + b, _MM_HINT_T1);
+// Asks for the cache slots s[from .. to) (every KV head of each: slot_stride elements) into L2.
+inline void prefetch_slots(const at::BFloat16* cache, const std::vector<int64_t>& s, int64_t from, int64_t to,
+                           int64_t slot_stride) {
+  for (int64_t j = from; j < to; ++j) prefetch_slot(cache + s[j] * slot_stride, slot_stride);
 }
 
 // keys.heads[kh][((t * KS + ks) * 16 + p) * 16 + k] = key 16 t + k's elements 32 ks + 2 p and 32 ks + 2 p + 1 as a
@@ -335,11 +335,9 @@ void arrange_keys(SharedTiles& keys, const at::BFloat16* k_cache, int64_t Hkv, c
   const int64_t from = keys.made(call, s, n, 16), slot_stride = Hkv * D;
   if (from == n) return;
   keys.remake(call, s, n, Hkv, n / 16 * KS * 256);
-  const char* cache = reinterpret_cast<const char*>(k_cache);
-  const int64_t slot_bytes = slot_stride * 2;
-  prefetch_slots(cache, s, from, from + 16, slot_bytes);
+  prefetch_slots(k_cache, s, from, from + 16, slot_stride);
   for (int64_t t = from / 16; t < n / 16; ++t) {
-    prefetch_slots(cache, s, 16 * t + 16, 16 * t + 32, slot_bytes);
+    prefetch_slots(k_cache, s, 16 * t + 16, std::min<int64_t>(n, 16 * t + 32), slot_stride);
     for (int64_t kh = 0; kh < Hkv; ++kh) {
       uint32_t* kt = keys.heads[kh].data() + t * KS * 256;
       for (int64_t ks = 0; ks < KS; ++ks) {
@@ -370,11 +368,9 @@ void arrange_values(SharedTiles& values, const at::BFloat16* v_cache, int64_t Hk
     hi_index[2 * d] = 16 + d, hi_index[2 * d + 1] = 48 + d;
   }
   const __m512i lo = _mm512_load_si512(lo_index), hi = _mm512_load_si512(hi_index);
-  const char* cache = reinterpret_cast<const char*>(v_cache);
-  const int64_t slot_bytes = slot_stride * 2;
-  prefetch_slots(cache, s, from, std::min<int64_t>(n, from + 32), slot_bytes);
+  prefetch_slots(v_cache, s, from, std::min<int64_t>(n, from + 32), slot_stride);
   for (int64_t t = from / 32; t < (n + 31) / 32; ++t) {
-    prefetch_slots(cache, s, 32 * t + 32, std::min<int64_t>(n, 32 * t + 64), slot_bytes);
+    prefetch_slots(v_cache, s, 32 * t + 32, std::min<int64_t>(n, 32 * t + 64), slot_stride);
     for (int64_t kh = 0; kh < Hkv; ++kh) {
       uint32_t* vt = values.heads[kh].data();
       for (int64_t p = 0; p < 16; ++p) {
